@@ -1,0 +1,140 @@
+"""``train(config) -> Run``: the one function behind ``imgclf train`` and ``imgclf demo``."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .checkpoint import save_weights
+from .config import Config, config_to_yaml
+from .data import build_index
+from .errors import ConfigError, DataError
+from .evaluate import predict_probs
+from .metrics import compute_metrics
+from .model import build_model, check_model_name, output_units, resolve_preprocess
+from .objective import Objective, balanced_class_weights
+from .pipeline import PreparedData, eval_loader, prepare, train_loader, write_skipped
+from .predictions import Predictions
+from .run import MODEL_FILE, Run
+from .runtime import get_logger, is_main_process, resolve_device, resolve_precision, seed_everything
+from .train import fit
+from .versions import library_versions
+
+log = get_logger("api")
+
+
+def train(config: Config) -> Run:
+    """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run."""
+    check_model_name(config.model.name)
+    generator = seed_everything(config.train.seed)
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    index = build_index(config.data, config.train.seed)
+    _check_positive_class(config, index.classes)
+    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
+        raise DataError("no validation images: early stopping and restore-best need them; "
+                        "raise --val-fraction or pass --no-early-stopping --no-restore-best")
+    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels)
+    prepared = prepare(index, preprocess, config.data)
+    index = prepared.index
+    out = _new_run_dir(config.out)
+    config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+    _write_run_files(out, config, prepared)
+    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
+
+    num_classes = len(index.classes)
+    model = build_model(config.model, num_classes, preprocess).to(device)
+    objective = Objective(num_classes, sigmoid=output_units(config.model, num_classes) == 1,
+                          class_weights=_class_weights(config, index.subset("train").targets, index.classes),
+                          label_smoothing=config.train.label_smoothing)
+    sampler = None
+    if config.train.sampler == "weighted":
+        from .datasets import weighted_sampler
+
+        sampler = weighted_sampler(index.subset("train").targets, generator)
+    loader = train_loader(prepared, config.augment, preprocess, config.train.batch_size, generator, sampler,
+                          config.data.workers)
+    meta = {"model": config.model.model_dump(), "classes": list(index.classes), "preprocess": preprocess.to_dict(),
+            "output_units": output_units(config.model, num_classes)}
+    validate = _validator(model, objective, prepared, config, preprocess, device, precision) if "val" in index.splits else None
+    weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
+    best = {"epoch": None}
+
+    def on_best(epoch: int) -> None:
+        best["epoch"] = epoch
+        if is_main_process():
+            save_weights(model, weights_path, {**meta, "epoch": epoch})
+
+    from .report import plot_curves, write_history, write_summary
+
+    start = time.perf_counter()
+    history = fit(model, objective, loader, config.train, device, precision, validate, on_best,
+                  on_epoch=lambda h: write_history(h, out / "history.csv"))
+    log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
+    if not config.train.restore_best:
+        save_weights(model, out / MODEL_FILE, {**meta, "epoch": len(history)})
+    plot_curves(history, out / "plots" / "curves.png")
+
+    run = Run(out)
+    for split in ("val", "test"):  # the final model is evaluated once per split, test last
+        if split in index.splits:
+            run.evaluate(split, prepared=prepared)
+    write_summary(out, config.model_dump(mode="json"), index.counts(), run.metrics, best["epoch"])
+    log.info("run written to %s", out)
+    return run
+
+
+def _validator(model, objective: Objective, prepared: PreparedData, config: Config, preprocess, device,
+               precision):
+    """Validation metrics for the loop, computed like the final report: from Predictions."""
+    loader = eval_loader(prepared, "val", preprocess, config.train.batch_size, config.data.workers)
+    val = prepared.index.subset("val")
+
+    def validate() -> dict[str, float]:
+        probs = predict_probs(model, objective, loader, device, precision)
+        m = compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets, probs),
+                            config.data.positive_class)
+        out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
+               "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
+        if m["roc_auc_ovr"] is not None:
+            out["val_auc"] = m["roc_auc_ovr"]
+        return out
+
+    return validate
+
+
+def _class_weights(config: Config, targets, classes) -> torch.Tensor | None:
+    if config.train.class_weight == "none":
+        return None
+    weights = balanced_class_weights(targets, len(classes))
+    log.info("class weights (balanced): %s", ", ".join(f"{c}={w:.3f}" for c, w in zip(classes, weights, strict=True)))
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _check_positive_class(config: Config, classes: tuple[str, ...]) -> None:
+    positive = config.data.positive_class
+    if positive is not None and positive not in classes:
+        raise ConfigError(f"positive_class {positive!r} is not a class; choose one of {list(classes)}")
+
+
+def _new_run_dir(out: str | None) -> Path:
+    path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"run directory {path} already exists and is not empty; choose another --out or delete it")
+    (path / "plots").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_run_files(out: Path, config: Config, prepared: PreparedData) -> None:
+    index = prepared.index
+    atomic.write_text(out / "config.yaml", config_to_yaml(config))
+    atomic.write_json(out / "classes.json", list(index.classes))
+    atomic.write_json(out / "dataset.json", {"root": str(index.root), "counts": index.counts(),
+                                             "skipped": [[str(b.path), b.reason] for b in prepared.skipped]})
+    index.save(out / "split.csv")
+    if prepared.skipped:
+        write_skipped(prepared, out / "skipped_images.csv")

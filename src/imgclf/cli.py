@@ -1,0 +1,112 @@
+"""Command line: parse, then dispatch to the Python API. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .cliflags import add_config_flags, config_from_args
+from .errors import ImgclfError
+from .runtime import get_logger, setup_logging
+
+log = get_logger("cli")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    run = train(config_from_args(args))
+    print(f"run: {run.path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .run import Run
+
+    run = Run(args.run)
+    metrics = run.evaluate(args.split, data_root=args.data)
+    print(format_metrics(args.split, metrics))
+    print(f"wrote {run.path / f'predictions_{args.split}.csv'} and {run.path / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import Run
+
+    preds = Run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
+                                  batch_size=args.batch_size)
+    counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
+    print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .api import train
+    from .demo import demo_config, write_digits
+
+    out = Path(args.out)
+    write_digits(out / "digits")
+    run = train(demo_config(out, epochs=args.epochs))
+    print(format_metrics("test", run.metrics["test"]))
+    print(f"demo run: {run.path}  (try: imgclf predict {run.path} {out / 'digits' / '3'} --out preds.csv)")
+    return 0
+
+
+def format_metrics(split: str, m: dict) -> str:
+    auc = "n/a" if m["roc_auc_ovr"] is None else f"{m['roc_auc_ovr']:.4f}"
+    return (f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} balanced_accuracy={m['balanced_accuracy']:.4f} "
+            f"f1_macro={m['f1_macro']:.4f} roc_auc={auc} log_loss={m['log_loss']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on a folder or CSV of images")
+    p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
+    p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
+    p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and run")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except ImgclfError as err:
+        print(f"imgclf: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

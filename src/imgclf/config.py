@@ -1,0 +1,179 @@
+"""One typed config for a run: data, augmentation, model, training. Saved with every run.
+
+Every leaf field is also a CLI flag (``cliflags.py`` derives them), so a run is reproduced by
+``imgclf train --config run/config.yaml`` and any flag overrides the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="dataset folder, or a CSV/TSV with path,label[,split]")
+    layout: Literal["auto", "split_folders", "class_folders", "csv"] = Field(
+        "auto", description="dataset layout; auto detects train/val/test folders, class folders or a CSV"
+    )
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="share of train held out for validation")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="share of a class-folder pool for test")
+    image_size: int | None = Field(
+        None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)"
+    )
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
+    skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
+    cache_dir: str | None = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
+    positive_class: str | None = Field(None, description="positive class for binary metrics (default: 2nd)")
+    workers: int | None = Field(None, ge=0, description="data loader worker processes (default: automatic)")
+
+
+class AugmentConfig(_Section):
+    """Keras ImageDataGenerator vocabulary; ``None`` means 'take the preset's value'."""
+
+    preset: Literal["none", "light", "medium", "strong"] = Field("light", description="augmentation preset")
+    rotation_range: float | None = Field(None, ge=0, le=180, description="max rotation in degrees")
+    zoom_range: float | None = Field(None, ge=0, lt=1, description="zoom in [1-z, 1+z]")
+    shear_range: float | None = Field(None, ge=0, lt=90, description="max shear angle in degrees (as Keras)")
+    width_shift_range: float | None = Field(None, ge=0, lt=1, description="max horizontal shift, fraction")
+    height_shift_range: float | None = Field(None, ge=0, lt=1, description="max vertical shift, fraction")
+    horizontal_flip: bool | None = Field(None, description="random left-right flips")
+    vertical_flip: bool | None = Field(None, description="random up-down flips")
+    fill_mode: Literal["nearest", "constant", "reflect"] | None = Field(
+        None, description="how pixels outside the image are filled"
+    )
+    cval: int = Field(0, ge=0, le=255, description="fill value for fill_mode=constant")
+    brightness_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2"
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...)")
+    conv_filters: list[int] = Field([32, 64, 128], min_length=1, description="simple_cnn: filters per block")
+    kernel_size: int = Field(3, ge=1, le=11, description="simple_cnn: convolution kernel size")
+    conv_dropout: float = Field(0.0, ge=0, lt=1, description="simple_cnn: dropout after each conv block")
+    conv_batchnorm: bool = Field(True, description="simple_cnn: BatchNorm after each convolution")
+    pool: Literal["avg", "max", "flatten"] = Field("avg", description="how the feature map becomes a vector")
+    dense_layers: list[int] = Field([], description="hidden dense layers of the head, e.g. 512")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each dense layer of the head")
+    head_batchnorm: bool = Field(False, description="BatchNorm on the pooled features")
+    binary_head: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="2 classes: 2-way softmax or a single logit trained with BCE"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(32, ge=1, description="images per batch")
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] = Field(
+        "adamw", description="optimizer"
+    )
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop")
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd")
+    schedule: Literal["none", "cosine", "step", "plateau"] = Field("cosine", description="learning-rate schedule")
+    step_size: int = Field(10, ge=1, description="schedule=step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="schedule=step/plateau: decay factor")
+    class_weight: Literal["none", "balanced"] = Field("none", description="loss weights per class")
+    sampler: Literal["none", "weighted"] = Field("none", description="weighted = class-balanced sampling")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing")
+    monitor: str = Field("val_loss", description="early-stopping metric: val_loss, val_accuracy, val_f1_macro..")
+    patience: int = Field(10, ge=0, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+    early_stopping: bool = Field(True, description="stop when the monitor stops improving")
+    restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
+    seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="compute precision")
+
+    @model_validator(mode="after")
+    def _patience_fits(self) -> TrainConfig:
+        if self.early_stopping and self.patience > self.epochs:
+            raise ValueError(f"patience={self.patience} is larger than epochs={self.epochs}; lower --patience")
+        return self
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    out: str | None = Field(None, description="run directory to write")
+    versions: dict[str, str] = Field({}, description="library versions that made the run (informational)")
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> Config:
+        if self.data.val_fraction + self.data.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1; lower one of them")
+        if self.train.monitor.startswith("train_"):
+            raise ValueError("monitor must be a validation metric (val_loss, val_accuracy, ...)")
+        return self
+
+
+SECTIONS = ("data", "augment", "model", "train")
+
+
+def build_config(values: dict[str, Any] | None = None) -> Config:
+    """Validate a nested dict into a Config; any problem becomes a one-line ConfigError."""
+    values = values or {}
+    _check_keys(values)
+    try:
+        return Config.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, train:)")
+    try:
+        return build_config(values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _check_keys(values: dict[str, Any]) -> None:
+    """Unknown keys get a 'did you mean' suggestion before pydantic sees them."""
+    for key, section in values.items():
+        if key not in Config.model_fields:
+            raise ConfigError(f"unknown config section {key!r}{_suggest(key, Config.model_fields)}")
+        if key in SECTIONS and isinstance(section, dict):
+            fields = Config.model_fields[key].annotation.model_fields  # type: ignore[union-attr]
+            for name in section:
+                if name not in fields:
+                    raise ConfigError(f"unknown config key '{key}.{name}'{_suggest(name, fields)}")
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    got = f" (got {first['input']!r})" if first["type"] != "value_error" and "input" in first else ""
+    return f"config {where}: {message}{got}"

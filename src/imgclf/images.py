@@ -1,0 +1,76 @@
+"""Decode one image file into a resized uint8 array, by one documented rule.
+
+Mode rule (after EXIF orientation is applied; animated files use their first frame):
+- 16/32-bit grayscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (value / 257 for 16-bit);
+- palette (``P``) expands to RGB, or RGBA when it has transparency; ``1`` becomes ``L``;
+- alpha (``LA``, ``RGBA``, ``PA``) is composited onto black, so transparent areas read as 0;
+- ``CMYK`` and other colour spaces are converted to RGB by Pillow;
+- finally ``channels=1`` takes the luma (ITU-R 601) and ``channels=3`` replicates gray to RGB.
+Images are resized to a square ``size`` x ``size`` (no crop, as Keras' ``target_size`` does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+# Beyond this many pixels an image is treated as a decompression bomb rather than decoded.
+MAX_PIXELS = 16_000 * 16_000
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
+                  Image.DecompressionBombError, IndexError)
+
+
+class BadImage(DataError):
+    """An image that cannot be decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot read image {path}: {reason}; fix or delete it, or pass --skip-bad-images")
+
+
+def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """Return an ``H x W x channels`` uint8 array of ``path`` resized to ``size``; raise BadImage."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadImage(path, f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
+            if img.width < 2 or img.height < 2:
+                raise BadImage(path, f"image is only {img.width}x{img.height} pixels")
+            img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_mode(img, "RGB" if channels == 3 else "L")
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            array = np.asarray(img, dtype=np.uint8)
+    except BadImage:
+        raise
+    except PermissionError:
+        raise BadImage(path, "permission denied") from None
+    except _DECODE_ERRORS as err:
+        raise BadImage(path, str(err) or type(err).__name__) from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def to_mode(img: Image.Image, target: str) -> Image.Image:
+    """Convert any Pillow mode to ``L`` or ``RGB`` by the module's documented rule."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        bits = 16 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 8
+        array = np.clip(array / (257.0 if bits == 16 else 1.0), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(array, mode="L")
+    if img.mode == "1":
+        img = img.convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return img.convert(target) if img.mode != target else img

@@ -1,0 +1,64 @@
+"""Metrics computed from Predictions only (scikit-learn), so every report agrees with the CSV."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+from .predictions import Predictions
+
+
+def compute_metrics(preds: Predictions, positive_class: str | None = None) -> dict:
+    """Accuracy, balanced accuracy, classification report, confusion matrix, ROC-AUC, log loss.
+
+    For 2 classes also sensitivity, specificity, PPV and NPV of ``positive_class`` (default: the
+    second class in sorted order, as scikit-learn's pos_label=1).
+    """
+    y, p, probs = preds.true, preds.pred, preds.probs
+    labels = list(range(len(preds.classes)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined precision for absent classes is reported as 0
+        report = skm.classification_report(y, p, labels=labels, target_names=preds.classes,
+                                           output_dict=True, zero_division=0)
+        out = {
+            "n": len(y),
+            "accuracy": skm.accuracy_score(y, p),
+            "balanced_accuracy": skm.balanced_accuracy_score(y, p),
+            "precision_macro": report["macro avg"]["precision"],
+            "recall_macro": report["macro avg"]["recall"],
+            "f1_macro": report["macro avg"]["f1-score"],
+            "precision_weighted": report["weighted avg"]["precision"],
+            "recall_weighted": report["weighted avg"]["recall"],
+            "f1_weighted": report["weighted avg"]["f1-score"],
+            "log_loss": skm.log_loss(y, probs, labels=labels),
+            "roc_auc_ovr": roc_auc(y, probs),
+            "per_class": {c: report[c] for c in preds.classes},
+            "confusion_matrix": skm.confusion_matrix(y, p, labels=labels).tolist(),
+            "classes": list(preds.classes),
+        }
+    if len(preds.classes) == 2:
+        out.update(binary_metrics(y, p, preds.classes, positive_class))
+    return out
+
+
+def roc_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
+    """One-vs-rest macro ROC-AUC; None when a class is absent from ``y`` (AUC is undefined)."""
+    present = np.unique(y)
+    if len(present) < probs.shape[1]:
+        return None
+    if probs.shape[1] == 2:
+        return float(skm.roc_auc_score(y, probs[:, 1]))
+    return float(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, classes: list[str], positive_class: str | None) -> dict:
+    positive = classes.index(positive_class) if positive_class else 1
+    tp = int(((p == positive) & (y == positive)).sum())
+    tn = int(((p != positive) & (y != positive)).sum())
+    fp = int(((p == positive) & (y != positive)).sum())
+    fn = int(((p != positive) & (y == positive)).sum())
+    ratio = lambda a, b: a / (a + b) if a + b else 0.0  # noqa: E731
+    return {"positive_class": classes[positive], "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+            "sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp), "ppv": ratio(tp, fp), "npv": ratio(tn, fn)}

@@ -1,0 +1,127 @@
+"""A run directory and what can be done with it: evaluate a split, predict new images.
+
+Everything needed is inside the directory: config.yaml, classes.json, dataset.json, split.csv,
+model.safetensors + model.json. The images themselves stay where the dataset is.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .checkpoint import load_metadata, load_weights
+from .config import Config, load_config
+from .data import DatasetIndex
+from .errors import RunDirError
+from .evaluate import predict_probs
+from .metrics import compute_metrics
+from .model import Classifier, Preprocess, build_model
+from .objective import Objective
+from .pipeline import PreparedData, eval_loader, prepare
+from .predictions import Predictions
+from .runtime import resolve_device, resolve_precision
+
+MODEL_FILE = "model.safetensors"
+
+
+class Run:
+    """Open an existing run directory (``imgclf.load_run(path)``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no config.yaml); pass the --out of a train run")
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self.path / "config.yaml")
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return self._json("classes.json")
+
+    @cached_property
+    def meta(self) -> dict:
+        return load_metadata(self.path / MODEL_FILE)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        p = self.meta["preprocess"]
+        return Preprocess(p["size"], p["channels"], tuple(p["mean"]), tuple(p["std"]))
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.train.device)
+
+    @cached_property
+    def model(self) -> Classifier:
+        model = build_model(self.config.model, len(self.classes), self.preprocess)
+        load_weights(model, self.path / MODEL_FILE)
+        return model.to(self.device).eval()
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(len(self.classes), sigmoid=self.meta["output_units"] == 1)
+
+    @property
+    def metrics(self) -> dict:
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def index(self, data_root: str | Path | None = None) -> DatasetIndex:
+        root = Path(data_root) if data_root else Path(self._json("dataset.json")["root"])
+        if not root.is_dir():
+            raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
+        return DatasetIndex.load(self.path / "split.csv", root, self.classes)
+
+    def evaluate(self, split: str = "test", data_root: str | Path | None = None, shuffle: bool = False,
+                 prepared: PreparedData | None = None) -> dict:
+        """Predict ``split``, write predictions_<split>.csv, and metrics computed from that file."""
+        prepared = prepared or prepare(self.index(data_root), self.preprocess, self.config.data)
+        if split not in prepared.index.splits:
+            raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
+                             self.config.data.workers, shuffle=shuffle, generator=generator)
+        probs = predict_probs(self.model, self.objective, loader, self.device, self._precision)
+        subset = prepared.index.subset(split)
+        csv_path = self.path / f"predictions_{split}.csv"
+        Predictions(list(subset.paths), self.classes, subset.targets, probs).to_csv(csv_path)
+        # Metrics come from the file just written, so they agree with it by construction.
+        metrics = compute_metrics(Predictions.from_csv(csv_path), self.config.data.positive_class)
+        atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics})
+        from .report import plot_evaluation  # matplotlib only when a report is drawn
+
+        plot_evaluation(Predictions.from_csv(csv_path), metrics, self.path / "plots", split)
+        return metrics
+
+    def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
+                batch_size: int | None = None) -> Predictions:
+        """Predict image files, folders (recursive) or glob patterns; optionally write a CSV."""
+        from .predict import predict_files
+
+        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.config.train.batch_size)
+        if out:
+            preds.to_csv(Path(out))
+        return preds
+
+    @property
+    def _precision(self) -> str:
+        return resolve_precision(self.config.train.precision, self.device)
+
+    def _json(self, name: str):
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path} is damaged ({err.msg})") from None
+
+
+def load_run(path: str | Path) -> Run:
+    return Run(path)

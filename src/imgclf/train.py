@@ -1,0 +1,120 @@
+"""The training loop: train_one_epoch, then evaluate, early-stop and checkpoint, epoch by epoch.
+
+``fit`` knows nothing about files or datasets: validation and checkpointing come in as
+callables, so staged fine-tuning, k-fold CV and distributed runs reuse it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .errors import ImgclfError
+from .objective import Objective
+from .optim import build_optimizer, build_schedule, step_schedule
+from .runtime import autocast, get_logger, is_main_process
+
+log = get_logger("train")
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of a monitored metric; ``mode`` is min for losses, max otherwise."""
+
+    monitor: str
+    patience: int
+    min_delta: float = 0.0
+    mode: str = field(init=False)
+    best: float = field(init=False)
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        self.mode = "min" if self.monitor.endswith("loss") else "max"
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value``; return True if it is a new best."""
+        gain = (self.best - value) if self.mode == "min" else (value - self.best)
+        if gain > self.min_delta or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, precision: str, desc: str) -> dict[str, float]:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
+    for images, targets, _ in bar:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        loss = objective.loss(logits, targets)
+        if not torch.isfinite(loss):
+            raise ImgclfError(f"training diverged: loss is {loss.item()} in {desc}; lower --lr "
+                              f"(now {optimizer.param_groups[0]['lr']:g}) or check the images")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = targets.shape[0]
+        total_loss += loss.item() * n
+        correct += int((objective.probabilities(logits.detach()).argmax(1) == targets).sum())
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
+        precision: str, validate: Callable[[], dict[str, float]] | None,
+        on_best: Callable[[int], None], on_epoch: Callable[[list[dict]], None]) -> list[dict]:
+    """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
+
+    Without ``validate`` every epoch counts as the best (the last weights are kept).
+    """
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    schedule = build_schedule(optimizer, cfg)
+    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "lr": lr, **train_one_epoch(model, objective, train_loader, optimizer, device,
+                                                           precision, f"epoch {epoch}/{cfg.epochs}")}
+        row.update(validate() if validate else {})
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        monitored = row.get(cfg.monitor)
+        if validate and monitored is None:
+            raise ImgclfError(f"monitor {cfg.monitor!r} is not a validation metric; use one of "
+                              f"{', '.join(k for k in row if k.startswith('val_'))}")
+        improved = stopper.update(monitored, epoch) if validate else True
+        if improved:
+            on_best(epoch)
+        history.append(row)
+        on_epoch(history)
+        log.info("epoch %d/%d  %s%s", epoch, cfg.epochs, _format_row(row), "  *" if improved else "")
+        step_schedule(schedule, monitored)
+        if validate and cfg.early_stopping and stopper.should_stop:
+            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     cfg.monitor, cfg.patience, stopper.best, stopper.best_epoch)
+            break
+    return history
+
+
+def _format_row(row: dict) -> str:
+    keys = [k for k in row if k.startswith(("train_", "val_"))]
+    return "  ".join(f"{k}={row[k]:.4f}" for k in keys if isinstance(row[k], float))
