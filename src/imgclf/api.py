@@ -60,7 +60,9 @@ def train(config: Config) -> Run:
                           config.data.workers)
     meta = {"model": config.model.model_dump(), "classes": list(index.classes), "preprocess": preprocess.to_dict(),
             "output_units": output_units(config.model, num_classes)}
-    validate = _validator(model, objective, prepared, config, preprocess, device, precision) if "val" in index.splits else None
+    validate = None
+    if "val" in index.splits:
+        validate = _validator(model, objective, prepared, config, preprocess, device, precision)
     weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
     best = {"epoch": None}
 

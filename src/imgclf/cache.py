@@ -64,20 +64,24 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
         log.debug("decoded-image cache hit: %s", file)
         return DecodedImages(file, len(paths), bad)
     log.info("decoding %d images once into %s", len(paths), file)
-    bad_list: list[BadImage] = []
     with atomic.atomic_path(file) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
+        bad = _decode_into(tmp, paths, size, channels, threads or min(8, os.cpu_count() or 1))
+    atomic.write_json(bad_file, [[str(b.path), b.reason] for b in bad])
+    return DecodedImages(file, len(paths), tuple(bad))
 
-        def decode(i: int) -> BadImage | None:
-            try:
-                array[i] = load_image(paths[i], size, channels).transpose(2, 0, 1)
-            except BadImage as err:
-                return err
-            return None
 
-        with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-            bad_list = [err for err in pool.map(decode, range(len(paths))) if err is not None]
-        array.flush()
-        del array
-    atomic.write_json(bad_file, [[str(b.path), b.reason] for b in bad_list])
-    return DecodedImages(file, len(paths), tuple(bad_list))
+def _decode_into(target: Path, paths: list[Path], size: int, channels: int, threads: int) -> list[BadImage]:
+    """Fill a new .npy memory map at ``target``; Pillow releases the GIL, so threads decode in parallel."""
+    array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
+
+    def decode(i: int) -> BadImage | None:
+        try:
+            array[i] = load_image(paths[i], size, channels).transpose(2, 0, 1)
+        except BadImage as err:
+            return err
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        bad = [err for err in pool.map(decode, range(len(paths))) if err is not None]
+    array.flush()
+    return bad
