@@ -79,7 +79,7 @@ def train(config: Config) -> Run:
     log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
     if not config.train.restore_best:
         save_weights(model, out / MODEL_FILE, {**meta, "epoch": len(history)})
-    plot_curves(history, out / "plots" / "curves.png")
+    plot_curves(history, out / "plots" / "curves.png", best["epoch"])
 
     run = Run(out)
     for split in ("val", "test"):  # the final model is evaluated once per split, test last

@@ -43,7 +43,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
             if choices:
-                kwargs["choices"] = [str(c) for c in choices]
+                kwargs["choices"] = list(choices)
+                kwargs["type"] = type(choices[0])
+            elif inner in (int, float):
+                kwargs["type"] = inner
             kwargs["metavar"] = "A,B" if typing.get_origin(inner) is list else None
         parser.add_argument(f"--{flag.replace('_', '-')}", **{k: v for k, v in kwargs.items() if v is not None})
 

@@ -25,8 +25,8 @@ class DataConfig(_Section):
     layout: Literal["auto", "split_folders", "class_folders", "csv"] = Field(
         "auto", description="dataset layout; auto detects train/val/test folders, class folders or a CSV"
     )
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="share of train held out for validation")
-    test_fraction: float = Field(0.15, ge=0, lt=1, description="share of a class-folder pool for test")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="share held out for validation (of a pool, or of train)")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="share of a pool (class folders, CSV) held out for test")
     image_size: int | None = Field(
         None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)"
     )
@@ -89,13 +89,21 @@ class TrainConfig(_Section):
     sampler: Literal["none", "weighted"] = Field("none", description="weighted = class-balanced sampling")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing")
     monitor: str = Field("val_loss", description="early-stopping metric: val_loss, val_accuracy, val_f1_macro..")
-    patience: int = Field(10, ge=0, description="epochs without improvement before stopping")
+    patience: int = Field(10, ge=0, description="epochs without improvement before stopping (default min(10, epochs))")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
     early_stopping: bool = Field(True, description="stop when the monitor stops improving")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
     seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="compute precision")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_patience(cls, values: Any) -> Any:
+        # The default patience shrinks with a short run; only an explicit one can be too large.
+        if isinstance(values, dict) and "patience" not in values and isinstance(values.get("epochs"), int):
+            values = {**values, "patience": min(10, values["epochs"])}
+        return values
 
     @model_validator(mode="after")
     def _patience_fits(self) -> TrainConfig:

@@ -100,10 +100,12 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
         raise DataError(f"no images found in {path}; expected one sub-folder per class holding images")
     rng = np.random.default_rng(seed)
     splits = [s for _, _, s in rows]
-    if not any(splits):  # a pool: hold out test first, then val, both stratified
+    val_fraction = cfg.val_fraction
+    if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
         splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng)
+        val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
     if "val" not in splits:
-        splits = _stratified_holdout(rows, splits, "val", cfg.val_fraction, rng)
+        splits = _stratified_holdout(rows, splits, "val", val_fraction, rng)
     rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
     index = _make_index(root, rows)
     check_classes(index, source=str(path))

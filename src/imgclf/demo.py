@@ -24,7 +24,7 @@ def write_digits(folder: Path, size: int = DEMO_SIZE) -> Path:
         pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
         path = folder / str(label) / f"{n:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC).save(path)
+        Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).save(path)
     return folder
 
 

@@ -62,7 +62,7 @@ def to_mode(img: Image.Image, target: str) -> Image.Image:
         array = np.asarray(img, dtype=np.float64)
         bits = 16 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 8
         array = np.clip(array / (257.0 if bits == 16 else 1.0), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(array, mode="L")
+        img = Image.fromarray(array)
     if img.mode == "1":
         img = img.convert("L")
     if img.mode == "P":

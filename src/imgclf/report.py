@@ -22,17 +22,19 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and each metric, train vs val, one panel each."""
+def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
+    """Loss and each metric, train vs val, one panel each; a dotted line marks the best epoch."""
     names = sorted({k.split("_", 1)[1] for row in history for k in row if k.startswith(("train_", "val_"))},
                    key=lambda n: (n != "loss", n))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, layout="constrained")
     epochs = [row["epoch"] for row in history]
     for ax, name in zip(axes[0], names, strict=True):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row.get(f"{split}_{name}") for row in history]
             if any(v is not None for v in values):
                 ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"best ({best_epoch})")
         ax.set(title=name.replace("_", " "), xlabel="epoch", ylabel=name)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -45,7 +47,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
     for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "normalised by true class", ".2f")):
         image = ax.imshow(data, cmap="Blues", vmin=0)
         fig.colorbar(image, ax=ax, fraction=0.046)
@@ -63,7 +65,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -
 
 def plot_roc(preds: Predictions, path: Path, split: str) -> None:
     """One-vs-rest ROC curve per class (one curve for binary tasks)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
     classes = preds.classes[1:] if len(preds.classes) == 2 else preds.classes
     for name in classes:
         k = preds.classes.index(name)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from imagefactory import make_class_folders  # noqa: E402
+
+import imgclf  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The test session decodes into its own cache, never the user's ~/.cache."""
+    old = os.environ.get("IMGCLF_CACHE_DIR")
+    os.environ["IMGCLF_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if old is None:
+        os.environ.pop("IMGCLF_CACHE_DIR", None)
+    else:
+        os.environ["IMGCLF_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def pool_dataset(tmp_path) -> Path:
+    return make_class_folders(tmp_path / "data", per_class=14)
+
+
+def tiny_config(data: Path | str, out: Path | str, **sections) -> imgclf.Config:
+    """A seconds-long training config: 16 px, a 2-block CNN, few epochs."""
+    values = {
+        "data": {"path": str(data), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": "simple_cnn", "conv_filters": [8, 16], "dropout": 0.0},
+        "augment": {"preset": "none"},
+        "train": {"epochs": 4, "batch_size": 8, "lr": 0.01, "patience": 4},
+        "out": str(out),
+    }
+    for section, fields in sections.items():
+        values.setdefault(section, {}).update(fields)
+    return imgclf.build_config(values)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> imgclf.Run:
+    """One trained run shared by read-only tests (evaluate, predict, metrics)."""
+    base = tmp_path_factory.mktemp("shared")
+    data = make_class_folders(base / "data", per_class=14)
+    return imgclf.train(tiny_config(data, base / "run", train={"epochs": 6, "patience": 6}))

@@ -1,0 +1,83 @@
+"""Synthetic image datasets for tests: learnable classes, mixed modes, sizes and extensions.
+
+Each class is a bright shape at a class-specific place (left bar, right bar, top bar, ...), so a
+tiny CNN learns it in a few epochs whatever the mode conversion did to the colours.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# (mode, extension) cycled over the images of every class: what real medical exports mix.
+VARIANTS = [("RGB", ".jpg"), ("L", ".png"), ("RGB", ".PNG"), ("I;16", ".png"), ("RGBA", ".png"),
+            ("P", ".png"), ("CMYK", ".jpg"), ("L", ".bmp"), ("RGB", ".tif"), ("RGB", ".webp")]
+CLASS_NAMES = ["left bar", "right bar", "top bar", "bottom bar"]
+
+
+def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size x size float image in [0, 1]: noise plus a bright bar whose place is the class."""
+    img = rng.uniform(0.0, 0.35, (size, size))
+    third = max(1, size // 3)
+    bars = [np.s_[:, :third], np.s_[:, -third:], np.s_[:third, :], np.s_[-third:, :]]
+    img[bars[label % len(bars)]] += 0.6
+    return np.clip(img, 0, 1)
+
+
+def to_pil(gray: np.ndarray, mode: str) -> Image.Image:
+    u8 = (gray * 255).round().astype(np.uint8)
+    if mode == "I;16":
+        return Image.fromarray((gray * 65535).round().astype(np.uint16))
+    if mode == "L":
+        return Image.fromarray(u8)
+    rgb = Image.fromarray(np.stack([u8, u8, (u8 * 0.8).astype(np.uint8)], axis=-1))
+    if mode == "RGBA":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(255)
+        return rgba
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    return rgb.convert(mode)
+
+
+def write_image(path: Path, label: int, size: int, mode: str, rng: np.random.Generator) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(pattern(label, size, rng), mode).save(path)
+    return path
+
+
+def make_class_folders(folder: Path, per_class: int, classes: list[str] | None = None, seed: int = 0,
+                       sizes: tuple[int, ...] = (20, 24, 28)) -> Path:
+    """``folder/<class>/<n><ext>`` with modes, sizes and extensions cycling."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes or CLASS_NAMES[:3]):
+        for n in range(per_class):
+            mode, ext = VARIANTS[(n + label) % len(VARIANTS)]
+            write_image(folder / name / f"img {n:03d}{ext}", label, sizes[n % len(sizes)], mode, rng)
+    return folder
+
+
+def make_split_folders(root: Path, per_class: dict[str, int], classes: list[str] | None = None,
+                       seed: int = 0) -> Path:
+    """``root/<split>/<class>/...``, e.g. per_class={"train": 12, "test": 4}."""
+    for i, (split, n) in enumerate(per_class.items()):
+        make_class_folders(root / split, n, classes, seed=seed + i)
+    return root
+
+
+def make_csv(root: Path, per_class: int, with_split: bool, seed: int = 0, delimiter: str = ",") -> Path:
+    """Images under ``root/images/`` listed in ``root/labels.csv`` (or .tsv)."""
+    images = make_class_folders(root / "images", per_class, seed=seed)
+    rows = []
+    for n, path in enumerate(sorted(p for p in images.rglob("*") if p.is_file())):
+        split = ("train", "train", "train", "val", "test")[n % 5]
+        rows.append([path.relative_to(root).as_posix(), path.parent.name, *([split] if with_split else [])])
+    target = root / ("labels.tsv" if delimiter == "\t" else "labels.csv")
+    with open(target, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh, delimiter=delimiter)
+        out.writerow(["path", "label", *(["split"] if with_split else [])])
+        out.writerows(rows)
+    return target

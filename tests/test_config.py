@@ -1,0 +1,59 @@
+import argparse
+
+import pytest
+import yaml
+
+from imgclf.cli import build_parser
+from imgclf.cliflags import config_fields, config_from_args, flag_name
+from imgclf.config import build_config, config_to_yaml, load_config
+from imgclf.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    cfg = build_config({"train": {"epochs": 7}, "model": {"conv_filters": [64, 64, 64, 64]}})
+    path = tmp_path / "c.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(("values", "fragment"), [
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
+    ({"train": {"epochs": 3, "patience": 5}}, "patience=5 is larger than epochs=3"),
+    ({"train": {"epochs": "many"}}, "train.epochs"),
+    ({"train": {"optimzer": "adam"}}, "did you mean optimizer"),
+    ({"trian": {}}, "did you mean train"),
+    ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "below 1"),
+])
+def test_bad_values_fail_with_one_line_naming_the_setting(values, fragment):
+    with pytest.raises(ConfigError) as err:
+        build_config(values)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_config_field_has_a_unique_cli_flag_with_help():
+    flags = [flag_name(section, name) for section, name, _ in config_fields()]
+    assert len(flags) == len(set(flags))
+    assert all(info.description for _, _, info in config_fields())
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for required in ("--model", "--epochs", "--batch-size", "--lr", "--optimizer", "--image-size", "--channels",
+                     "--augment", "--class-weight", "--seed", "--patience", "--no-early-stopping", "--out"):
+        assert required in train_help
+
+
+def test_flags_override_the_config_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"train": {"epochs": 50, "lr": 0.1}, "model": {"name": "resnet18"}}))
+    args = build_parser().parse_args(["train", "--config", str(base), "--epochs", "5", "--conv-filters",
+                                      "16,32", "--no-early-stopping", "--channels", "1"])
+    cfg = config_from_args(args)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.name) == (5, 0.1, "resnet18")
+    assert cfg.model.conv_filters == [16, 32]
+    assert cfg.train.early_stopping is False and cfg.data.channels == 1
+
+
+def test_unset_flags_keep_defaults():
+    cfg = config_from_args(argparse.Namespace(config=None))
+    assert cfg == build_config({})
