@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from imagefactory import pattern, to_pil
+from PIL import Image
+
+from imgclf.images import BadImage, load_image
+
+
+@pytest.mark.parametrize(("mode", "ext"), [("L", ".png"), ("LA", ".png"), ("RGB", ".jpg"), ("RGBA", ".png"),
+                                           ("P", ".png"), ("I;16", ".png"), ("CMYK", ".jpg"), ("RGB", ".bmp"),
+                                           ("RGB", ".tiff"), ("RGB", ".webp"), ("L", ".gif")])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_mode_becomes_the_model_channels_and_keeps_the_picture(tmp_path, mode, ext, channels):
+    gray = pattern(0, 32, np.random.default_rng(0))  # bright bar on the left third
+    img = to_pil(gray, "L").convert("LA") if mode == "LA" else to_pil(gray, mode)
+    path = tmp_path / f"x{ext}"
+    img.save(path)
+    array = load_image(path, 16, channels)
+    assert array.shape == (16, 16, channels) and array.dtype == np.uint8
+    left, right = array[:, :5].mean(), array[:, -5:].mean()
+    assert left > right + 60, f"{mode}{ext}: the bright bar was lost ({left:.0f} vs {right:.0f})"
+
+
+def test_sixteen_bit_png_uses_its_full_range(tmp_path):
+    path = tmp_path / "x16.png"
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path)
+    assert load_image(path, 8, 1).min() == 255
+
+
+def test_transparent_pixels_become_black(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 4:, 3] = 255  # right half opaque, left half transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    array = load_image(tmp_path / "a.png", 8, 3)
+    assert array[:, :3].max() == 0 and array[:, 5:].min() == 200
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # bright left edge of a landscape image
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    array = load_image(tmp_path / "r.jpg", 20, 1)[..., 0]
+    assert array[:5].mean() > 200 and array[-5:].mean() < 50  # the bright edge is now on top
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    frames = [Image.new("L", (8, 8), v) for v in (250, 0)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert load_image(tmp_path / "a.gif", 8, 1).mean() > 200
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("empty.jpg", b"", "cannot identify"),
+    ("text.jpg", b"hello, not an image", "cannot identify"),
+    ("page.png", b"<html><body>404</body></html>", "cannot identify"),
+])
+def test_unreadable_files_name_the_file_and_the_fix(tmp_path, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(BadImage) as err:
+        load_image(tmp_path / name, 8, 3)
+    assert name in str(err.value) and reason in str(err.value) and "--skip-bad-images" in str(err.value)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_truncated_files_are_bad(tmp_path, ext):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"full{ext}")
+    data = (tmp_path / f"full{ext}").read_bytes()
+    (tmp_path / f"cut{ext}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImage, match="cut"):
+        load_image(tmp_path / f"cut{ext}", 16, 3)
+
+
+def test_one_pixel_image_is_bad(tmp_path):
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    with pytest.raises(BadImage, match="only 1x1"):
+        load_image(tmp_path / "dot.png", 8, 3)
