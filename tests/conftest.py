@@ -30,13 +30,13 @@ def pool_dataset(tmp_path) -> Path:
     return make_class_folders(tmp_path / "data", per_class=14)
 
 
-def tiny_config(data: Path | str, out: Path | str, **sections) -> imgclf.Config:
+def tiny_config(data_path: Path | str, out: Path | str, **sections) -> imgclf.Config:
     """A seconds-long training config: 16 px, a 2-block CNN, few epochs."""
     values = {
-        "data": {"path": str(data), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
+        "data": {"path": str(data_path), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
         "model": {"name": "simple_cnn", "conv_filters": [8, 16], "dropout": 0.0},
         "augment": {"preset": "none"},
-        "train": {"epochs": 4, "batch_size": 8, "lr": 0.01, "patience": 4},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 0.01, "patience": 10},
         "out": str(out),
     }
     for section, fields in sections.items():
@@ -49,4 +49,4 @@ def trained_run(tmp_path_factory) -> imgclf.Run:
     """One trained run shared by read-only tests (evaluate, predict, metrics)."""
     base = tmp_path_factory.mktemp("shared")
     data = make_class_folders(base / "data", per_class=14)
-    return imgclf.train(tiny_config(data, base / "run", train={"epochs": 6, "patience": 6}))
+    return imgclf.train(tiny_config(data, base / "run"))
