@@ -89,7 +89,8 @@ class TrainConfig(_Section):
     sampler: Literal["none", "weighted"] = Field("none", description="weighted = class-balanced sampling")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing")
     monitor: str = Field("val_loss", description="early-stopping metric: val_loss, val_accuracy, val_f1_macro..")
-    patience: int = Field(10, ge=0, description="epochs without improvement before stopping (default min(10, epochs))")
+    patience: int | None = Field(None, ge=0, description="epochs without improvement before stopping "
+                                 "(default: min(10, epochs))")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
     early_stopping: bool = Field(True, description="stop when the monitor stops improving")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
@@ -97,17 +98,14 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="compute precision")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_patience(cls, values: Any) -> Any:
-        # The default patience shrinks with a short run; only an explicit one can be too large.
-        if isinstance(values, dict) and "patience" not in values and isinstance(values.get("epochs"), int):
-            values = {**values, "patience": min(10, values["epochs"])}
-        return values
+    @property
+    def effective_patience(self) -> int:
+        """The default patience shrinks with a short run; only an explicit one can be too large."""
+        return min(10, self.epochs) if self.patience is None else self.patience
 
     @model_validator(mode="after")
     def _patience_fits(self) -> TrainConfig:
-        if self.early_stopping and self.patience > self.epochs:
+        if self.early_stopping and self.patience is not None and self.patience > self.epochs:
             raise ValueError(f"patience={self.patience} is larger than epochs={self.epochs}; lower --patience")
         return self
 

@@ -26,7 +26,7 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig], object | Non
     "step": lambda o, c: lr_scheduler.StepLR(o, step_size=c.step_size, gamma=c.gamma),
     "plateau": lambda o, c: lr_scheduler.ReduceLROnPlateau(
         o, mode="min" if c.monitor.endswith("loss") else "max", factor=c.gamma,
-        patience=max(1, c.patience // 3)),
+        patience=max(1, c.effective_patience // 3)),
 }
 
 

@@ -14,7 +14,7 @@ from .evaluate import predict_probs
 from .images import BadImage, load_image
 from .predictions import Predictions
 from .runtime import get_logger
-from .scan import is_ignored, is_image
+from .scan import is_ignored, is_image, scan_csv
 from .transforms import build_eval_transform
 
 if TYPE_CHECKING:
@@ -24,11 +24,13 @@ log = get_logger("predict")
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images, anything else treated as a glob."""
+    """Files as given, a CSV/TSV's ``path`` column, folders searched recursively, else a glob."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file():
+        if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+            found += [path.parent / p for p, _, _ in scan_csv(path, require_label=False)]
+        elif path.is_file():
             found.append(path)
         elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and is_image(p.name)

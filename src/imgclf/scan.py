@@ -84,22 +84,23 @@ def _walk_images(folder: Path, skipped: list[Path]) -> Iterable[Path]:
                 skipped.append(path)
 
 
-def scan_csv(csv_path: Path) -> list[Row]:
+def scan_csv(csv_path: Path, require_label: bool = True) -> list[Row]:
     """Rows from a CSV/TSV with columns ``path,label[,split]``; paths are relative to the CSV."""
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh, delimiter=delimiter)
             columns = [c.strip().lower() for c in reader.fieldnames or []]
-            if "path" not in columns or "label" not in columns:
-                raise DataError(f"{csv_path} needs a header with 'path' and 'label' columns (found {columns})")
+            needed = ["path", "label"] if require_label else ["path"]
+            if any(c not in columns for c in needed):
+                raise DataError(f"{csv_path} needs a header with {' and '.join(needed)} columns (found {columns})")
             reader.fieldnames = columns
             rows = []
             for line, record in enumerate(reader, start=2):
                 split = (record.get("split") or "").strip().lower()
                 if split and split not in SPLIT_ALIASES:
                     raise DataError(f"{csv_path}:{line}: split {split!r} is not one of train, val, test")
-                rows.append((record["path"].strip(), record["label"].strip(), SPLIT_ALIASES.get(split, "")))
+                rows.append((record["path"].strip(), (record.get("label") or "").strip(), SPLIT_ALIASES.get(split, "")))
     except UnicodeDecodeError:
         raise DataError(f"{csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
     missing = [p for p, _, _ in rows if not (csv_path.parent / p).is_file()]

@@ -88,7 +88,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     """
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     schedule = build_schedule(optimizer, cfg)
-    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+    stopper = EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
     history: list[dict] = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -110,7 +110,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         step_schedule(schedule, monitored)
         if validate and cfg.early_stopping and stopper.should_stop:
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     cfg.monitor, cfg.patience, stopper.best, stopper.best_epoch)
+                     cfg.monitor, stopper.patience, stopper.best, stopper.best_epoch)
             break
     return history
 

@@ -1,0 +1,110 @@
+"""The command line, end to end, in subprocesses like a user runs it."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from imagefactory import make_class_folders, make_csv, make_split_folders
+
+TINY = ["--image-size", "16", "--conv-filters", "8,16", "--dropout", "0", "--augment", "none", "--epochs", "10",
+        "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.2", "--test-fraction", "0.2"]
+
+
+def imgclf(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "imgclf.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("imgclf: error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+@pytest.mark.parametrize("layout", ["split_folders", "class_folders", "csv"])
+def test_train_evaluate_predict_on_every_layout(tmp_path, layout):
+    if layout == "split_folders":
+        data = make_split_folders(tmp_path / "d", {"train": 12, "valid": 3, "test": 4})
+    elif layout == "class_folders":
+        data = make_class_folders(tmp_path / "d", 14)
+    else:
+        data = make_csv(tmp_path / "d", 14, with_split=True)
+    run = tmp_path / "run"
+    result = imgclf("train", data, *TINY, "--out", run, "--channels", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"run: {run}" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.75, metrics["test"]
+
+    result = imgclf("evaluate", run, "--split", "test")
+    assert result.returncode == 0, result.stderr
+    assert f"accuracy={metrics['test']['accuracy']:.4f}" in result.stdout
+
+    result = imgclf("predict", run, data, "--out", tmp_path / "p.csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    expected = 57 if layout == "split_folders" else 42
+    assert len(rows) == expected and all(float(r["confidence"]) > 0 for r in rows)
+
+
+def test_config_file_reproduces_a_run_and_flags_override_it(tmp_path):
+    data = make_class_folders(tmp_path / "d", 14)
+    assert imgclf("train", data, *TINY, "--epochs", "3", "--out", tmp_path / "a").returncode == 0
+    result = imgclf("train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "b" / "metrics.json").read_text())
+    result = imgclf("train", "--config", tmp_path / "a" / "config.yaml", "--epochs", "2", "--out", tmp_path / "c")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_a_test_class_missing_from_train_stops_before_training(tmp_path):
+    data = make_split_folders(tmp_path / "d", {"train": 4}, classes=["covid", "normal", "pneumonia"])
+    make_class_folders(data / "test", 2, classes=["covid", "normal", "pneumonia", "viral"])
+    result = imgclf("train", data, *TINY, "--out", tmp_path / "run")
+    assert_clean_error(result, "test split", "'viral'", "train lacks")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--lr", "-1"], ["train.lr"]),
+    (["--model", "resnet81"], ["unknown model", "resnet18"]),
+    (["--epochs", "2", "--patience", "5"], ["patience"]),
+    (["--val-fraction", "1.5"], ["val_fraction"]),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, args, fragments):
+    data = make_class_folders(tmp_path / "d", 3)
+    assert_clean_error(imgclf("train", data, *args, "--out", tmp_path / "r"), *fragments)
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    assert_clean_error(imgclf("train", tmp_path / "nope", "--out", tmp_path / "r"), "does not exist")
+    assert_clean_error(imgclf("evaluate", tmp_path), "not a run directory")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [unclosed\n")
+    assert_clean_error(imgclf("train", "--config", bad), "not valid YAML")
+
+
+@pytest.mark.slow
+def test_demo_reaches_its_accuracy_target(tmp_path):
+    """`imgclf demo` with no arguments: real digits, held-out test accuracy >= 0.90 in under 3 minutes."""
+    import time
+
+    start = time.perf_counter()
+    result = imgclf("demo", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    runs = list((tmp_path / "imgclf-demo" / "runs").iterdir())
+    test = json.loads((runs[0] / "metrics.json").read_text())["test"]
+    assert test["accuracy"] >= 0.90 and test["n"] > 200
+    assert elapsed < 180, f"demo took {elapsed:.0f} s"
+    assert sum(1 for _ in (tmp_path / "imgclf-demo" / "digits").rglob("*.png")) == 1797
