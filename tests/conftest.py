@@ -8,9 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from imagefactory import make_class_folders  # noqa: E402
+import imgclf
 
-import imgclf  # noqa: E402
+from imagefactory import make_class_folders
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,10 +1,11 @@
 import os
 
 import numpy as np
-from imagefactory import make_class_folders
 
 from imgclf import cache, images
 from imgclf.cache import decode_all
+
+from imagefactory import make_class_folders
 
 
 def test_images_are_decoded_once_and_reused(tmp_path, monkeypatch):

@@ -8,10 +8,19 @@ import sys
 
 import pytest
 import yaml
+
+from imgclf.cli import main
+
 from imagefactory import make_class_folders, make_csv, make_split_folders
 
 TINY = ["--image-size", "16", "--conv-filters", "8,16", "--dropout", "0", "--augment", "none", "--epochs", "10",
         "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.2", "--test-fraction", "0.2"]
+
+
+def cli(capsys, *args):
+    """In-process run of the CLI: (exit code, stdout); the training tests need no fresh interpreter."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
 
 
 def imgclf(*args, cwd=None):
@@ -30,7 +39,7 @@ def assert_clean_error(result, *fragments):
 
 
 @pytest.mark.parametrize("layout", ["split_folders", "class_folders", "csv"])
-def test_train_evaluate_predict_on_every_layout(tmp_path, layout):
+def test_train_evaluate_predict_on_every_layout(tmp_path, capsys, layout):
     if layout == "split_folders":
         data = make_split_folders(tmp_path / "d", {"train": 12, "valid": 3, "test": 4})
     elif layout == "class_folders":
@@ -38,32 +47,29 @@ def test_train_evaluate_predict_on_every_layout(tmp_path, layout):
     else:
         data = make_csv(tmp_path / "d", 14, with_split=True)
     run = tmp_path / "run"
-    result = imgclf("train", data, *TINY, "--out", run, "--channels", "1")
-    assert result.returncode == 0, result.stderr
-    assert f"run: {run}" in result.stdout
+    code, out = cli(capsys, "train", data, *TINY, "--out", run, "--channels", "1")
+    assert code == 0 and f"run: {run}" in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.75, metrics["test"]
 
-    result = imgclf("evaluate", run, "--split", "test")
-    assert result.returncode == 0, result.stderr
-    assert f"accuracy={metrics['test']['accuracy']:.4f}" in result.stdout
+    code, out = cli(capsys, "evaluate", run, "--split", "test")
+    assert code == 0 and f"accuracy={metrics['test']['accuracy']:.4f}" in out
 
-    result = imgclf("predict", run, data, "--out", tmp_path / "p.csv")
-    assert result.returncode == 0, result.stderr
+    code, out = cli(capsys, "predict", run, data, "--out", tmp_path / "p.csv")
+    assert code == 0 and "predicted" in out
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     expected = 57 if layout == "split_folders" else 42
     assert len(rows) == expected and all(float(r["confidence"]) > 0 for r in rows)
 
 
-def test_config_file_reproduces_a_run_and_flags_override_it(tmp_path):
+def test_config_file_reproduces_a_run_and_flags_override_it(tmp_path, capsys):
     data = make_class_folders(tmp_path / "d", 14)
-    assert imgclf("train", data, *TINY, "--epochs", "3", "--out", tmp_path / "a").returncode == 0
-    result = imgclf("train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b")
-    assert result.returncode == 0, result.stderr
+    assert cli(capsys, "train", data, *TINY, "--epochs", "3", "--out", tmp_path / "a")[0] == 0
+    assert cli(capsys, "train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b")[0] == 0
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == json.loads(
         (tmp_path / "b" / "metrics.json").read_text())
-    result = imgclf("train", "--config", tmp_path / "a" / "config.yaml", "--epochs", "2", "--out", tmp_path / "c")
-    assert result.returncode == 0, result.stderr
+    assert cli(capsys, "train", "--config", tmp_path / "a" / "config.yaml", "--epochs", "2",
+               "--out", tmp_path / "c")[0] == 0
     assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["train"]["epochs"] == 2
 
 

@@ -2,11 +2,12 @@ import logging
 import shutil
 
 import pytest
-from imagefactory import make_class_folders, make_csv, make_split_folders
 
 from imgclf.config import DataConfig
 from imgclf.data import build_index, detect_layout
 from imgclf.errors import DataError
+
+from imagefactory import make_class_folders, make_csv, make_split_folders
 
 
 def index_of(path, seed=0, **data):

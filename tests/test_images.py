@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-from imagefactory import pattern, to_pil
 from PIL import Image
 
 from imgclf.images import BadImage, load_image
+
+from imagefactory import pattern, to_pil
 
 
 @pytest.mark.parametrize(("mode", "ext"), [("L", ".png"), ("LA", ".png"), ("RGB", ".jpg"), ("RGBA", ".png"),

@@ -6,14 +6,15 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_config
-from imagefactory import make_class_folders
 from safetensors.torch import load_file
 
 import imgclf
 from imgclf.errors import ConfigError, DataError
 from imgclf.metrics import compute_metrics
 from imgclf.predictions import Predictions
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
 
 RUN_FILES = ["config.yaml", "classes.json", "dataset.json", "split.csv", "model.safetensors", "model.json",
              "history.csv", "predictions_val.csv", "predictions_test.csv", "metrics.json", "summary.md",

@@ -10,11 +10,26 @@ Python API (mirrors the CLI)::
     run = imgclf.load_run("runs/x")
 """
 
-from .api import train
-from .config import Config, build_config, load_config
-from .errors import ImgclfError
-from .predictions import Predictions
-from .run import Run, load_run
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+# Names resolve lazily (PEP 562): `imgclf --help` and config errors answer without importing torch.
+_EXPORTS = {"train": "api", "Config": "config", "build_config": "config", "load_config": "config",
+            "ImgclfError": "errors", "Predictions": "predictions", "Run": "run", "load_run": "run"}
+
+if TYPE_CHECKING:
+    from .api import train
+    from .config import Config, build_config, load_config
+    from .errors import ImgclfError
+    from .predictions import Predictions
+    from .run import Run, load_run
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'imgclf' has no attribute {name!r}")
+
 
 __all__ = ["Config", "ImgclfError", "Predictions", "Run", "build_config", "load_config", "load_run", "train"]
 __version__ = "0.1.0"

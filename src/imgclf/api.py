@@ -14,6 +14,7 @@ from .config import Config, config_to_yaml
 from .data import build_index
 from .errors import ConfigError, DataError
 from .evaluate import predict_probs
+from .fit import fit
 from .metrics import compute_metrics
 from .model import build_model, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
@@ -21,7 +22,6 @@ from .pipeline import PreparedData, eval_loader, prepare, train_loader, write_sk
 from .predictions import Predictions
 from .run import MODEL_FILE, Run
 from .runtime import get_logger, is_main_process, resolve_device, resolve_precision, seed_everything
-from .train import fit
 from .versions import library_versions
 
 log = get_logger("api")

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import atomic
 from .images import BadImage, load_image
-from .runtime import get_logger
+from .logs import get_logger
 
 CACHE_VERSION = 1
 log = get_logger("cache")

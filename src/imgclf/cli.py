@@ -9,17 +9,18 @@ from pathlib import Path
 
 from .cliflags import add_config_flags, config_from_args
 from .errors import ImgclfError
-from .runtime import get_logger, setup_logging
+from .logs import get_logger, setup_logging
 
 log = get_logger("cli")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .api import train
-
     if args.data_dir:
         args.cfg__data__path = args.data_dir
-    run = train(config_from_args(args))
+    config = config_from_args(args)  # validated before torch is imported: config errors answer at once
+    from .api import train
+
+    run = train(config)
     print(f"run: {run.path}")
     return 0
 

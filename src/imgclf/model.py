@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass
 
-import timm
 import torch
 from torch import nn
 
@@ -102,7 +101,11 @@ def output_units(cfg: ModelConfig, num_classes: int) -> int:
 
 
 def check_model_name(name: str) -> None:
-    if name == SIMPLE_CNN or timm.is_model(name):
+    if name == SIMPLE_CNN:
+        return
+    import timm  # imported only for timm models: it costs seconds at start-up
+
+    if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, [SIMPLE_CNN, *timm.list_models()], n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() or use simple_cnn"
@@ -113,6 +116,8 @@ def build_backbone(cfg: ModelConfig, channels: int) -> nn.Module:
     check_model_name(cfg.name)
     if cfg.name == SIMPLE_CNN:
         return SimpleCNN(channels, cfg.conv_filters, cfg.kernel_size, cfg.conv_batchnorm, cfg.conv_dropout)
+    import timm
+
     global_pool = "" if cfg.pool == "flatten" else cfg.pool
     return timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool=global_pool, in_chans=channels)
 
@@ -135,6 +140,8 @@ def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int) 
     if cfg.name == SIMPLE_CNN:  # Keras users' convention: rescale to [0, 1]
         return Preprocess(image_size or SIMPLE_CNN_DEFAULT_SIZE, channels, (0.0,) * channels, (1.0,) * channels)
     check_model_name(cfg.name)
+    import timm
+
     pretrained_cfg = timm.get_pretrained_cfg(cfg.name)
     data = pretrained_cfg.to_dict() if pretrained_cfg else {}
     mean, std = tuple(data.get("mean", (0.485, 0.456, 0.406))), tuple(data.get("std", (0.229, 0.224, 0.225)))

@@ -15,8 +15,8 @@ from .data import DatasetIndex
 from .datasets import CachedImages, make_loader
 from .errors import DataError
 from .images import BadImage
+from .logs import get_logger
 from .model import Preprocess
-from .runtime import get_logger
 from .transforms import build_eval_transform, build_train_transform
 
 log = get_logger("pipeline")

@@ -12,8 +12,8 @@ from .datasets import ImageFiles, make_loader
 from .errors import DataError
 from .evaluate import predict_probs
 from .images import BadImage, load_image
+from .logs import get_logger
 from .predictions import Predictions
-from .runtime import get_logger
 from .scan import is_ignored, is_image, scan_csv
 from .transforms import build_eval_transform
 

@@ -1,51 +1,16 @@
-"""Process-level concerns: distributed rank, logging, seeding, device choice.
-
-Nothing here holds module-level mutable state: rank comes from the environment that torchrun
-or Ray sets, so the same code runs as one process or many.
-"""
+"""Process-level compute settings: seeding, device and precision. No module-level mutable state."""
 
 from __future__ import annotations
 
-import logging
-import os
 import random
 
 import numpy as np
 import torch
 
-LOGGER_NAME = "imgclf"
+from .logs import get_logger, get_rank, is_main_process, setup_logging
 
-
-def get_rank() -> int:
-    """Global rank under torchrun/DDP (RANK), else 0."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Only the main process writes checkpoints, reports and progress bars."""
-    return get_rank() == 0
-
-
-class _MainProcessFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return is_main_process() or record.levelno >= logging.WARNING
-
-
-def setup_logging(verbose: bool = False) -> logging.Logger:
-    """Configure the ``imgclf`` logger once: INFO on rank 0, warnings on every rank."""
-    logger = logging.getLogger(LOGGER_NAME)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.addFilter(_MainProcessFilter())
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    return logger
-
-
-def get_logger(name: str = "") -> logging.Logger:
-    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+__all__ = ["autocast", "get_logger", "get_rank", "is_main_process", "resolve_device", "resolve_precision",
+           "seed_everything", "setup_logging"]
 
 
 def seed_everything(seed: int) -> torch.Generator:

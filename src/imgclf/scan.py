@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import DataError
-from .runtime import get_logger
+from .logs import get_logger
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})

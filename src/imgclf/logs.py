@@ -1,0 +1,44 @@
+"""Rank-aware logging. No torch import, so the CLI answers --help and config errors fast.
+
+Rank comes from the environment torchrun or Ray sets (RANK), never from module state, so the same
+code logs once per job whether it runs as one process or many.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOGGER_NAME = "imgclf"
+
+
+def get_rank() -> int:
+    """Global rank under torchrun/DDP (RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Only the main process writes checkpoints, reports and progress bars."""
+    return get_rank() == 0
+
+
+class _MainProcessFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main_process() or record.levelno >= logging.WARNING
+
+
+def setup_logging(verbose: bool = False) -> logging.Logger:
+    """Configure the ``imgclf`` logger once: INFO on rank 0, warnings on every rank."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_MainProcessFilter())
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return logger
+
+
+def get_logger(name: str = "") -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
