@@ -36,7 +36,7 @@ def tiny_config(data_path: Path | str, out: Path | str, **sections) -> imgclf.Co
         "data": {"path": str(data_path), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
         "model": {"name": "simple_cnn", "conv_filters": [8, 16], "dropout": 0.0},
         "augment": {"preset": "none"},
-        "train": {"epochs": 10, "batch_size": 8, "lr": 0.01, "patience": 10},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 0.01},
         "out": str(out),
     }
     for section, fields in sections.items():

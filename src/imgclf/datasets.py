@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from .images import load_image
 
@@ -73,7 +73,17 @@ def weighted_sampler(targets: np.ndarray, generator: torch.Generator) -> Sampler
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, sampler: Sampler | None = None,
                 generator: torch.Generator | None = None, workers: int | None = None,
                 drop_last: bool = False) -> DataLoader:
+    """A loader whose image order depends on ``generator`` only, not on the number of workers.
+
+    The sampler owns ``generator``; worker seeds come from a second generator derived from it, because
+    a DataLoader draws worker seeds from its generator at a rhythm that depends on the worker setup.
+    """
     n_workers = auto_workers(workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=n_workers, drop_last=drop_last,
+    if shuffle and sampler is None:
+        sampler = RandomSampler(dataset, generator=generator)
+    worker_seeds = None
+    if generator is not None:
+        worker_seeds = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      generator=worker_seeds, num_workers=n_workers, drop_last=drop_last,
                       persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available())

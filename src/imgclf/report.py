@@ -75,7 +75,8 @@ def plot_roc(preds: Predictions, path: Path, split: str) -> None:
         fpr, tpr, _ = roc_curve(positives, preds.probs[:, k])
         ax.plot(fpr, tpr, label=f"{name} (AUC {np.trapezoid(tpr, fpr):.3f})")
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({split})", xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({split})",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -1,0 +1,55 @@
+import json
+import logging
+
+import pytest
+
+import imgclf
+from conftest import tiny_config
+from imgclf import atomic
+from imgclf.fit import EarlyStopping
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = EarlyStopping("val_loss", patience=2, min_delta=0.01)
+    assert stopper.update(1.0, 1) and not stopper.should_stop
+    assert not stopper.update(0.995, 2)  # within min_delta: not an improvement
+    assert not stopper.should_stop
+    assert not stopper.update(1.2, 3) and stopper.should_stop
+    assert (stopper.best, stopper.best_epoch) == (1.0, 1)
+
+
+def test_early_stopping_maximises_non_loss_metrics():
+    stopper = EarlyStopping("val_accuracy", patience=1)
+    stopper.update(0.5, 1)
+    assert stopper.update(0.6, 2) and not stopper.update(0.55, 3) and stopper.should_stop
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic.write_json(target, {"accuracy": 0.9})
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"accuracy": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_without_restore_best_the_last_epoch_is_kept_and_the_best_saved_aside(tmp_path, pool_dataset):
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 3, "restore_best": False}))
+    assert run.meta["epoch"] == 3
+    assert (run.path / "best.safetensors").is_file() and (run.path / "best.json").is_file()
+
+
+def test_balanced_class_weights_are_printed(tmp_path, pool_dataset, caplog):
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 1, "class_weight": "balanced"}))
+    assert "class weights (balanced): left bar=1.000, right bar=1.000, top bar=1.000" in caplog.text
+
+
+def test_loader_worker_processes_read_the_cache_and_keep_the_order(tmp_path, pool_dataset):
+    """Without augmentation the result cannot depend on how many processes load the data."""
+    single = imgclf.train(tiny_config(pool_dataset, tmp_path / "a", train={"epochs": 2}))
+    workers = imgclf.train(tiny_config(pool_dataset, tmp_path / "b", train={"epochs": 2},
+                                       augment={"preset": "none"}, data={"workers": 2}))
+    assert workers.metrics["test"]["n"] == single.metrics["test"]["n"]
+    assert workers.metrics == single.metrics
