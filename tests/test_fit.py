@@ -4,9 +4,10 @@ import logging
 import pytest
 
 import imgclf
-from conftest import tiny_config
 from imgclf import atomic
 from imgclf.fit import EarlyStopping
+
+from conftest import tiny_config
 
 
 def test_early_stopping_counts_epochs_without_improvement():
