@@ -9,19 +9,16 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .checkpoint import save_weights
+from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
 from .data import build_index
 from .errors import ConfigError, DataError
-from .evaluate import predict_probs
-from .fit import fit
-from .metrics import compute_metrics
 from .model import build_model, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
-from .pipeline import PreparedData, eval_loader, prepare, train_loader, write_skipped
-from .predictions import Predictions
+from .pipeline import PreparedData, prepare, write_skipped
 from .run import MODEL_FILE, Run
 from .runtime import get_logger, is_main_process, resolve_device, resolve_precision, seed_everything
+from .stages import StageRunner, resolve_stages
 from .versions import library_versions
 
 log = get_logger("api")
@@ -38,7 +35,9 @@ def train(config: Config) -> Run:
     if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
         raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")
-    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels)
+    resolve_stages(config)  # stage settings fail here, before any decoding
+    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
+                                    config.data.interpolation)
     prepared = prepare(index, preprocess, config.data)
     index = prepared.index
     out = _new_run_dir(config.out)
@@ -47,26 +46,16 @@ def train(config: Config) -> Run:
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
 
     num_classes = len(index.classes)
-    model = build_model(config.model, num_classes, preprocess).to(device)
+    model = build_model(config.model, num_classes, preprocess, load_pretrained=True).to(device)
     objective = Objective(num_classes, sigmoid=output_units(config.model, num_classes) == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
-    sampler = None
-    if config.train.sampler == "weighted":
-        from .datasets import weighted_sampler
-
-        sampler = weighted_sampler(index.subset("train").targets, generator)
-    loader = train_loader(prepared, config.augment, preprocess, config.train.batch_size, generator, sampler,
-                          config.data.workers)
     meta = {"model": config.model.model_dump(), "classes": list(index.classes), "preprocess": preprocess.to_dict(),
             "output_units": output_units(config.model, num_classes)}
-    validate = None
-    if "val" in index.splits:
-        validate = _validator(model, objective, prepared, config, preprocess, device, precision)
     weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
     best = {"epoch": None}
 
-    def on_best(epoch: int) -> None:
+    def save_best(epoch: int) -> None:
         best["epoch"] = epoch
         if is_main_process():
             save_weights(model, weights_path, {**meta, "epoch": epoch})
@@ -74,8 +63,10 @@ def train(config: Config) -> Run:
     from .report import plot_curves, write_history, write_summary
 
     start = time.perf_counter()
-    history = fit(model, objective, loader, config.train, device, precision, validate, on_best,
-                  on_epoch=lambda h: write_history(h, out / "history.csv"))
+    runner = StageRunner(model, objective, prepared, config, preprocess, device, precision, generator, save_best,
+                         load_best=lambda: load_weights(model, weights_path),
+                         on_epoch=lambda h: write_history(h, out / "history.csv"))
+    history = runner.run()
     log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
     if not config.train.restore_best:
         save_weights(model, out / MODEL_FILE, {**meta, "epoch": len(history)})
@@ -88,25 +79,6 @@ def train(config: Config) -> Run:
     write_summary(out, config.model_dump(mode="json"), index.counts(), run.metrics, best["epoch"])
     log.info("run written to %s", out)
     return run
-
-
-def _validator(model, objective: Objective, prepared: PreparedData, config: Config, preprocess, device,
-               precision):
-    """Validation metrics for the loop, computed like the final report: from Predictions."""
-    loader = eval_loader(prepared, "val", preprocess, config.train.batch_size, config.data.workers)
-    val = prepared.index.subset("val")
-
-    def validate() -> dict[str, float]:
-        probs = predict_probs(model, objective, loader, device, precision)
-        m = compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets, probs),
-                            config.data.positive_class)
-        out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
-               "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
-        if m["roc_auc_ovr"] is not None:
-            out["val_auc"] = m["roc_auc_ovr"]
-        return out
-
-    return validate
 
 
 def _class_weights(config: Config, targets, classes) -> torch.Tensor | None:

@@ -41,8 +41,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IMGCLF_CACHE_DIR", Path.home() / ".cache" / "imgclf"))
 
 
-def fingerprint(paths: list[Path], size: int, channels: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{channels}".encode())
+def fingerprint(paths: list[Path], size: int, channels: int, interpolation: str = "bilinear") -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{channels}|{interpolation}".encode())
     for path in paths:
         try:
             stat = path.stat()
@@ -53,11 +53,11 @@ def fingerprint(paths: list[Path], size: int, channels: int) -> str:
 
 
 def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Path | None = None,
-               threads: int | None = None) -> DecodedImages:
+               threads: int | None = None, interpolation: str = "bilinear") -> DecodedImages:
     """Decode ``paths`` into the cache (or reuse it); failures are returned, not raised."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(paths, size, channels)
+    key = fingerprint(paths, size, channels, interpolation)
     file, bad_file = folder / f"{key}.npy", folder / f"{key}.bad.json"
     if file.exists() and bad_file.exists():
         bad = tuple(BadImage(Path(p), r) for p, r in json.loads(bad_file.read_text(encoding="utf-8")))
@@ -65,18 +65,19 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
         return DecodedImages(file, len(paths), bad)
     log.info("decoding %d images once into %s", len(paths), file)
     with atomic.atomic_path(file) as tmp:
-        bad = _decode_into(tmp, paths, size, channels, threads or min(8, os.cpu_count() or 1))
+        bad = _decode_into(tmp, paths, size, channels, interpolation, threads or min(8, os.cpu_count() or 1))
     atomic.write_json(bad_file, [[str(b.path), b.reason] for b in bad])
     return DecodedImages(file, len(paths), tuple(bad))
 
 
-def _decode_into(target: Path, paths: list[Path], size: int, channels: int, threads: int) -> list[BadImage]:
+def _decode_into(target: Path, paths: list[Path], size: int, channels: int, interpolation: str,
+                 threads: int) -> list[BadImage]:
     """Fill a new .npy memory map at ``target``; Pillow releases the GIL, so threads decode in parallel."""
     array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
 
     def decode(i: int) -> BadImage | None:
         try:
-            array[i] = load_image(paths[i], size, channels).transpose(2, 0, 1)
+            array[i] = load_image(paths[i], size, channels, interpolation).transpose(2, 0, 1)
         except BadImage as err:
             return err
         return None

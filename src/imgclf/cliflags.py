@@ -11,6 +11,7 @@ import typing
 from typing import Any
 
 from .config import SECTIONS, Config, build_config, load_config
+from .errors import ConfigError
 
 # Fields whose flag is not simply their name: the names users expect from the README.
 FLAG_NAMES = {("model", "name"): "model", ("augment", "preset"): "augment", ("data", "path"): "data"}
@@ -49,11 +50,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 kwargs["type"] = inner
             kwargs["metavar"] = "A,B" if typing.get_origin(inner) is list else None
         parser.add_argument(f"--{flag.replace('_', '-')}", **{k: v for k, v in kwargs.items() if v is not None})
+    parser.add_argument("--stage", action="append", dest="stages", metavar="KEY=VALUE,...",
+                        help=Config.model_fields["stages"].description)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Defaults < --config file < flags; validated as one Config."""
     base = load_config(args.config).model_dump() if getattr(args, "config", None) else {}
+    if getattr(args, "stages", None):
+        base["stages"] = [parse_stage(text) for text in args.stages]
     for key, value in vars(args).items():
         if not key.startswith("cfg__"):
             continue
@@ -65,6 +70,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         else:
             base[name] = value
     return build_config(base)
+
+
+def parse_stage(text: str) -> dict[str, str]:
+    """``name=head,freeze=backbone,epochs=10`` -> a dict that StageConfig validates."""
+    stage = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--stage {text!r}: {item!r} is not KEY=VALUE")
+        stage[key.strip()] = value.strip()
+    return stage
 
 
 def _is_list_field(section: str, name: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -33,6 +33,8 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
     cache_dir: str | None = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
+        None, description="resize filter (default: the model's own, bilinear for simple_cnn)")
     positive_class: str | None = Field(None, description="positive class for binary metrics (default: 2nd)")
     workers: int | None = Field(None, ge=0, description="data loader worker processes (default: automatic)")
 
@@ -70,6 +72,10 @@ class ModelConfig(_Section):
     binary_head: Literal["softmax", "sigmoid"] = Field(
         "softmax", description="2 classes: 2-way softmax or a single logit trained with BCE"
     )
+    pretrained: bool = Field(False, description="start from ImageNet weights (offline package, or timm's hub)")
+    weights: str | None = Field(None, description="start from a local state dict (.safetensors, .pth, .bin)")
+    weights_map: Literal["auto", "name", "position"] = Field(
+        "auto", description="match --weights to the model by key name or by position")
 
 
 class TrainConfig(_Section):
@@ -97,6 +103,21 @@ class TrainConfig(_Section):
     seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="compute precision")
+    freeze: str = Field("none", description="what trains: none (all), backbone (head only), last:N, regex:PAT")
+    freeze_bn: bool = Field(False, description="keep BatchNorm layers frozen and in eval mode")
+    backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")
+    feature_cache: bool = Field(True, description="with a frozen backbone, train the head on cached features")
+    feature_views: int = Field(1, ge=1, le=50, description="cached views per image (>1: augmented views)")
+
+    @field_validator("freeze")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from .freeze import check_policy
+
+        try:
+            return check_policy(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
     @property
     def effective_patience(self) -> int:
@@ -110,11 +131,35 @@ class TrainConfig(_Section):
         return self
 
 
+class StageConfig(_Section):
+    """One stage of staged fine-tuning: overrides of the train settings for that stage."""
+
+    name: str = Field("stage", description="label in history.csv and the curves")
+    freeze: str | None = None
+    freeze_bn: bool | None = None
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    schedule: Literal["none", "cosine", "step", "plateau"] | None = None
+    patience: int | None = Field(None, ge=0)
+    early_stopping: bool | None = None
+    backbone_lr_mult: float | None = Field(None, gt=0, le=10)
+    feature_views: int | None = Field(None, ge=1, le=50)
+
+    def apply(self, train: TrainConfig) -> TrainConfig:
+        """The train config of this stage, validated (patience vs epochs, freeze policy)."""
+        changes = self.model_dump(exclude={"name"}, exclude_none=True)
+        return TrainConfig.model_validate({**train.model_dump(), **changes})
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    stages: list[StageConfig] = Field(
+        [], description="staged fine-tuning, e.g. name=head,freeze=backbone,epochs=10 (repeat the flag)")
     out: str | None = Field(None, description="run directory to write")
     versions: dict[str, str] = Field({}, description="library versions that made the run (informational)")
 
@@ -170,6 +215,11 @@ def _check_keys(values: dict[str, Any]) -> None:
             for name in section:
                 if name not in fields:
                     raise ConfigError(f"unknown config key '{key}.{name}'{_suggest(name, fields)}")
+        if key == "stages" and isinstance(section, list):
+            for i, stage in enumerate(section):
+                for name in stage if isinstance(stage, dict) else ():
+                    if name not in StageConfig.model_fields:
+                        raise ConfigError(f"unknown key 'stages[{i}].{name}'{_suggest(name, StageConfig.model_fields)}")
 
 
 def _suggest(word: str, options: Any) -> str:

@@ -40,14 +40,16 @@ class CachedImages(Dataset):
 class ImageFiles(Dataset):
     """Images decoded from files on each access (``predict`` on new images)."""
 
-    def __init__(self, paths: list[Path], size: int, channels: int, transform: Callable):
+    def __init__(self, paths: list[Path], size: int, channels: int, transform: Callable,
+                 interpolation: str = "bilinear"):
         self.paths, self.size, self.channels, self.transform = paths, size, channels, transform
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        array = load_image(self.paths[i], self.size, self.channels)
+        array = load_image(self.paths[i], self.size, self.channels, self.interpolation)
         return self.transform(torch.from_numpy(array.transpose(2, 0, 1).copy())), -1, i
 
 

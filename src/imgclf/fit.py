@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .errors import ImgclfError
+from .freeze import param_groups, set_frozen_norms_eval
 from .objective import Objective
 from .optim import build_optimizer, build_schedule, step_schedule
 from .runtime import autocast, get_logger, is_main_process
@@ -58,6 +59,7 @@ class EarlyStopping:
 def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, precision: str, desc: str) -> dict[str, float]:
     model.train()
+    set_frozen_norms_eval(model)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
     for images, targets, _ in bar:
@@ -80,21 +82,29 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
 
 
 def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
-        precision: str, validate: Callable[[], dict[str, float]] | None,
-        on_best: Callable[[int], None], on_epoch: Callable[[list[dict]], None]) -> list[dict]:
+        precision: str, validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
+        on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
+        history: list[dict] | None = None, stage: str = "train") -> list[dict]:
     """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
 
-    Without ``validate`` every epoch counts as the best (the last weights are kept).
+    ``stopper`` carries the best value from earlier stages, so a stage only counts as better when it
+    beats everything before it; ``history`` continues their epoch numbering. Without ``validate``
+    every epoch counts as the best (the last weights are kept).
     """
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    groups = param_groups(model, cfg.backbone_lr_mult)
+    for group in groups:
+        group["lr"] = cfg.lr * group.pop("lr_mult")
+    optimizer = build_optimizer(groups, cfg)
     schedule = build_schedule(optimizer, cfg)
-    stopper = EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
-    history: list[dict] = []
-    for epoch in range(1, cfg.epochs + 1):
+    stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+    stopper.patience, stopper.bad_epochs = cfg.effective_patience, 0
+    history = history if history is not None else []
+    for stage_epoch in range(1, cfg.epochs + 1):
+        epoch = len(history) + 1
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch, "lr": lr, **train_one_epoch(model, objective, train_loader, optimizer, device,
-                                                           precision, f"epoch {epoch}/{cfg.epochs}")}
+        desc = f"{stage} {stage_epoch}/{cfg.epochs}"
+        row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
+               **train_one_epoch(model, objective, train_loader, optimizer, device, precision, desc)}
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)
         monitored = row.get(cfg.monitor)
@@ -106,11 +116,11 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
             on_best(epoch)
         history.append(row)
         on_epoch(history)
-        log.info("epoch %d/%d  %s%s", epoch, cfg.epochs, _format_row(row), "  *" if improved else "")
+        log.info("%s  %s%s", desc, _format_row(row), "  *" if improved else "")
         step_schedule(schedule, monitored)
         if validate and cfg.early_stopping and stopper.should_stop:
-            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     cfg.monitor, stopper.patience, stopper.best, stopper.best_epoch)
+            log.info("early stopping %s: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     stage, cfg.monitor, stopper.patience, stopper.best, stopper.best_epoch)
             break
     return history
 

@@ -32,7 +32,11 @@ class BadImage(DataError):
         super().__init__(f"cannot read image {path}: {reason}; fix or delete it, or pass --skip-bad-images")
 
 
-def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST}
+
+
+def load_image(path: str | Path, size: int, channels: int, interpolation: str = "bilinear") -> np.ndarray:
     """Return an ``H x W x channels`` uint8 array of ``path`` resized to ``size``; raise BadImage."""
     path = Path(path)
     try:
@@ -45,7 +49,7 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
             img.load()
             img = ImageOps.exif_transpose(img)
             img = to_mode(img, "RGB" if channels == 3 else "L")
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            img = img.resize((size, size), RESAMPLING[interpolation], reducing_gap=2.0)
             array = np.asarray(img, dtype=np.uint8)
     except BadImage:
         raise

@@ -15,6 +15,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .logs import get_logger
+
+log = get_logger("model")
 
 SIMPLE_CNN = "simple_cnn"
 SIMPLE_CNN_DEFAULT_SIZE = 64
@@ -28,6 +31,7 @@ class Preprocess:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,8 +126,15 @@ def build_backbone(cfg: ModelConfig, channels: int) -> nn.Module:
     return timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool=global_pool, in_chans=channels)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, preprocess: Preprocess) -> Classifier:
+def build_model(cfg: ModelConfig, num_classes: int, preprocess: Preprocess,
+                load_pretrained: bool = False) -> Classifier:
+    """The classifier; with ``load_pretrained`` the backbone starts from ``cfg.pretrained``/``cfg.weights``."""
     backbone = build_backbone(cfg, preprocess.channels)
+    if load_pretrained and (cfg.pretrained or cfg.weights):
+        from .weights import load_pretrained as fill
+
+        source = fill(backbone, cfg.name, cfg.weights, cfg.weights_map)
+        log.info("pretrained weights: %s", source)
     with torch.no_grad():  # the head's input width, e.g. C*H*W for flatten
         was_training = backbone.training
         backbone.eval()
@@ -135,10 +146,12 @@ def build_model(cfg: ModelConfig, num_classes: int, preprocess: Preprocess) -> C
     return Classifier(backbone, head)
 
 
-def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int) -> Preprocess:
-    """Input size, mean and std: the user's size if given, else the model's own data config."""
+def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int,
+                       interpolation: str | None = None) -> Preprocess:
+    """Input size, mean, std and resize filter: the user's if given, else the model's own data config."""
     if cfg.name == SIMPLE_CNN:  # Keras users' convention: rescale to [0, 1]
-        return Preprocess(image_size or SIMPLE_CNN_DEFAULT_SIZE, channels, (0.0,) * channels, (1.0,) * channels)
+        return Preprocess(image_size or SIMPLE_CNN_DEFAULT_SIZE, channels, (0.0,) * channels, (1.0,) * channels,
+                          interpolation or "bilinear")
     check_model_name(cfg.name)
     import timm
 
@@ -148,4 +161,6 @@ def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int) 
     if channels == 1:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     size = image_size or int(data.get("input_size", (3, 224, 224))[-1])
-    return Preprocess(size, channels, mean, std)
+    own = data.get("interpolation", "bilinear")
+    own = own if own in ("bilinear", "bicubic", "nearest") else "bilinear"
+    return Preprocess(size, channels, mean, std, interpolation or own)

@@ -40,7 +40,8 @@ class PreparedData:
 def prepare(index: DatasetIndex, preprocess: Preprocess, cfg: DataConfig) -> PreparedData:
     """Decode every image once (cached); fail on unreadable ones unless ``skip_bad_images``."""
     paths = [index.abspath(i) for i in range(len(index))]
-    decoded = decode_all(paths, preprocess.size, preprocess.channels, cfg.cache_dir)
+    decoded = decode_all(paths, preprocess.size, preprocess.channels, cfg.cache_dir,
+                         interpolation=preprocess.interpolation)
     if decoded.bad and not cfg.skip_bad_images:
         first = decoded.bad[0]
         more = f" (and {len(decoded.bad) - 1} more)" if len(decoded.bad) > 1 else ""

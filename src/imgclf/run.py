@@ -51,7 +51,8 @@ class Run:
     @property
     def preprocess(self) -> Preprocess:
         p = self.meta["preprocess"]
-        return Preprocess(p["size"], p["channels"], tuple(p["mean"]), tuple(p["std"]))
+        return Preprocess(p["size"], p["channels"], tuple(p["mean"]), tuple(p["std"]),
+                          p.get("interpolation", "bilinear"))
 
     @cached_property
     def device(self) -> torch.device:

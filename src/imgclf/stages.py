@@ -1,0 +1,134 @@
+"""Staged fine-tuning: a list of stages, each with its freeze policy and train settings.
+
+Each stage starts from the best weights so far, and a stage's epoch only counts as a new best
+when it beats every earlier stage, so fine-tuning can never end below the head it started from.
+A stage whose backbone is frozen trains the head on cached features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config, StageConfig, TrainConfig
+from .datasets import weighted_sampler
+from .errors import ConfigError
+from .evaluate import predict_probs
+from .features import HeadOnly, extract_features, feature_loader
+from .fit import EarlyStopping, fit
+from .freeze import apply_freeze, backbone_is_frozen
+from .logs import get_logger
+from .metrics import compute_metrics
+from .model import Classifier, Preprocess
+from .objective import Objective
+from .pipeline import PreparedData, eval_loader, train_loader
+from .predictions import Predictions
+
+log = get_logger("stages")
+
+# Used with --pretrained/--weights when no stages are given: a head on cached frozen features first
+# (seconds, and usually most of the accuracy on small sets), then a low-lr fine-tune of the whole
+# network with BatchNorm frozen, kept only where it beats the head on validation.
+DEFAULT_TRANSFER_STAGES = (
+    StageConfig(name="head", freeze="backbone", epochs=40, lr=1e-3, patience=8, schedule="cosine"),
+    StageConfig(name="finetune", freeze="none", freeze_bn=True, lr=1e-4, epochs=8, patience=3,
+                schedule="cosine"),
+)
+
+
+def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
+    """(name, effective train config) per stage."""
+    stages = list(config.stages)
+    if not stages and (config.model.pretrained or config.model.weights):
+        stages = [s.model_copy(update={"epochs": min(s.epochs, config.train.epochs)}) if s.name == "finetune"
+                  else s for s in DEFAULT_TRANSFER_STAGES]
+    if not stages:
+        return [("train", config.train)]
+    resolved = []
+    for i, stage in enumerate(stages):
+        try:
+            resolved.append((stage.name, stage.apply(config.train)))
+        except Exception as err:
+            raise ConfigError(f"stage {i} ({stage.name}): {str(err).splitlines()[-1].strip()}") from None
+    return resolved
+
+
+@dataclass
+class StageRunner:
+    """Everything the stages share: model, data, objective and where the best weights go."""
+
+    model: Classifier
+    objective: Objective
+    prepared: PreparedData
+    config: Config
+    preprocess: Preprocess
+    device: torch.device
+    precision: str
+    generator: torch.Generator
+    save_best: Callable[[int], None]
+    load_best: Callable[[], None]
+    on_epoch: Callable[[list[dict]], None]
+
+    def run(self) -> list[dict]:
+        history: list[dict] = []
+        stopper: EarlyStopping | None = None
+        has_val = "val" in self.prepared.index.splits
+        for name, cfg in resolve_stages(self.config):
+            apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            cached = cfg.feature_cache and backbone_is_frozen(self.model)
+            log.info("stage %s: freeze=%s, %s trainable parameters%s", name, cfg.freeze, f"{trainable:,}",
+                     ", head trained on cached features" if cached else "")
+            stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+            model, loader, validate = self._cached(cfg) if cached else self._images(cfg)
+            fit(model, self.objective, loader, cfg, self.device, self.precision, validate if has_val else None,
+                self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name)
+            if has_val:
+                self.load_best()  # the next stage, and the end result, start from the best so far
+        return history
+
+    def _images(self, cfg: TrainConfig):
+        sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
+        loader = train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size, self.generator,
+                              sampler, self.config.data.workers)
+        val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
+        return self.model, loader, self._validator(self.model, val)
+
+    def _cached(self, cfg: TrainConfig):
+        backbone = self.model.backbone
+        train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
+                                     self.generator, workers=self.config.data.workers) if cfg.feature_views > 1
+                        else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
+                                         self.config.data.workers))
+        train_feats = extract_features(backbone, train_images, self.device, self.precision, cfg.feature_views)
+        loader = feature_loader(train_feats, cfg.batch_size, shuffle=True, generator=self.generator,
+                                sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
+        head = HeadOnly(self.model.head)
+        validate = None
+        if "val" in self.prepared.index.splits:
+            val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
+            val_feats = extract_features(backbone, val_images, self.device, self.precision)
+            validate = self._validator(head, feature_loader(val_feats, cfg.batch_size, shuffle=False))
+        return head, loader, validate
+
+    def _sampler(self, targets, cfg: TrainConfig):
+        return weighted_sampler(targets, self.generator) if cfg.sampler == "weighted" else None
+
+    def _validator(self, model: nn.Module, loader) -> Callable[[], dict[str, float]]:
+        """Validation metrics for the loop, computed like the final report: from Predictions."""
+        val = self.prepared.index.subset("val")
+
+        def validate() -> dict[str, float]:
+            probs = predict_probs(model, self.objective, loader, self.device, self.precision)
+            m = compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets, probs),
+                                self.config.data.positive_class)
+            out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
+                   "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
+            if m["roc_auc_ovr"] is not None:
+                out["val_auc"] = m["roc_auc_ovr"]
+            return out
+
+        return validate
