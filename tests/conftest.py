@@ -40,7 +40,10 @@ def tiny_config(data_path: Path | str, out: Path | str, **sections) -> imgclf.Co
         "out": str(out),
     }
     for section, fields in sections.items():
-        values.setdefault(section, {}).update(fields)
+        if isinstance(fields, dict):
+            values.setdefault(section, {}).update(fields)
+        else:
+            values[section] = fields
     return imgclf.build_config(values)
 
 

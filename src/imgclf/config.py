@@ -182,7 +182,7 @@ def build_config(values: dict[str, Any] | None = None) -> Config:
     try:
         return Config.model_validate(values)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(one_line(err)) from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -227,7 +227,7 @@ def _suggest(word: str, options: Any) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")

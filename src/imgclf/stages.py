@@ -43,8 +43,10 @@ def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     """(name, effective train config) per stage."""
     stages = list(config.stages)
     if not stages and (config.model.pretrained or config.model.weights):
-        stages = [s.model_copy(update={"epochs": min(s.epochs, config.train.epochs)}) if s.name == "finetune"
-                  else s for s in DEFAULT_TRANSFER_STAGES]
+        epochs = min(DEFAULT_TRANSFER_STAGES[1].epochs, config.train.epochs)  # --epochs caps the fine-tune
+        finetune = DEFAULT_TRANSFER_STAGES[1].model_copy(
+            update={"epochs": epochs, "patience": min(DEFAULT_TRANSFER_STAGES[1].patience, epochs)})
+        stages = [DEFAULT_TRANSFER_STAGES[0], finetune]
     if not stages:
         return [("train", config.train)]
     resolved = []
