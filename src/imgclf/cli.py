@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .freeze import NORM_TYPES, describe_groups, weighted_layers
+    from .model import build_model, resolve_preprocess
+
+    cfg = ModelConfig(name=args.model)
+    model = build_model(cfg, 2, resolve_preprocess(cfg, args.image_size, args.channels))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {total:,} parameters; freeze patterns match the names below (without 'backbone.')")
+    print("\ngroups (regex:NAME selects a group):")
+    for name, count in describe_groups(model.backbone, args.depth):
+        print(f"  {name:<40} {count:>12,}")
+    layers = weighted_layers(model.backbone)
+    counted = [n for n, m in layers if not isinstance(m, NORM_TYPES)]
+    print(f"\nlayers with weights ({len(counted)} count for last:N; normalisation layers do not):")
+    for name, module in layers:
+        from_end = "" if isinstance(module, NORM_TYPES) else f"last:{len(counted) - counted.index(name)}"
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        print(f"  {name:<40} {type(module).__name__:<22} {params:>10,}  {from_end}")
+    return 0
+
+
 def format_metrics(split: str, m: dict) -> str:
     auc = "n/a" if m["roc_auc_ovr"] is None else f"{m['roc_auc_ovr']:.4f}"
     return (f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} balanced_accuracy={m['balanced_accuracy']:.4f} "
@@ -88,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("model-info", help="list a model's layer names, groups and parameter counts")
+    p.add_argument("model", help="simple_cnn or a timm model name")
+    p.add_argument("--depth", type=int, default=2, help="group depth (blocks, blocks.6, ...)")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="input channels")
+    p.add_argument("--image-size", type=int, default=64, help="input size (matters for flatten heads)")
+    p.set_defaults(func=cmd_model_info)
+
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
     p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and run")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
@@ -107,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `imgclf model-info X | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
 
 
 if __name__ == "__main__":
