@@ -1,6 +1,7 @@
 """Pretrained weights, freeze policies, staged fine-tuning and feature caching."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import imgclf
-from imgclf.config import ModelConfig
+from imgclf.config import ModelConfig, load_config
 from imgclf.errors import ConfigError
 from imgclf.freeze import apply_freeze, set_frozen_norms_eval
 from imgclf.model import build_model, resolve_preprocess
+from imgclf.stages import resolve_stages
 from imgclf.weights import load_into, load_pretrained, read_state_dict
 
 from conftest import tiny_config
@@ -172,3 +174,17 @@ def test_pretrained_default_recipe_trains_head_then_finetunes(tmp_path, pool_dat
                                    train={"epochs": 2}, data={"image_size": 32}))
     stages = [r["stage"] for r in history_of(run)]
     assert stages[0] == "head" and stages[-1] == "finetune" and stages.count("finetune") <= 2
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_readme_recipes_validate_and_their_patterns_match_the_architecture(recipe):
+    config = load_config(recipe)
+    stages = resolve_stages(config)
+    cfg = config.model.model_copy(update={"pretrained": False})
+    model = build_model(cfg, 3, resolve_preprocess(cfg, 64, 3))
+    total = len(list(model.backbone.parameters()))
+    for name, train_cfg in stages:
+        apply_freeze(model, train_cfg.freeze, train_cfg.freeze_bn)
+        n = len(trainable(model))
+        assert (n == 0) if train_cfg.freeze == "backbone" else (0 < n <= total), name
