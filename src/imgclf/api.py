@@ -24,13 +24,17 @@ from .versions import library_versions
 log = get_logger("api")
 
 
-def train(config: Config) -> Run:
-    """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run."""
+def train(config: Config, evaluate_test: bool = True) -> Run:
+    """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run.
+
+    ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials).
+    """
     check_model_name(config.model.name)
     generator = seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
-    index = build_index(config.data, config.train.seed)
+    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
+    index = build_index(config.data, split_seed)
     _check_positive_class(config, index.classes)
     if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
         raise DataError("no validation images: early stopping and restore-best need them; "
@@ -73,7 +77,7 @@ def train(config: Config) -> Run:
     plot_curves(history, out / "plots" / "curves.png", best["epoch"])
 
     run = Run(out)
-    for split in ("val", "test"):  # the final model is evaluated once per split, test last
+    for split in ("val", "test") if evaluate_test else ("val",):  # the final model, once per split
         if split in index.splits:
             run.evaluate(split, prepared=prepared)
     write_summary(out, config.model_dump(mode="json"), index.counts(), run.metrics, best["epoch"])

@@ -26,6 +26,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    config = _experiment_config(args, "cv")
+    from .cv import cross_validate
+
+    result = cross_validate(config, args.folds, args.group_column, args.backend, args.jobs, args.ray_address)
+    for row in result["summary"]:
+        if row["metric"].startswith("test_"):
+            print(f"{row['metric']:<24} mean {row['mean']:.4f} ± {row['std']:.4f}  "
+                  f"95% CI [{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]  (n={row['count']})")
+    print(format_metrics("pooled out-of-fold", result["oof"]))
+    print(f"wrote {config.out}/folds.csv, summary.csv, predictions_oof.csv, metrics_oof.json")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    config = _experiment_config(args, "grid")
+    from .grid import grid_search, parse_params
+
+    result = grid_search(config, parse_params(args.param or [], args.grid), args.rank_by, args.backend, args.jobs,
+                         args.ray_address)
+    for row in result["leaderboard"][:10]:
+        params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))
+        print(f"#{row['rank']:<3} {row['trial']}  {args.rank_by}={row[args.rank_by]:.4f}  {params}")
+    if result["test"]:
+        print(format_metrics(f"best ({result['best_trial']}) on test", result["test"]))
+    print(f"wrote {config.out}/leaderboard.csv and best.json")
+    return 0
+
+
+def _experiment_config(args: argparse.Namespace, default_out: str):
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    if not getattr(args, "cfg____out", None):
+        args.cfg____out = default_out
+    return config_from_args(args)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .run import Run
 
@@ -102,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    for name, helptext in (("cv", "k-fold cross-validation; every fold is a run"),
+                           ("grid", "grid search ranked on validation; test read once, for the best")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("data_dir", nargs="?", help="dataset folder (Fold0..FoldK, split or class folders) or CSV")
+        add_config_flags(p)
+        p.add_argument("--backend", default="sequential", choices=["sequential", "processes", "ray"],
+                       help="where folds/trials run")
+        p.add_argument("--jobs", type=int, default=1, help="folds/trials at once (processes, ray)")
+        p.add_argument("--ray-address", help="existing Ray cluster address (default: start a local one)")
+        if name == "cv":
+            p.add_argument("--folds", type=int, default=5, help="k for stratified k-fold (ignored for Fold0..K)")
+            p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
+            p.set_defaults(func=cmd_cv)
+        else:
+            p.add_argument("--param", action="append", metavar="NAME=V1,V2", help="a setting to vary (repeat)")
+            p.add_argument("--grid", help="YAML mapping of settings to lists of values")
+            p.add_argument("--rank-by", default="val_f1_macro", help="validation metric that ranks trials")
+            p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
     p.add_argument("run", help="run directory written by train")

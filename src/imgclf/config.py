@@ -31,6 +31,7 @@ class DataConfig(_Section):
         None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)"
     )
     channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
+    split_seed: int | None = Field(None, ge=0, description="seed of the train/val/test split (default: --seed)")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
     cache_dir: str | None = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(

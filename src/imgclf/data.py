@@ -95,7 +95,7 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     path = Path(cfg.path).expanduser().resolve()
     layout = detect_layout(path) if cfg.layout == "auto" else cfg.layout
     root = path.parent if layout == "csv" else path
-    rows = _scan(path, layout)
+    rows = scan_rows(path, layout)
     if not rows:
         raise DataError(f"no images found in {path}; expected one sub-folder per class holding images")
     rng = np.random.default_rng(seed)
@@ -112,7 +112,8 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     return index
 
 
-def _scan(path: Path, layout: str) -> list[Row]:
+def scan_rows(path: Path, layout: str) -> list[Row]:
+    """(path, label, split) rows of a dataset in a known layout; split is empty for a pool."""
     if layout == "csv":
         return scan_csv(path)
     if layout == "class_folders":

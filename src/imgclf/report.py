@@ -98,6 +98,23 @@ def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str)
     plot_roc(preds, folder / f"roc_{split}.png", split)
 
 
+def plot_folds(rows: list[dict], path: Path) -> None:
+    """Per-fold test (else val) metrics as points, with the mean as a line."""
+    split = "test" if any(k.startswith("test_") for k in rows[0]) else "val"
+    names = [k for k in rows[0] if k.startswith(f"{split}_") and all(r.get(k) is not None for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(rows) + 3), 4), layout="constrained")
+    folds = [r["fold"] for r in rows]
+    for name in names:
+        values = [r[name] for r in rows]
+        line, = ax.plot(folds, values, "o-", label=f"{name.removeprefix(split + '_')} (mean {np.mean(values):.3f})")
+        ax.axhline(np.mean(values), color=line.get_color(), ls=":", lw=1)
+    ax.set(xlabel="fold", ylabel=f"{split} metric", title=f"Cross-validation: {split} metrics per fold",
+           xticks=folds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def write_history(history: list[dict], path: Path) -> None:
     columns = list(dict.fromkeys(k for row in history for k in row))
 

@@ -9,8 +9,17 @@ import torch
 
 from .logs import get_logger, get_rank, is_main_process, setup_logging
 
-__all__ = ["autocast", "get_logger", "get_rank", "is_main_process", "resolve_device", "resolve_precision",
-           "seed_everything", "setup_logging"]
+__all__ = [
+    "autocast",
+    "derive_seed",
+    "get_logger",
+    "get_rank",
+    "is_main_process",
+    "resolve_device",
+    "resolve_precision",
+    "seed_everything",
+    "setup_logging",
+]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -21,6 +30,13 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def derive_seed(base: int, key: str) -> int:
+    """A stable per-fold or per-trial seed from the base seed and a name; same inputs, same seed."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{base}:{key}".encode()).digest()[:4], "big") % 2**31
 
 
 def resolve_device(name: str) -> torch.device:
