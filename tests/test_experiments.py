@@ -140,3 +140,14 @@ def test_backends_give_the_sequential_results(tmp_path, pool_dataset, backend):
     seq = grid_search(config, grid)
     par = grid_search(config.model_copy(update={"out": str(tmp_path / backend)}), grid, backend=backend, n_jobs=2)
     assert without_time(seq["leaderboard"]) == without_time(par["leaderboard"])
+
+
+def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
+    config = tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 2})
+    first = cross_validate(config, folds=2)
+    (tmp_path / "cv" / "fold_1" / "result.json").unlink()  # fold 1 died before finishing
+    trained = []
+    real_train = imgclf.api.train
+    monkeypatch.setattr(imgclf.api, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    second = cross_validate(config, folds=2)
+    assert len(trained) == 1 and without_time(first["folds"]) == without_time(second["folds"])

@@ -10,9 +10,7 @@ Outputs: ``fold_<i>/`` runs, ``folds.csv``, ``summary.csv`` (describe() + 95% CI
 from __future__ import annotations
 
 import csv
-import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from .logs import get_logger
 from .metrics import compute_metrics
 from .predictions import Predictions
 from .runtime import derive_seed
-from .summary import RESULT_FILE, describe, fold_metrics, write_rows
+from .summary import describe, train_job, write_rows
 
 log = get_logger("cv")
 FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
@@ -103,22 +101,6 @@ def _groups(csv_path: Path, column: str, expected: int) -> list[str] | None:
     return groups if len(groups) == expected else None
 
 
-def run_fold(config_values: dict) -> dict:
-    """Train and evaluate one fold (a job for any backend); resumable: a finished fold is read back."""
-    from .api import train
-
-    out = Path(config_values["out"])
-    done = out / RESULT_FILE
-    if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
-    start = time.perf_counter()
-    run = train(build_config(config_values))
-    result = {"run": str(out), "seed": config_values["train"]["seed"],
-              "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
-    atomic.write_json(done, result)
-    return result
-
-
 def cross_validate(config: Config, folds: int = 5, group_column: str | None = None, backend: str = "sequential",
                    n_jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
@@ -126,7 +108,7 @@ def cross_validate(config: Config, folds: int = 5, group_column: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     configs = fold_configs(config, out, folds, group_column)
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)
-    results = run_jobs(run_fold, [(c.model_dump(),) for c in configs], backend, n_jobs, ray_address)
+    results = run_jobs(train_job, [(c.model_dump(), True) for c in configs], backend, n_jobs, ray_address)
     rows = [{"fold": i, **r} for i, r in enumerate(results)]
     write_rows(out / "folds.csv", rows)
     metric_names = [k for k in rows[0] if k.startswith(("val_", "test_"))]

@@ -9,8 +9,6 @@ finished trials are read back, not retrained.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from .config import Config, build_config
 from .errors import ConfigError
 from .logs import get_logger
 from .runtime import derive_seed
-from .summary import RESULT_FILE, fold_metrics, write_rows
+from .summary import train_job, write_rows
 
 log = get_logger("grid")
 
@@ -95,31 +93,14 @@ def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tupl
     return trials
 
 
-def run_trial(config_values: dict, params: dict) -> dict:
-    """Train one trial on train/val only (a job for any backend); a finished trial is read back."""
-    from .api import train
-
-    out = Path(config_values["out"])
-    done = out / RESULT_FILE
-    if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
-    if out.exists():  # our own half-written trial from a killed run: start it again
-        shutil.rmtree(out)
-    start = time.perf_counter()
-    run = train(build_config(config_values), evaluate_test=False)
-    result = {"run": str(out), "seed": config_values["train"]["seed"], "params": params,
-              "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
-    atomic.write_json(done, result)
-    return result
-
-
 def grid_search(config: Config, grid: dict[str, list], rank_by: str = "val_f1_macro", backend: str = "sequential",
                 n_jobs: int = 1, ray_address: str | None = None) -> dict[str, Any]:
     """Run every trial, write leaderboard.csv, then evaluate the best trial on test once."""
     out = Path(config.out or "grid")
     trials = trial_configs(config, grid, out)
     log.info("grid: %d trials over %s, backend %s", len(trials), ", ".join(grid), backend)
-    results = run_jobs(run_trial, [(c.model_dump(), p) for _, p, c in trials], backend, n_jobs, ray_address)
+    jobs = [(c.model_dump(), False, {"params": p}) for _, p, c in trials]  # trials never read test
+    results = run_jobs(train_job, jobs, backend, n_jobs, ray_address)
     if rank_by not in results[0]:
         raise ConfigError(f"--rank-by {rank_by!r} is not a validation metric; use one of "
                           f"{', '.join(k for k in results[0] if k.startswith('val_'))}")

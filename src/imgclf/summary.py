@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -18,6 +22,29 @@ def fold_metrics(metrics: dict) -> dict:
     """Headline numbers per split, e.g. ``val_accuracy`` and ``test_f1_macro``."""
     return {f"{split}_{name}": metrics[split][name] for split in ("val", "test") if split in metrics
             for name in HEADLINE}
+
+
+def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | None = None) -> dict:
+    """Train one fold or trial (a picklable job for any backend) and return its headline metrics.
+
+    Resumable: a finished job is read back from its result file; a half-written one (killed before
+    its result file) is our own output and starts again.
+    """
+    from .api import train
+    from .config import build_config
+
+    out = Path(config_values["out"])
+    done = out / RESULT_FILE
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    run = train(build_config(config_values), evaluate_test=evaluate_test)
+    result = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {}),
+              "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
+    atomic.write_json(done, result)
+    return result
 
 
 def describe(rows: list[dict], names: list[str]) -> list[dict]:
