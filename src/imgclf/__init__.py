@@ -8,6 +8,8 @@ Python API (mirrors the CLI)::
     run.evaluate("test")                # metrics dict, from predictions_test.csv
     run.predict(["new_images/"])        # Predictions
     run = imgclf.load_run("runs/x")
+    imgclf.cross_validate(config, folds=10)   # -> {"folds", "summary", "oof"}
+    imgclf.grid_search(config, {"lr": [1e-3, 1e-4]})
 """
 
 from importlib import import_module
@@ -15,11 +17,14 @@ from typing import TYPE_CHECKING
 
 # Names resolve lazily (PEP 562): `imgclf --help` and config errors answer without importing torch.
 _EXPORTS = {"train": "api", "Config": "config", "build_config": "config", "load_config": "config",
-            "ImgclfError": "errors", "Predictions": "predictions", "Run": "run", "load_run": "run"}
+            "ImgclfError": "errors", "Predictions": "predictions", "Run": "run", "load_run": "run",
+            "cross_validate": "cv", "grid_search": "grid"}
 
 if TYPE_CHECKING:
     from .api import train
     from .config import Config, build_config, load_config
+    from .cv import cross_validate
+    from .grid import grid_search
     from .errors import ImgclfError
     from .predictions import Predictions
     from .run import Run, load_run
@@ -31,5 +36,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'imgclf' has no attribute {name!r}")
 
 
-__all__ = ["Config", "ImgclfError", "Predictions", "Run", "build_config", "load_config", "load_run", "train"]
+__all__ = ["Config", "ImgclfError", "Predictions", "Run", "build_config", "cross_validate", "grid_search",
+           "load_config", "load_run", "train"]
 __version__ = "0.1.0"
