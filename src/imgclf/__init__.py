@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .api import train
     from .config import Config, build_config, load_config
     from .cv import cross_validate
-    from .grid import grid_search
     from .errors import ImgclfError
+    from .grid import grid_search
     from .predictions import Predictions
     from .run import Run, load_run
 

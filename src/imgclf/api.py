@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .audit import warn_leakage
 from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
 from .data import build_index
@@ -36,6 +37,7 @@ def train(config: Config, evaluate_test: bool = True) -> Run:
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     index = build_index(config.data, split_seed)
     _check_positive_class(config, index.classes)
+    warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
     if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
         raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")

@@ -63,6 +63,20 @@ def _experiment_config(args: argparse.Namespace, default_out: str):
     return config_from_args(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import atomic
+    from .audit import audit_dataset, format_report
+
+    report = audit_dataset(args.data_dir, args.layout, near=not args.no_near)
+    print(format_report(report))
+    if args.json:
+        atomic.write_json(args.json, report)
+        print(f"wrote {args.json}")
+    problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
+        + len(report["near_duplicates_across_splits"])
+    return 1 if args.strict and problems else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .run import Run
 
@@ -158,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--grid", help="YAML mapping of settings to lists of values")
             p.add_argument("--rank-by", default="val_f1_macro", help="validation metric that ranks trials")
             p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("audit", help="class counts, image stats, unreadable files, duplicates and leakage")
+    p.add_argument("data_dir", help="dataset folder or CSV")
+    p.add_argument("--layout", default="auto", choices=["auto", "split_folders", "class_folders", "csv"],
+                   help="dataset layout")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
+    p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
     p.add_argument("run", help="run directory written by train")

@@ -7,6 +7,7 @@ Mode rule (after EXIF orientation is applied; animated files use their first fra
 - ``CMYK`` and other colour spaces are converted to RGB by Pillow;
 - finally ``channels=1`` takes the luma (ITU-R 601) and ``channels=3`` replicates gray to RGB.
 Images are resized to a square ``size`` x ``size`` (no crop, as Keras' ``target_size`` does).
+DICOM files follow the rule in ``dicom.py`` (rescale, window, MONOCHROME1 inverted) first.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
     """Return an ``H x W x channels`` uint8 array of ``path`` resized to ``size``; raise BadImage."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise BadImage(path, f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
             if img.width < 2 or img.height < 2:
                 raise BadImage(path, f"image is only {img.width}x{img.height} pixels")
-            img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+            if img.format == "JPEG":
+                img.draft("RGB" if channels == 3 else "L", (size, size))  # decode at reduced scale
             img.load()
             img = ImageOps.exif_transpose(img)
             img = to_mode(img, "RGB" if channels == 3 else "L")
@@ -58,6 +60,15 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
     except _DECODE_ERRORS as err:
         raise BadImage(path, str(err) or type(err).__name__) from None
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def open_image(path: Path) -> Image.Image:
+    """Pillow's lazy open, or the DICOM reader for ``.dcm``."""
+    if path.suffix.lower() == ".dcm":
+        from .dicom import read_dicom
+
+        return read_dicom(path)
+    return Image.open(path)
 
 
 def to_mode(img: Image.Image, target: str) -> Image.Image:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import DataError
 from .logs import get_logger
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
