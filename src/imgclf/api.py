@@ -17,6 +17,7 @@ from .errors import ConfigError, DataError
 from .model import build_model, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
 from .pipeline import PreparedData, prepare, write_skipped
+from .resume import load_state, restore_best_file
 from .run import MODEL_FILE, Run
 from .runtime import get_logger, is_main_process, resolve_device, resolve_precision, seed_everything
 from .stages import StageRunner, resolve_stages
@@ -25,7 +26,14 @@ from .versions import library_versions
 log = get_logger("api")
 
 
-def train(config: Config, evaluate_test: bool = True) -> Run:
+def resume_training(run_dir: str | Path) -> Run:
+    """Continue a killed ``train`` from its last completed epoch (``imgclf train --resume RUN``)."""
+    run_dir = Path(run_dir)
+    config = Run(run_dir).config
+    return train(config, resume_dir=run_dir)
+
+
+def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None) -> Run:
     """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run.
 
     ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials).
@@ -46,9 +54,12 @@ def train(config: Config, evaluate_test: bool = True) -> Run:
                                     config.data.interpolation)
     prepared = prepare(index, preprocess, config.data)
     index = prepared.index
-    out = _new_run_dir(config.out)
-    config = config.model_copy(update={"out": str(out), "versions": library_versions()})
-    _write_run_files(out, config, prepared)
+    if resume_dir is None:
+        out = _new_run_dir(config.out)
+        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+        _write_run_files(out, config, prepared)
+    else:
+        out = resume_dir
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
 
     num_classes = len(index.classes)
@@ -71,8 +82,15 @@ def train(config: Config, evaluate_test: bool = True) -> Run:
     start = time.perf_counter()
     runner = StageRunner(model, objective, prepared, config, preprocess, device, precision, generator, save_best,
                          load_best=lambda: load_weights(model, weights_path),
-                         on_epoch=lambda h: write_history(h, out / "history.csv"))
-    history = runner.run()
+                         on_epoch=lambda h: write_history(h, out / "history.csv"), out=out,
+                         best_file=weights_path)
+    resume = None
+    if resume_dir is not None:
+        resume = load_state(out, model)
+        restore_best_file(out, weights_path, resume[1])
+        best["epoch"] = resume[1]["stopper"]["best_epoch"]
+        log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
+    history = runner.run(resume)
     log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
     if not config.train.restore_best:
         save_weights(model, out / MODEL_FILE, {**meta, "epoch": len(history)})

@@ -16,6 +16,11 @@ log = get_logger("cli")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        from .api import resume_training
+
+        print(f"run: {resume_training(args.resume).path}")
+        return 0
     if args.data_dir:
         args.cfg__data__path = args.data_dir
     config = config_from_args(args)  # validated before torch is imported: config errors answer at once
@@ -151,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier on a folder or CSV of images")
     p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
+    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -84,12 +84,14 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
 def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
         precision: str, validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
         on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
-        history: list[dict] | None = None, stage: str = "train") -> list[dict]:
+        history: list[dict] | None = None, stage: str = "train",
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[dict]:
     """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
 
     ``stopper`` carries the best value from earlier stages, so a stage only counts as better when it
     beats everything before it; ``history`` continues their epoch numbering. Without ``validate``
-    every epoch counts as the best (the last weights are kept).
+    every epoch counts as the best (the last weights are kept). ``checkpoint(state)`` receives the
+    optimizer and schedule state after each epoch; ``resume`` is such a state to continue from.
     """
     groups = param_groups(model, cfg.backbone_lr_mult)
     for group in groups:
@@ -99,7 +101,13 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
     stopper.patience, stopper.bad_epochs = cfg.effective_patience, 0
     history = history if history is not None else []
-    for stage_epoch in range(1, cfg.epochs + 1):
+    first = 1
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(resume["schedule"])
+        stopper.bad_epochs, first = resume["bad_epochs"], resume["stage_epoch"] + 1
+    for stage_epoch in range(first, cfg.epochs + 1):
         epoch = len(history) + 1
         start = time.perf_counter()
         desc = f"{stage} {stage_epoch}/{cfg.epochs}"
@@ -118,7 +126,11 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         on_epoch(history)
         log.info("%s  %s%s", desc, _format_row(row), "  *" if improved else "")
         step_schedule(schedule, monitored)
-        if validate and cfg.early_stopping and stopper.should_stop:
+        stop = bool(validate and cfg.early_stopping and stopper.should_stop)
+        if checkpoint:
+            checkpoint({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                        "stage_epoch": stage_epoch, "stage_done": stop or stage_epoch == cfg.epochs})
+        if stop:
             log.info("early stopping %s: %s has not improved for %d epochs (best %.4f at epoch %d)",
                      stage, cfg.monitor, stopper.patience, stopper.best, stopper.best_epoch)
             break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,12 +21,13 @@ from .evaluate import predict_probs
 from .features import HeadOnly, extract_features, feature_loader
 from .fit import EarlyStopping, fit
 from .freeze import apply_freeze, backbone_is_frozen
-from .logs import get_logger
+from .logs import get_logger, is_main_process
 from .metrics import compute_metrics
 from .model import Classifier, Preprocess
 from .objective import Objective
 from .pipeline import PreparedData, eval_loader, train_loader
 from .predictions import Predictions
+from .resume import restore_rng, save_state
 
 log = get_logger("stages")
 
@@ -73,12 +75,24 @@ class StageRunner:
     save_best: Callable[[int], None]
     load_best: Callable[[], None]
     on_epoch: Callable[[list[dict]], None]
+    out: Path | None = None  # where the end-of-epoch state goes (None: not resumable)
+    best_file: Path | None = None  # the best-weights file that save_best writes
 
-    def run(self) -> list[dict]:
-        history: list[dict] = []
+    def run(self, resume: tuple[dict, dict] | None = None) -> list[dict]:
+        """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run."""
+        tensors, info = resume or ({}, {})
+        history: list[dict] = info.get("history", [])
         stopper: EarlyStopping | None = None
         has_val = "val" in self.prepared.index.splits
-        for name, cfg in resolve_stages(self.config):
+        for index, (name, cfg) in enumerate(resolve_stages(self.config)):
+            if resume and (index < info["stage_index"] or (index == info["stage_index"] and info["stage_done"])):
+                if index == info["stage_index"]:  # killed between stages: hand on as the stage end would
+                    if has_val:
+                        self.load_best()
+                    stopper = self._restored_stopper(cfg, info)
+                    restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
+                    resume = None
+                continue
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             cached = cfg.feature_cache and backbone_is_frozen(self.model)
@@ -86,11 +100,36 @@ class StageRunner:
                      ", head trained on cached features" if cached else "")
             stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
             model, loader, validate = self._cached(cfg) if cached else self._images(cfg)
+            fit_resume = None
+            if resume and index == info["stage_index"]:
+                stopper = self._restored_stopper(cfg, info)
+                restore_rng(self.generator, tensors, info)  # after the loaders exist, as at that epoch's end
+                fit_resume = {**tensors, "stage_epoch": info["stage_epoch"], "bad_epochs": info["stopper"]["bad"]}
+                resume = None
             fit(model, self.objective, loader, cfg, self.device, self.precision, validate if has_val else None,
-                self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name)
+                self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
+                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume)
             if has_val:
                 self.load_best()  # the next stage, and the end result, start from the best so far
         return history
+
+    @staticmethod
+    def _restored_stopper(cfg: TrainConfig, info: dict) -> EarlyStopping:
+        stopper = EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+        stopper.best, stopper.best_epoch = info["stopper"]["best"], info["stopper"]["best_epoch"]
+        return stopper
+
+    def _checkpointer(self, stage_index: int, stopper: EarlyStopping, history: list[dict]):
+        if self.out is None or not is_main_process():
+            return None
+
+        def checkpoint(fit_state: dict) -> None:
+            info = {"epoch": len(history), "stage_index": stage_index, "stage_epoch": fit_state.pop("stage_epoch"),
+                    "stage_done": fit_state.pop("stage_done"), "history": history,
+                    "stopper": {"best": stopper.best, "best_epoch": stopper.best_epoch, "bad": stopper.bad_epochs}}
+            save_state(self.out, self.model, self.generator, fit_state, info, self.best_file)
+
+        return checkpoint
 
     def _images(self, cfg: TrainConfig):
         sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)

@@ -1,0 +1,81 @@
+"""A killed run resumes from its last completed epoch and ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import imgclf
+from imgclf.cli import main
+from imgclf.errors import RunDirError
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+FLAGS = ["--image-size", "24", "--conv-filters", "16,32", "--augment", "light", "--epochs", "8",
+         "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.2", "--test-fraction", "0.2"]
+
+
+def metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", 40, sizes=(24,))
+    assert main(["train", str(data), *FLAGS, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "train", str(data), *FLAGS, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    history = killed / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    assert main(["train", "--resume", str(killed)]) == 0
+    assert metrics(killed) == metrics(tmp_path / "whole")
+    assert (killed / "history.csv").read_text().count("\n") == (tmp_path / "whole" / "history.csv").read_text().count(
+        "\n")
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])
+def test_resume_across_stages_and_feature_caching(tmp_path, pool_dataset, monkeypatch, stop_after):
+    stages = [{"name": "head", "freeze": "backbone", "epochs": 3}, {"name": "all", "freeze": "none", "epochs": 3}]
+    whole = imgclf.train(tiny_config(pool_dataset, tmp_path / "whole", stages=stages, augment={"preset": "light"}))
+    import imgclf.report as report
+
+    real_write, calls = report.write_history, []
+
+    def interrupted(history, path):  # the process "dies" right after epoch `stop_after` is saved
+        real_write(history, path)
+        calls.append(1)
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_history", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(tiny_config(pool_dataset, tmp_path / "cut", stages=stages, augment={"preset": "light"}))
+    monkeypatch.setattr(report, "write_history", real_write)
+    resumed = imgclf.api.resume_training(tmp_path / "cut")
+    assert resumed.metrics == whole.metrics
+    assert [r["stage"] for r in __import__("csv").DictReader(open(resumed.path / "history.csv"))] == ["head"] * 3 + [
+        "all"] * 3
+
+
+def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, trained_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    state = json.loads((run / "last.json").read_text())
+    (run / "last.json").write_text(json.dumps({**state, "epoch": state["epoch"] - 1}))
+    with pytest.raises(RunDirError, match="different epochs"):
+        imgclf.api.resume_training(run)
+    (run / "last.json").unlink()
+    with pytest.raises(RunDirError, match="never finished an epoch"):
+        imgclf.api.resume_training(run)
