@@ -80,3 +80,31 @@ def test_one_pixel_image_is_bad(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     with pytest.raises(BadImage, match="only 1x1"):
         load_image(tmp_path / "dot.png", 8, 3)
+
+
+def test_unreadable_permissions_are_a_bad_image(tmp_path, monkeypatch):
+    """Root reads any file, so the denial is simulated at the point Pillow opens it."""
+    from imgclf import images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")
+
+    def deny(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images, "open_image", deny)
+    with pytest.raises(BadImage, match="locked.png: permission denied"):
+        load_image(tmp_path / "locked.png", 8, 3)
+
+
+def test_dicom_rescale_window_and_monochrome1(tmp_path):
+    pytest.importorskip("pydicom")
+    from imagefactory import write_dicom
+
+    pixels = np.zeros((16, 16))
+    pixels[:, :5], pixels[:, 5:] = 1000, 100
+    # stored -> HU: 2 * v - 1024 gives 976 and -824; window centre 0, width 1000 spans -500..500
+    bright_left = load_image(write_dicom(tmp_path / "a.dcm", pixels, 2.0, -1024, (0, 1000)), 16, 1)[..., 0]
+    assert bright_left[:, :4].min() == 255 and bright_left[:, 6:].max() == 0
+    inverted = load_image(write_dicom(tmp_path / "b.dcm", pixels, photometric="MONOCHROME1"), 16, 1)[..., 0]
+    assert inverted[:, :4].max() == 0 and inverted[:, 6:].min() == 255
+    assert load_image(tmp_path / "a.dcm", 16, 3).shape == (16, 16, 3)
