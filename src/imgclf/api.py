@@ -19,7 +19,7 @@ from .objective import Objective, balanced_class_weights
 from .pipeline import PreparedData, prepare, write_skipped
 from .resume import load_state, restore_best_file
 from .run import MODEL_FILE, Run
-from .runtime import get_logger, is_main_process, resolve_device, resolve_precision, seed_everything
+from .runtime import Compute, get_logger, is_main_process, seed_everything
 from .stages import StageRunner, resolve_stages
 from .versions import library_versions
 
@@ -40,8 +40,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     """
     check_model_name(config.model.name)
     generator = seed_everything(config.train.seed)
-    device = resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
+    compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     index = build_index(config.data, split_seed)
     _check_positive_class(config, index.classes)
@@ -63,7 +62,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
 
     num_classes = len(index.classes)
-    model = build_model(config.model, num_classes, preprocess, load_pretrained=True).to(device)
+    model = compute.prepare(build_model(config.model, num_classes, preprocess, load_pretrained=True))
     objective = Objective(num_classes, sigmoid=output_units(config.model, num_classes) == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
@@ -80,7 +79,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     from .report import plot_curves, write_history, write_summary
 
     start = time.perf_counter()
-    runner = StageRunner(model, objective, prepared, config, preprocess, device, precision, generator, save_best,
+    runner = StageRunner(model, objective, prepared, config, preprocess, compute, generator, save_best,
                          load_best=lambda: load_weights(model, weights_path),
                          on_epoch=lambda h: write_history(h, out / "history.csv"), out=out,
                          best_file=weights_path)

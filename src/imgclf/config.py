@@ -103,7 +103,10 @@ class TrainConfig(_Section):
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
     seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="compute precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")
+    channels_last: bool | None = Field(None, description="channels-last memory format (default: on)")
+    compile: bool = Field(False, description="torch.compile the model for training (slow start, faster epochs)")
     freeze: str = Field("none", description="what trains: none (all), backbone (head only), last:N, regex:PAT")
     freeze_bn: bool = Field(False, description="keep BatchNorm layers frozen and in eval mode")
     backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")

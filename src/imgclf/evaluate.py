@@ -8,18 +8,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .objective import Objective
-from .runtime import autocast
+from .runtime import Compute
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, device: torch.device,
-                  precision: str = "fp32") -> np.ndarray:
+def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, compute: Compute) -> np.ndarray:
     """N x K probabilities; row i belongs to dataset item i even if the loader shuffles."""
     model.eval()
     probs = np.full((len(loader.dataset), objective.num_classes), np.nan)
     for images, _, positions in loader:
-        with autocast(device, precision):
-            logits = model(images.to(device, non_blocking=True))
+        with compute.autocast():
+            logits = model(compute.batch(images))
         probs[positions.numpy()] = objective.probabilities(logits).cpu().numpy()
     if np.isnan(probs).any():
         raise RuntimeError("some images received no prediction; the loader skipped items")

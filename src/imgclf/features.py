@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .datasets import make_loader
-from .runtime import autocast
+from .runtime import Compute
 
 
 class HeadOnly(nn.Module):
@@ -24,8 +24,7 @@ class HeadOnly(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device, precision: str,
-                     views: int = 1) -> TensorDataset:
+def extract_features(backbone: nn.Module, loader: DataLoader, compute: Compute, views: int = 1) -> TensorDataset:
     """``views`` passes over ``loader`` -> a dataset of (feature, target, position) on the CPU.
 
     Positions index the original images, so view ``v`` of image ``i`` keeps position ``i``.
@@ -34,8 +33,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     feats, targets, positions = [], [], []
     for _ in range(views):
         for images, target, position in loader:
-            with autocast(device, precision):
-                out = backbone(images.to(device, non_blocking=True))
+            with compute.autocast():
+                out = backbone(compute.batch(images))
             feats.append(out.float().cpu())
             targets.append(target)
             positions.append(position)

@@ -21,7 +21,7 @@ from .errors import ImgclfError
 from .freeze import param_groups, set_frozen_norms_eval
 from .objective import Objective
 from .optim import build_optimizer, build_schedule, step_schedule
-from .runtime import autocast, get_logger, is_main_process
+from .runtime import Compute, get_logger, is_main_process
 
 log = get_logger("train")
 
@@ -57,14 +57,14 @@ class EarlyStopping:
 
 
 def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, precision: str, desc: str) -> dict[str, float]:
+                    compute: Compute, desc: str) -> dict[str, float]:
     model.train()
     set_frozen_norms_eval(model)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
     for images, targets, _ in bar:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, precision):
+        images, targets = compute.batch(images), targets.to(compute.device, non_blocking=True)
+        with compute.autocast():
             logits = model(images)
         loss = objective.loss(logits, targets)
         if not torch.isfinite(loss):
@@ -81,8 +81,8 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
-        precision: str, validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
+def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, compute: Compute,
+        validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
         on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
         history: list[dict] | None = None, stage: str = "train",
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[dict]:
@@ -112,7 +112,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         start = time.perf_counter()
         desc = f"{stage} {stage_epoch}/{cfg.epochs}"
         row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
-               **train_one_epoch(model, objective, train_loader, optimizer, device, precision, desc)}
+               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc)}
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)
         monitored = row.get(cfg.monitor)

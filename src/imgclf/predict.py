@@ -59,5 +59,5 @@ def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, bat
             log.warning("warning: skipped unreadable image %s: %s", err.path, err.reason)
     dataset = ImageFiles(good, pre.size, pre.channels, build_eval_transform(pre.mean, pre.std), pre.interpolation)
     loader = make_loader(dataset, batch_size, workers=run.config.data.workers)
-    probs = predict_probs(run.model, run.objective, loader, run.device, run._precision)
+    probs = predict_probs(run.model, run.objective, loader, run.compute)
     return Predictions([str(p) for p in good], run.classes, np.full(len(good), -1), probs)

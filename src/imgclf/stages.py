@@ -28,6 +28,7 @@ from .objective import Objective
 from .pipeline import PreparedData, eval_loader, train_loader
 from .predictions import Predictions
 from .resume import restore_rng, save_state
+from .runtime import Compute
 
 log = get_logger("stages")
 
@@ -69,8 +70,7 @@ class StageRunner:
     prepared: PreparedData
     config: Config
     preprocess: Preprocess
-    device: torch.device
-    precision: str
+    compute: Compute
     generator: torch.Generator
     save_best: Callable[[int], None]
     load_best: Callable[[], None]
@@ -106,7 +106,7 @@ class StageRunner:
                 restore_rng(self.generator, tensors, info)  # after the loaders exist, as at that epoch's end
                 fit_resume = {**tensors, "stage_epoch": info["stage_epoch"], "bad_epochs": info["stopper"]["bad"]}
                 resume = None
-            fit(model, self.objective, loader, cfg, self.device, self.precision, validate if has_val else None,
+            fit(model, self.objective, loader, cfg, self.compute, validate if has_val else None,
                 self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
                 checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume)
             if has_val:
@@ -136,7 +136,9 @@ class StageRunner:
         loader = train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size, self.generator,
                               sampler, self.config.data.workers)
         val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
-        return self.model, loader, self._validator(self.model, val)
+        # torch.compile wraps the same parameters: weights are still saved from the plain module.
+        model = torch.compile(self.model) if cfg.compile else self.model
+        return model, loader, self._validator(model, val)
 
     def _cached(self, cfg: TrainConfig):
         backbone = self.model.backbone
@@ -144,14 +146,14 @@ class StageRunner:
                                      self.generator, workers=self.config.data.workers) if cfg.feature_views > 1
                         else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
                                          self.config.data.workers))
-        train_feats = extract_features(backbone, train_images, self.device, self.precision, cfg.feature_views)
+        train_feats = extract_features(backbone, train_images, self.compute, cfg.feature_views)
         loader = feature_loader(train_feats, cfg.batch_size, shuffle=True, generator=self.generator,
                                 sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
         head = HeadOnly(self.model.head)
         validate = None
         if "val" in self.prepared.index.splits:
             val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
-            val_feats = extract_features(backbone, val_images, self.device, self.precision)
+            val_feats = extract_features(backbone, val_images, self.compute)
             validate = self._validator(head, feature_loader(val_feats, cfg.batch_size, shuffle=False))
         return head, loader, validate
 
@@ -163,7 +165,7 @@ class StageRunner:
         val = self.prepared.index.subset("val")
 
         def validate() -> dict[str, float]:
-            probs = predict_probs(model, self.objective, loader, self.device, self.precision)
+            probs = predict_probs(model, self.objective, loader, self.compute)
             m = compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets, probs),
                                 self.config.data.positive_class)
             out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
