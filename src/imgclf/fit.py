@@ -112,7 +112,8 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         start = time.perf_counter()
         desc = f"{stage} {stage_epoch}/{cfg.epochs}"
         row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
-               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc)}
+               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc),
+               "train_seconds": round(time.perf_counter() - start, 3)}  # training alone: throughput
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)
         monitored = row.get(cfg.monitor)
