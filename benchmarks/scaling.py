@@ -1,0 +1,110 @@
+"""Memory and time as the dataset grows: one training epoch at N = 2.5k, 5k, 10k, 20k images.
+
+Memory should be O(batch): the decoded images live in a memory-mapped cache file, so private
+(anonymous) memory stays flat while N grows 8x; the mapped file's pages show up as file-backed
+RSS, which the OS can drop under pressure. Epoch time should grow linearly with N.
+Each size runs in a fresh process, so peaks do not carry over.
+
+    python benchmarks/scaling.py [--sizes 2500,5000,10000,20000] [--px 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_pngs(root: Path, n: int, px: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        label = i % 3
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 120, (px, px), dtype=np.uint8)
+        pixels[:, label * px // 3:(label + 1) * px // 3] += 100
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def rss_kib() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def child(data: str, n: int, px: int, cache: str) -> None:
+    """Decode (cached), then time one epoch and sample RSS every 50 ms."""
+    import logging
+
+    import imgclf
+
+    logging.getLogger("imgclf").setLevel(logging.WARNING)
+    os.environ["IMGCLF_CACHE_DIR"] = cache
+    config = imgclf.build_config({
+        "data": {"path": data, "image_size": px, "channels": 1, "val_fraction": 0.02, "test_fraction": 0.02},
+        "model": {"name": "simple_cnn", "conv_filters": [16, 32, 64]}, "augment": {"preset": "light"},
+        "train": {"epochs": 1, "batch_size": 64, "early_stopping": False, "restore_best": False},
+        "out": tempfile.mkdtemp()})
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for key, value in rss_kib().items():
+                peaks[key] = max(peaks[key], value)
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    run = imgclf.train(config)
+    done.set()
+    history = (run.path / "history.csv").read_text().splitlines()
+    seconds = float(history[1].split(",")[history[0].split(",").index("train_seconds")])
+    print(json.dumps({"n": n, "epoch_seconds": seconds, **peaks}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2500,5000,10000,20000", help="dataset sizes")
+    parser.add_argument("--px", type=int, default=64, help="image size")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows = []
+        for n in sizes:
+            data = make_pngs(tmp / f"data_{n}", n, args.px)
+            subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(args.px),
+                            str(tmp / "cache")], check=True)  # first run: decode into the cache
+            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(args.px),
+                                  str(tmp / "cache")], check=True, capture_output=True, text=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'peak file MiB':>14}")
+    for r in rows:
+        print(f"{r['n']:>8} {r['epoch_seconds']:>8.1f} {1000 * r['epoch_seconds'] / r['n']:>10.2f} "
+              f"{r['RssAnon'] / 1024:>14.0f} {r['RssFile'] / 1024:>14.0f}")
+    last = rows[-1]
+    time_ratio = last["epoch_seconds"] / base["epoch_seconds"]
+    print(f"\n{last['n'] / base['n']:.0f}x the images: epoch time x{time_ratio:.2f}, "
+          f"private memory x{last['RssAnon'] / base['RssAnon']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
