@@ -5,6 +5,7 @@ A kill at any moment leaves either the old file or the new one, never half of on
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -44,6 +45,18 @@ def write_with(target: str | os.PathLike, writer: Callable[[IO[str]], None]) -> 
     """Write a text file through ``writer(fh)`` (e.g. a csv.writer), atomically."""
     with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         writer(fh)
+
+
+def write_rows(target: str | os.PathLike, rows: list[dict]) -> None:
+    """A CSV with one column per key seen in ``rows`` (first-seen order), atomically."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(fh: IO[str]) -> None:
+        out = csv.DictWriter(fh, fieldnames=columns)
+        out.writeheader()
+        out.writerows(rows)
+
+    write_with(target, write)
 
 
 def _json_default(obj: Any) -> Any:

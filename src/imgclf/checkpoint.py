@@ -22,14 +22,18 @@ def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     atomic.write_json(path.with_suffix(".json"), metadata)
 
 
-def load_metadata(path: Path) -> dict:
-    meta = path.with_suffix(".json")
+def read_run_json(path: Path):
+    """A JSON file of a run directory; missing or damaged is a one-line RunDirError."""
     try:
-        return json.loads(meta.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RunDirError(f"{meta} is missing; the run directory is incomplete") from None
+        raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
     except json.JSONDecodeError as err:
-        raise RunDirError(f"{meta} is damaged ({err.msg}); re-train or restore it") from None
+        raise RunDirError(f"{path} is damaged ({err.msg}); re-train or restore it") from None
+
+
+def load_metadata(path: Path) -> dict:
+    return read_run_json(path.with_suffix(".json"))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -25,7 +25,7 @@ from .logs import get_logger
 from .metrics import compute_metrics
 from .predictions import Predictions
 from .runtime import derive_seed
-from .summary import describe, train_job, write_rows
+from .summary import describe, train_job
 
 log = get_logger("cv")
 FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
@@ -110,10 +110,10 @@ def cross_validate(config: Config, folds: int = 5, group_column: str | None = No
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)
     results = run_jobs(train_job, [(c.model_dump(), True) for c in configs], backend, n_jobs, ray_address)
     rows = [{"fold": i, **r} for i, r in enumerate(results)]
-    write_rows(out / "folds.csv", rows)
+    atomic.write_rows(out / "folds.csv", rows)
     metric_names = [k for k in rows[0] if k.startswith(("val_", "test_"))]
     summary = describe(rows, metric_names)
-    write_rows(out / "summary.csv", summary)
+    atomic.write_rows(out / "summary.csv", summary)
     oof = pooled_predictions([Path(r["run"]) for r in results])
     oof.to_csv(out / "predictions_oof.csv")
     oof_metrics = compute_metrics(Predictions.from_csv(out / "predictions_oof.csv"), config.data.positive_class)

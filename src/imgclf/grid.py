@@ -22,7 +22,7 @@ from .config import Config, build_config
 from .errors import ConfigError
 from .logs import get_logger
 from .runtime import derive_seed
-from .summary import train_job, write_rows
+from .summary import train_job
 
 log = get_logger("grid")
 
@@ -111,7 +111,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str = "val_f1_ma
              **{k: v for k, v in r.items() if k.startswith("val_") and k != rank_by},
              "seconds": r["seconds"], "seed": r["seed"], **{f"param_{k}": v for k, v in r["params"].items()}}
             for i, r in enumerate(ranked)]
-    write_rows(out / "leaderboard.csv", rows)
+    atomic.write_rows(out / "leaderboard.csv", rows)
     from .run import Run
 
     best = Run(ranked[0]["run"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -116,14 +115,7 @@ def plot_folds(rows: list[dict], path: Path) -> None:
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    columns = list(dict.fromkeys(k for row in history for k in row))
-
-    def write(fh) -> None:
-        out = csv.DictWriter(fh, fieldnames=columns)
-        out.writeheader()
-        out.writerows(history)
-
-    atomic.write_with(path, write)
+    atomic.write_rows(path, history)
 
 
 def write_summary(run_path: Path, config: dict, counts: dict, metrics: dict, best_epoch: int | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .checkpoint import load_metadata, load_weights
+from .checkpoint import load_metadata, load_weights, read_run_json
 from .config import Config, load_config
 from .data import DatasetIndex
 from .errors import RunDirError
@@ -116,13 +116,7 @@ class Run:
         return preds
 
     def _json(self, name: str):
-        path = self.path / name
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{path} is damaged ({err.msg})") from None
+        return read_run_json(self.path / name)
 
 
 def load_run(path: str | Path) -> Run:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -62,14 +61,3 @@ def describe(rows: list[dict], names: list[str]) -> list[dict]:
                       "25%": q[0], "50%": q[1], "75%": q[2], "max": float(values.max()),
                       "ci95_low": mean - half, "ci95_high": mean + half})
     return table
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(fh) -> None:
-        out = csv.DictWriter(fh, fieldnames=columns)
-        out.writeheader()
-        out.writerows(rows)
-
-    atomic.write_with(path, write)
