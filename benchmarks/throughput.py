@@ -50,9 +50,9 @@ def make_jpegs(root: Path, per_class: int, size: int = 256) -> Path:
     return root
 
 
-def imgclf_train(data: Path, out: Path, name: str, s: dict) -> float:
+def imgclf_train(data: Path, out: Path, name: str, s: dict, workers: int | None) -> float:
     config = imgclf.build_config({"data": {"path": str(data), "image_size": s["size"], "val_fraction": 0.05,
-                                           "test_fraction": 0.05},
+                                           "test_fraction": 0.05, "workers": workers},
                                   "model": {"name": name, **s["model"]}, "augment": {"preset": "medium"},
                                   "train": {"epochs": s["epochs"], "batch_size": 32, "early_stopping": False,
                                             "restore_best": False},
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--models", default="simple_cnn,efficientnet_b0", help="comma-separated")
     parser.add_argument("--plain-workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="DataLoader workers for the plain loop")
+    parser.add_argument("--workers", type=int, help="imgclf loader workers (default: automatic)")
     args = parser.parse_args()
     logging.getLogger("imgclf").setLevel(logging.WARNING)
     print(f"CPU cores: {os.cpu_count()}, torch {torch.__version__}, {Compute.resolve('auto', 'auto', None)}")
@@ -148,7 +149,7 @@ def main() -> None:
         for name in args.models.split(","):
             s = SETTINGS[name]
             data = make_jpegs(tmp / f"data_{name}", s["per_class"] or args.images)
-            ours = imgclf_train(data, tmp / f"run_{name}", name, s)
+            ours = imgclf_train(data, tmp / f"run_{name}", name, s, args.workers)
             plain = plain_train(data, name, s, args.plain_workers)
             limit = model_only(name, s, steps=8 if name == "simple_cnn" else 3)
             pred_ours, pred_plain = predict_rates(tmp / f"run_{name}_timed", data, s["size"])
