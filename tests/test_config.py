@@ -57,3 +57,16 @@ def test_flags_override_the_config_file(tmp_path):
 def test_unset_flags_keep_defaults():
     cfg = config_from_args(argparse.Namespace(config=None))
     assert cfg == build_config({})
+
+
+def test_a_bad_stage_is_a_one_line_error_naming_the_stage():
+    from imgclf.stages import resolve_stages
+
+    config = build_config({"stages": [{"name": "head", "freeze": "backbone"},
+                                      {"name": "all", "epochs": 2, "patience": 5}]})
+    with pytest.raises(ConfigError) as err:
+        resolve_stages(config)
+    assert str(err.value).startswith("stage 1 (all):") and "patience=5" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not a policy"):
+        build_config({"train": {"freeze": "some"}})

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from .config import Config, StageConfig, TrainConfig
+from .config import Config, StageConfig, TrainConfig, one_line
 from .datasets import weighted_sampler
 from .errors import ConfigError
 from .evaluate import predict_probs
@@ -56,8 +57,8 @@ def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     for i, stage in enumerate(stages):
         try:
             resolved.append((stage.name, stage.apply(config.train)))
-        except Exception as err:
-            raise ConfigError(f"stage {i} ({stage.name}): {str(err).splitlines()[-1].strip()}") from None
+        except ValidationError as err:
+            raise ConfigError(f"stage {i} ({stage.name}): {one_line(err)}") from None
     return resolved
 
 
