@@ -72,10 +72,13 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.path, run)
-    state = json.loads((run / "last.json").read_text())
-    (run / "last.json").write_text(json.dumps({**state, "epoch": state["epoch"] - 1}))
+    folders = sorted((run / "resume").glob("epoch_*"))
+    assert len(folders) == 1 and not list((run / "resume").glob(".*.tmp"))  # one committed epoch only
+    state = json.loads((folders[0] / "state.json").read_text())
+    (folders[0] / "state.json").write_text(json.dumps({**state, "epoch": state["epoch"] - 1}))
     with pytest.raises(RunDirError, match="different epochs"):
         imgclf.api.resume_training(run)
-    (run / "last.json").unlink()
+    (run / "resume" / ".epoch_00099.tmp").mkdir()  # a kill mid-save leaves only an uncommitted folder
+    shutil.rmtree(folders[0])
     with pytest.raises(RunDirError, match="never finished an epoch"):
         imgclf.api.resume_training(run)

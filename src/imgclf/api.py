@@ -86,7 +86,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     resume = None
     if resume_dir is not None:
         resume = load_state(out, model)
-        restore_best_file(out, weights_path, resume[1])
+        restore_best_file(out, weights_path)
         best["epoch"] = resume[1]["stopper"]["best_epoch"]
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)

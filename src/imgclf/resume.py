@@ -1,36 +1,39 @@
 """Exact resume: the end-of-epoch training state, saved so a killed run continues where it was.
 
-Written after every epoch, each file atomically: ``last.safetensors`` (weights),
-``last_state.pt`` (optimizer and schedule state dicts and the torch RNG states: tensors and
-numbers only, read back with ``torch.load(weights_only=True)``), then ``last.json`` (stage,
-epoch, early-stopping state, history, numpy/python RNG states), which names the epoch the other
-two files must hold: it is written last, so a kill between the writes resumes from the previous
-consistent epoch's view of the files or fails clearly, never silently mixes epochs.
+After every epoch the whole state goes into ``resume/.epoch_N.tmp/`` and is committed by one atomic
+directory rename to ``resume/epoch_N/``; older epochs are then removed. A kill at any moment leaves
+at least one complete epoch directory, never a mix of epochs. Each holds:
+``weights.safetensors``; ``best.safetensors`` + ``best.json`` (the best weights as of that epoch,
+since the live best file may be newer when the run dies); ``state.pt`` (optimizer and schedule
+state dicts and torch RNG states: tensors and numbers only, read with ``weights_only=True``); and
+``state.json`` (stage, epoch, early stopping, history, numpy/python RNG states).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from . import atomic
-from .checkpoint import load_weights, save_weights
+from .checkpoint import load_weights
 from .errors import RunDirError
 
-STATE_JSON, STATE_TENSORS, STATE_WEIGHTS = "last.json", "last_state.pt", "last.safetensors"
-BEST_COPY = "last_best.safetensors"  # the best weights as of the saved epoch (the live best file may be newer)
+STATE_DIR = "resume"
 
 
 def capture_rng(generator: torch.Generator) -> tuple[dict, dict]:
     """(tensors, JSON-able) RNG states of torch, the data generator, numpy and python."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
     tensors = {"torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()}
-    plain = {"numpy_rng": [kind, keys.tolist(), pos, has_gauss, cached],
-             "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    plain = {"numpy_rng": [kind, keys.tolist(), pos, has_gauss, cached], "python_rng": [version, list(state), gauss]}
     return tensors, plain
 
 
@@ -46,41 +49,55 @@ def restore_rng(generator: torch.Generator, tensors: dict, plain: dict) -> None:
 def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fit_state: dict, info: dict,
                best_file: Path) -> None:
     """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history."""
+    folder = out / STATE_DIR
+    final, tmp = folder / f"epoch_{info['epoch']:05d}", folder / f".epoch_{info['epoch']:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tensors, plain = capture_rng(generator)
-    save_weights(model, out / STATE_WEIGHTS, {"epoch": info["epoch"]})
-    if info["stopper"]["best_epoch"] == info["epoch"] and best_file.exists():
-        _copy_weights(best_file, out / BEST_COPY)
-    with atomic.atomic_path(out / STATE_TENSORS) as tmp:
-        torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp)
-    atomic.write_json(out / STATE_JSON, {**info, **plain})
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "weights.safetensors"))
+    if best_file.exists():
+        shutil.copyfile(best_file, tmp / "best.safetensors")
+        shutil.copyfile(best_file.with_suffix(".json"), tmp / "best.json")
+    torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
+    for name in os.listdir(tmp):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)  # the same epoch again, after a resume
+    os.replace(tmp, final)
+    for old in folder.glob("epoch_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_state(out: Path) -> Path:
+    complete = sorted((out / STATE_DIR).glob("epoch_*"))
+    if not complete:
+        raise RunDirError(f"{out} has no saved training state: it never finished an epoch; start it again")
+    return complete[-1]
 
 
 def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
-    """Load the last weights into ``model``; return (tensor state, JSON state), checked consistent."""
+    """Load the newest complete epoch's weights into ``model``; return (tensor state, JSON state)."""
+    folder = latest_state(out)
     try:
-        info = json.loads((out / STATE_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunDirError(f"{out} has no {STATE_JSON}: it never finished an epoch; start it again") from None
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{out / STATE_JSON} is damaged ({err.msg}); start the run again") from None
-    try:
-        tensors = torch.load(out / STATE_TENSORS, map_location="cpu", weights_only=True)
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RunDirError(f"{out / STATE_TENSORS} is damaged ({str(err).splitlines()[0][:120]})") from None
-    if tensors.get("epoch") != info["epoch"]:
-        raise RunDirError(f"{out}: training state files are from different epochs; start the run again")
-    load_weights(model, out / STATE_WEIGHTS)
+        raise RunDirError(f"training state in {folder} is damaged ({str(err).splitlines()[0][:120]}); "
+                          f"start the run again") from None
+    if tensors.get("epoch") != info.get("epoch"):
+        raise RunDirError(f"{folder}: state files are from different epochs; start the run again")
+    load_weights(model, folder / "weights.safetensors")
     return tensors, info
 
 
-def restore_best_file(out: Path, best_file: Path, info: dict) -> None:
-    """Undo a best checkpoint written after the saved epoch (the run died before saving that epoch)."""
-    meta = json.loads(best_file.with_suffix(".json").read_text(encoding="utf-8")) if best_file.exists() else {}
-    if meta.get("epoch") != info["stopper"]["best_epoch"] and (out / BEST_COPY).exists():
-        _copy_weights(out / BEST_COPY, best_file)
-
-
-def _copy_weights(source: Path, target: Path) -> None:
-    for src, dst in ((source, target), (source.with_suffix(".json"), target.with_suffix(".json"))):
-        with atomic.atomic_path(dst) as tmp:
-            tmp.write_bytes(src.read_bytes())
+def restore_best_file(out: Path, best_file: Path) -> None:
+    """Put back the best weights as of the saved epoch (a newer best may have been written before the kill)."""
+    folder = latest_state(out)
+    pairs = ((folder / "best.safetensors", best_file), (folder / "best.json", best_file.with_suffix(".json")))
+    for source, target in pairs:
+        if source.exists():
+            with atomic.atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
