@@ -62,7 +62,8 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
 
     num_classes = len(index.classes)
-    model = compute.prepare(build_model(config.model, num_classes, preprocess, load_pretrained=True))
+    # A resumed run takes its weights from the saved state: no pretrained download first.
+    model = compute.prepare(build_model(config.model, num_classes, preprocess, load_pretrained=resume_dir is None))
     objective = Objective(num_classes, sigmoid=output_units(config.model, num_classes) == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
