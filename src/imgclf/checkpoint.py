@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,9 +47,3 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise RunDirError(f"{path} does not fit the model in its config ({first})") from None
-
-
-def state_fingerprint(model: nn.Module) -> float:
-    """A cheap checksum of all parameters, for tests and logs."""
-    with torch.no_grad():
-        return float(sum(p.double().sum() for p in model.state_dict().values() if p.is_floating_point()))

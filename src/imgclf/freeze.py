@@ -108,12 +108,6 @@ def param_groups(model: nn.Module, backbone_lr_mult: float) -> list[dict]:
     return groups
 
 
-def describe_layers(model: nn.Module) -> list[tuple[str, str, int]]:
-    """(name, type, parameter count) of every weighted leaf layer, for ``imgclf model-info``."""
-    return [(name, type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)))
-            for name, m in weighted_layers(model)]
-
-
 def describe_groups(model: nn.Module, depth: int = 2) -> list[tuple[str, int]]:
     """Parameter counts of module groups up to ``depth`` levels (``blocks``, ``blocks.6``, ...)."""
     counts: dict[str, int] = {}
