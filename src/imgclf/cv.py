@@ -22,7 +22,7 @@ from .config import Config, build_config
 from .data import detect_layout, scan_rows
 from .errors import ConfigError, DataError
 from .logs import get_logger
-from .metrics import compute_metrics
+from .metrics import save_and_score
 from .predictions import Predictions
 from .runtime import derive_seed
 from .summary import describe, train_job
@@ -115,8 +115,7 @@ def cross_validate(config: Config, folds: int = 5, group_column: str | None = No
     summary = describe(rows, metric_names)
     atomic.write_rows(out / "summary.csv", summary)
     oof = pooled_predictions([Path(r["run"]) for r in results])
-    oof.to_csv(out / "predictions_oof.csv")
-    oof_metrics = compute_metrics(Predictions.from_csv(out / "predictions_oof.csv"), config.data.positive_class)
+    _, oof_metrics = save_and_score(oof, out / "predictions_oof.csv", config.data.positive_class)
     atomic.write_json(out / "metrics_oof.json", oof_metrics)
     from .report import plot_folds
 

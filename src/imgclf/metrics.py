@@ -43,6 +43,13 @@ def compute_metrics(preds: Predictions, positive_class: str | None = None) -> di
     return out
 
 
+def save_and_score(preds: Predictions, path, positive_class: str | None = None) -> tuple[Predictions, dict]:
+    """Write ``preds`` as CSV and compute metrics from that file as read back, so the two agree by construction."""
+    preds.to_csv(path)
+    saved = Predictions.from_csv(path)
+    return saved, compute_metrics(saved, positive_class)
+
+
 def roc_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     """One-vs-rest macro ROC-AUC; None when a class is absent from ``y`` (AUC is undefined)."""
     present = np.unique(y)

@@ -18,7 +18,7 @@ from .config import Config, load_config
 from .data import DatasetIndex
 from .errors import RunDirError
 from .evaluate import predict_probs
-from .metrics import compute_metrics
+from .metrics import save_and_score
 from .model import Classifier, Preprocess, build_model
 from .objective import Objective
 from .pipeline import PreparedData, eval_loader, prepare
@@ -96,13 +96,12 @@ class Run:
         probs = predict_probs(self.model, self.objective, loader, self.compute)
         subset = prepared.index.subset(split)
         csv_path = self.path / f"predictions_{split}.csv"
-        Predictions(list(subset.paths), self.classes, subset.targets, probs).to_csv(csv_path)
-        # Metrics come from the file just written, so they agree with it by construction.
-        metrics = compute_metrics(Predictions.from_csv(csv_path), self.config.data.positive_class)
+        saved, metrics = save_and_score(Predictions(list(subset.paths), self.classes, subset.targets, probs),
+                                        csv_path, self.config.data.positive_class)
         atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics})
         from .report import plot_evaluation  # matplotlib only when a report is drawn
 
-        plot_evaluation(Predictions.from_csv(csv_path), metrics, self.path / "plots", split)
+        plot_evaluation(saved, metrics, self.path / "plots", split)
         return metrics
 
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
