@@ -7,6 +7,7 @@ given on the command line override the ``--config`` file, which overrides the de
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from typing import Any
 
@@ -91,6 +92,6 @@ def _is_list_field(section: str, name: str) -> bool:
 
 def _strip_optional(annotation: Any) -> Any:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return args[0] if len(args) == 1 else annotation
     return annotation
