@@ -1,7 +1,7 @@
 import torch
 
 from imgclf.config import AugmentConfig
-from imgclf.transforms import build_eval_transform, build_train_transform, resolve_augment
+from imgclf.transforms import BatchAugment, build_eval_transform, resolve_augment
 
 
 def test_medium_preset_holds_the_notebook_values_and_flags_override():
@@ -21,29 +21,62 @@ def test_eval_transform_never_augments():
     torch.testing.assert_close(out, (image.float() / 255 - 0.5) / 0.25)
 
 
-def test_train_transform_varies_and_keeps_shape():
+def augment(**settings) -> BatchAugment:
+    channels = settings.pop("channels", 1)
+    return BatchAugment(AugmentConfig(**{"preset": "none", **settings}), [0.0] * channels, [1.0] * channels)
+
+
+def test_batch_augment_varies_per_image_keeps_shape_and_repeats_under_a_seed():
+    images = torch.randint(0, 256, (1, 1, 24, 24), dtype=torch.uint8).repeat(6, 1, 1, 1)
+    strong = BatchAugment(AugmentConfig(preset="strong"), [0.0], [1.0])
     torch.manual_seed(0)
-    image = torch.randint(0, 256, (1, 24, 24), dtype=torch.uint8)
-    transform = build_train_transform(AugmentConfig(preset="strong"), 24, [0.0], [1.0])
-    outs = [transform(image) for _ in range(4)]
-    assert all(o.shape == (1, 24, 24) and o.dtype == torch.float32 for o in outs)
-    assert not torch.equal(outs[0], outs[1])
+    out = strong(images)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert not torch.equal(out[0], out[1])  # the same image, a different draw in the same batch
+    torch.manual_seed(0)
+    assert torch.equal(out, strong(images))
+
+
+def test_no_augmentation_is_exactly_the_eval_transform():
+    images = torch.randint(0, 256, (4, 3, 10, 10), dtype=torch.uint8)
+    plain = BatchAugment(AugmentConfig(preset="none"), [0.5] * 3, [0.25] * 3)
+    expected = torch.stack([build_eval_transform([0.5] * 3, [0.25] * 3)(image) for image in images])
+    torch.testing.assert_close(plain(images), expected)
+
+
+def test_flips_mirror_the_pixels_exactly():
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    out = augment(horizontal_flip=True)(images)
+    flipped = [torch.allclose(o, i.float().flip(-1) / 255, atol=1e-5) for o, i in zip(out, images, strict=True)]
+    kept = [torch.allclose(o, i.float() / 255, atol=1e-5) for o, i in zip(out, images, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 0 < sum(flipped) < 32  # a coin per image, not one for the whole batch
+    vertical = augment(vertical_flip=True)(images)
+    assert any(torch.allclose(o, i.float().flip(-2) / 255, atol=1e-5) for o, i in zip(vertical, images, strict=True))
+
+
+def test_shift_moves_content_by_at_most_the_range():
+    image = torch.zeros(1, 1, 20, 20, dtype=torch.uint8)
+    image[..., 8:12, 8:12] = 255
+    out = augment(width_shift_range=0.25, fill_mode="constant")(image.repeat(16, 1, 1, 1))
+    columns = [(o[0].sum(0) > 0.5).nonzero().float().mean().item() for o in out]
+    assert max(abs(c - 9.5) for c in columns) <= 5 + 0.5 and len({round(c) for c in columns}) > 2
+    rows = [(o[0].sum(1) > 0.5).nonzero().float().mean().item() for o in out]
+    assert all(abs(r - 9.5) < 0.5 for r in rows)  # a horizontal shift only
 
 
 def test_fill_modes_nearest_and_reflect_leave_no_empty_corners():
-    image = torch.full((1, 20, 20), 200, dtype=torch.uint8)
+    images = torch.full((5, 1, 20, 20), 200, dtype=torch.uint8)
     for fill_mode, expect_black in (("nearest", False), ("reflect", False), ("constant", True)):
         torch.manual_seed(1)
-        transform = build_train_transform(
-            AugmentConfig(preset="none", rotation_range=45, zoom_range=0.3, width_shift_range=0.2,
-                          fill_mode=fill_mode), 20, [0.0], [1.0])
-        blacks = max(int((transform(image) < 0.1).sum()) for _ in range(5))
-        assert (blacks > 0) == expect_black, fill_mode
+        out = augment(rotation_range=45, zoom_range=0.3, width_shift_range=0.2, fill_mode=fill_mode)(images)
+        assert (int((out < 0.1).sum()) > 0) == expect_black, fill_mode
 
 
-def test_constant_fill_uses_cval():
+def test_constant_fill_uses_cval_and_brightness_scales():
     torch.manual_seed(0)
-    image = torch.full((1, 20, 20), 10, dtype=torch.uint8)
-    transform = build_train_transform(AugmentConfig(preset="none", rotation_range=45, fill_mode="constant",
-                                                    cval=255), 20, [0.0], [1.0])
-    assert max(transform(image).max() for _ in range(5)) == 1.0
+    images = torch.full((5, 1, 20, 20), 10, dtype=torch.uint8)
+    out = augment(rotation_range=45, fill_mode="constant", cval=255)(images)
+    assert out.max() == 1.0 and abs(out.min().item() - 10 / 255) < 1e-6
+    bright = augment(brightness_range=[2.0, 3.0])(images)
+    assert (bright > 2 * 10 / 255 - 1e-6).all() and (bright < 3 * 10 / 255 + 1e-6).all()

@@ -18,9 +18,12 @@ from .images import load_image
 
 
 class CachedImages(Dataset):
-    """Images from the cache file; the memory map is opened lazily so workers each open their own."""
+    """Images from the cache file; the memory map is opened lazily so workers each open their own.
 
-    def __init__(self, cache_file: Path, rows: np.ndarray, targets: np.ndarray, transform: Callable):
+    Without a ``transform`` items stay uint8, for augmentation batch by batch on the device.
+    """
+
+    def __init__(self, cache_file: Path, rows: np.ndarray, targets: np.ndarray, transform: Callable | None):
         self.cache_file, self.rows, self.targets, self.transform = cache_file, rows, targets, transform
         self._array: np.ndarray | None = None
 
@@ -31,7 +34,7 @@ class CachedImages(Dataset):
         if self._array is None:
             self._array = np.load(self.cache_file, mmap_mode="r")
         image = torch.from_numpy(np.array(self._array[self.rows[i]]))
-        return self.transform(image), int(self.targets[i]), i
+        return (self.transform(image) if self.transform else image), int(self.targets[i]), i
 
     def __getstate__(self):  # never pickle an open memory map into a worker
         return {**self.__dict__, "_array": None}
@@ -51,6 +54,20 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         array = load_image(self.paths[i], self.size, self.channels, self.interpolation)
         return self.transform(torch.from_numpy(array.transpose(2, 0, 1).copy())), -1, i
+
+
+class AugmentedBatches:
+    """A loader of uint8 batches, each moved to ``device`` and augmented there as one batch."""
+
+    def __init__(self, loader: DataLoader, augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+        self.loader, self.augment, self.device = loader, augment, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets, positions in self.loader:
+            yield self.augment(images.to(self.device, non_blocking=True)), targets, positions
 
 
 def auto_workers(requested: int | None) -> int:

@@ -12,12 +12,12 @@ from . import atomic
 from .cache import DecodedImages, decode_all
 from .config import AugmentConfig, DataConfig
 from .data import DatasetIndex
-from .datasets import CachedImages, make_loader
+from .datasets import AugmentedBatches, CachedImages, make_loader
 from .errors import DataError
 from .images import BadImage
 from .logs import get_logger
 from .model import Preprocess
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import BatchAugment, build_eval_transform
 
 log = get_logger("pipeline")
 
@@ -31,7 +31,7 @@ class PreparedData:
     cache_rows: np.ndarray
     skipped: tuple[BadImage, ...]
 
-    def dataset(self, split: str, transform) -> CachedImages:
+    def dataset(self, split: str, transform=None) -> CachedImages:
         positions = np.array([i for i, s in enumerate(self.index.splits) if s == split], dtype=np.int64)
         targets = self.index.targets[positions] if len(positions) else np.zeros(0, dtype=np.int64)
         return CachedImages(self.decoded.file, self.cache_rows[positions], targets, transform)
@@ -68,13 +68,15 @@ def write_skipped(prepared: PreparedData, path) -> None:
 
 
 def train_loader(prepared: PreparedData, aug: AugmentConfig, preprocess: Preprocess, batch_size: int,
-                 generator: torch.Generator, sampler=None, workers: int | None = None):
-    transform = build_train_transform(aug, preprocess.size, preprocess.mean, preprocess.std)
-    dataset = prepared.dataset("train", transform)
+                 generator: torch.Generator, device: torch.device, sampler=None,
+                 workers: int | None = None) -> AugmentedBatches:
+    """Shuffled training batches, augmented batch by batch on ``device``."""
+    dataset = prepared.dataset("train", None)
     # drop_last avoids a 1-image batch, which BatchNorm cannot train on.
     drop_last = len(dataset) % batch_size == 1
-    return make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator,
-                       workers=workers, drop_last=drop_last)
+    loader = make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator,
+                         workers=workers, drop_last=drop_last)
+    return AugmentedBatches(loader, BatchAugment(aug, preprocess.mean, preprocess.std), device)
 
 
 def eval_loader(prepared: PreparedData, split: str, preprocess: Preprocess, batch_size: int,

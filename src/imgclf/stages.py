@@ -135,7 +135,7 @@ class StageRunner:
     def _images(self, cfg: TrainConfig):
         sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
         loader = train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size, self.generator,
-                              sampler, self.config.data.workers)
+                              self.compute.device, sampler, self.config.data.workers)
         val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
         # torch.compile wraps the same parameters: weights are still saved from the plain module.
         model = torch.compile(self.model) if cfg.compile else self.model
@@ -144,7 +144,8 @@ class StageRunner:
     def _cached(self, cfg: TrainConfig):
         backbone = self.model.backbone
         train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
-                                     self.generator, workers=self.config.data.workers) if cfg.feature_views > 1
+                                     self.generator, self.compute.device, workers=self.config.data.workers)
+                        if cfg.feature_views > 1
                         else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
                                          self.config.data.workers))
         train_feats = extract_features(backbone, train_images, self.compute, cfg.feature_views)

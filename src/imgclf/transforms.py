@@ -1,19 +1,25 @@
-"""Augmentation (Keras ImageDataGenerator vocabulary) and evaluation transforms, on torchvision v2.
+"""Augmentation (Keras ImageDataGenerator vocabulary) and evaluation transforms.
 
-Both work on the cached ``C x H x W`` uint8 tensors. Evaluation never augments: it only scales
-to float and normalises with the model's mean/std.
+Training augmentation runs on whole batches of cached ``B x C x H x W`` uint8 tensors at once, on
+the device the model trains on: one random affine matrix per image (rotation, zoom, shear, shift,
+flips folded in), applied by a single ``affine_grid`` + ``grid_sample`` call. Per-image transforms
+in the loader cost a python call and a small warp per image; the batch costs one kernel launch,
+and on a GPU it no longer runs on the CPU at all. Random values come from torch's global RNG, which
+``seed_everything`` seeds and resume restores. Evaluation never augments: it only scales to float
+and normalises with the model's mean/std.
 
 Keras semantics kept: ``rotation_range`` and ``shear_range`` are degrees, ``zoom_range=z`` zooms
 in [1-z, 1+z], shifts are fractions of width/height, ``fill_mode`` fills what the transform
-uncovers. ``nearest`` (edge replicate) and ``reflect`` are done by padding before the affine
-transform and centre-cropping after it, since v2.RandomAffine itself only fills a constant.
+uncovers: ``nearest`` repeats the edge, ``reflect`` mirrors, ``constant`` fills with ``cval``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from .config import AugmentConfig
@@ -28,7 +34,7 @@ PRESETS: dict[str, dict] = {
                "height_shift_range": 0.25, "horizontal_flip": True, "vertical_flip": True,
                "brightness_range": [0.7, 1.3]},
 }
-PAD_MODES = {"nearest": "edge", "reflect": "reflect"}
+PAD_MODES = {"nearest": "border", "reflect": "reflection"}
 
 
 def resolve_augment(cfg: AugmentConfig) -> dict:
@@ -42,35 +48,56 @@ def resolve_augment(cfg: AugmentConfig) -> dict:
     return values
 
 
-def build_train_transform(cfg: AugmentConfig, size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> v2.Compose:
-    a = resolve_augment(cfg)
-    steps: list = []
-    geometric = any(a[k] for k in ("rotation_range", "zoom_range", "shear_range",
-                                   "width_shift_range", "height_shift_range"))
-    if geometric:
-        pad = size // 2 if a["fill_mode"] in PAD_MODES else 0
-        scale = size / (size + 2 * pad)  # shifts are fractions of the original, not the padded, size
-        if pad:
-            steps.append(v2.Pad(pad, padding_mode=PAD_MODES[a["fill_mode"]]))
-        zoom = a["zoom_range"]
-        steps.append(v2.RandomAffine(
-            degrees=a["rotation_range"],
-            translate=(a["width_shift_range"] * scale, a["height_shift_range"] * scale),
-            scale=(1 - zoom, 1 + zoom) if zoom else None,
-            shear=a["shear_range"] or None,
-            interpolation=v2.InterpolationMode.BILINEAR,
-            fill=a["cval"] if a["fill_mode"] == "constant" else 0,
-        ))
-        if pad:
-            steps.append(v2.CenterCrop(size))
-    if a["horizontal_flip"]:
-        steps.append(v2.RandomHorizontalFlip())
-    if a["vertical_flip"]:
-        steps.append(v2.RandomVerticalFlip())
-    if a["brightness_range"]:
-        steps.append(v2.ColorJitter(brightness=tuple(a["brightness_range"])))
-    return v2.Compose([*steps, *_to_model_input(mean, std)])
+class BatchAugment:
+    """Random augmentation of a uint8 batch -> normalised float batch, on the batch's device."""
+
+    def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float]):
+        self.a = resolve_augment(cfg)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        self.warps = any(self.a[k] for k in ("rotation_range", "zoom_range", "shear_range", "width_shift_range",
+                                              "height_shift_range", "horizontal_flip", "vertical_flip"))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255)
+        n = x.shape[0]
+        if self.warps:
+            x = self._warp(x, self.random_theta(n).to(x.device))
+        if self.a["brightness_range"]:
+            low, high = self.a["brightness_range"]
+            factor = (low + (high - low) * torch.rand(n)).to(x.device)
+            x = (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def random_theta(self, n: int) -> torch.Tensor:
+        """``n x 2 x 3`` matrices mapping output to input coordinates (``affine_grid``'s convention)."""
+        a = self.a
+        u = torch.rand(n, 7, dtype=torch.float64) * 2 - 1  # one uniform(-1, 1) column per parameter
+        angle = torch.deg2rad(u[:, 0] * a["rotation_range"])
+        shear = torch.deg2rad(u[:, 1] * a["shear_range"])
+        zoom = 1 + u[:, 2] * a["zoom_range"]
+        shift = torch.stack([u[:, 3] * a["width_shift_range"], u[:, 4] * a["height_shift_range"]], 1) * 2
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotate = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+        shear_m = torch.zeros(n, 2, 2, dtype=torch.float64)
+        shear_m[:, 0, 0], shear_m[:, 0, 1], shear_m[:, 1, 1] = 1, -torch.sin(shear), torch.cos(shear)
+        forward = rotate @ shear_m * zoom.view(-1, 1, 1)
+        inverse = torch.linalg.inv(forward)
+        theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(2))], 2)
+        for column, flip in ((0, "horizontal_flip"), (1, "vertical_flip")):
+            if a[flip]:
+                theta[:, :, column] *= torch.where(u[:, 5 + column] < 0, -1.0, 1.0).view(-1, 1)
+        return theta.float()
+
+    def _warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        fill = self.a["fill_mode"]
+        if fill != "constant":
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode=PAD_MODES[fill], align_corners=False)
+        inside = torch.ones_like(x[:, :1])
+        out = F.grid_sample(torch.cat([x, inside], 1), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
+        return out[:, :-1] + (1 - out[:, -1:]) * (self.a["cval"] / 255)
 
 
 def build_eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
