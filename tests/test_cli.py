@@ -114,3 +114,5 @@ def test_demo_reaches_its_accuracy_target(tmp_path):
     assert test["accuracy"] >= 0.90 and test["n"] > 200
     assert elapsed < 180, f"demo took {elapsed:.0f} s"
     assert sum(1 for _ in (tmp_path / "imgclf-demo" / "digits").rglob("*.png")) == 1797
+    page = (runs[0] / "report.html").read_text()
+    assert 'id="gallery"' in page and "Grad-CAM" in page and "Wilson" in page

@@ -35,6 +35,22 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
 
 
+def test_atomic_writes_get_ordinary_permissions_and_keep_existing_ones(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "new.txt", "x")
+        assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o644  # not mkstemp's 0600
+        (tmp_path / "shared.txt").write_text("old")
+        (tmp_path / "shared.txt").chmod(0o664)
+        atomic.write_text(tmp_path / "shared.txt", "new")
+        assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
 def test_without_restore_best_the_last_epoch_is_kept_and_the_best_saved_aside(tmp_path, pool_dataset):
     run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 3, "restore_best": False}))
     assert run.meta["epoch"] == 3

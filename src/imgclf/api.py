@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .audit import warn_leakage
+from .audit import warn_imbalance, warn_leakage
 from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
 from .data import build_index
@@ -43,8 +43,10 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     index = build_index(config.data, split_seed)
-    _check_positive_class(config, index.classes)
-    warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
+    _check_binary_settings(config, index.classes)
+    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
+    balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
+    warnings += warn_imbalance(index.counts().get("train", {}), balanced)
     if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
         raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")
@@ -56,7 +58,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     if resume_dir is None:
         out = _new_run_dir(config.out)
         config = config.model_copy(update={"out": str(out), "versions": library_versions()})
-        _write_run_files(out, config, prepared)
+        _write_run_files(out, config, prepared, warnings)
     else:
         out = resume_dir
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
@@ -97,10 +99,16 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     plot_curves(history, out / "plots" / "curves.png", best["epoch"])
 
     run = Run(out)
-    for split in ("val", "test") if evaluate_test else ("val",):  # the final model, once per split
-        if split in index.splits:
-            run.evaluate(split, prepared=prepared)
+    if "val" in index.splits:
+        run.evaluate("val", prepared=prepared)
+        run.choose_threshold(config.evaluate.threshold)  # on validation, before test is read
+    if evaluate_test and "test" in index.splits:  # the final model, once
+        run.evaluate("test", prepared=prepared)
     write_summary(out, config.model_dump(mode="json"), index.counts(), run.metrics, best["epoch"])
+    if config.evaluate.report and is_main_process():
+        from .htmlreport import write_report
+
+        write_report(out)
     log.info("run written to %s", out)
     return run
 
@@ -113,10 +121,13 @@ def _class_weights(config: Config, targets, classes) -> torch.Tensor | None:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def _check_positive_class(config: Config, classes: tuple[str, ...]) -> None:
+def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
     positive = config.data.positive_class
     if positive is not None and positive not in classes:
         raise ConfigError(f"positive_class {positive!r} is not a class; choose one of {list(classes)}")
+    rule = config.evaluate.threshold
+    if rule != "argmax" and len(classes) != 2:
+        raise ConfigError(f"--threshold {rule} needs a binary task; {len(classes)} classes found, use argmax")
 
 
 def _new_run_dir(out: str | None) -> Path:
@@ -127,12 +138,13 @@ def _new_run_dir(out: str | None) -> Path:
     return path
 
 
-def _write_run_files(out: Path, config: Config, prepared: PreparedData) -> None:
+def _write_run_files(out: Path, config: Config, prepared: PreparedData, warnings: list[str]) -> None:
     index = prepared.index
     atomic.write_text(out / "config.yaml", config_to_yaml(config))
     atomic.write_json(out / "classes.json", list(index.classes))
     atomic.write_json(out / "dataset.json", {"root": str(index.root), "counts": index.counts(),
-                                             "skipped": [[str(b.path), b.reason] for b in prepared.skipped]})
+                                             "skipped": [[str(b.path), b.reason] for b in prepared.skipped],
+                                             "warnings": warnings})
     index.save(out / "split.csv")
     if prepared.skipped:
         write_skipped(prepared, out / "skipped_images.csv")

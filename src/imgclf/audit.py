@@ -105,14 +105,28 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
     }
 
 
-def warn_leakage(paths: list[Path], splits: list[str]) -> int:
-    """The cheap check run by ``train``: byte-identical images in two splits. Returns how many groups."""
+def warn_leakage(paths: list[Path], splits: list[str]) -> list[str]:
+    """The cheap check run by ``train``: byte-identical images in two splits. Returns the warnings logged."""
     leaks = [g for g in exact_duplicates(paths, splits) if crosses_splits(g)]
-    if leaks:
-        first = leaks[0]
-        log.warning("warning: %d image(s) appear in more than one split (leakage inflates test metrics), "
-                    "e.g. %s; run imgclf audit for the list", len(leaks), " = ".join(f"{s}:{p}" for s, p in first))
-    return len(leaks)
+    if not leaks:
+        return []
+    message = (f"{len(leaks)} image(s) appear in more than one split (leakage inflates test metrics), e.g. "
+               + " = ".join(f"{s}:{p}" for s, p in leaks[0]) + "; run imgclf audit for the list")
+    log.warning("warning: %s", message)
+    return [message]
+
+
+def warn_imbalance(train_counts: dict[str, int], balanced: bool, limit: float = 3.0) -> list[str]:
+    """A warning when the largest training class is ``limit`` times the smallest and nothing balances them."""
+    if balanced or not train_counts or min(train_counts.values()) == 0:
+        return []
+    ratio = max(train_counts.values()) / min(train_counts.values())
+    if ratio < limit:
+        return []
+    message = (f"training classes are imbalanced ({ratio:.1f}x between largest and smallest); "
+               "consider --class-weight balanced or --sampler weighted, and read balanced accuracy")
+    log.warning("warning: %s", message)
+    return [message]
 
 
 def format_report(report: dict) -> str:

@@ -83,12 +83,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import EvaluateConfig
+    from .htmlreport import write_report
     from .run import Run
 
     run = Run(args.run)
-    metrics = run.evaluate(args.split, data_root=args.data)
+    if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
+        EvaluateConfig.check_threshold(args.threshold)
+        run.evaluate("val", data_root=args.data, tta=args.tta)
+        value = run.choose_threshold(args.threshold)
+        print("threshold: argmax" if value is None else f"threshold ({args.threshold}, on val): {value:.4f}")
+    if args.threshold and args.split == "val":
+        metrics = run.metrics["val"]  # scored at the new threshold already
+    else:
+        metrics = run.evaluate(args.split, data_root=args.data, tta=args.tta)
     print(format_metrics(args.split, metrics))
-    print(f"wrote {run.path / f'predictions_{args.split}.csv'} and {run.path / 'metrics.json'}")
+    print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
+          f"and {write_report(run.path)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .htmlreport import write_report
+
+    print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_files
+    from .run import Run
+
+    rows = explain_files(Run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
+    for row in rows:
+        print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
+    print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}) to {args.out}")
     return 0
 
 
@@ -96,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .run import Run
 
     preds = Run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, tta=args.tta)
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     print(f"wrote {args.out}")
@@ -144,9 +173,21 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def format_metrics(split: str, m: dict) -> str:
-    auc = "n/a" if m["roc_auc_ovr"] is None else f"{m['roc_auc_ovr']:.4f}"
-    return (f"{split}: n={m['n']} accuracy={m['accuracy']:.4f} balanced_accuracy={m['balanced_accuracy']:.4f} "
-            f"f1_macro={m['f1_macro']:.4f} roc_auc={auc} log_loss={m['log_loss']:.4f}")
+    ci = m.get("intervals") or {}
+
+    def value(name: str, shown: float | None) -> str:
+        interval = ci.get(name)
+        text = "n/a" if shown is None else f"{shown:.4f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    line = (f"{split}: n={m['n']} accuracy={value('accuracy', m['accuracy'])} "
+            f"balanced_accuracy={m['balanced_accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
+            f"roc_auc={value('roc_auc', m['roc_auc_ovr'])} log_loss={m['log_loss']:.4f}")
+    if "sensitivity" in m:
+        line += (f"\n  {m['positive_class']}: sensitivity={value('sensitivity', m['sensitivity'])} "
+                 f"specificity={value('specificity', m['specificity'])}"
+                 + (f" at threshold {m['threshold']:.4f}" if m.get("threshold") is not None else ""))
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by train")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
     p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
+    p.add_argument("--threshold", metavar="RULE",
+                   help="re-choose the binary threshold on val: argmax, max_f1, youden, sensitivity:0.95")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write report.html for a run, cv or grid directory")
+    p.add_argument("dir", help="run, cv or grid directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays (and first-layer feature maps) for images")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", default="explain", help="folder for the PNGs")
+    p.add_argument("--feature-maps", action="store_true", help="also draw the first two convolutions' outputs")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
     p.add_argument("run", help="run directory written by train")
@@ -200,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("model-info", help="list a model's layer names, groups and parameter counts")

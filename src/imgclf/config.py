@@ -135,6 +135,39 @@ class TrainConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    """How a trained model turns probabilities into decisions, and how it is evaluated."""
+
+    threshold: str = Field(
+        "argmax", description="binary decision rule, chosen on validation: argmax (0.5), max_f1, youden, "
+                              "sensitivity:0.95 (the highest threshold that keeps this sensitivity)")
+    tta: Literal["none", "flip", "flip_shift"] = Field(
+        "none", description="test-time augmentation: average probabilities over flips (and small shifts)")
+    bootstrap: int = Field(1000, ge=0, le=100000, description="bootstrap resamples for AUC intervals (0: none)")
+    report: bool = Field(True, description="write report.html (with a Grad-CAM gallery) when a run ends")
+
+    @field_validator("threshold")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        if rule in ("argmax", "max_f1", "youden"):
+            return rule
+        name, _, target = rule.partition(":")
+        try:
+            if name == "sensitivity" and 0 < float(target) <= 1:
+                return rule
+        except ValueError:
+            pass
+        raise ValueError(f"threshold must be argmax, max_f1, youden or sensitivity:S with 0 < S <= 1 (got {rule!r})")
+
+    @classmethod
+    def check_threshold(cls, rule: str) -> str:
+        """``rule`` if it is a threshold rule, else a one-line ConfigError."""
+        try:
+            return cls(threshold=rule).threshold
+        except ValidationError as err:
+            raise ConfigError(one_line(err).replace("config threshold", "--threshold")) from None
+
+
 class StageConfig(_Section):
     """One stage of staged fine-tuning: overrides of the train settings for that stage."""
 
@@ -162,6 +195,7 @@ class Config(_Section):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     stages: list[StageConfig] = Field(
         [], description="staged fine-tuning, e.g. name=head,freeze=backbone,epochs=10 (repeat the flag)")
     out: str | None = Field(None, description="run directory to write")
@@ -176,7 +210,7 @@ class Config(_Section):
         return self
 
 
-SECTIONS = ("data", "augment", "model", "train")
+SECTIONS = ("data", "augment", "model", "train", "evaluate")
 
 
 def build_config(values: dict[str, Any] | None = None) -> Config:

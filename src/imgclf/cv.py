@@ -120,6 +120,10 @@ def cross_validate(config: Config, folds: int = 5, group_column: str | None = No
     from .report import plot_folds
 
     plot_folds(rows, out / "plots" / "folds.png")
+    if config.evaluate.report:
+        from .htmlreport import write_report
+
+        write_report(out)
     return {"folds": rows, "summary": summary, "oof": oof_metrics}
 
 

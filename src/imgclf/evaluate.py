@@ -9,17 +9,26 @@ from torch.utils.data import DataLoader
 
 from .objective import Objective
 from .runtime import Compute
+from .transforms import tta_views
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, compute: Compute) -> np.ndarray:
-    """N x K probabilities; row i belongs to dataset item i even if the loader shuffles."""
+def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, compute: Compute,
+                  tta: str = "none") -> np.ndarray:
+    """N x K probabilities; row i belongs to dataset item i even if the loader shuffles.
+
+    With ``tta`` each image's probabilities are the mean over its test-time views (``tta_views``).
+    """
     model.eval()
+    views = tta_views(tta)
     probs = np.full((len(loader.dataset), objective.num_classes), np.nan)
     for images, _, positions in loader:
-        with compute.autocast():
-            logits = model(compute.batch(images))
-        probs[positions.numpy()] = objective.probabilities(logits).cpu().numpy()
+        batch = compute.batch(images)
+        total = 0
+        for view in views:
+            with compute.autocast():
+                total = total + objective.probabilities(model(view(batch)).float())
+        probs[positions.numpy()] = (total / len(views)).cpu().numpy()
     if np.isnan(probs).any():
         raise RuntimeError("some images received no prediction; the loader skipped items")
     return probs

@@ -119,4 +119,9 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str = "val_f1_ma
     summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], rank_by: ranked[0][rank_by],
                "test": test}
     atomic.write_json(out / "best.json", summary)
+    if config.evaluate.report:
+        from .htmlreport import write_report
+
+        write_report(best.path)  # now with its test split
+        write_report(out)
     return {"leaderboard": rows, **summary}

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
+from .operating import positive_index
 from .predictions import Predictions
 
 
@@ -37,10 +38,19 @@ def compute_metrics(preds: Predictions, positive_class: str | None = None) -> di
             "per_class": {c: report[c] for c in preds.classes},
             "confusion_matrix": skm.confusion_matrix(y, p, labels=labels).tolist(),
             "classes": list(preds.classes),
+            "ece": expected_calibration_error(preds.confidence, y == preds.probs.argmax(axis=1)),
         }
     if len(preds.classes) == 2:
         out.update(binary_metrics(y, p, preds.classes, positive_class))
     return out
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Count-weighted mean |accuracy - confidence| over equal-width confidence bins (top label)."""
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).sum()
+            for b in range(bins) if (which == b).any()]
+    return float(sum(gaps) / max(len(confidence), 1))
 
 
 def save_and_score(preds: Predictions, path, positive_class: str | None = None) -> tuple[Predictions, dict]:
@@ -61,7 +71,7 @@ def roc_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, classes: list[str], positive_class: str | None) -> dict:
-    positive = classes.index(positive_class) if positive_class else 1
+    positive = positive_index(classes, positive_class)
     tp = int(((p == positive) & (y == positive)).sum())
     tn = int(((p != positive) & (y != positive)).sum())
     fp = int(((p == positive) & (y != positive)).sum())

@@ -45,7 +45,8 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return found
 
 
-def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, batch_size: int) -> Predictions:
+def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, batch_size: int,
+                  tta: str = "none") -> Predictions:
     paths = expand_inputs(inputs)
     pre = run.preprocess
     good: list[Path] = []
@@ -59,5 +60,5 @@ def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, bat
             log.warning("warning: skipped unreadable image %s: %s", err.path, err.reason)
     dataset = ImageFiles(good, pre.size, pre.channels, build_eval_transform(pre.mean, pre.std), pre.interpolation)
     loader = make_loader(dataset, batch_size, workers=run.config.data.workers)
-    probs = predict_probs(run.model, run.objective, loader, run.compute)
+    probs = predict_probs(run.model, run.objective, loader, run.compute, tta)
     return Predictions([str(p) for p in good], run.classes, np.full(len(good), -1), probs)

@@ -7,7 +7,7 @@ Rows are keyed by the dataset position each image came from, so the order a load
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,18 @@ class Predictions:
     classes: list[str]
     true: np.ndarray  # int class index per image, -1 where the label is unknown
     probs: np.ndarray  # N x K float64, rows sum to 1
+    decided: np.ndarray | None = None  # predicted class per image when a threshold, not argmax, decided
 
     @property
     def pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
+        return self.probs.argmax(axis=1) if self.decided is None else self.decided
+
+    def at_threshold(self, threshold: float | None, positive: int) -> Predictions:
+        """Binary decisions: ``positive`` where its probability reaches ``threshold`` (None: argmax)."""
+        if threshold is None:
+            return replace(self, decided=None)
+        other = 1 - positive
+        return replace(self, decided=np.where(self.probs[:, positive] >= threshold, positive, other))
 
     @property
     def confidence(self) -> np.ndarray:
@@ -63,4 +71,8 @@ class Predictions:
         lookup = {c: i for i, c in enumerate(classes)}
         probs = np.array([[float(r[PROB_PREFIX + c]) for c in classes] for r in rows], dtype=np.float64)
         true = np.array([lookup[r["true_label"]] if "true_label" in r else -1 for r in rows], dtype=np.int64)
-        return cls([r["path"] for r in rows], classes, true, probs.reshape(len(rows), len(classes)))
+        decided = np.array([lookup[r["predicted_label"]] for r in rows], dtype=np.int64)
+        probs = probs.reshape(len(rows), len(classes))
+        argmax = probs.argmax(axis=1) if len(rows) else decided
+        return cls([r["path"] for r in rows], classes, true, probs,
+                    None if np.array_equal(decided, argmax) else decided)

@@ -9,21 +9,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from . import atomic
 from .predictions import Predictions
+from .uncertainty import reliability
 
 
 def _save(fig, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=110, format="png")  # the figures use constrained layout: no second "tight" pass
     plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
     """Loss and each metric, train vs val, one panel each; a dotted line marks the best epoch."""
-    names = sorted({k.split("_", 1)[1] for row in history for k in row if k.startswith(("train_", "val_"))},
+    names = sorted({k.split("_", 1)[1] for row in history for k in row
+                    if k.startswith(("train_", "val_")) and k != "train_seconds"},
                    key=lambda n: (n != "loss", n))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, layout="constrained")
     epochs = [row["epoch"] for row in history]
@@ -73,28 +75,72 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -
     _save(fig, path)
 
 
-def plot_roc(preds: Predictions, path: Path, split: str) -> None:
-    """One-vs-rest ROC curve per class (one curve for binary tasks)."""
+def one_vs_rest(preds: Predictions, positive: int | None = None):
+    """(class name, is-this-class, its probability) per class with both outcomes present; binary
+    tasks give the positive class only."""
+    ks = [positive if positive is not None else 1] if len(preds.classes) == 2 else range(len(preds.classes))
+    for k in ks:
+        hits = preds.true == k
+        if hits.any() and not hits.all():
+            yield preds.classes[k], hits, preds.probs[:, k]
+
+
+def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = None,
+             threshold: float | None = None) -> None:
+    """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
     fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
-    classes = preds.classes[1:] if len(preds.classes) == 2 else preds.classes
-    for name in classes:
-        k = preds.classes.index(name)
-        positives = preds.true == k
-        if positives.all() or not positives.any():
-            continue  # undefined without both classes present
-        fpr, tpr, _ = roc_curve(positives, preds.probs[:, k])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {np.trapezoid(tpr, fpr):.3f})")
+    for name, hits, score in one_vs_rest(preds, positive):
+        fpr, tpr, _ = roc_curve(hits, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(hits, score):.3f})")
+        if threshold is not None:
+            called = score >= threshold
+            ax.plot((called & ~hits).sum() / (~hits).sum(), (called & hits).sum() / hits.sum(), "o", color="black",
+                    label=f"threshold {threshold:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({split})",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str) -> None:
+def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = None) -> None:
+    """One-vs-rest precision-recall curve per class, with average precision (the PR AUC)."""
+    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+    for name, hits, score in one_vs_rest(preds, positive):
+        precision, recall, _ = precision_recall_curve(hits, score)
+        line, = ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(hits, score):.3f})")
+        ax.axhline(hits.mean(), color=line.get_color(), ls=":", lw=0.8)  # a random classifier's precision
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> None:
+    """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=[3, 1], sharex=True, layout="constrained")
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"]
+    top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", alpha=0.7, label="accuracy")
+    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red",
+             label="mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    top.set(ylabel="accuracy", title=f"Reliability ({split}): ECE {ece:.3f}", ylim=(0, 1.02))
+    top.legend(fontsize=8, loc="upper left")
+    bottom.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="gray")
+    bottom.set(xlabel="confidence (top class)", ylabel="images", xlim=(0, 1))
+    _save(fig, path)
+
+
+def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str, positive: int | None = None) -> None:
     plot_confusion(np.array(metrics["confusion_matrix"]), preds.classes, folder / f"confusion_{split}.png", split)
-    plot_roc(preds, folder / f"roc_{split}.png", split)
+    plot_roc(preds, folder / f"roc_{split}.png", split, positive, metrics.get("threshold"))
+    plot_pr(preds, folder / f"pr_{split}.png", split, positive)
+    bins = reliability(preds.confidence, preds.probs.argmax(axis=1) == preds.true)
+    plot_reliability(bins, metrics["ece"], folder / f"reliability_{split}.png", split)
 
 
 def plot_folds(rows: list[dict], path: Path) -> None:
@@ -133,3 +179,39 @@ def write_summary(run_path: Path, config: dict, counts: dict, metrics: dict, bes
                      f"| {auc} | {m['log_loss']:.4f} |")
     lines += ["", "Plots: `plots/`. Per-image predictions: `predictions_<split>.csv`."]
     atomic.write_text(run_path / "summary.md", "\n".join(lines) + "\n")
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A heatmap in [0, 1] blended over an ``H x W x C`` uint8 image (jet: red is most attended)."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+    colours = matplotlib.colormaps["jet"](heatmap)[..., :3] * 255
+    return (rgb * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
+
+
+def save_overlay(explanation, classes: list[str], path: Path) -> None:
+    """The image and its Grad-CAM overlay side by side, titled with the explained class."""
+    e = explanation
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2), layout="constrained")
+    gray = e.image.shape[2] == 1
+    axes[0].imshow(e.image[..., 0] if gray else e.image, cmap="gray" if gray else None)
+    axes[1].imshow(overlay(e.image, e.heatmap))
+    axes[0].set_title(Path(e.path).name, fontsize=8)
+    axes[1].set_title(f"Grad-CAM: {classes[e.target]} ({e.probs[e.target]:.2f})", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    _save(fig, path)
+
+
+def save_feature_maps(maps: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """One row per layer, one panel per channel (each scaled to its own range)."""
+    columns = max(len(m) for _, m in maps)
+    fig, axes = plt.subplots(len(maps), columns, figsize=(columns * 0.9, len(maps) * 1.1), squeeze=False,
+                             layout="constrained")
+    for row, (name, channels) in zip(axes, maps, strict=True):
+        for k, ax in enumerate(row):
+            ax.axis("off")
+            if k < len(channels):
+                ax.imshow(channels[k], cmap="viridis")
+        row[0].set_title(name, fontsize=7, loc="left")
+    fig.suptitle("First layers' feature maps", fontsize=9)
+    _save(fig, path)

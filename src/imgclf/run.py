@@ -16,16 +16,19 @@ from . import atomic
 from .checkpoint import load_metadata, load_weights, read_run_json
 from .config import Config, load_config
 from .data import DatasetIndex
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .evaluate import predict_probs
 from .metrics import save_and_score
 from .model import Classifier, Preprocess, build_model
 from .objective import Objective
+from .operating import choose_threshold, positive_index
 from .pipeline import PreparedData, eval_loader, prepare
 from .predictions import Predictions
 from .runtime import Compute
+from .uncertainty import confidence_intervals
 
 MODEL_FILE = "model.safetensors"
+THRESHOLD_FILE = "threshold.json"
 
 
 class Run:
@@ -84,32 +87,74 @@ class Run:
             raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
         return DatasetIndex.load(self.path / "split.csv", root, self.classes)
 
+    @property
+    def threshold(self) -> float | None:
+        """The binary decision threshold chosen on validation (threshold.json), None for argmax."""
+        path = self.path / THRESHOLD_FILE
+        return read_run_json(path)["threshold"] if path.exists() else None
+
+    @property
+    def positive(self) -> int:
+        return positive_index(self.classes, self.config.data.positive_class)
+
     def evaluate(self, split: str = "test", data_root: str | Path | None = None, shuffle: bool = False,
-                 prepared: PreparedData | None = None) -> dict:
-        """Predict ``split``, write predictions_<split>.csv, and metrics computed from that file."""
+                 prepared: PreparedData | None = None, tta: str | None = None) -> dict:
+        """Predict ``split``, write predictions_<split>.csv, and metrics computed from that file.
+
+        Decisions use the run's threshold (binary tasks, ``threshold.json``), probabilities the
+        test-time augmentation ``tta`` (default: the run's ``evaluate.tta``).
+        """
         prepared = prepared or prepare(self.index(data_root), self.preprocess, self.config.data)
         if split not in prepared.index.splits:
             raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
         generator = torch.Generator().manual_seed(self.config.train.seed)
         loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
                              self.config.data.workers, shuffle=shuffle, generator=generator)
-        probs = predict_probs(self.model, self.objective, loader, self.compute)
+        probs = predict_probs(self.model, self.objective, loader, self.compute, tta or self.config.evaluate.tta)
         subset = prepared.index.subset(split)
-        csv_path = self.path / f"predictions_{split}.csv"
-        saved, metrics = save_and_score(Predictions(list(subset.paths), self.classes, subset.targets, probs),
-                                        csv_path, self.config.data.positive_class)
+        return self.score(Predictions(list(subset.paths), self.classes, subset.targets, probs), split)
+
+    def score(self, preds: Predictions, split: str) -> dict:
+        """Decide at the run's threshold, write predictions_<split>.csv, then metrics, intervals and
+        plots from that file as read back."""
+        preds = preds.at_threshold(self.threshold, self.positive)
+        saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
+                                        self.config.data.positive_class)
+        metrics["threshold"] = self.threshold
+        metrics["intervals"] = confidence_intervals(saved, self.config.data.positive_class,
+                                                    self.config.evaluate.bootstrap, self.config.train.seed)
         atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics})
         from .report import plot_evaluation  # matplotlib only when a report is drawn
 
-        plot_evaluation(saved, metrics, self.path / "plots", split)
+        plot_evaluation(saved, metrics, self.path / "plots", split, self.positive)
         return metrics
 
+    def choose_threshold(self, rule: str) -> float | None:
+        """Choose the decision threshold for ``rule`` on the validation predictions, save it, and
+        re-score validation at it. ``argmax`` removes a saved threshold."""
+        if rule != "argmax" and len(self.classes) != 2:
+            raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
+        val = Predictions.from_csv(self.path / "predictions_val.csv")
+        value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
+        path = self.path / THRESHOLD_FILE
+        changed = value is not None or path.exists()
+        if value is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic.write_json(path, {"rule": rule, "threshold": value, "positive_class": self.classes[self.positive],
+                                     "chosen_on": "val"})
+        if changed:
+            self.score(val, "val")
+        return value
+
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
-                batch_size: int | None = None) -> Predictions:
+                batch_size: int | None = None, tta: str | None = None) -> Predictions:
         """Predict image files, folders (recursive) or glob patterns; optionally write a CSV."""
         from .predict import predict_files
 
-        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.config.train.batch_size)
+        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.config.train.batch_size,
+                              tta or self.config.evaluate.tta)
+        preds = preds.at_threshold(self.threshold, self.positive)
         if out:
             preds.to_csv(Path(out))
         return preds

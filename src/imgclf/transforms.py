@@ -15,8 +15,8 @@ uncovers: ``nearest`` repeats the edge, ``reflect`` mirrors, ``constant`` fills 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -106,3 +106,32 @@ def build_eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Comp
 
 def _to_model_input(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+TTA_SHIFT = 0.0625  # 1/16 of the image: small enough to keep the object, large enough to move its pixels
+
+
+def tta_views(kind: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The views test-time augmentation averages over; the first is always the image itself."""
+    views: list[Callable[[torch.Tensor], torch.Tensor]] = [_same]
+    if kind in ("flip", "flip_shift"):
+        views.append(_hflip)
+    if kind == "flip_shift":
+        views += [partial(_shift, dx=dx, dy=dy) for dx, dy in ((TTA_SHIFT, 0), (-TTA_SHIFT, 0),
+                                                                (0, TTA_SHIFT), (0, -TTA_SHIFT))]
+    return views
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """Move the content by (dx, dy) of the image size, repeating the edge into the uncovered strip."""
+    theta = torch.tensor([[1.0, 0.0, -2 * dx], [0.0, 1.0, -2 * dy]], device=x.device).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)

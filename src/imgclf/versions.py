@@ -16,3 +16,11 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def version() -> str:
+    """imgclf's own version."""
+    try:
+        return metadata.version("imgclf")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"

@@ -1,0 +1,178 @@
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import imgclf
+from imgclf.cli import main
+from imgclf.errors import ConfigError
+from imgclf.evaluate import predict_probs
+from imgclf.explain import Explainer, cam_layer
+from imgclf.htmlreport import write_report
+from imgclf.objective import Objective
+from imgclf.predictions import Predictions
+from imgclf.runtime import Compute
+from imgclf.transforms import tta_views
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory) -> imgclf.Run:
+    """A screening-style binary run: threshold for 95% sensitivity, report written at the end."""
+    base = tmp_path_factory.mktemp("binary")
+    data = make_class_folders(base / "data", per_class=30, classes=["normal", "pneumonia"])
+    return imgclf.train(tiny_config(data, base / "run", train={"epochs": 6},
+                                    evaluate={"threshold": "sensitivity:0.95", "report": True, "bootstrap": 200}))
+
+
+def test_threshold_is_chosen_on_val_saved_and_applied_to_test_and_predict(binary_run, tmp_path):
+    saved = json.loads((binary_run.path / "threshold.json").read_text())
+    assert saved["rule"] == "sensitivity:0.95" and saved["chosen_on"] == "val"
+    t, val = saved["threshold"], Predictions.from_csv(binary_run.path / "predictions_val.csv")
+    assert (val.probs[val.true == 1, 1] >= t).mean() >= 0.95  # the target holds where it was chosen
+    test = Predictions.from_csv(binary_run.path / "predictions_test.csv")
+    assert test.pred.tolist() == (test.probs[:, 1] >= t).astype(int).tolist()
+    metrics = binary_run.metrics["test"]
+    assert metrics["threshold"] == t
+    assert metrics["sensitivity"] == ((test.pred == 1) & (test.true == 1)).sum() / (test.true == 1).sum()
+    predicted = binary_run.predict([binary_run.index().abspath(0).parent], out=tmp_path / "p.csv")
+    assert predicted.pred.tolist() == (predicted.probs[:, 1] >= t).astype(int).tolist()
+
+
+def test_metrics_carry_wilson_and_bootstrap_intervals(binary_run):
+    m = binary_run.metrics["test"]
+    ci = m["intervals"]
+    for name, value in (("accuracy", m["accuracy"]), ("sensitivity", m["sensitivity"]),
+                        ("specificity", m["specificity"])):
+        assert ci[name][0] <= value <= ci[name][1]
+    assert ci["auc_resamples"] == 200 and "ece" in m
+
+
+def test_report_is_self_contained_and_holds_every_section(binary_run):
+    page = (binary_run.path / "report.html").read_text()
+    for section in ("summary", "dataset", "config", "training", "metrics", "plots-val", "plots-test", "gallery"):
+        assert f'id="{section}"' in page, section
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from the network
+    assert page.count("data:image/png;base64,") >= 1 + 2 * 4  # curves, 4 plots per split, thumbnails
+    assert "Grad-CAM" in page and "sensitivity:0.95" in page and "Wilson" in page
+
+
+def test_report_command_rewrites_it_and_names_a_wrong_directory(binary_run, tmp_path, capsys):
+    (binary_run.path / "report.html").unlink()
+    assert main(["report", str(binary_run.path)]) == 0
+    assert (binary_run.path / "report.html").is_file()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run, cv or grid directory" in capsys.readouterr().err
+
+
+def test_evaluate_can_rechoose_the_threshold_and_use_tta(binary_run, capsys):
+    assert main(["evaluate", str(binary_run.path), "--threshold", "youden", "--tta", "flip"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold (youden, on val)" in out and "sensitivity=" in out
+    assert json.loads((binary_run.path / "threshold.json").read_text())["rule"] == "youden"
+    assert main(["evaluate", str(binary_run.path), "--threshold", "argmax"]) == 0
+    assert not (binary_run.path / "threshold.json").exists()
+    assert main(["evaluate", str(binary_run.path), "--threshold", "sometimes"]) == 2
+    assert "--threshold: threshold must be argmax, max_f1, youden or sensitivity:S" in capsys.readouterr().err
+
+
+def test_gradcam_points_at_the_bar_that_decides_the_class(binary_run):
+    explainer = Explainer(binary_run)
+    index = binary_run.index()
+    paths = [index.abspath(i) for i in range(len(index))]
+    explained = explainer.explain(paths, targets=[int(t) for t in index.targets])
+    assert all(e.heatmap.shape == (16, 16) and e.heatmap.min() >= 0 and e.heatmap.max() <= 1 for e in explained)
+    # class 0 is a left bar, class 1 a right bar: the heat should sit on the bar's side on average
+    left = np.mean([e.heatmap[:, :8].mean() - e.heatmap[:, 8:].mean() for e in explained if e.target == 0])
+    right = np.mean([e.heatmap[:, 8:].mean() - e.heatmap[:, :8].mean() for e in explained if e.target == 1])
+    assert left > 0 and right > 0
+
+
+def test_explain_cli_writes_overlays_and_feature_maps(binary_run, tmp_path, capsys):
+    folder = binary_run.index().abspath(0).parent
+    assert main(["explain", str(binary_run.path), str(folder), "--out", str(tmp_path / "ex"), "--feature-maps"]) == 0
+    overlays = sorted((tmp_path / "ex").glob("*_gradcam.png"))
+    assert len(overlays) == len(list(folder.iterdir())) == len(list((tmp_path / "ex").glob("*_features.png")))
+    maps = Explainer(binary_run).feature_maps(next(folder.iterdir()))
+    assert [name for name, _ in maps] == ["backbone.features.0", "backbone.features.4"]
+    assert maps[0][1].shape == (8, 16, 16) and maps[1][1].shape == (16, 8, 8)
+
+
+def test_gradcam_finds_a_timm_cnn_layer_and_refuses_a_model_without_maps():
+    timm = pytest.importorskip("timm")
+    backbone = timm.create_model("resnet10t", num_classes=0)
+    assert cam_layer(_wrap(backbone), (3, 32, 32))[0] == "backbone.layer3"  # layer4 is 1x1 at 32 px
+    name, _ = cam_layer(_wrap(backbone), (3, 64, 64))
+    assert name == "backbone.layer4"  # the last stage, the one before global pooling
+    with pytest.raises(ConfigError, match="convolutional backbone"):
+        cam_layer(_wrap(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))), (3, 8, 8))
+
+
+def _wrap(backbone: nn.Module) -> nn.Module:
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    return Model().eval()
+
+
+def test_tta_averages_the_probabilities_of_the_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    model[0].weight.data[..., 0] *= 3  # not mirror-symmetric: a flip changes the output
+    images = torch.randn(5, 1, 16, 16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(5), torch.arange(5)),
+                                         batch_size=2)
+    objective, compute = Objective(3), Compute(torch.device("cpu"))
+    plain = predict_probs(model, objective, loader, compute)
+    flipped = objective.probabilities(model(images.flip(-1))).detach().numpy()
+    np.testing.assert_allclose(predict_probs(model, objective, loader, compute, "flip"), (plain + flipped) / 2,
+                               rtol=1e-5)
+    assert len(tta_views("flip_shift")) == 6
+    shifted = tta_views("flip_shift")[2](images)
+    assert shifted.shape == images.shape and not torch.equal(shifted, images)
+    # 1/16 of 16 px is one pixel: the content moves one column right, the edge column repeats
+    np.testing.assert_allclose(shifted[..., 1:].numpy(), images[..., :-1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(shifted[..., 0].numpy(), images[..., 0].numpy(), atol=1e-5)
+
+
+def test_report_renders_in_headless_chromium(binary_run, tmp_path):
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        if os.environ.get("IMGCLF_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is not installed; .ci/run installs Debian's chromium package")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    write_report(binary_run.path)
+    problems, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((binary_run.path / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        for section in ("summary", "dataset", "training", "metrics", "plots-test", "gallery"):
+            assert page.locator(f"#{section}").is_visible(), section
+        assert page.locator("#metrics table").first.is_visible()
+        broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth == 0).length")
+        shown = page.evaluate("document.images.length")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert problems == [] and broken == 0 and shown >= 9
+    assert all(url.startswith(("file:", "data:")) for url in requests)  # nothing from the network
+    assert (tmp_path / "report.png").stat().st_size > 10_000
