@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -10,15 +11,16 @@ import torch
 
 from . import atomic
 from .audit import warn_imbalance, warn_leakage
+from .averaging import BestWeights, average_if_better
 from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
-from .data import build_index
+from .data import DatasetIndex, build_index
 from .errors import ConfigError, DataError
-from .model import build_model, check_model_name, output_units, resolve_preprocess
+from .model import Preprocess, build_model, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
 from .pipeline import PreparedData, prepare, write_skipped
 from .resume import load_state, restore_best_file
-from .run import MODEL_FILE, Run
+from .run import MODEL_FILE, Run, load_run
 from .runtime import Compute, get_logger, is_main_process, seed_everything
 from .stages import StageRunner, resolve_stages
 from .versions import library_versions
@@ -33,56 +35,60 @@ def resume_training(run_dir: str | Path) -> Run:
     return train(config, resume_dir=run_dir)
 
 
+@dataclass
+class RunSetup:
+    """What every kind of training starts from: the checked config, decoded data and the run directory."""
+
+    config: Config
+    out: Path
+    prepared: PreparedData
+    preprocess: Preprocess
+    compute: Compute
+    generator: torch.Generator
+
+    @property
+    def index(self) -> DatasetIndex:
+        return self.prepared.index
+
+    @property
+    def meta(self) -> dict:
+        n = len(self.index.classes)
+        return {"model": self.config.model.model_dump(), "classes": list(self.index.classes),
+                "preprocess": self.preprocess.to_dict(), "output_units": output_units(self.config.model, n)}
+
+
 def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None) -> Run:
     """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run.
 
-    ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials).
+    ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials). A
+    scikit-learn head (``model.head`` svm, logreg, knn, rf) is fitted on frozen backbone features.
     """
-    check_model_name(config.model.name)
-    generator = seed_everything(config.train.seed)
-    compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
-    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
-    index = build_index(config.data, split_seed)
-    _check_binary_settings(config, index.classes)
-    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
-    balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
-    warnings += warn_imbalance(index.counts().get("train", {}), balanced)
-    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
-        raise DataError("no validation images: early stopping and restore-best need them; "
-                        "raise --val-fraction or pass --no-early-stopping --no-restore-best")
-    resolve_stages(config)  # stage settings fail here, before any decoding
-    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
-                                    config.data.interpolation)
-    prepared = prepare(index, preprocess, config.data)
-    index = prepared.index
-    if resume_dir is None:
-        out = _new_run_dir(config.out)
-        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
-        _write_run_files(out, config, prepared, warnings)
-    else:
-        out = resume_dir
-    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in index.counts().items()))
+    if config.model.head != "linear":
+        from .classical import train_classical
 
-    num_classes = len(index.classes)
+        return train_classical(config, evaluate_test)
+    s = setup_run(config, resume_dir)
+    config, out, index = s.config, s.out, s.index
     # A resumed run takes its weights from the saved state: no pretrained download first.
-    model = compute.prepare(build_model(config.model, num_classes, preprocess, load_pretrained=resume_dir is None))
-    objective = Objective(num_classes, sigmoid=output_units(config.model, num_classes) == 1,
+    model = s.compute.prepare(build_model(config.model, len(index.classes), s.preprocess,
+                                          load_pretrained=resume_dir is None))
+    objective = Objective(len(index.classes), sigmoid=s.meta["output_units"] == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
-    meta = {"model": config.model.model_dump(), "classes": list(index.classes), "preprocess": preprocess.to_dict(),
-            "output_units": output_units(config.model, num_classes)}
     weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
     best = {"epoch": None}
+    recent_bests = BestWeights(config.train.average_best)
 
     def save_best(epoch: int) -> None:
         best["epoch"] = epoch
+        recent_bests.add(model, epoch)
         if is_main_process():
-            save_weights(model, weights_path, {**meta, "epoch": epoch})
+            save_weights(model, weights_path, {**s.meta, "epoch": epoch})
 
-    from .report import plot_curves, write_history, write_summary
+    from .report import plot_curves, write_history
 
     start = time.perf_counter()
-    runner = StageRunner(model, objective, prepared, config, preprocess, compute, generator, save_best,
+    runner = StageRunner(model, objective, s.prepared, config, s.preprocess, s.compute, s.generator, save_best,
                          load_best=lambda: load_weights(model, weights_path),
                          on_epoch=lambda h: write_history(h, out / "history.csv"), out=out,
                          best_file=weights_path)
@@ -95,21 +101,58 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     history = runner.run(resume)
     log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
     if not config.train.restore_best:
-        save_weights(model, out / MODEL_FILE, {**meta, "epoch": len(history)})
+        save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
+    elif len(recent_bests) > 1 and is_main_process():
+        average_if_better(model, recent_bests, runner, s.meta, weights_path)
     plot_curves(history, out / "plots" / "curves.png", best["epoch"])
+    return finish_run(s, evaluate_test, best["epoch"])
 
-    run = Run(out)
-    if "val" in index.splits:
-        run.evaluate("val", prepared=prepared)
-        run.choose_threshold(config.evaluate.threshold)  # on validation, before test is read
-    if evaluate_test and "test" in index.splits:  # the final model, once
-        run.evaluate("test", prepared=prepared)
-    write_summary(out, config.model_dump(mode="json"), index.counts(), run.metrics, best["epoch"])
-    if config.evaluate.report and is_main_process():
+
+def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
+    """Check the config against the data, decode the images, and create (or reopen) the run directory."""
+    check_model_name(config.model.name)
+    generator = seed_everything(config.train.seed)
+    compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
+    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
+    index = build_index(config.data, split_seed)
+    _check_binary_settings(config, index.classes)
+    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
+    balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
+    warnings += warn_imbalance(index.counts().get("train", {}), balanced)
+    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best
+                                      or config.model.head != "linear"):
+        raise DataError("no validation images: early stopping, restore-best and scikit-learn heads need them; "
+                        "raise --val-fraction or pass --no-early-stopping --no-restore-best")
+    resolve_stages(config)  # stage settings fail here, before any decoding
+    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
+                                    config.data.interpolation)
+    prepared = prepare(index, preprocess, config.data)
+    if resume_dir is None:
+        out = _new_run_dir(config.out)
+        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+        _write_run_files(out, config, prepared, warnings)
+    else:
+        out = resume_dir
+    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
+    return RunSetup(config, out, prepared, preprocess, compute, generator)
+
+
+def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
+    """Evaluate val, choose the threshold on it, evaluate test once; write the summary and report."""
+    from .report import write_summary
+
+    run = load_run(s.out)
+    if "val" in s.index.splits:
+        run.evaluate("val", prepared=s.prepared)
+        run.choose_threshold(s.config.evaluate.threshold)  # on validation, before test is read
+    if evaluate_test and "test" in s.index.splits:  # the final model, once
+        run.evaluate("test", prepared=s.prepared)
+    write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
+    if s.config.evaluate.report and is_main_process():
         from .htmlreport import write_report
 
-        write_report(out)
-    log.info("run written to %s", out)
+        write_report(s.out)
+    log.info("run written to %s", s.out)
     return run
 
 

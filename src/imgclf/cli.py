@@ -85,9 +85,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import EvaluateConfig
     from .htmlreport import write_report
-    from .run import Run
+    from .run import load_run
 
-    run = Run(args.run)
+    run = load_run(args.run)
     if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
         EvaluateConfig.check_threshold(args.threshold)
         run.evaluate("val", data_root=args.data, tta=args.tta)
@@ -112,19 +112,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
-    from .run import Run
+    from .run import load_run
 
-    rows = explain_files(Run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
+    rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
     for row in rows:
         print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
     print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}) to {args.out}")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .run import Run
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import create_ensemble
 
-    preds = Run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
+    run = create_ensemble(args.runs, args.out, args.method)
+    print(run.describe())
+    for split in ("val", "test"):
+        if split in run.metrics:
+            print(format_metrics(split, run.metrics[split]))
+    print(f"ensemble run: {run.path}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from .embeddings import write_features
+
+    result = write_features(args.source, args.data, args.out, args.image_size, args.channels, args.pretrained,
+                            args.weights, args.batch_size)
+    print(f"wrote {result['images']} embeddings of dimension {result['dim']} to {result['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import load_run
+
+    preds = load_run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
                                   batch_size=args.batch_size, tta=args.tta)
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
@@ -257,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ensemble", help="combine runs that share classes and split into an ensemble run")
+    p.add_argument("runs", nargs="+", help="run directories (two or more)")
+    p.add_argument("--out", required=True, help="ensemble run directory to write")
+    p.add_argument("--method", default="soft", choices=["soft", "weighted", "majority"],
+                   help="soft: mean probabilities; weighted: weights fitted on val; majority: votes")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("features", help="penultimate-layer embeddings of a dataset's images, as .npz")
+    p.add_argument("source", help="run directory, or a backbone name (with --pretrained or --weights)")
+    p.add_argument("data", nargs="?", help="dataset folder or CSV (default: the run's own dataset)")
+    p.add_argument("--out", required=True, help=".npz file to write")
+    p.add_argument("--pretrained", action="store_true", help="backbone name: ImageNet weights")
+    p.add_argument("--weights", help="backbone name: a local state dict")
+    p.add_argument("--image-size", type=int, help="backbone name: input size (default: the model's)")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="backbone name: input channels")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("model-info", help="list a model's layer names, groups and parameter counts")
     p.add_argument("model", help="simple_cnn or a timm model name")

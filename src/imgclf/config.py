@@ -62,6 +62,9 @@ class AugmentConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...)")
+    head: Literal["linear", "svm", "logreg", "knn", "rf"] = Field(
+        "linear", description="linear: trained with the network; svm, logreg, knn, rf: a scikit-learn "
+                              "classifier on frozen backbone features, its parameter chosen on validation")
     conv_filters: list[int] = Field([32, 64, 128], min_length=1, description="simple_cnn: filters per block")
     kernel_size: int = Field(3, ge=1, le=11, description="simple_cnn: convolution kernel size")
     conv_dropout: float = Field(0.0, ge=0, lt=1, description="simple_cnn: dropout after each conv block")
@@ -112,6 +115,8 @@ class TrainConfig(_Section):
     backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")
     feature_cache: bool = Field(True, description="with a frozen backbone, train the head on cached features")
     feature_views: int = Field(1, ge=1, le=50, description="cached views per image (>1: augmented views)")
+    average_best: int = Field(0, ge=0, le=50, description="average the weights of the last K best epochs "
+                                                          "(kept if no worse on validation; 0: off)")
 
     @field_validator("freeze")
     @classmethod

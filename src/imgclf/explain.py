@@ -62,8 +62,11 @@ class Explainer:
     def __init__(self, run):
         from captum.attr import LayerGradCam
 
+        if run.head is not None:
+            raise ConfigError(f"Grad-CAM needs a differentiable head; {run.path} has a scikit-learn "
+                              f"{run.config.model.head}")
+        self.model = run.model.float().eval()  # an ensemble says here that it has no single model
         self.run, self.pre = run, run.preprocess
-        self.model = run.model.float().eval()
         shape = (self.pre.channels, self.pre.size, self.pre.size)
         self.layer_name, layer = cam_layer(self.model, shape)
         self.cam = LayerGradCam(self._logits, layer)

@@ -50,9 +50,9 @@ def write_report(path: str | Path) -> Path:
 
 
 def run_sections(path: Path) -> list[tuple[str, str, str]]:
-    from .run import Run
+    from .run import load_run
 
-    run = Run(path)
+    run = load_run(path)
     metrics = run.metrics
     splits = [s for s in ("train", "val", "test") if s in metrics]
     sections = [("summary", "Summary", summary_html(run, splits)),
@@ -69,9 +69,7 @@ def run_sections(path: Path) -> list[tuple[str, str, str]]:
 
 
 def summary_html(run, splits: list[str]) -> str:
-    model = run.config.model.name + (" (ImageNet weights)" if run.config.model.pretrained else "")
-    items = [f"model <code>{esc(model)}</code> at {run.preprocess.size} px, {run.preprocess.channels} channel(s)",
-             f"classes: {esc(', '.join(run.classes))}"]
+    items = [f"model: {esc(run.describe())}", f"classes: {esc(', '.join(run.classes))}"]
     if splits:
         last = splits[-1]
         m = run.metrics[last]
@@ -95,7 +93,10 @@ def dataset_html(path: Path) -> str:
 def training_html(path: Path) -> str:
     history = read_rows(path / "history.csv") if (path / "history.csv").is_file() else []
     if not history:
-        return "<p>No training history.</p>"
+        return "<p>No training: an ensemble of trained runs.</p>" if (path / "ensemble.json").is_file() \
+            else "<p>No training history.</p>"
+    if "param" in history[0]:  # a scikit-learn head: one row per candidate of its validation grid
+        return "<p>Candidates fitted on the frozen features, scored on validation:</p>" + table(history)
     stages: dict[str, list[dict]] = {}
     for row in history:
         stages.setdefault(row.get("stage", "train"), []).append(row)

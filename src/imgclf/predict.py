@@ -10,7 +10,6 @@ import numpy as np
 
 from .datasets import ImageFiles, make_loader
 from .errors import DataError
-from .evaluate import predict_probs
 from .images import BadImage, load_image
 from .logs import get_logger
 from .predictions import Predictions
@@ -60,5 +59,5 @@ def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, bat
             log.warning("warning: skipped unreadable image %s: %s", err.path, err.reason)
     dataset = ImageFiles(good, pre.size, pre.channels, build_eval_transform(pre.mean, pre.std), pre.interpolation)
     loader = make_loader(dataset, batch_size, workers=run.config.data.workers)
-    probs = predict_probs(run.model, run.objective, loader, run.compute, tta)
+    probs = run.loader_probs(loader, tta)
     return Predictions([str(p) for p in good], run.classes, np.full(len(good), -1), probs)

@@ -10,6 +10,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import atomic
@@ -104,15 +105,44 @@ class Run:
         Decisions use the run's threshold (binary tasks, ``threshold.json``), probabilities the
         test-time augmentation ``tta`` (default: the run's ``evaluate.tta``).
         """
+        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split)
+
+    def probabilities(self, split: str, data_root: str | Path | None = None, shuffle: bool = False,
+                      prepared: PreparedData | None = None, tta: str | None = None) -> Predictions:
+        """Undecided predictions for ``split``: paths, labels and probabilities, written nowhere."""
         prepared = prepared or prepare(self.index(data_root), self.preprocess, self.config.data)
         if split not in prepared.index.splits:
             raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
         generator = torch.Generator().manual_seed(self.config.train.seed)
         loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
                              self.config.data.workers, shuffle=shuffle, generator=generator)
-        probs = predict_probs(self.model, self.objective, loader, self.compute, tta or self.config.evaluate.tta)
         subset = prepared.index.subset(split)
-        return self.score(Predictions(list(subset.paths), self.classes, subset.targets, probs), split)
+        return Predictions(list(subset.paths), self.classes, subset.targets, self.loader_probs(loader, tta))
+
+    def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
+        """N x K probabilities of a loader's images (by dataset position), averaged over ``tta`` views."""
+        tta = tta or self.config.evaluate.tta
+        if self.head is not None:
+            from .classical import classical_probs
+
+            return classical_probs(self, loader, tta)
+        return predict_probs(self.model, self.objective, loader, self.compute, tta)
+
+    @cached_property
+    def head(self):
+        """The scikit-learn classifier of a run trained with ``--head svm|logreg|knn|rf``, else None."""
+        if self.config.model.head == "linear":
+            return None
+        from .classical import load_head
+
+        return load_head(self.path)
+
+    def describe(self) -> str:
+        """One line for the report: the model and its input."""
+        head = "" if self.config.model.head == "linear" else f" + scikit-learn {self.config.model.head}"
+        weights = " (ImageNet weights)" if self.config.model.pretrained else ""
+        pre = self.preprocess
+        return f"{self.config.model.name}{weights}{head} at {pre.size} px, {pre.channels} channel(s)"
 
     def score(self, preds: Predictions, split: str) -> dict:
         """Decide at the run's threshold, write predictions_<split>.csv, then metrics, intervals and
@@ -164,4 +194,7 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    return Run(path)
+    """The run in ``path``: a trained model, or an ensemble of runs (``imgclf ensemble``)."""
+    from .ensemble import ENSEMBLE_FILE, EnsembleRun
+
+    return EnsembleRun(path) if (Path(path) / ENSEMBLE_FILE).is_file() else Run(path)

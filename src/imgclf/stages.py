@@ -114,6 +114,12 @@ class StageRunner:
                 self.load_best()  # the next stage, and the end result, start from the best so far
         return history
 
+    def validate(self) -> dict[str, float]:
+        """The whole model's validation metrics now (val_loss, val_accuracy, ...)."""
+        val = eval_loader(self.prepared, "val", self.preprocess, self.config.train.batch_size,
+                          self.config.data.workers)
+        return self._validator(self.model, val)()
+
     @staticmethod
     def _restored_stopper(cfg: TrainConfig, info: dict) -> EarlyStopping:
         stopper = EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
