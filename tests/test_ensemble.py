@@ -183,3 +183,15 @@ def test_a_run_with_weight_averaging_is_never_worse_than_its_best_epoch_on_val(t
     with open(run.path / "history.csv") as fh:
         best_epoch_loss = min(float(r["val_loss"]) for r in csv.DictReader(fh))
     assert run.metrics["val"]["log_loss"] <= best_epoch_loss + 1e-4
+
+
+def test_a_classical_head_sits_on_the_given_backbone_weights(members, tmp_path):
+    from safetensors.torch import load_file
+
+    source = members[0]
+    data = source.index().root
+    head = {"head": "logreg", "weights": str(source.path / "model.safetensors")}
+    run = imgclf.train(tiny_config(data, tmp_path / "on_cnn", model=head))
+    given, used = load_file(source.path / "model.safetensors"), load_file(run.path / "model.safetensors")
+    backbone = [k for k in given if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(given[k], used[k]) for k in backbone)

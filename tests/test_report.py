@@ -176,3 +176,19 @@ def test_report_renders_in_headless_chromium(binary_run, tmp_path):
     assert problems == [] and broken == 0 and shown >= 9
     assert all(url.startswith(("file:", "data:")) for url in requests)  # nothing from the network
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_cv_and_grid_directories_get_their_own_report(tmp_path, pool_dataset):
+    from imgclf.cv import cross_validate
+    from imgclf.grid import grid_search, parse_params
+
+    on = {"report": True, "bootstrap": 50}
+    cross_validate(tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 2}, evaluate=on), folds=3)
+    page = (tmp_path / "cv" / "report.html").read_text()
+    assert all(f'id="{s}"' in page for s in ("folds", "summary", "metrics")) and "out-of-fold" in page
+    grid_search(tiny_config(pool_dataset, tmp_path / "g", train={"epochs": 2}, evaluate=on),
+                parse_params(["lr=0.01,0.001"]))
+    page = (tmp_path / "g" / "report.html").read_text()
+    assert 'id="leaderboard"' in page and "param_lr" in page and "Best trial on test" in page
+    link = re.search(r'href="([^"#]+)"', page).group(1)  # to the best trial's own report
+    assert 'id="plots-test"' in (tmp_path / "g" / link).read_text()

@@ -80,3 +80,13 @@ def test_constant_fill_uses_cval_and_brightness_scales():
     assert out.max() == 1.0 and abs(out.min().item() - 10 / 255) < 1e-6
     bright = augment(brightness_range=[2.0, 3.0])(images)
     assert (bright > 2 * 10 / 255 - 1e-6).all() and (bright < 3 * 10 / 255 + 1e-6).all()
+
+
+def test_augmentation_runs_on_the_batch_device():
+    """No CPU-only step: on the 'meta' device (a stand-in for a GPU) a tensor left on the CPU would fail."""
+    from imgclf.datasets import AugmentedBatches
+
+    strong = BatchAugment(AugmentConfig(preset="strong", fill_mode="constant"), [0.5] * 3, [0.2] * 3)
+    batches = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.zeros(4), torch.arange(4))]
+    images, _, _ = next(iter(AugmentedBatches(batches, strong, torch.device("meta"))))
+    assert images.device.type == "meta" and images.shape == (4, 3, 16, 16) and images.dtype == torch.float32

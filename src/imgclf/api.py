@@ -119,9 +119,11 @@ def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
     warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
     warnings += warn_imbalance(index.counts().get("train", {}), balanced)
-    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best
-                                      or config.model.head != "linear"):
-        raise DataError("no validation images: early stopping, restore-best and scikit-learn heads need them; "
+    if "val" not in index.splits and config.model.head != "linear":
+        raise DataError(f"no validation images: --head {config.model.head} chooses its parameter on them; "
+                        "raise --val-fraction")
+    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
+        raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")
     resolve_stages(config)  # stage settings fail here, before any decoding
     preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,

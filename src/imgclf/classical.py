@@ -96,7 +96,7 @@ def train_classical(config: Config, evaluate_test: bool = True):
     cfg, index, kind = s.config, s.index, s.config.model.head
     if not (cfg.model.pretrained or cfg.model.weights):
         log.warning("warning: --head %s on a backbone without --pretrained or --weights: random features", kind)
-    model = s.compute.prepare(build_model(cfg.model, len(index.classes), s.preprocess))
+    model = s.compute.prepare(build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=True))
     features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
                                                           cfg.data.workers), s.compute)[0]
                 for split in ("train", "val")}

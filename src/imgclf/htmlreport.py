@@ -170,7 +170,7 @@ def cv_sections(path: Path) -> list[tuple[str, str, str]]:
 def grid_sections(path: Path) -> list[tuple[str, str, str]]:
     best = json.loads((path / "best.json").read_text(encoding="utf-8")) if (path / "best.json").is_file() else {}
     note = (f"<p>Best trial <code>{esc(best['best_trial'])}</code>, parameters {esc(json.dumps(best['params']))}; "
-            f'its <a href="{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
+            f'its <a href="trials/{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
             f"validation; test was read once, for the best trial.</p>") if best else ""
     sections = [("leaderboard", "Leaderboard", note + table(read_rows(path / "leaderboard.csv")))]
     if best.get("test"):
