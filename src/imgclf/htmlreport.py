@@ -102,7 +102,7 @@ def training_html(path: Path) -> str:
         stages.setdefault(row.get("stage", "train"), []).append(row)
     summary = [{"stage": name, "epochs": f"{rows[0]['epoch']}-{rows[-1]['epoch']}",
                 "best val loss": min((float(r["val_loss"]) for r in rows if r.get("val_loss")), default=None),
-                "seconds": round(sum(float(r["seconds"]) for r in rows), 1)} for name, rows in stages.items()]
+                "seconds": f'{sum(float(r["seconds"]) for r in rows):.1f}'} for name, rows in stages.items()]
     return table(summary) + image(path / "plots" / "curves.png", "training curves")
 
 
