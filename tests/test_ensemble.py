@@ -68,6 +68,8 @@ def test_ensemble_is_a_run_whose_probabilities_are_the_members_mean(members, tmp
     page = (out / "report.html").read_text()
     assert "soft-vote ensemble of 3 runs" in page and 'id="plots-test"' in page and "no single model" in page
     assert main(["evaluate", str(out), "--split", "val"]) == 0
+    assert main(["explain", str(out), str(members[0].index().abspath(0))]) == 2
+    assert "no single model" in capsys.readouterr().err
     assert main(["predict", str(out), str(members[0].index().abspath(0)), "--out", str(tmp_path / "p.csv")]) == 0
     with open(tmp_path / "p.csv") as fh:
         row = next(csv.DictReader(fh))

@@ -192,3 +192,13 @@ def test_cv_and_grid_directories_get_their_own_report(tmp_path, pool_dataset):
     assert 'id="leaderboard"' in page and "param_lr" in page and "Best trial on test" in page
     link = re.search(r'href="([^"#]+)"', page).group(1)  # to the best trial's own report
     assert 'id="plots-test"' in (tmp_path / "g" / link).read_text()
+
+
+def test_gradcam_on_a_timm_run(tmp_path, pool_dataset):
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "resnet", model={"name": "resnet10t"},
+                                   data={"image_size": 64}, train={"epochs": 1}))
+    explainer = Explainer(run)
+    assert explainer.layer_name == "backbone.layer4"
+    explained = explainer.explain([run.index().abspath(0), run.index().abspath(1)])
+    assert [e.heatmap.shape for e in explained] == [(64, 64), (64, 64)]
+    assert all(e.heatmap.max() == pytest.approx(1.0) or e.heatmap.max() == 0 for e in explained)
