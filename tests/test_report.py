@@ -202,3 +202,19 @@ def test_gradcam_on_a_timm_run(tmp_path, pool_dataset):
     explained = explainer.explain([run.index().abspath(0), run.index().abspath(1)])
     assert [e.heatmap.shape for e in explained] == [(64, 64), (64, 64)]
     assert all(e.heatmap.max() == pytest.approx(1.0) or e.heatmap.max() == 0 for e in explained)
+
+
+def test_report_on_a_run_from_before_reports_existed(tmp_path, pool_dataset):
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "old", train={"epochs": 2}))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    for split in metrics.values():
+        del split["ece"], split["intervals"], split["threshold"]
+    (run.path / "metrics.json").write_text(json.dumps(metrics))
+    for plot in run.path.glob("plots/*_*.png"):
+        if plot.name.startswith(("pr_", "reliability_")):
+            plot.unlink()
+    dataset = json.loads((run.path / "dataset.json").read_text())
+    del dataset["warnings"]
+    (run.path / "dataset.json").write_text(json.dumps(dataset))
+    page = write_report(run.path).read_text()
+    assert (run.path / "plots" / "reliability_test.png").is_file() and 'id="gallery"' in page

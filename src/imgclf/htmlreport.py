@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import RunDirError
+from .metrics import expected_calibration_error
 from .predictions import Predictions
 from .versions import version
 
@@ -136,7 +137,11 @@ def evaluation_plots_html(run, split: str) -> str:
         from .report import plot_evaluation  # a run from an older version: draw what is missing
 
         preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
-        plot_evaluation(preds, run.metrics[split], plots, split, run.positive)
+        metrics = run.metrics[split]
+        if "ece" not in metrics:
+            correct = preds.probs.argmax(axis=1) == preds.true
+            metrics = {**metrics, "ece": expected_calibration_error(preds.confidence, correct)}
+        plot_evaluation(preds, metrics, plots, split, run.positive)
     return '<div class="plots">' + "".join(image(plots / f"{n}.png", n) for n in names) + "</div>"
 
 
