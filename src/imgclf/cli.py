@@ -146,7 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .run import load_run
 
     preds = load_run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
-                                  batch_size=args.batch_size, tta=args.tta)
+                                       batch_size=args.batch_size, tta=args.tta)
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     print(f"wrote {args.out}")
