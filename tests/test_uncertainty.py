@@ -3,10 +3,10 @@ import pytest
 from sklearn.metrics import f1_score
 
 from imgclf.errors import ConfigError
-from imgclf.metrics import compute_metrics, expected_calibration_error
+from imgclf.metrics import compute_metrics, expected_calibration_error, reliability
 from imgclf.operating import choose_threshold
 from imgclf.predictions import Predictions
-from imgclf.uncertainty import bootstrap_auc, confidence_intervals, reliability, wilson
+from imgclf.uncertainty import bootstrap_auc, confidence_intervals, wilson
 
 
 def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

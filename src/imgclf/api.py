@@ -145,8 +145,8 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
 
     run = load_run(s.out)
     if "val" in s.index.splits:
-        run.evaluate("val", prepared=s.prepared)
-        run.choose_threshold(s.config.evaluate.threshold)  # on validation, before test is read
+        # scored once, at the threshold chosen on it, before test is read
+        run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
     write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)

@@ -25,12 +25,13 @@ from torch import nn
 
 from .checkpoint import save_weights
 from .config import Config
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .logs import get_logger, is_main_process
-from .metrics import compute_metrics
+from .metrics import compute_metrics, validation_row
 from .model import Classifier, build_model
 from .pipeline import eval_loader
 from .predictions import Predictions
+from .run import MODEL_FILE
 from .transforms import tta_views
 
 log = get_logger("classical")
@@ -38,8 +39,6 @@ HEAD_FILE = "head.skops"
 # head -> (parameter searched on validation, its values)
 GRIDS: dict[str, tuple[str, list]] = {"svm": ("C", [0.1, 1.0, 10.0]), "logreg": ("C", [0.01, 0.1, 1.0, 10.0]),
                                       "knn": ("n_neighbors", [3, 5, 11]), "rf": ("n_estimators", [100, 300])}
-MONITORED = {"val_loss": "log_loss", "val_accuracy": "accuracy", "val_balanced_accuracy": "balanced_accuracy",
-             "val_f1_macro": "f1_macro", "val_auc": "roc_auc_ovr"}
 
 
 class Embedder(nn.Module):
@@ -103,24 +102,26 @@ def train_classical(config: Config, evaluate_test: bool = True):
     train, val = index.subset("train"), index.subset("val")
     name, values = GRIDS[kind]
     balanced = cfg.train.class_weight == "balanced"
-    key, sign = MONITORED[cfg.train.monitor], 1 if cfg.train.monitor.endswith("loss") else -1
+    sign = 1 if cfg.train.monitor.endswith("loss") else -1
     history, best = [], None
     for epoch, value in enumerate(values, 1):
         start = time.perf_counter()
         head = make_head(kind, value, cfg.train.seed, balanced, train.targets).fit(features["train"], train.targets)
-        m = compute_metrics(Predictions(list(val.paths), list(index.classes), val.targets,
-                                        head.predict_proba(features["val"])), cfg.data.positive_class)
-        history.append({"epoch": epoch, "stage": kind, "param": f"{name}={value}",
-                        **{f"val_{k}" if k != "log_loss" else "val_loss": m[k] for k in
-                           ("log_loss", "accuracy", "balanced_accuracy", "f1_macro")},
+        row = validation_row(compute_metrics(Predictions(list(val.paths), list(index.classes), val.targets,
+                                                         head.predict_proba(features["val"])),
+                                             cfg.data.positive_class))
+        history.append({"epoch": epoch, "stage": kind, "param": f"{name}={value}", **row,
                         "seconds": round(time.perf_counter() - start, 3)})
-        score = sign * m[key] if m[key] is not None else np.inf  # e.g. no AUC without every class in val
-        log.info("%s %s=%s: %s %s", kind, name, value, cfg.train.monitor, m[key])
+        monitored = row.get(cfg.train.monitor)  # val_auc is missing when val lacks a class
+        if monitored is None and cfg.train.monitor != "val_auc":
+            raise ConfigError(f"monitor {cfg.train.monitor!r} is not a validation metric; use one of {', '.join(row)}")
+        score = sign * monitored if monitored is not None else np.inf
+        log.info("%s %s=%s: %s %s", kind, name, value, cfg.train.monitor, monitored)
         if best is None or score < best[0]:
             best = (score, epoch, head)
     log.info("%s: chose %s", kind, history[best[1] - 1]["param"])
     if is_main_process():
-        save_weights(model, s.out / "model.safetensors", {**s.meta, "epoch": best[1]})
+        save_weights(model, s.out / MODEL_FILE, {**s.meta, "epoch": best[1]})
         save_head(best[2], s.out / HEAD_FILE)
         write_history(history, s.out / "history.csv")
     return finish_run(s, evaluate_test, best[1])

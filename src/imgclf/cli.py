@@ -90,8 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
         EvaluateConfig.check_threshold(args.threshold)
-        run.evaluate("val", data_root=args.data, tta=args.tta)
-        value = run.choose_threshold(args.threshold)
+        value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta))
         print("threshold: argmax" if value is None else f"threshold ({args.threshold}, on val): {value:.4f}")
     if args.threshold and args.split == "val":
         metrics = run.metrics["val"]  # scored at the new threshold already

@@ -100,8 +100,7 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
                                             "weights": weights, "fitted_on": "val" if weights else None})
     ensemble = EnsembleRun(out)
     if val:
-        ensemble.score(ensemble.combined(val), "val")
-        ensemble.choose_threshold(config.evaluate.threshold)
+        ensemble.choose_threshold(config.evaluate.threshold, ensemble.combined(val))
     if evaluate_test and "test" in first.index().splits:
         ensemble.evaluate("test")
     if config.evaluate.report:

@@ -37,7 +37,7 @@ def pick_cases(preds: Predictions, per_group: int = 8) -> dict[str, list[int]]:
 def render_cases(run, preds: Predictions, root: Path, per_group: int = 8) -> tuple[dict[str, list[Case]], str]:
     """Cases per group, with Grad-CAM thumbnails where the model and images allow; and a note why not."""
     from .explain import Explainer
-    from .report import overlay
+    from .report import as_rgb, overlay
 
     groups = pick_cases(preds, per_group)
     note = ""
@@ -52,16 +52,12 @@ def render_cases(run, preds: Predictions, root: Path, per_group: int = 8) -> tup
     thumbnails: dict[int, bytes] = {}
     if explainer is not None and present:
         explained = explainer.explain([root / preds.paths[i] for i in present], [int(preds.pred[i]) for i in present])
-        thumbnails = {i: _png(np.concatenate([_rgb(e.image), overlay(e.image, e.heatmap)], axis=1))
+        thumbnails = {i: _png(np.concatenate([as_rgb(e.image), overlay(e.image, e.heatmap)], axis=1))
                       for i, e in zip(present, explained, strict=True)}
     cases = {name: [Case(preds.paths[i], preds.classes[preds.true[i]], preds.classes[preds.pred[i]],
                          float(preds.probs[i, preds.pred[i]]), thumbnails.get(i)) for i in rows]
              for name, rows in groups.items()}
     return cases, note
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -45,11 +45,33 @@ def compute_metrics(preds: Predictions, positive_class: str | None = None) -> di
     return out
 
 
+def validation_row(m: dict) -> dict[str, float]:
+    """The validation columns of history.csv (and the names --monitor accepts) from ``compute_metrics``."""
+    out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
+           "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
+    if m["roc_auc_ovr"] is not None:
+        out["val_auc"] = m["roc_auc_ovr"]
+    return out
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per equal-width bin of top-label confidence: its range, count, mean confidence and accuracy."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                     "confidence": float(confidence[inside].mean()) if n else None,
+                     "accuracy": float(correct[inside].mean()) if n else None})
+    return rows
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """Count-weighted mean |accuracy - confidence| over equal-width confidence bins (top label)."""
-    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
-    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).sum()
-            for b in range(bins) if (which == b).any()]
+    """Count-weighted mean |accuracy - confidence| over the ``reliability`` bins (top label)."""
+    gaps = [r["count"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(confidence, correct, bins)
+            if r["count"]]
     return float(sum(gaps) / max(len(confidence), 1))
 
 

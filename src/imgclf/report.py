@@ -12,8 +12,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from . import atomic
+from .metrics import reliability
 from .predictions import Predictions
-from .uncertainty import reliability
 
 
 def _save(fig, path: Path) -> None:
@@ -181,9 +181,14 @@ def write_summary(run_path: Path, config: dict, counts: dict, metrics: dict, bes
     atomic.write_text(run_path / "summary.md", "\n".join(lines) + "\n")
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An ``H x W x 1`` gray image as three equal channels; RGB unchanged."""
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """A heatmap in [0, 1] blended over an ``H x W x C`` uint8 image (jet: red is most attended)."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+    rgb = as_rgb(image)
     colours = matplotlib.colormaps["jet"](heatmap)[..., :3] * 255
     return (rgb * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
 

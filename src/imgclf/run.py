@@ -159,22 +159,20 @@ class Run:
         plot_evaluation(saved, metrics, self.path / "plots", split, self.positive)
         return metrics
 
-    def choose_threshold(self, rule: str) -> float | None:
-        """Choose the decision threshold for ``rule`` on the validation predictions, save it, and
-        re-score validation at it. ``argmax`` removes a saved threshold."""
+    def choose_threshold(self, rule: str, val: Predictions | None = None) -> float | None:
+        """Choose the decision threshold for ``rule`` on validation predictions (``val``, else the saved
+        predictions_val.csv), save it, and score validation at it. ``argmax`` removes a saved threshold."""
         if rule != "argmax" and len(self.classes) != 2:
             raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
-        val = Predictions.from_csv(self.path / "predictions_val.csv")
+        val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv")
         value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
         path = self.path / THRESHOLD_FILE
-        changed = value is not None or path.exists()
         if value is None:
             path.unlink(missing_ok=True)
         else:
             atomic.write_json(path, {"rule": rule, "threshold": value, "positive_class": self.classes[self.positive],
                                      "chosen_on": "val"})
-        if changed:
-            self.score(val, "val")
+        self.score(val, "val")
         return value
 
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,

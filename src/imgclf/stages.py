@@ -23,7 +23,7 @@ from .features import HeadOnly, extract_features, feature_loader
 from .fit import EarlyStopping, fit
 from .freeze import apply_freeze, backbone_is_frozen
 from .logs import get_logger, is_main_process
-from .metrics import compute_metrics
+from .metrics import compute_metrics, validation_row
 from .model import Classifier, Preprocess
 from .objective import Objective
 from .pipeline import PreparedData, eval_loader, train_loader
@@ -174,12 +174,7 @@ class StageRunner:
 
         def validate() -> dict[str, float]:
             probs = predict_probs(model, self.objective, loader, self.compute)
-            m = compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets, probs),
-                                self.config.data.positive_class)
-            out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
-                   "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
-            if m["roc_auc_ovr"] is not None:
-                out["val_auc"] = m["roc_auc_ovr"]
-            return out
+            return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
+                                                              probs), self.config.data.positive_class))
 
         return validate

@@ -2,8 +2,7 @@
 
 Proportions (accuracy, sensitivity, specificity) get Wilson score intervals, which stay inside
 [0, 1] and behave at small n and at 0% or 100%, unlike the normal approximation. ROC-AUC gets a
-seeded percentile bootstrap over images. Calibration compares top-label confidence with accuracy
-in equal-width bins.
+seeded percentile bootstrap over images. (Calibration, reliability bins and ECE, is in ``metrics``.)
 """
 
 from __future__ import annotations
@@ -71,20 +70,3 @@ def _sensitivity_specificity(y: np.ndarray, p: np.ndarray, positive: int) -> dic
     actual, called = y == positive, p == positive
     return {"sensitivity": wilson(int((actual & called).sum()), int(actual.sum())),
             "specificity": wilson(int((~actual & ~called).sum()), int((~actual).sum()))}
-
-
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
-    """Per equal-width bin of top-label confidence: its range, count, mean confidence and accuracy.
-
-    The count-weighted mean gap of these rows is ``metrics.expected_calibration_error``.
-    """
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        inside = which == b
-        n = int(inside.sum())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
-                     "confidence": float(confidence[inside].mean()) if n else None,
-                     "accuracy": float(correct[inside].mean()) if n else None})
-    return rows
