@@ -11,6 +11,7 @@ import yaml
 
 from imgclf.cli import main
 
+from clitools import assert_clean_error, imgclf
 from imagefactory import make_class_folders, make_csv, make_split_folders
 
 TINY = ["--image-size", "16", "--conv-filters", "8,16", "--dropout", "0", "--augment", "none", "--epochs", "10",
@@ -21,21 +22,6 @@ def cli(capsys, *args):
     """In-process run of the CLI: (exit code, stdout); the training tests need no fresh interpreter."""
     code = main([str(a) for a in args])
     return code, capsys.readouterr().out
-
-
-def imgclf(*args, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "imgclf.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
-def assert_clean_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("imgclf: error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0]
 
 
 @pytest.mark.parametrize("layout", ["split_folders", "class_folders", "csv"])

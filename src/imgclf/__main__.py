@@ -1,0 +1,7 @@
+"""``python -m imgclf``: the same command line as the ``imgclf`` script (torchrun runs it this way)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
