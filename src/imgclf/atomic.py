@@ -1,19 +1,31 @@
 """Atomic file writes: write a temporary file next to the target, fsync, then rename.
 
-A kill at any moment leaves either the old file or the new one, never half of one.
+A kill at any moment leaves either the old file or the new one, never half of one (plus, after a
+SIGKILL, an orphaned ``.NAME.XXXX.tmp``: ``remove_temp_files`` clears those for a target whose writer
+is known to be gone, e.g. under the cache's lock).
+
+File names are user data and may not be valid UTF-8 (Linux allows any bytes; Python shows them as lone
+surrogates). Text and CSV files are written as UTF-8 with ``surrogateescape``, so such a name keeps its
+original bytes and reads back (``errors="surrogateescape"``) as the same path. JSON stays valid UTF-8:
+a lone surrogate is written as its ``\\udcXX`` escape, which ``json.loads`` turns back into the same str.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+TEXT_ERRORS = "surrogateescape"  # file names that are not UTF-8 keep their bytes; readers use the same
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @contextmanager
@@ -46,16 +58,17 @@ def _file_mode(target: Path) -> int:
 
 def write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors=TEXT_ERRORS)
 
 
 def write_json(target: str | os.PathLike, data: Any) -> None:
-    write_text(target, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)
+    write_text(target, _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def write_with(target: str | os.PathLike, writer: Callable[[IO[str]], None]) -> None:
     """Write a text file through ``writer(fh)`` (e.g. a csv.writer), atomically."""
-    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="") as fh:
         writer(fh)
 
 
@@ -69,6 +82,20 @@ def write_rows(target: str | os.PathLike, rows: list[dict]) -> None:
         out.writerows(rows)
 
     write_with(target, write)
+
+
+def remove_temp_files(target: str | os.PathLike) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files that ``atomic_path`` left for ``target``; returns what it removed.
+
+    Only call it while nothing else can be writing ``target`` (e.g. holding its lock): a live
+    writer's temporary file matches the same pattern.
+    """
+    target = Path(target)
+    removed = []
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _json_default(obj: Any) -> Any:

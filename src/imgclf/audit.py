@@ -3,6 +3,8 @@
 Reports per-split class counts and imbalance, image size/mode/format histograms, unreadable
 files, and exact (content hash) and near (perceptual hash) duplicates within and across splits;
 duplicates across splits are leakage. ``train`` runs the cheap part (exact duplicates) and warns.
+The dataset is read by the same scan as ``train`` (``scan.py``): unreadable folders are errors, FIFOs and
+device files are skipped with a warning, and no file is ever opened unless it is a regular file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image
 
 from .data import detect_layout, scan_rows
 from .errors import ImgclfError
-from .images import BadImage, load_image, open_image
+from .images import BadImage, load_image, open_image, require_regular_file
 from .logs import get_logger
 
 log = get_logger("audit")
@@ -24,6 +26,8 @@ NEAR_DUPLICATE_BITS = 4  # perceptual-hash Hamming distance (of 64 bits) that co
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of the file; BadImage for a FIFO or device, which would never finish reading."""
+    require_regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -37,7 +41,7 @@ def exact_duplicates(paths: list[Path], splits: list[str]) -> list[list[tuple[st
     for path, split in zip(paths, splits, strict=True):
         try:
             groups[file_digest(path)].append((split, str(path)))
-        except OSError:
+        except (OSError, ImgclfError):
             continue
     return [g for g in groups.values() if len(g) > 1]
 
@@ -49,6 +53,7 @@ def near_duplicates(paths: list[Path], splits: list[str], max_bits: int = NEAR_D
     hashes, keep = [], []
     for i, path in enumerate(paths):
         try:
+            require_regular_file(path)
             with open_image(path) as img:
                 hashes.append(int(str(imagehash.phash(img)), 16))
             keep.append(i)
@@ -82,6 +87,7 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
     sizes, modes, formats, unreadable = Counter(), Counter(), Counter(), []
     for p in paths:
         try:
+            require_regular_file(p)
             with open_image(p) as img:
                 sizes[f"{img.width}x{img.height}"] += 1
                 modes[img.mode] += 1

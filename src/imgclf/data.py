@@ -5,6 +5,10 @@ Layouts (``data.layout=auto`` detects them):
   stratified, seeded share of train;
 - ``class_folders``: ``DATA/<class>/...``, one pool split stratified into train/val/test;
 - ``csv``: a CSV/TSV with ``path,label[,split]``; without a split column it is a pool.
+
+What the scan skips, refuses or merges (unreadable folders, special files, empty labels, one file
+reached twice) is decided in ``scan.py``. ``split.csv`` is UTF-8, except that file names which are not
+UTF-8 keep their original bytes (surrogateescape), so they round-trip through save and load.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 from . import atomic
 from .config import DataConfig
 from .errors import DataError
-from .scan import Row, scan_class_folders, scan_csv, split_folders
+from .images import special_file_kind
+from .scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders
 
 SPLITS = ("train", "val", "test")
 
@@ -72,7 +77,7 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, path: Path, root: Path, classes: list[str]) -> DatasetIndex:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
             rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
         paths, labels, splits = zip(*rows, strict=True) if rows else ((), (), ())
         return cls(Path(root), tuple(paths), tuple(labels), tuple(splits), tuple(classes))
@@ -83,7 +88,10 @@ def detect_layout(path: Path) -> str:
         if path.suffix.lower() in (".csv", ".tsv"):
             return "csv"
         raise DataError(f"{path} is a file; give a dataset folder or a .csv/.tsv listing path,label[,split]")
-    if not path.is_dir():
+    if kind := special_file_kind(path):
+        if kind != "folder":
+            raise DataError(f"dataset {path} is a {kind}; give a dataset folder or a .csv/.tsv file")
+    elif not path.is_dir():
         raise DataError(f"dataset {path} does not exist")
     return "split_folders" if split_folders(path) else "class_folders"
 
@@ -113,7 +121,15 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
 
 
 def scan_rows(path: Path, layout: str) -> list[Row]:
-    """(path, label, split) rows of a dataset in a known layout; split is empty for a pool."""
+    """(path, label, split) rows of a dataset in a known layout; split is empty for a pool.
+
+    A file reached twice keeps only its first row, with a warning (see ``scan.drop_repeated_files``).
+    """
+    root = path.parent if layout == "csv" else path
+    return drop_repeated_files(_rows_of_layout(path, layout), root, path)
+
+
+def _rows_of_layout(path: Path, layout: str) -> list[Row]:
     if layout == "csv":
         return scan_csv(path)
     if layout == "class_folders":

@@ -1,7 +1,14 @@
 """Decode one image file into a resized uint8 array, by one documented rule.
 
+Only a regular file (after following a symlink) is opened: a FIFO or device file (``/dev/zero``) is a
+BadImage before any read, because reading it would never end.
+
 Mode rule (after EXIF orientation is applied; animated files use their first frame):
-- 16/32-bit grayscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (value / 257 for 16-bit);
+- 16/32-bit integer grayscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (value / 257 for 16-bit);
+- 32-bit float grayscale (``F``, float TIFFs) is scaled by the range its values span: any NaN or
+  infinity refuses the image (BadImage); values within [0, 1] are x 255; within [0, 255] kept as they
+  are; within [0, 65535] / 257 (16-bit data stored as float); anything else (negative values, or
+  above 65535) refuses the image, since no fixed rule maps it to 8 bits without guessing;
 - palette (``P``) expands to RGB, or RGBA when it has transparency; ``1`` becomes ``L``;
 - alpha (``LA``, ``RGBA``, ``PA``) is composited onto black, so transparent areas read as 0;
 - ``CMYK`` and other colour spaces are converted to RGB by Pillow;
@@ -12,6 +19,8 @@ DICOM files follow the rule in ``dicom.py`` (rescale, window, MONOCHROME1 invert
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,7 @@ RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling
 def load_image(path: str | Path, size: int, channels: int, interpolation: str = "bilinear") -> np.ndarray:
     """Return an ``H x W x channels`` uint8 array of ``path`` resized to ``size``; raise BadImage."""
     path = Path(path)
+    require_regular_file(path)
     try:
         with open_image(path) as img:
             if img.width * img.height > MAX_PIXELS:
@@ -62,6 +72,29 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is not a regular file (after symlinks), else None.
+
+    Checked with ``os.stat`` before anything opens the file: opening a FIFO blocks and ``/dev/zero``
+    never ends. A path that cannot be stat'ed returns None, so the open that follows names the error.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for check, name in kinds if check(mode)), "special file")
+
+
+def require_regular_file(path: Path) -> None:
+    """BadImage unless ``path`` is a regular file (or cannot be stat'ed, which opening then reports)."""
+    if kind := special_file_kind(path):
+        raise BadImage(path, f"it is a {kind}, not a regular file")
+
+
 def open_image(path: Path) -> Image.Image:
     """Pillow's lazy open, or the DICOM reader for ``.dcm``."""
     if path.suffix.lower() == ".dcm":
@@ -73,7 +106,9 @@ def open_image(path: Path) -> Image.Image:
 
 def to_mode(img: Image.Image, target: str) -> Image.Image:
     """Convert any Pillow mode to ``L`` or ``RGB`` by the module's documented rule."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode == "F":
+        img = Image.fromarray(float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(img, dtype=np.float64)
         bits = 16 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 8
         array = np.clip(array / (257.0 if bits == 16 else 1.0), 0, 255).round().astype(np.uint8)
@@ -89,3 +124,15 @@ def to_mode(img: Image.Image, target: str) -> Image.Image:
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return img.convert(target) if img.mode != target else img
+
+
+def float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """The float rule of the module docstring; ValueError (a BadImage in load_image) when it refuses."""
+    if not np.isfinite(array).all():
+        raise ValueError("32-bit float image holds NaN or infinite values; export it with finite values")
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < 0 or high > 65535:
+        raise ValueError(f"32-bit float image spans [{low:g}, {high:g}], outside 0..65535; "
+                         "scale it to [0, 1] or export it as 8/16-bit")
+    scale = 255.0 if high <= 1 else 1.0 if high <= 255 else 1 / 257.0
+    return np.clip(array * scale, 0, 255).round().astype(np.uint8)

@@ -10,10 +10,10 @@ import numpy as np
 
 from .datasets import ImageFiles, make_loader
 from .errors import DataError
-from .images import BadImage, load_image
+from .images import BadImage, load_image, special_file_kind
 from .logs import get_logger
 from .predictions import Predictions
-from .scan import is_ignored, is_image, scan_csv
+from .scan import Skipped, scan_csv, walk_images
 from .transforms import build_eval_transform
 
 if TYPE_CHECKING:
@@ -23,25 +23,43 @@ log = get_logger("predict")
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, a CSV/TSV's ``path`` column, folders searched recursively, else a glob."""
+    """Files as given, a CSV/TSV's ``path`` column, folders searched recursively, else a glob.
+
+    Only regular files are read: a FIFO or device file named as an argument (or in the CSV) is an
+    error, one found in a folder or matched by a glob is skipped with a warning; a folder that cannot
+    be listed is an error naming it (see ``scan.py``).
+    """
     found: list[Path] = []
+    skipped = Skipped()
     for item in inputs:
         path = Path(item)
-        if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        kind = special_file_kind(path)
+        if kind == "folder":
+            found += walk_images(path, skipped)
+            skipped.warn(path, path)
+            skipped = Skipped()
+        elif kind:
+            raise DataError(f"{item} is a {kind}, not an image file; give image files, folders or a CSV")
+        elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
             found += [path.parent / p for p, _, _ in scan_csv(path, require_label=False)]
         elif path.is_file():
             found.append(path)
-        elif path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and is_image(p.name)
-                            and not any(is_ignored(part) for part in p.relative_to(path).parts))
         else:
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
-            if not matches:
-                raise DataError(f"{item} is not a file or folder and matches no files")
-            found += matches
+            found += _glob_files(str(item))
     if not found:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
     return found
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    special = [(p, kind) for p in matches if (kind := special_file_kind(p)) and kind != "folder"]
+    for p, kind in special:
+        log.warning("warning: skipped %s matched by %s: it is a %s, not a regular file", p, pattern, kind)
+    files = [p for p in matches if p.is_file()]
+    if not files and not special:
+        raise DataError(f"{pattern} is not a file or folder and matches no files")
+    return files
 
 
 def predict_files(run: Run, inputs: list[str | Path], skip_bad_images: bool, batch_size: int,

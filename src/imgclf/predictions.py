@@ -1,7 +1,8 @@
 """Per-image predictions: the single source of every metric, table and plot.
 
 Rows are keyed by the dataset position each image came from, so the order a loader used
-(shuffled or not) cannot misalign predictions with labels.
+(shuffled or not) cannot misalign predictions with labels. The CSV is UTF-8, except that file names
+which are not UTF-8 keep their original bytes (surrogateescape, see ``atomic.py``) and read back unchanged.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Predictions:
     @classmethod
     def from_csv(cls, path: Path) -> Predictions:
         try:
-            with open(path, encoding="utf-8", newline="") as fh:
+            with open(path, encoding="utf-8", errors=atomic.TEXT_ERRORS, newline="") as fh:
                 reader = csv.DictReader(fh)
                 columns = reader.fieldnames or []
                 rows = list(reader)
