@@ -132,10 +132,24 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
             checkpoint({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
                         "stage_epoch": stage_epoch, "stage_done": stop or stage_epoch == cfg.epochs})
         if stop:
-            log.info("early stopping %s: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     stage, cfg.monitor, stopper.patience, stopper.best, stopper.best_epoch)
+            if stage_epoch < cfg.epochs:  # stopping on the budget's last epoch is no early stop
+                log.info("%s", early_stop_message(stage, stage_epoch, cfg, stopper))
             break
     return history
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: log lines read as sentences."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def early_stop_message(stage: str, stage_epoch: int, cfg: TrainConfig, stopper: EarlyStopping) -> str:
+    """Why a stage ended before its epoch budget, in the numbers that made it stop."""
+    ran = f"early stopping {stage} after {count(stage_epoch, 'epoch')} of {cfg.epochs}"
+    best = f"best {cfg.monitor} {stopper.best:.4f} at epoch {stopper.best_epoch}"
+    if stopper.bad_epochs == 0:  # patience 0: stop after the first epoch whatever it scored
+        return f"{ran}: patience is 0 ({best})"
+    return f"{ran}: {cfg.monitor} has not improved for {count(stopper.bad_epochs, 'epoch')} ({best})"
 
 
 def _format_row(row: dict) -> str:

