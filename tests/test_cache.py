@@ -1,6 +1,13 @@
+import json
+import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from imgclf import cache, images
 from imgclf.cache import decode_all
@@ -39,3 +46,112 @@ def test_bad_images_are_listed_not_raised(tmp_path):
     decoded = decode_all(paths, 12, 1, tmp_path / "c")
     assert [b.path.name for b in decoded.bad] == ["broken.jpg"]
     assert [b.path.name for b in decode_all(paths, 12, 1, tmp_path / "c").bad] == ["broken.jpg"]  # from cache
+
+
+def bmp_paths(folder, n=4):
+    """Same-size BMPs: an edit that keeps size (and, with touch -r, mtime) is possible on them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i}.bmp")
+        Image.fromarray(np.full((8, 8), (40 * i) % 256, dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_decoded_again(tmp_path):
+    paths = bmp_paths(tmp_path / "d")
+    first = decode_all(paths, 8, 1, tmp_path / "c")
+    before = os.stat(paths[1])
+    size = paths[1].stat().st_size
+    Image.fromarray(np.full((8, 8), 250, dtype=np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r: the edit hides from size+mtime
+    assert paths[1].stat().st_size == size and paths[1].stat().st_mtime_ns == before.st_mtime_ns
+    second = decode_all(paths, 8, 1, tmp_path / "c")
+    assert second.file != first.file and second.open()[1].min() == 250 and first.open()[1].max() == 40
+
+
+def damage_truncate(entry):
+    entry.write_bytes(entry.read_bytes()[:-10])
+
+
+def damage_header(entry):
+    np.save(entry, np.zeros((2, 1, 8, 8), dtype=np.uint8))
+
+
+def damage_sidecar(entry):
+    entry.with_suffix(".json").write_text("{not json")
+
+
+def damage_sidecar_shape(entry):
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    entry.with_suffix(".json").write_text(json.dumps({**meta, "shape": [9, 9]}))
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_header, damage_sidecar, damage_sidecar_shape])
+def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    paths = bmp_paths(tmp_path / "d")
+    entry = decode_all(paths, 8, 1, tmp_path / "c").file
+    expected = np.array(np.load(entry))
+    damage(entry)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        rebuilt = decode_all(paths, 8, 1, tmp_path / "c")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("warning: decode cache entry") and "damaged" in m for m in messages), messages
+    assert any("decoding 4 images" in m for m in messages)
+    np.testing.assert_array_equal(rebuilt.open(), expected)
+
+
+def test_orphaned_temp_files_of_the_key_being_built_are_removed(tmp_path):
+    paths = bmp_paths(tmp_path / "d")
+    key = cache.fingerprint(paths, 8, 1)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    orphans = [folder / f".{key}.npy.x1y2.tmp", folder / f".{key}.json.z3.tmp"]
+    other = folder / ".0123456789abcdef01234567.npy.q9.tmp"  # another key: its writer may be alive
+    for path in [*orphans, other]:
+        path.write_bytes(b"half written")
+    decode_all(paths, 8, 1, folder)
+    assert not any(p.exists() for p in orphans) and other.exists()
+
+
+def test_names_that_are_not_utf8_key_and_list_bad_images(tmp_path):
+    paths = bmp_paths(tmp_path / "d", 2)
+    odd = Path(os.fsdecode(os.fsencode(tmp_path / "d") + b"/\xff.jpg"))
+    odd.write_bytes(b"not a jpeg")
+    first = decode_all([*paths, odd], 8, 1, tmp_path / "c")
+    again = decode_all([*paths, odd], 8, 1, tmp_path / "c")  # bad list read back from the sidecar
+    assert [b.path for b in first.bad] == [b.path for b in again.bad] == [odd]
+    assert first.file == again.file
+
+
+BUILD = """
+import logging, sys, time
+from pathlib import Path
+from imgclf.cache import decode_all
+from imgclf.logs import setup_logging
+setup_logging()
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.01)
+paths = sorted(Path(sys.argv[2]).glob("*.bmp"))
+decoded = decode_all(paths, 16, 1, sys.argv[3], threads=1)
+print("sum", int(decoded.open().sum(dtype="int64")))
+"""
+
+
+def test_two_processes_building_one_entry_at_once_build_it_once(tmp_path):
+    """Two real interpreters start on an empty cache together: one decodes, the other waits and reuses."""
+    paths = bmp_paths(tmp_path / "d", 120)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(go), str(tmp_path / "d"), str(tmp_path / "c")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    built = [err.count("decoding 120 images") for _, err in results]
+    assert sorted(built) == [0, 1], results
+    sums = {out.strip() for out, _ in results}
+    expected = sum(int(np.asarray(Image.open(p).resize((16, 16))).sum()) for p in paths)
+    assert sums == {f"sum {expected}"}
+    leftovers = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert [n for n in leftovers if n.endswith(".tmp")] == [] and sum(n.endswith(".npy") for n in leftovers) == 1

@@ -1,10 +1,12 @@
 import logging
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from imgclf.config import DataConfig
-from imgclf.data import build_index, detect_layout
+from imgclf.data import DatasetIndex, build_index, detect_layout
 from imgclf.errors import DataError
 
 from imagefactory import make_class_folders, make_csv, make_split_folders
@@ -109,3 +111,102 @@ def test_a_class_with_one_image_stays_in_train(tmp_path):
 def test_single_class_is_an_error(tmp_path):
     with pytest.raises(DataError, match="at least 2 classes"):
         index_of(make_class_folders(tmp_path / "d", 5, classes=["only"]))
+
+
+def deny_listing(monkeypatch, *denied: Path) -> None:
+    """We run as root, which lists any folder, so denial is simulated: os.scandir raises for ``denied``."""
+    real = os.scandir
+    blocked = {os.path.normpath(p) for p in denied}
+
+    def scandir(path="."):
+        if isinstance(path, (str, bytes, os.PathLike)) and os.path.normpath(os.fsdecode(path)) in blocked:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("where", ["left bar", "left bar/sub", "."])
+def test_an_unreadable_class_sub_or_root_folder_is_an_error_naming_it(pool_dataset, monkeypatch, where):
+    """Permission denial simulated (root reads everything): the class is not silently dropped."""
+    (pool_dataset / "left bar" / "sub").mkdir()
+    folder = pool_dataset / where
+    deny_listing(monkeypatch, folder)
+    with pytest.raises(DataError, match="cannot read .*permission denied") as err:
+        index_of(pool_dataset)
+    assert str(os.path.normpath(folder)) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unreadable_split_folder_is_an_error(tmp_path, monkeypatch):
+    """Permission denial simulated on the test split folder (we run as root)."""
+    root = make_split_folders(tmp_path / "d", {"train": 4, "test": 2})
+    deny_listing(monkeypatch, root / "test")
+    with pytest.raises(DataError, match=f"cannot read split folder {root / 'test'}: permission denied"):
+        index_of(root)
+
+
+def test_a_csv_row_with_an_empty_label_or_path_names_its_line(tmp_path):
+    csv_path = make_csv(tmp_path / "a", 4, with_split=False)
+    lines = csv_path.read_text().splitlines()
+    first = lines[1].split(",")[0]
+    csv_path.write_text("\n".join([*lines[:3], f"{first},  ", *lines[3:]]) + "\n")
+    with pytest.raises(DataError, match=f"labels.csv:4: the label of '{first}' is empty"):
+        index_of(csv_path)
+    csv_path.write_text("\n".join([*lines[:2], ",left bar", *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match="labels.csv:3: the path is empty"):
+        index_of(csv_path)
+
+
+def test_a_file_listed_twice_is_used_once_under_its_first_label_with_a_warning(tmp_path, caplog):
+    csv_path = make_csv(tmp_path / "a", 6, with_split=False)
+    lines = csv_path.read_text().splitlines()
+    path, label = lines[1].split(",")
+    csv_path.write_text(csv_path.read_text() + f"{path},top bar\n./{path},{label}\n")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        index = index_of(csv_path)
+    assert index.paths.count(path) == 1 and index.labels[index.paths.index(path)] == label
+    assert len(index) == 18
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 file(s) more than once (1 with another label)" in warning and f"{path} as 'top bar'" in warning
+
+
+def test_one_file_reached_through_a_symlink_in_another_class_is_kept_once(pool_dataset, caplog):
+    original = sorted((pool_dataset / "left bar").iterdir())[0]
+    os.symlink(original, pool_dataset / "top bar" / "link.png")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        index = index_of(pool_dataset)
+    assert "top bar/link.png" not in index.paths and f"left bar/{original.name}" in index.paths
+    assert "top bar/link.png as 'top bar'" in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_fifos_and_devices_in_folders_are_skipped_with_a_warning(pool_dataset, caplog):
+    os.mkfifo(pool_dataset / "left bar" / "pipe.png")
+    os.symlink("/dev/zero", pool_dataset / "right bar" / "zero.jpg")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        index = index_of(pool_dataset)
+    assert len(index) == 42 and not any(p.endswith(("pipe.png", "zero.jpg")) for p in index.paths)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "left bar/pipe.png (FIFO)" in warning and "right bar/zero.jpg (character device)" in warning
+
+
+def test_a_csv_listing_a_fifo_or_device_is_an_error_naming_the_line(tmp_path):
+    csv_path = make_csv(tmp_path / "a", 3, with_split=False)
+    os.symlink("/dev/zero", tmp_path / "a" / "images" / "zero.png")
+    csv_path.write_text(csv_path.read_text() + "images/zero.png,left bar\n")
+    with pytest.raises(DataError, match="labels.csv:11: 'images/zero.png' is a character device, not a regular"):
+        index_of(csv_path)
+    os.mkfifo(tmp_path / "fifo.csv")
+    with pytest.raises(DataError, match="fifo.csv is a FIFO"):
+        index_of(tmp_path / "fifo.csv")
+
+
+def test_split_csv_round_trips_names_that_are_not_utf8(tmp_path):
+    root = make_class_folders(tmp_path / "d", 5)
+    first = sorted((root / "left bar").iterdir())[0]
+    os.rename(first, os.fsencode(first.parent) + b"/\xff\xfe.png")
+    index = index_of(root)
+    odd = "left bar/" + os.fsdecode(b"\xff\xfe.png")
+    assert odd in index.paths and index.abspath(index.paths.index(odd)).is_file()
+    index.save(tmp_path / "split.csv")
+    assert b"left bar/\xff\xfe.png," in (tmp_path / "split.csv").read_bytes()
+    assert DatasetIndex.load(tmp_path / "split.csv", root, list(index.classes)) == index

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,3 +111,57 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     inverted = load_image(write_dicom(tmp_path / "b.dcm", pixels, photometric="MONOCHROME1"), 16, 1)[..., 0]
     assert inverted[:, :4].max() == 0 and inverted[:, 6:].min() == 255
     assert load_image(tmp_path / "a.dcm", 16, 3).shape == (16, 16, 3)
+
+
+def float_tiff(path: Path, values: tuple[float, float]) -> Path:
+    """A 32-bit float grayscale TIFF (Pillow mode F): bright left third at ``values[0]``, the rest ``values[1]``."""
+    pixels = np.full((12, 12), values[1], dtype=np.float32)
+    pixels[:, :4] = values[0]
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("bright", "dark", "expected"), [
+    (1.0, 0.2, (255, 51)),  # within [0, 1]: x 255
+    (200.0, 20.0, (200, 20)),  # within [0, 255]: kept
+    (65535.0, 2570.0, (255, 10)),  # within [0, 65535]: / 257
+])
+def test_float_tiffs_are_scaled_by_the_range_they_span(tmp_path, bright, dark, expected):
+    path = float_tiff(tmp_path / "f.tif", (bright, dark))
+    assert Image.open(path).mode == "F"
+    array = load_image(path, 12, 1)[..., 0]
+    assert array[:, 0].min() == array[:, 0].max() == expected[0]
+    assert array[:, -1].min() == array[:, -1].max() == expected[1]
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    ((float("nan"), 0.5), "NaN or infinite"),
+    ((float("inf"), 0.5), "NaN or infinite"),
+    ((0.5, -0.25), "outside 0..65535"),
+    ((70000.0, 1.0), "outside 0..65535"),
+])
+def test_float_tiffs_outside_the_rule_are_refused(tmp_path, values, reason):
+    path = float_tiff(tmp_path / "f.tif", values)
+    with pytest.raises(BadImage, match=reason) as err:
+        load_image(path, 12, 1)
+    assert "f.tif" in str(err.value)
+
+
+def test_a_fifo_or_device_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    """Opening either would block or never end; the refusal must come from os.stat alone."""
+    from imgclf import images
+
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    monkeypatch.setattr(images, "open_image", lambda path: pytest.fail(f"opened {path}"))
+    with pytest.raises(BadImage, match="pipe.png: it is a FIFO, not a regular file"):
+        load_image(tmp_path / "pipe.png", 8, 1)
+    with pytest.raises(BadImage, match="zero.jpg: it is a character device"):
+        load_image(tmp_path / "zero.jpg", 8, 1)
+    assert images.special_file_kind(tmp_path) == "folder" and images.special_file_kind(tmp_path / "no") is None
+
+
+def test_a_name_that_is_not_utf8_decodes(tmp_path):
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff\xfe.png"))
+    to_pil(pattern(0, 16, np.random.default_rng(0)), "L").save(path)
+    assert load_image(path, 8, 1).shape == (8, 8, 1)
