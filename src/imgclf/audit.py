@@ -10,6 +10,7 @@ device files are skipped with a warning, and no file is ever opened unless it is
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def warn_imbalance(train_counts: dict[str, int], balanced: bool, limit: float = 
 
 def format_report(report: dict) -> str:
     """The human table printed by ``imgclf audit``."""
-    lines = [f"dataset {report['dataset']} ({report['layout']}), {report['images']} images", ""]
+    lines = [f"dataset {shown(report['dataset'])} ({report['layout']}), {report['images']} images", ""]
     classes = sorted({c for counts in report["counts"].values() for c in counts})
     lines.append(f"{'split':<8}" + "".join(f"{c[:14]:>15}" for c in classes) + f"{'imbalance':>11}")
     for split, counts in report["counts"].items():
@@ -147,11 +148,17 @@ def format_report(report: dict) -> str:
               "modes:   " + ", ".join(f"{k} ({v})" for k, v in report["modes"].items()),
               "formats: " + ", ".join(f"{k} ({v})" for k, v in report["formats"].items()), ""]
     lines.append(f"unreadable files: {len(report['unreadable'])}")
-    lines += [f"  {p}: {reason}" for p, reason in report["unreadable"][:20]]
+    lines += [f"  {shown(p)}: {shown(reason)}" for p, reason in report["unreadable"][:20]]
     lines.append(f"exact duplicates: {len(report['exact_duplicates'])} group(s), "
                  f"{len(report['exact_duplicates_across_splits'])} across splits (leakage)")
-    lines += ["  " + " = ".join(f"{s}:{p}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
+    lines += ["  " + " = ".join(f"{s}:{shown(p)}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
     lines.append(f"near duplicates: {len(report['near_duplicates'])} pair(s), "
                  f"{len(report['near_duplicates_across_splits'])} across splits")
-    lines += [f"  {a[0]}:{a[1]} ~ {b[0]}:{b[1]} ({d} bits)" for a, b, d in report["near_duplicates_across_splits"][:20]]
+    lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
+              for a, b, d in report["near_duplicates_across_splits"][:20]]
     return "\n".join(lines)
+
+
+def shown(text: str) -> str:
+    """``text`` for a terminal: bytes of a file name that are not UTF-8 appear as ``\\xNN``, never raw."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
