@@ -176,7 +176,7 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     with pytest.raises(imgclf.ImgclfError, match="training diverged.*lower --lr"):
         imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 5}))
     good = imgclf.load_run(tmp_path / "r")
-    assert good.meta["epoch"] <= 2 and np.isfinite(next(good.model.parameters()).detach().numpy()).all()
+    assert good.meta.epoch <= 2 and np.isfinite(next(good.model.parameters()).detach().numpy()).all()
 
 
 def test_empty_data_is_an_error(tmp_path):

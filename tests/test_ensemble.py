@@ -7,13 +7,13 @@ from torch import nn
 
 import imgclf
 from imgclf.averaging import BestWeights, average_if_better
-from imgclf.classical import HEAD_FILE, load_head
 from imgclf.cli import main
 from imgclf.ensemble import combine, create_ensemble, fit_weights
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.grid import grid_search, parse_params
 from imgclf.predictions import Predictions
-from imgclf.run import load_run
+from imgclf.run import HEAD_FILE, load_run
+from imgclf.safehead import load_head
 
 from conftest import tiny_config
 from imagefactory import make_class_folders
@@ -79,7 +79,7 @@ def test_ensemble_is_a_run_whose_probabilities_are_the_members_mean(members, tmp
 
 def test_weighted_and_majority_ensembles(members, tmp_path):
     weighted = create_ensemble([m.path for m in members], tmp_path / "w", "weighted")
-    assert weighted.spec["fitted_on"] == "val" and sum(weighted.spec["weights"]) == pytest.approx(1)
+    assert weighted.spec.fitted_on == "val" and sum(weighted.spec.weights) == pytest.approx(1)
     val = [m.probabilities("val") for m in members]
     best_single = min(_log_loss(v) for v in val)
     assert weighted.metrics["val"]["log_loss"] <= best_single + 1e-6  # fitted on val: never worse there
@@ -124,7 +124,7 @@ def test_a_head_file_with_foreign_types_is_refused(tmp_path, members):
 
     dump({"head": Foreign()}, tmp_path / HEAD_FILE)
     with pytest.raises(RunDirError, match="refusing to load"):
-        load_head(tmp_path)
+        load_head(tmp_path / HEAD_FILE, "svm")
 
 
 class Foreign:

@@ -53,7 +53,7 @@ def test_atomic_writes_get_ordinary_permissions_and_keep_existing_ones(tmp_path)
 
 def test_without_restore_best_the_last_epoch_is_kept_and_the_best_saved_aside(tmp_path, pool_dataset):
     run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 3, "restore_best": False}))
-    assert run.meta["epoch"] == 3
+    assert run.meta.epoch == 3
     assert (run.path / "best.safetensors").is_file() and (run.path / "best.json").is_file()
 
 

@@ -98,7 +98,7 @@ def test_binary_sigmoid_head_with_class_weights(tmp_path):
                                    train={"class_weight": "balanced"}))
     test = run.metrics["test"]
     assert test["positive_class"] == "pneumonia" and {"sensitivity", "specificity", "ppv", "npv"} <= set(test)
-    assert run.meta["output_units"] == 1
+    assert run.meta.output_units == 1
 
 
 def test_predict_works_from_the_run_directory_alone(trained_run, tmp_path):

@@ -145,7 +145,7 @@ def test_stages_run_in_order_and_are_marked_in_history(tmp_path, pool_dataset):
     assert [r["stage"] for r in rows] == ["head"] * 3 + ["all"] * 2
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     best = min(rows, key=lambda r: float(r["val_loss"]))
-    assert run.meta["epoch"] == int(best["epoch"])
+    assert run.meta.epoch == int(best["epoch"])
 
 
 def test_a_worse_stage_never_replaces_the_best_so_far(tmp_path, pool_dataset):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -11,6 +10,7 @@ from torch import nn
 
 from . import atomic
 from .errors import RunDirError
+from .runfiles import read_json as read_run_json  # noqa: F401 - kept for callers: one run-JSON reader
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
@@ -19,20 +19,6 @@ def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     with atomic.atomic_path(path) as tmp:
         save_file(state, str(tmp))
     atomic.write_json(path.with_suffix(".json"), metadata)
-
-
-def read_run_json(path: Path):
-    """A JSON file of a run directory; missing or damaged is a one-line RunDirError."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{path} is damaged ({err.msg}); re-train or restore it") from None
-
-
-def load_metadata(path: Path) -> dict:
-    return read_run_json(path.with_suffix(".json"))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -4,7 +4,8 @@ frozen backbone's penultimate features, the hybrid "CNN as feature extractor + S
 The backbone runs once per image; each candidate of a small grid (e.g. the SVM's C) is fitted on
 the training features and scored on validation by the run's monitor, and the best is kept. The
 head is saved with skops (a safe format for scikit-learn objects, no pickle), the backbone as
-safetensors, so the run directory is used by evaluate, predict and report like any other.
+safetensors, so the run directory is used by evaluate, predict and report like any other;
+``safehead.load_head`` reads it back trusting only the exact types written here.
 """
 
 from __future__ import annotations
@@ -25,17 +26,16 @@ from torch import nn
 
 from .checkpoint import save_weights
 from .config import Config
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError
 from .logs import get_logger, is_main_process
 from .metrics import compute_metrics, validation_row
 from .model import Classifier, build_model
 from .pipeline import eval_loader
 from .predictions import Predictions
-from .run import MODEL_FILE
+from .run import HEAD_FILE, MODEL_FILE
 from .transforms import tta_views
 
 log = get_logger("classical")
-HEAD_FILE = "head.skops"
 # head -> (parameter searched on validation, its values)
 GRIDS: dict[str, tuple[str, list]] = {"svm": ("C", [0.1, 1.0, 10.0]), "logreg": ("C", [0.01, 0.1, 1.0, 10.0]),
                                       "knn": ("n_neighbors", [3, 5, 11]), "rf": ("n_estimators", [100, 300])}
@@ -64,7 +64,7 @@ def make_head(kind: str, value, seed: int, balanced: bool, targets: np.ndarray):
     estimator = {"svm": lambda: CalibratedClassifierCV(SVC(C=value, class_weight=weight, random_state=seed),
                                                        method="sigmoid", cv=folds, ensemble=False),
                  "logreg": lambda: LogisticRegression(C=value, max_iter=5000, class_weight=weight),
-                 "knn": lambda: KNeighborsClassifier(n_neighbors=min(value, n_train)),
+                 "knn": lambda: KNeighborsClassifier(n_neighbors=min(value, n_train), algorithm="brute"),
                  "rf": lambda: RandomForestClassifier(n_estimators=value, class_weight=weight, random_state=seed,
                                                       n_jobs=1)}[kind]()
     return make_pipeline(StandardScaler(), estimator)
@@ -140,17 +140,3 @@ def save_head(head, path: Path) -> None:
 
     with atomic.atomic_path(path) as tmp:
         dump(head, tmp)
-
-
-def load_head(run_path: Path):
-    """The saved head; refuses a file holding anything but scikit-learn, NumPy and SciPy types."""
-    from skops.io import get_untrusted_types, load
-
-    path = Path(run_path) / HEAD_FILE
-    if not path.is_file():
-        raise RunDirError(f"{path} is missing; the run was trained with a scikit-learn head and needs it")
-    types = get_untrusted_types(file=path)
-    foreign = [t for t in types if not t.startswith(("sklearn.", "numpy.", "scipy."))]
-    if foreign:
-        raise RunDirError(f"{path} holds types imgclf does not write ({', '.join(foreign[:3])}); refusing to load it")
-    return load(path, trusted=types)

@@ -18,8 +18,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 
-from . import atomic
-from .checkpoint import read_run_json
+from . import atomic, manifest, runfiles
 from .config import config_to_yaml
 from .errors import ConfigError, RunDirError
 from .predictions import Predictions
@@ -103,6 +102,7 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
         ensemble.choose_threshold(config.evaluate.threshold, ensemble.combined(val))
     if evaluate_test and "test" in first.index().splits:
         ensemble.evaluate("test")
+    manifest.seal(out)
     if config.evaluate.report:
         from .htmlreport import write_report
 
@@ -113,21 +113,30 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
 class EnsembleRun(Run):
     """An ensemble directory: evaluate, predict and report as for a run; the members do the predicting."""
 
+    def __init__(self, path: str | Path, chain: tuple[Path, ...] = ()):
+        super().__init__(path)
+        self.chain = chain or (self.path.resolve(),)  # this ensemble and the ones that contain it
+
     @cached_property
-    def spec(self) -> dict:
-        return read_run_json(self.path / ENSEMBLE_FILE)
+    def spec(self) -> runfiles.EnsembleFile:
+        return runfiles.read_ensemble(self.path / ENSEMBLE_FILE)
 
     @cached_property
     def members(self) -> list[Run]:
         from .run import load_run
 
-        missing = [p for p in self.spec["members"] if not Path(p).is_dir()]
+        missing = [p for p in self.spec.members if not Path(p).is_dir()]
         if missing:
             raise RunDirError(f"ensemble member {missing[0]} is gone; the ensemble needs its members' directories")
-        return [load_run(p) for p in self.spec["members"]]
+        runs = [load_run(p, self.chain) for p in self.spec.members]
+        odd = next((r for r in runs if r.classes != self.classes), None)
+        if odd is not None:
+            raise RunDirError(f"ensemble member {odd.path} has classes {odd.classes}, the ensemble {self.classes}; "
+                              "re-create the ensemble")
+        return runs
 
     def combined(self, parts: list[Predictions]) -> Predictions:
-        probs = combine([p.probs for p in parts], self.spec["method"], self.spec["weights"])
+        probs = combine([p.probs for p in parts], self.spec.method, self.spec.weights)
         return Predictions(parts[0].paths, self.classes, parts[0].true, probs)
 
     def probabilities(self, split: str, data_root=None, shuffle: bool = False, prepared=None,
@@ -152,7 +161,7 @@ class EnsembleRun(Run):
         return None
 
     def describe(self) -> str:
-        names = ", ".join(Path(p).name for p in self.spec["members"])
-        weights = self.spec["weights"]
+        names = ", ".join(Path(p).name for p in self.spec.members)
+        weights = self.spec.weights
         how = f"weights {', '.join(f'{w:.2f}' for w in weights)} fitted on validation" if weights else "equal weights"
-        return f"{self.spec['method']}-vote ensemble of {len(self.members)} runs ({names}), {how}"
+        return f"{self.spec.method}-vote ensemble of {len(self.members)} runs ({names}), {how}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 
 from . import atomic
@@ -26,6 +27,26 @@ from .checkpoint import load_weights
 from .errors import RunDirError
 
 STATE_DIR = "resume"
+
+
+class _Stopper(BaseModel):
+    best: float | None
+    best_epoch: int | None = Field(ge=1)
+    bad: int = Field(ge=0)
+
+
+class ResumeInfo(BaseModel):
+    """state.json, checked before any of it steers training (a tampered file is an error, not a crash)."""
+
+    model_config = ConfigDict(extra="allow")
+    epoch: int = Field(ge=1)
+    stage_index: int = Field(ge=0, le=100)
+    stage_epoch: int = Field(ge=0)
+    stage_done: bool
+    history: list[dict[str, float | int | str | None]]
+    stopper: _Stopper
+    numpy_rng: tuple[str, list[int], int, int, float]
+    python_rng: tuple[int, list[int], float | None]
 
 
 def capture_rng(generator: torch.Generator) -> tuple[dict, dict]:
@@ -38,12 +59,16 @@ def capture_rng(generator: torch.Generator) -> tuple[dict, dict]:
 
 
 def restore_rng(generator: torch.Generator, tensors: dict, plain: dict) -> None:
-    torch.set_rng_state(tensors["torch_rng"])
-    generator.set_state(tensors["data_rng"])
-    kind, keys, pos, has_gauss, cached = plain["numpy_rng"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, state, gauss = plain["python_rng"]
-    random.setstate((version, tuple(state), gauss))
+    try:
+        torch.set_rng_state(tensors["torch_rng"])
+        generator.set_state(tensors["data_rng"])
+        kind, keys, pos, has_gauss, cached = plain["numpy_rng"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, state, gauss = plain["python_rng"]
+        random.setstate((version, tuple(state), gauss))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as err:
+        raise RunDirError(f"the saved random-number states are damaged ({str(err)[:100]}); start the run again") \
+            from None
 
 
 def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fit_state: dict, info: dict,
@@ -83,7 +108,14 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     folder = latest_state(out)
     try:
         info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        ResumeInfo.model_validate(info)
         tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("torch_rng", "data_rng")):
+            raise ValueError("state.pt lacks the RNG states")
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise RunDirError(f"{folder / 'state.json'}: {'.'.join(map(str, first['loc']))}: {first['msg']}; "
+                          "start the run again") from None
     except Exception as err:
         raise RunDirError(f"training state in {folder} is damaged ({str(err).splitlines()[0][:120]}); "
                           f"start the run again") from None

@@ -6,29 +6,31 @@ model.safetensors + model.json. The images themselves stay where the dataset is.
 
 from __future__ import annotations
 
-import json
+import csv
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import atomic
-from .checkpoint import load_metadata, load_weights, read_run_json
+from . import atomic, manifest, runfiles
+from .checkpoint import load_weights
 from .config import Config, load_config
-from .data import DatasetIndex
+from .data import SPLITS, DatasetIndex
 from .errors import ConfigError, RunDirError
 from .evaluate import predict_probs
 from .metrics import save_and_score
-from .model import Classifier, Preprocess, build_model
+from .model import Classifier, Preprocess, build_model, output_units, resolve_preprocess
 from .objective import Objective
 from .operating import choose_threshold, positive_index
 from .pipeline import PreparedData, eval_loader, prepare
 from .predictions import Predictions
 from .runtime import Compute
+from .safehead import load_head
 from .uncertainty import confidence_intervals
 
 MODEL_FILE = "model.safetensors"
+HEAD_FILE = "head.skops"
 THRESHOLD_FILE = "threshold.json"
 
 
@@ -46,17 +48,39 @@ class Run:
 
     @cached_property
     def classes(self) -> list[str]:
-        return self._json("classes.json")
+        return runfiles.read_classes(self.path / "classes.json")
 
     @cached_property
-    def meta(self) -> dict:
-        return load_metadata(self.path / MODEL_FILE)
+    def meta(self) -> runfiles.ModelFile:
+        """model.json, validated and checked against classes.json and config.yaml."""
+        path = self.path / MODEL_FILE
+        meta = runfiles.read_model_file(path.with_suffix(".json"))
+        if meta.classes != self.classes:
+            raise RunDirError(f"{path.with_suffix('.json')} and classes.json list different classes (or orders); "
+                              f"{runfiles.FIX}")
+        expected_units = output_units(self.config.model, len(self.classes))
+        if meta.output_units != expected_units:
+            raise RunDirError(f"{path.with_suffix('.json')}: output_units is {meta.output_units}, the config's model "
+                              f"has {expected_units}; {runfiles.FIX}")
+        self._check_preprocess(meta.preprocess)
+        return meta
 
     @property
     def preprocess(self) -> Preprocess:
-        p = self.meta["preprocess"]
-        return Preprocess(p["size"], p["channels"], tuple(p["mean"]), tuple(p["std"]),
-                          p.get("interpolation", "bilinear"))
+        p = self.meta.preprocess
+        return Preprocess(p.size, p.channels, tuple(p.mean), tuple(p.std), p.interpolation)
+
+    def _check_preprocess(self, saved: runfiles.PreprocessFile) -> None:
+        """model.json's input must be what config.yaml trained: an edited size must not reach the model."""
+        data = self.config.data
+        expected = resolve_preprocess(self.config.model, data.image_size, data.channels, data.interpolation)
+        same = (saved.size, saved.channels, saved.interpolation) == (expected.size, expected.channels,
+                                                                      expected.interpolation)
+        close = all(abs(a - b) < 1e-6 for a, b in zip(saved.mean + saved.std, expected.mean + expected.std,
+                                                         strict=True))
+        if not (same and close):
+            raise RunDirError(f"{self.path / 'model.json'}: preprocess {saved.model_dump()} does not match what "
+                              f"config.yaml trains ({expected.to_dict()}); {runfiles.FIX}")
 
     @cached_property
     def compute(self) -> Compute:
@@ -75,24 +99,37 @@ class Run:
 
     @property
     def objective(self) -> Objective:
-        return Objective(len(self.classes), sigmoid=self.meta["output_units"] == 1)
+        return Objective(len(self.classes), sigmoid=self.meta.output_units == 1)
 
     @property
     def metrics(self) -> dict:
         path = self.path / "metrics.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        metrics = runfiles.read_json(path) if path.exists() else {}
+        if not isinstance(metrics, dict):
+            raise RunDirError(f"{path} must hold an object of splits; delete it and run imgclf evaluate")
+        return metrics
 
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
-        root = Path(data_root) if data_root else Path(self._json("dataset.json")["root"])
+        root = Path(data_root) if data_root else Path(runfiles.read_dataset(self.path / "dataset.json").root)
         if not root.is_dir():
             raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
-        return DatasetIndex.load(self.path / "split.csv", root, self.classes)
+        path = self.path / "split.csv"
+        try:
+            index = DatasetIndex.load(path, root, self.classes)
+        except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
+            raise RunDirError(f"{path} is damaged ({type(err).__name__}: {err}); {runfiles.FIX}") from None
+        odd = next((i for i in range(len(index)) if index.labels[i] not in self.classes
+                    or index.splits[i] not in SPLITS), None)
+        if odd is not None:
+            raise RunDirError(f"{path}: row {odd + 2} has label {index.labels[odd]!r} and split "
+                              f"{index.splits[odd]!r}, not a class of the run and train/val/test; {runfiles.FIX}")
+        return index
 
     @property
     def threshold(self) -> float | None:
         """The binary decision threshold chosen on validation (threshold.json), None for argmax."""
         path = self.path / THRESHOLD_FILE
-        return read_run_json(path)["threshold"] if path.exists() else None
+        return runfiles.read_threshold(path, self.classes).threshold if path.exists() else None
 
     @property
     def positive(self) -> int:
@@ -133,9 +170,7 @@ class Run:
         """The scikit-learn classifier of a run trained with ``--head svm|logreg|knn|rf``, else None."""
         if self.config.model.head == "linear":
             return None
-        from .classical import load_head
-
-        return load_head(self.path)
+        return load_head(self.path / HEAD_FILE, self.config.model.head)
 
     def describe(self) -> str:
         """One line for the report: the model and its input."""
@@ -172,6 +207,7 @@ class Run:
         else:
             atomic.write_json(path, {"rule": rule, "threshold": value, "positive_class": self.classes[self.positive],
                                      "chosen_on": "val"})
+        manifest.reseal(self.path, THRESHOLD_FILE)
         self.score(val, "val")
         return value
 
@@ -187,12 +223,43 @@ class Run:
             preds.to_csv(Path(out))
         return preds
 
-    def _json(self, name: str):
-        return read_run_json(self.path / name)
+
+MAX_NESTING = 8  # ensembles of ensembles, at most this deep
 
 
-def load_run(path: str | Path) -> Run:
-    """The run in ``path``: a trained model, or an ensemble of runs (``imgclf ensemble``)."""
+def load_run(path: str | Path, _outer: tuple[Path, ...] = ()) -> Run:
+    """The run in ``path``, its files checked against its manifest: a trained model, or an ensemble of runs.
+
+    ``_outer`` holds the ensembles that led here, so an ensemble that lists itself, directly or
+    through another, is an error instead of endless recursion.
+    """
     from .ensemble import ENSEMBLE_FILE, EnsembleRun
 
-    return EnsembleRun(path) if (Path(path) / ENSEMBLE_FILE).is_file() else Run(path)
+    path = Path(path)
+    if path.resolve() in _outer:
+        raise RunDirError(f"ensemble {_outer[-1]} lists {path}, which contains it: an ensemble cannot be its own "
+                          "member; list trained runs only")
+    if len(_outer) >= MAX_NESTING:
+        raise RunDirError(f"{_outer[0]} nests ensembles more than {MAX_NESTING} deep; list trained runs instead")
+    run = EnsembleRun(path, (*_outer, path.resolve())) if (path / ENSEMBLE_FILE).is_file() else Run(path)
+    manifest.verify(path)
+    return run
+
+
+def check_and_seal(path: str | Path) -> dict[str, str]:
+    """``imgclf seal RUN``: validate every file of the run as loading does, then record their hashes.
+
+    For a user who edited a sealed file on purpose; an edit that breaks a schema or disagrees with
+    the rest of the run is refused here, not sealed.
+    """
+    from .ensemble import ENSEMBLE_FILE, EnsembleRun
+
+    path = Path(path)
+    run = EnsembleRun(path) if (path / ENSEMBLE_FILE).is_file() else Run(path)
+    _ = run.config, run.classes, run.threshold, run.metrics
+    if isinstance(run, EnsembleRun):
+        _ = run.members
+    else:
+        _ = run.meta, run.head
+        runfiles.read_dataset(path / "dataset.json")
+    return manifest.seal(path)
