@@ -64,9 +64,9 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
     if folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if group_column:
-        groups = _groups(root, group_column, len(rows)) if layout == "csv" else None
-        if groups is None:
+        if layout != "csv":
             raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
+        groups = _groups(root, group_column, [p for p, _, _ in rows])
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=config.train.seed % 2**32)
         splits = splitter.split(paths, labels, groups)
     else:
@@ -91,14 +91,18 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
     return written
 
 
-def _groups(csv_path: Path, column: str, expected: int) -> list[str] | None:
+def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
+    """The group of each scanned row, looked up by its path (the scan keeps one row per file)."""
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     with open(csv_path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         if column not in (reader.fieldnames or []):
             raise DataError(f"{csv_path} has no {column!r} column (found {reader.fieldnames})")
-        groups = [row[column] for row in reader]
-    return groups if len(groups) == expected else None
+        path_column = next(c for c in reader.fieldnames or [] if c.strip().lower() == "path")
+        lookup: dict[str, str] = {}
+        for row in reader:  # the first row of a repeated path wins, as in the scan
+            lookup.setdefault((row[path_column] or "").strip(), row[column])
+    return [lookup[p] for p in paths]
 
 
 def cross_validate(config: Config, folds: int = 5, group_column: str | None = None, backend: str = "sequential",
