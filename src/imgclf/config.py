@@ -7,37 +7,73 @@ Every leaf field is also a CLI flag (``cliflags.py`` derives them), so a run is 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 
+def _absolute(value: str | None) -> str | None:
+    """Resolved against the current directory when the config is made, so a saved config works from anywhere."""
+    return os.path.abspath(os.path.expanduser(value)) if value else value
+
+
+def _positive(widths: list[int]) -> list[int]:
+    if any(w <= 0 for w in widths):
+        raise ValueError(f"every width must be a positive number (got {widths}); e.g. 32,64")
+    return widths
+
+
+def _known_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+AbsolutePath = Annotated[str | None, AfterValidator(_absolute)]
+Widths = Annotated[list[int], AfterValidator(_positive)]
+Device = Annotated[str, AfterValidator(_known_device)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()  # stored absolute; what the user typed goes in <field>_as_typed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_typed_paths(cls, values: Any) -> Any:
+        """A relative value is as typed; an absolute one keeps the typed form it was saved with."""
+        for name in cls.PATH_FIELDS if isinstance(values, dict) else ():
+            value, typed = values.get(name), f"{name}_as_typed"
+            if isinstance(value, str) and value and (not os.path.isabs(value) or not values.get(typed)):
+                values = {**values, typed: value}
+        return values
 
 
 class DataConfig(_Section):
-    path: str | None = Field(None, description="dataset folder, or a CSV/TSV with path,label[,split]")
+    PATH_FIELDS = ("path", "cache_dir")
+    path: AbsolutePath = Field(None, description="dataset folder, or a CSV/TSV with path,label[,split]")
     layout: Literal["auto", "split_folders", "class_folders", "csv"] = Field(
-        "auto", description="dataset layout; auto detects train/val/test folders, class folders or a CSV"
-    )
+        "auto", description="dataset layout; auto detects train/val/test folders, class folders or a CSV")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="share held out for validation (of a pool, or of train)")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="share of a pool (class folders, CSV) held out for test")
     image_size: int | None = Field(
-        None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)"
-    )
+        None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
     split_seed: int | None = Field(None, ge=0, description="seed of the train/val/test split (default: --seed)")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
-    cache_dir: str | None = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
+    cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
         None, description="resize filter (default: the model's own, bilinear for simple_cnn)")
     positive_class: str | None = Field(None, description="positive class for binary metrics (default: 2nd)")
     workers: int | None = Field(None, ge=0, description="data loader worker processes (default: automatic)")
+    path_as_typed: str | None = Field(None, description="data.path as typed (informational)")
+    cache_dir_as_typed: str | None = Field(None, description="data.cache_dir as typed (informational)")
 
 
 class AugmentConfig(_Section):
@@ -52,42 +88,40 @@ class AugmentConfig(_Section):
     horizontal_flip: bool | None = Field(None, description="random left-right flips")
     vertical_flip: bool | None = Field(None, description="random up-down flips")
     fill_mode: Literal["nearest", "constant", "reflect"] | None = Field(
-        None, description="how pixels outside the image are filled"
-    )
+        None, description="how pixels outside the image are filled")
     cval: int = Field(0, ge=0, le=255, description="fill value for fill_mode=constant")
     brightness_range: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2"
-    )
+        None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2")
 
 
 class ModelConfig(_Section):
+    PATH_FIELDS = ("weights",)
     name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...)")
     head: Literal["linear", "svm", "logreg", "knn", "rf"] = Field(
         "linear", description="linear: trained with the network; svm, logreg, knn, rf: a scikit-learn "
                               "classifier on frozen backbone features, its parameter chosen on validation")
-    conv_filters: list[int] = Field([32, 64, 128], min_length=1, description="simple_cnn: filters per block")
+    conv_filters: Widths = Field([32, 64, 128], min_length=1, description="simple_cnn: filters per block")
     kernel_size: int = Field(3, ge=1, le=11, description="simple_cnn: convolution kernel size")
     conv_dropout: float = Field(0.0, ge=0, lt=1, description="simple_cnn: dropout after each conv block")
     conv_batchnorm: bool = Field(True, description="simple_cnn: BatchNorm after each convolution")
     pool: Literal["avg", "max", "flatten"] = Field("avg", description="how the feature map becomes a vector")
-    dense_layers: list[int] = Field([], description="hidden dense layers of the head, e.g. 512")
+    dense_layers: Widths = Field([], description="hidden dense layers of the head, e.g. 512")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each dense layer of the head")
     head_batchnorm: bool = Field(False, description="BatchNorm on the pooled features")
     binary_head: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="2 classes: 2-way softmax or a single logit trained with BCE"
-    )
+        "softmax", description="2 classes: 2-way softmax or a single logit trained with BCE")
     pretrained: bool = Field(False, description="start from ImageNet weights (offline package, or timm's hub)")
-    weights: str | None = Field(None, description="start from a local state dict (.safetensors, .pth, .bin)")
+    weights: AbsolutePath = Field(None, description="start from a local state dict (.safetensors, .pth, .bin)")
     weights_map: Literal["auto", "name", "position"] = Field(
         "auto", description="match --weights to the model by key name or by position")
+    weights_as_typed: str | None = Field(None, description="model.weights as typed (informational)")
 
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1, description="maximum number of epochs")
     batch_size: int = Field(32, ge=1, description="images per batch")
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] = Field(
-        "adamw", description="optimizer"
-    )
+        "adamw", description="optimizer")
     lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop")
@@ -105,7 +139,7 @@ class TrainConfig(_Section):
     early_stopping: bool = Field(True, description="stop when the monitor stops improving")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
     seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")
     channels_last: bool | None = Field(None, description="channels-last memory format (default: on)")

@@ -164,3 +164,42 @@ def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int,
     own = data.get("interpolation", "bilinear")
     own = own if own in ("bilinear", "bicubic", "nearest") else "bilinear"
     return Preprocess(size, channels, mean, std, interpolation or own)
+
+
+def simple_cnn_feature_size(size: int, blocks: int, kernel_size: int) -> int:
+    """Side of the simple CNN's last feature map: each block's conv keeps the size (+1 for an even
+    kernel), its 2x2 max-pool halves it; 0 means the map vanished and the network cannot run."""
+    for _ in range(blocks):
+        size = (size + 2 * (kernel_size // 2) - kernel_size + 1) // 2
+        if size < 1:
+            return 0
+    return size
+
+
+def check_input_size(cfg: ModelConfig, preprocess: Preprocess) -> None:
+    """Refuse an image size the network cannot take, before a run directory exists.
+
+    The simple CNN is checked by arithmetic; a timm backbone is built without weights and run on one
+    zero image, so a vanishing feature map or a fixed-size model (ViT) fails here as one line.
+    """
+    size = preprocess.size
+    if cfg.name == SIMPLE_CNN:
+        blocks = len(cfg.conv_filters)
+        if simple_cnn_feature_size(size, blocks, cfg.kernel_size) < 1:
+            smallest = 1  # walk back from a 1 px map: a pool doubles it, an even kernel's conv adds 1 px
+            for _ in range(blocks):
+                smallest = max(1, 2 * smallest - (1 - cfg.kernel_size % 2))
+            raise ConfigError(f"image_size {size} is too small for simple_cnn with {blocks} conv blocks (each "
+                              f"halves it); use --image-size {smallest} or more, or fewer --conv-filters")
+        return
+    backbone = build_backbone(cfg, preprocess.channels).eval()
+    try:
+        with torch.no_grad():
+            features = backbone(torch.zeros(1, preprocess.channels, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(f"image_size {size} does not fit {cfg.name} ({reason}); use a larger --image-size, "
+                          "e.g. the model's own (leave --image-size unset)") from None
+    if features.numel() == 0:
+        raise ConfigError(f"image_size {size} is too small for {cfg.name}: its feature map vanishes; "
+                          "use a larger --image-size, e.g. the model's own (leave --image-size unset)")

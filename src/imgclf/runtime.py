@@ -41,13 +41,29 @@ def derive_seed(base: int, key: str) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``name`` names, refused with a one-line ConfigError when this machine does not have it.
+
+    Checked before the run directory exists, so a wrong --device never leaves a half-made run behind.
+    """
+    from .errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ConfigError
-
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use --device auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name!r} but this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}); "
+                          "use --device cuda or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but Apple MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported; use --device auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def cpu_supports_bf16() -> bool:
