@@ -70,3 +70,35 @@ def test_a_bad_stage_is_a_one_line_error_naming_the_stage():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="not a policy"):
         build_config({"train": {"freeze": "some"}})
+
+
+def test_paths_are_stored_absolute_with_what_was_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"data": {"path": "data", "cache_dir": "~/cache"}, "model": {"weights": "w/b.pth"}})
+    assert cfg.data.path == str(tmp_path / "data") and cfg.data.path_as_typed == "data"
+    assert cfg.data.cache_dir.endswith("/cache") and not cfg.data.cache_dir.startswith("~")
+    assert cfg.data.cache_dir_as_typed == "~/cache"
+    assert (cfg.model.weights, cfg.model.weights_as_typed) == (str(tmp_path / "w" / "b.pth"), "w/b.pth")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    assert load_config(saved) == cfg  # read back from another directory: the same places
+    assert not any(flag_name(s, n).endswith("_as_typed") for s, n, _ in config_fields())  # no flags for them
+
+
+def test_an_old_config_without_typed_paths_still_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"data": {"path": "/data/xray"}, "model": {"name": "simple_cnn"}}))
+    cfg = load_config(old)
+    assert (cfg.data.path, cfg.data.path_as_typed, cfg.model.weights) == ("/data/xray", "/data/xray", None)
+
+
+def test_a_path_flag_replaces_the_files_typed_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(build_config({"data": {"path": "old data"}})))
+    args = build_parser().parse_args(["train", "--config", str(saved), "--data", "new data"])
+    cfg = config_from_args(args)
+    assert (cfg.data.path, cfg.data.path_as_typed) == (str(tmp_path / "new data"), "new data")
