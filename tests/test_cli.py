@@ -2,16 +2,13 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+from clitools import assert_clean_error, imgclf
 from imgclf.cli import main
 
-from clitools import assert_clean_error, imgclf
 from imagefactory import make_class_folders, make_csv, make_split_folders
 
 TINY = ["--image-size", "16", "--conv-filters", "8,16", "--dropout", "0", "--augment", "none", "--epochs", "10",

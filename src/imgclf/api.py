@@ -12,18 +12,20 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, manifest
 from .audit import warn_imbalance, warn_leakage
 from .averaging import BestWeights, average_if_better
 from .checkpoint import load_weights, save_weights
 from .config import Config, config_to_yaml
 from .data import DatasetIndex, build_index
 from .errors import ConfigError, DataError
+from .fit import count
+from .manifest import INCOMPLETE
 from .model import Preprocess, build_model, check_input_size, check_model_name, output_units, resolve_preprocess
 from .objective import Objective, balanced_class_weights
 from .pipeline import PreparedData, prepare, write_skipped
 from .resume import load_state, restore_best_file
-from .run import MODEL_FILE, Run, load_run
+from .run import MODEL_FILE, Run
 from .runtime import Compute, get_logger, is_main_process, seed_everything
 from .saved_split import load_saved_split
 from .stages import StageRunner, resolve_stages
@@ -31,7 +33,6 @@ from .versions import library_versions
 
 log = get_logger("api")
 
-INCOMPLETE = "INCOMPLETE"  # in a run directory from its creation until finish_run's last step
 INCOMPLETE_NOTE = ("This imgclf run has not finished (it is running, failed or was killed). Continue it with\n"
                    "`imgclf train --resume DIR`, or train again with the same --out to replace it.\n")
 # What imgclf writes into a run directory: replaced when an unfinished run's --out is reused.
@@ -117,7 +118,7 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
         best["epoch"] = resume[1]["stopper"]["best_epoch"]
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)
-    log.info("trained %d epochs in %.1f s", len(history), time.perf_counter() - start)
+    log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
     if not config.train.restore_best:
         save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
     elif len(recent_bests) > 1 and is_main_process():
@@ -175,19 +176,21 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
     """Evaluate val, choose the threshold on it, evaluate test once; write the summary and report."""
     from .report import write_summary
 
-    run = load_run(s.out)
+    run = Run(s.out)  # not load_run: the run is sealed only at the end of this function
     if "val" in s.index.splits:
         # scored once, at the threshold chosen on it, before test is read
         run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
     write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
+    if is_main_process():
+        manifest.seal(s.out)
+        mark_finished(s.out)  # finished and sealed: the report below reads it as any later command does
     if s.config.evaluate.report and is_main_process():
         from .htmlreport import write_report
 
         write_report(s.out)
     log.info("run written to %s", s.out)
-    mark_finished(s.out)
     return run
 
 

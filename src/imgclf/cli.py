@@ -113,6 +113,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal(args: argparse.Namespace) -> int:
+    from .run import check_and_seal
+
+    files = check_and_seal(args.run)
+    print(f"sealed {args.run}: {len(files)} files checked and their sha256 recorded in manifest.json")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .run import load_run
@@ -252,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html for a run, cv or grid directory")
     p.add_argument("dir", help="run, cv or grid directory")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("seal", help="after editing a run's files on purpose: check them, then record their hashes")
+    p.add_argument("run", help="run or ensemble directory")
+    p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays (and first-layer feature maps) for images")
     p.add_argument("run", help="run directory written by train")

@@ -48,7 +48,7 @@ def fold_configs(config: Config, out: Path, folds: int, group_column: str | None
     configs = []
     for i, source in enumerate(sources):
         values = {**base, "out": str(out / f"fold_{i}"), "versions": {}}
-        values["data"] = {**base["data"], "path": source, "layout": "auto"}
+        values["data"] = {**base["data"], "path": source, "path_as_typed": source, "layout": "auto"}
         values["train"] = {**base["train"], "seed": derive_seed(config.train.seed, f"fold{i}")}
         configs.append(build_config(values))
     return configs

@@ -13,7 +13,7 @@ import html
 import json
 from pathlib import Path
 
-from . import atomic
+from . import atomic, runfiles
 from .errors import RunDirError
 from .metrics import expected_calibration_error
 from .predictions import Predictions
@@ -80,15 +80,15 @@ def summary_html(run, splits: list[str]) -> str:
 
 
 def dataset_html(path: Path) -> str:
-    info = json.loads((path / "dataset.json").read_text(encoding="utf-8"))
-    counts: dict[str, dict[str, int]] = info["counts"]
+    info = runfiles.read_dataset(path / "dataset.json")
+    counts = info.counts
     classes = sorted({c for row in counts.values() for c in row})
     rows = [{"split": split, **{c: row.get(c, 0) for c in classes}, "total": sum(row.values())}
             for split, row in counts.items()]
-    warnings = list(info.get("warnings", []))
-    warnings += [f"skipped unreadable image {p}: {reason}" for p, reason in info.get("skipped", [])]
+    warnings = list(info.warnings)
+    warnings += [f"skipped unreadable image {p}: {reason}" for p, reason in info.skipped]
     notes = "".join(f'<p class="warn">{esc(w)}</p>' for w in warnings) or "<p>No audit warnings.</p>"
-    return f"<p>Images under <code>{esc(info['root'])}</code>.</p>{table(rows)}{notes}"
+    return f"<p>Images under <code>{esc(info.root)}</code>.</p>{table(rows)}{notes}"
 
 
 def training_html(path: Path) -> str:
@@ -149,7 +149,7 @@ def gallery_html(run, split: str) -> str:
     from .gallery import render_cases
 
     preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
-    root = Path(json.loads((run.path / "dataset.json").read_text(encoding="utf-8"))["root"])
+    root = Path(runfiles.read_dataset(run.path / "dataset.json").root)
     groups, note = render_cases(run, preds, root)
     parts = [f'<p class="warn">{esc(note)}</p>' if note else ""]
     for name, cases in groups.items():
@@ -167,13 +167,13 @@ def cv_sections(path: Path) -> list[tuple[str, str, str]]:
                 ("summary", "Summary over folds", table(read_rows(path / "summary.csv"))
                  + image(path / "plots" / "folds.png", "metrics per fold"))]
     if (path / "metrics_oof.json").is_file():
-        oof = json.loads((path / "metrics_oof.json").read_text(encoding="utf-8"))
+        oof = runfiles.read_metrics(path / "metrics_oof.json", one_split=True)
         sections.append(("metrics", "Pooled out-of-fold metrics", metrics_html({"out-of-fold": oof}, ["out-of-fold"])))
     return sections
 
 
 def grid_sections(path: Path) -> list[tuple[str, str, str]]:
-    best = json.loads((path / "best.json").read_text(encoding="utf-8")) if (path / "best.json").is_file() else {}
+    best = runfiles.read_grid_best(path / "best.json") if (path / "best.json").is_file() else {}
     note = (f"<p>Best trial <code>{esc(best['best_trial'])}</code>, parameters {esc(json.dumps(best['params']))}; "
             f'its <a href="trials/{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
             f"validation; test was read once, for the best trial.</p>") if best else ""
@@ -187,9 +187,9 @@ def _threshold_note(path: Path) -> str:
     file = path / "threshold.json"
     if not file.is_file():
         return "<p>Decisions: the most probable class.</p>"
-    t = json.loads(file.read_text(encoding="utf-8"))
-    return (f"<p>Decisions: {esc(t['positive_class'])} when its probability is at least {t['threshold']:.4f}, "
-            f"chosen on validation by <code>{esc(t['rule'])}</code> (validation metrics at it are optimistic).</p>")
+    t = runfiles.read_threshold(file, runfiles.read_classes(path / "classes.json"))
+    return (f"<p>Decisions: {esc(t.positive_class)} when its probability is at least {t.threshold:.4f}, "
+            f"chosen on validation by <code>{esc(t.rule)}</code> (validation metrics at it are optimistic).</p>")
 
 
 def read_rows(path: Path) -> list[dict]:

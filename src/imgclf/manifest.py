@@ -19,6 +19,7 @@ from .logs import get_logger
 from .runfiles import read_json
 
 MANIFEST_FILE = "manifest.json"
+INCOMPLETE = "INCOMPLETE"  # in a run directory from its creation until the run is finished and sealed
 # What a later predict, evaluate, export or serve reads to decide an answer.
 SEALED = ("config.yaml", "classes.json", "dataset.json", "split.csv", "model.safetensors", "model.json",
           "head.skops", "threshold.json", "ensemble.json")
@@ -61,8 +62,12 @@ def reseal(run_dir: Path, *names: str) -> None:
 def verify(run_dir: Path) -> None:
     """Every sealed file matches its recorded hash, and none was added or removed since sealing.
 
-    A run without a manifest (written before manifests existed) still opens, with one warning.
+    A run without a manifest (written before manifests existed) still opens, with one warning; an
+    unfinished run (its ``INCOMPLETE`` marker still there) does not.
     """
+    if (run_dir / INCOMPLETE).is_file():
+        raise RunDirError(f"{run_dir} has not finished (it is running, failed or was killed); continue it with "
+                          f"imgclf train --resume {run_dir}, or train again with the same --out")
     if not (run_dir / MANIFEST_FILE).is_file():
         if run_dir not in _warned:
             _warned.add(run_dir)

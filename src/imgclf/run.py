@@ -104,10 +104,7 @@ class Run:
     @property
     def metrics(self) -> dict:
         path = self.path / "metrics.json"
-        metrics = runfiles.read_json(path) if path.exists() else {}
-        if not isinstance(metrics, dict):
-            raise RunDirError(f"{path} must hold an object of splits; delete it and run imgclf evaluate")
-        return metrics
+        return runfiles.read_metrics(path) if path.exists() else {}
 
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
         root = Path(data_root) if data_root else Path(runfiles.read_dataset(self.path / "dataset.json").root)

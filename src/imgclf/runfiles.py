@@ -20,6 +20,7 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -102,15 +103,16 @@ class EnsembleFile(_File):
     weights: list[StrictFloat] | None = None
     fitted_on: Literal["val"] | None = None
 
-    @model_validator(mode="after")
-    def _weights_fit(self) -> EnsembleFile:
-        if self.weights is None:
-            return self
-        if len(self.weights) != len(self.members):
-            raise ValueError(f"weights has {len(self.weights)} values for {len(self.members)} members")
-        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6:
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        members = info.data.get("members") or []
+        if weights is not None and len(weights) != len(members):
+            raise ValueError(f"{len(weights)} values for {len(members)} members")
+        if weights is not None and (not all(math.isfinite(w) and w >= 0 for w in weights)
+                                    or abs(sum(weights) - 1) > 1e-6):
             raise ValueError("weights must be non-negative and sum to 1")
-        return self
+        return weights
 
 
 class DatasetFile(BaseModel):
@@ -121,6 +123,27 @@ class DatasetFile(BaseModel):
     counts: dict[str, dict[str, int]] = {}
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
+
+
+class SplitMetrics(BaseModel):
+    """The numbers of one split in metrics.json that reports format; the rest is shown as stored."""
+
+    model_config = ConfigDict(extra="allow")
+    n: StrictInt = Field(ge=0)
+    accuracy: StrictFloat | None = None
+    balanced_accuracy: StrictFloat | None = None
+    f1_macro: StrictFloat | None = None
+    roc_auc_ovr: StrictFloat | None = None
+    log_loss: StrictFloat | None = None
+
+
+class GridBest(BaseModel):
+    """best.json of a grid directory."""
+
+    model_config = ConfigDict(extra="allow")
+    best_trial: str
+    params: dict[str, Any]
+    test: SplitMetrics | None = None
 
 
 def _classes_are_names(classes: list[str]) -> list[str]:
@@ -172,6 +195,30 @@ def read_ensemble(path: Path) -> EnsembleFile:
 
 def read_dataset(path: Path) -> DatasetFile:
     return validate(path, DatasetFile, read_json(path))
+
+
+def read_metrics(path: Path, one_split: bool = False) -> dict:
+    """metrics.json ({split: metrics}) or, with ``one_split``, one split's metrics, checked before formatting."""
+    data = read_json(path)
+    splits = {"all": data} if one_split else data
+    if not isinstance(splits, dict):
+        raise RunDirError(f"{path} must hold an object of splits; delete it and evaluate again")
+    for split, metrics in splits.items():
+        try:
+            SplitMetrics.model_validate(metrics)
+        except ValidationError as err:
+            where = "" if one_split else f"{split}."
+            raise RunDirError(f"{path}: {where}{_first_problem(err)}; delete it and evaluate again") from None
+    return data
+
+
+def read_grid_best(path: Path) -> dict:
+    data = read_json(path)
+    try:
+        GridBest.model_validate(data)
+    except ValidationError as err:
+        raise RunDirError(f"{path}: {_first_problem(err)}; run the grid again") from None
+    return data
 
 
 def read_classes(path: Path) -> list[str]:

@@ -1,0 +1,235 @@
+"""A run directory is a file from a stranger: it never runs code, every file is validated, and the
+manifest catches any change to what decides the model's answers.
+
+Each tampered case is a copy of a trained run with one file changed; the CLI must answer with one
+line naming the file (and the field), never a traceback, and never use the tampered value.
+"""
+
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+
+import imgclf
+from clitools import assert_clean_error
+from clitools import imgclf as imgclf_cli
+from imgclf import manifest
+from imgclf.classical import make_head, save_head
+from imgclf.cli import main
+from imgclf.errors import RunDirError
+from imgclf.resume import load_state, restore_rng
+from imgclf.run import check_and_seal, load_run
+from imgclf.safehead import load_head
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A network run and a scikit-learn-head run on one small dataset."""
+    base = tmp_path_factory.mktemp("integrity")
+    data = make_class_folders(base / "data", per_class=10)
+    net = imgclf.train(tiny_config(data, base / "net", train={"epochs": 2}))
+    head = imgclf.train(tiny_config(data, base / "logreg", model={"head": "logreg"}))
+    return {"net": net.path, "logreg": head.path, "data": data}
+
+
+def copy_of(runs, kind, tmp_path):
+    target = tmp_path / kind
+    shutil.copytree(runs[kind], target)
+    return target
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def cli_error(capsys, *args) -> str:
+    """In-process CLI: exit 2 and exactly one error line (no traceback reaches the user)."""
+    assert main([str(a) for a in args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("imgclf: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def malicious_head(path, marker):
+    """A skops file whose root is a call of numpy's ``runstring`` on attacker code: the reported exploit.
+
+    The callable's module starts with ``numpy.``, so a prefix rule trusted it and loading ran the code.
+    """
+    from skops.io import dump
+
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    dump((code, {}), path)
+    with zipfile.ZipFile(path) as archive:
+        args = json.loads(archive.read("schema.json"))
+    root = {"__class__": "runstring", "__module__": "numpy.testing._private.utils",
+            "__loader__": "ConstructorFromReduceNode", "__id__": 1,
+            "content": {k: v for k, v in args.items() if k not in ("protocol", "_skops_version")},
+            "protocol": args["protocol"], "_skops_version": args["_skops_version"]}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("schema.json", json.dumps(root))
+
+
+def test_the_crafted_head_would_run_code_under_a_prefix_rule(tmp_path):
+    """The exploit is real: skops itself runs it when its type is trusted, as the old prefix rule did."""
+    from skops.io import get_untrusted_types, load
+
+    marker = tmp_path / "ran"
+    malicious_head(tmp_path / "head.skops", marker)
+    types = get_untrusted_types(file=tmp_path / "head.skops")
+    assert types == ["numpy.testing._private.utils.runstring"]
+    load(tmp_path / "head.skops", trusted=types)
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_crafted_head_is_refused_and_nothing_runs(runs, tmp_path, command):
+    run = copy_of(runs, "logreg", tmp_path)
+    marker = tmp_path / "ran"
+    malicious_head(run / "head.skops", marker)
+    manifest.seal(run)  # as an attacker would: the refusal must come from the loader, not the manifest
+    args = [run, runs["data"], "--out", tmp_path / "p.csv"] if command == "predict" else [run]
+    result = imgclf_cli(command, *args, timeout=120)
+    assert_clean_error(result, "head.skops", "numpy.testing._private.utils.runstring", "refusing")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind,value", [("svm", 1.0), ("logreg", 1.0), ("knn", 3), ("rf", 20)])
+def test_every_head_kind_round_trips_through_the_safe_loader(tmp_path, kind, value):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)), np.arange(40) % 3
+    head = make_head(kind, value, 0, False, y).fit(x, y)
+    save_head(head, tmp_path / "head.skops")
+    np.testing.assert_array_equal(load_head(tmp_path / "head.skops", kind).predict_proba(x), head.predict_proba(x))
+    with pytest.raises(RunDirError, match="never writes for a"):  # a file of another kind is refused
+        load_head(tmp_path / "head.skops", "logreg" if kind != "logreg" else "svm")
+
+
+def test_a_tree_or_svm_with_inconsistent_arrays_is_refused(tmp_path):
+    """Trusted types can still hold arrays that scikit-learn would index out of bounds at inference."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)), np.arange(40) % 2
+    forest = make_head("rf", 10, 0, False, y).fit(x, y)
+    tree = forest.steps[1][1].estimators_[0].tree_
+    state = tree.__getstate__()
+    state["nodes"]["left_child"][0] = 10**6
+    tree.__setstate__(state)
+    save_head(forest, tmp_path / "rf.skops")
+    with pytest.raises(RunDirError, match="tree child indices out of range"):
+        load_head(tmp_path / "rf.skops", "rf")
+    svm = make_head("svm", 1.0, 0, False, y).fit(x, y)
+    svm.steps[1][1].calibrated_classifiers_[0].estimator._n_support[0] += 3
+    save_head(svm, tmp_path / "svm.skops")
+    with pytest.raises(RunDirError, match="support-vector counts"):
+        load_head(tmp_path / "svm.skops", "svm")
+
+
+def test_a_finished_run_is_sealed_and_opens_cleanly(runs):
+    recorded = json.loads((runs["net"] / "manifest.json").read_text())["sha256"]
+    assert {"config.yaml", "classes.json", "model.safetensors", "model.json", "split.csv"} <= set(recorded)
+    assert "head.skops" in json.loads((runs["logreg"] / "manifest.json").read_text())["sha256"]
+    assert load_run(runs["net"]).meta.preprocess.size == 16
+
+
+TAMPER = {  # name -> (file, change, fragments of the one-line error)
+    "size 3000": ("model.json", lambda d: d["preprocess"].update(size=3000), ["model.json", "preprocess"]),
+    "size 5000": ("model.json", lambda d: d["preprocess"].update(size=5000), ["model.json", "preprocess.size"]),
+    "std 0": ("model.json", lambda d: d["preprocess"].update(std=[0.0, 1.0, 1.0]), ["model.json", "std"]),
+    "string size": ("model.json", lambda d: d["preprocess"].update(size="16"), ["preprocess.size"]),
+    "list not object": ("model.json", lambda d: (d.clear(), d.update(x=[1])), ["model.json"]),
+    "output units": ("model.json", lambda d: d.update(output_units=7), ["model.json", "output_units"]),
+    "one class": ("classes.json", lambda d: d.__delitem__(slice(1, None)), ["classes.json", "2 to"]),
+    "swapped classes": ("classes.json", lambda d: d.reverse(), ["classes.json"]),
+    "empty root": ("dataset.json", lambda d: d.update(root=""), ["dataset.json", "root"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_a_tampered_run_file_is_one_line_naming_it_even_after_resealing(runs, tmp_path, capsys, case):
+    name, change, fragments = TAMPER[case]
+    run = copy_of(runs, "net", tmp_path)
+    if name == "model.json" and case == "list not object":
+        (run / name).write_text("[1, 2]")
+    else:
+        edit_json(run / name, change)
+    assert name in cli_error(capsys, "evaluate", run, "--split", "val")  # the manifest sees the edit
+    manifest.seal(run)  # a careless re-seal: the schema and cross-checks must still refuse the file
+    line = cli_error(capsys, "evaluate", run, "--split", "val")
+    assert all(f in line for f in fragments), line
+
+
+def test_a_string_threshold_is_refused(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    classes = json.loads((run / "classes.json").read_text())
+    (run / "threshold.json").write_text(json.dumps({"rule": "max_f1", "threshold": "0.5",
+                                                    "positive_class": classes[1], "chosen_on": "val"}))
+    manifest.seal(run)
+    assert "threshold.json: threshold" in cli_error(capsys, "report", run)
+
+
+def test_one_flipped_byte_in_the_weights_is_caught(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    weights = load_np(run / "model.safetensors")
+    key = next(iter(weights))
+    weights[key] = weights[key].copy()
+    weights[key].reshape(-1)[0] += 1.0
+    save_np(weights, run / "model.safetensors")
+    line = cli_error(capsys, "predict", run, runs["data"], "--out", tmp_path / "p.csv")
+    assert "model.safetensors changed since the run was sealed" in line and "imgclf seal" in line
+
+
+def test_a_deliberate_edit_is_resealed_by_the_seal_command(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    edit_json(run / "dataset.json", lambda d: d.update(root=str(runs["data"])))
+    cli_error(capsys, "evaluate", run, "--split", "val")
+    assert main(["seal", str(run)]) == 0
+    assert "sealed" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+
+
+def test_seal_refuses_a_broken_edit(runs, tmp_path):
+    run = copy_of(runs, "net", tmp_path)
+    edit_json(run / "model.json", lambda d: d["preprocess"].update(std=[0.0, 1.0, 1.0]))
+    with pytest.raises(RunDirError, match="std"):
+        check_and_seal(run)
+
+
+def test_a_run_without_a_manifest_still_opens_with_a_warning(runs, tmp_path, caplog):
+    run = copy_of(runs, "net", tmp_path)
+    (run / "manifest.json").unlink()
+    assert load_run(run).meta.preprocess.size == 16
+    assert "imgclf seal" in caplog.text
+
+
+def test_an_ensemble_that_lists_itself_is_an_error_not_a_recursion(runs, tmp_path, capsys):
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(runs["net"]), str(runs["net"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    edit_json(out / "ensemble.json", lambda d: d.update(members=[str(runs["net"]), str(out.resolve())]))
+    manifest.seal(out)
+    assert "own member" in cli_error(capsys, "evaluate", out)
+    edit_json(out / "ensemble.json", lambda d: d.update(method="weighted", weights=[0.9, 0.9]))
+    manifest.seal(out)
+    assert "ensemble.json: weights" in cli_error(capsys, "evaluate", out)
+
+
+def test_damaged_resume_state_is_a_one_line_error(runs, tmp_path):
+    run = copy_of(runs, "net", tmp_path)
+    state = sorted((run / "resume").glob("epoch_*"))[-1] / "state.json"
+    edit_json(state, lambda d: d.update(python_rng=[3, [1, 2], None]))
+    model = load_run(runs["net"]).model
+    tensors, info = load_state(run, model)
+    with pytest.raises(RunDirError, match="random-number states"):  # a wrong-length state, refused when restored
+        restore_rng(torch.Generator(), tensors, info)
+    edit_json(state, lambda d: d.update(stage_index="zero"))
+    with pytest.raises(RunDirError, match="state.json: stage_index"):
+        load_state(run, model)
