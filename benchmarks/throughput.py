@@ -29,9 +29,9 @@ from torchvision.transforms import v2
 
 import imgclf
 from imgclf.config import AugmentConfig, ModelConfig
-from imgclf.model import build_model, resolve_preprocess
+from imgclf.data.transforms import resolve_augment
+from imgclf.models.networks import build_model, resolve_preprocess
 from imgclf.runtime import Compute
-from imgclf.transforms import resolve_augment
 
 SETTINGS = {"simple_cnn": {"size": 150, "model": {"conv_filters": [32, 64, 128], "dense_layers": [512],
                                                    "pool": "flatten"}, "epochs": 2, "per_class": None},

@@ -20,10 +20,11 @@ import pytest
 from PIL import Image
 
 import imgclf
-from imgclf.audit import audit_dataset
 from imgclf.cli import main
+from imgclf.data.audit import audit_dataset
+from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError, RunDirError
-from imgclf.images import BadImage, load_image
+from imgclf.runs.base import open_run
 
 from conftest import tiny_config
 from imagefactory import make_split_folders, pattern, to_pil, write_dicom
@@ -155,6 +156,9 @@ def test_tampered_or_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path
     shutil.copytree(trained_run.path, copy)
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RunDirError, match="model.safetensors changed since the run was sealed"):
+        imgclf.load_run(copy)
+    (copy / "manifest.json").unlink()  # without the seal, the loaders' own checks still refuse the files
     with pytest.raises(RunDirError, match="damaged or truncated"):
         imgclf.load_run(copy).model  # noqa: B018
     (copy / "model.json").write_text("{not json")
@@ -163,7 +167,7 @@ def test_tampered_or_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path
 
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, pool_dataset, monkeypatch):
-    from imgclf.objective import Objective
+    from imgclf.models.objective import Objective
 
     real_loss, calls = Objective.loss, []
 
@@ -175,7 +179,9 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     monkeypatch.setattr(Objective, "loss", loss_that_turns_nan)
     with pytest.raises(imgclf.ImgclfError, match="training diverged.*lower --lr"):
         imgclf.train(tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 5}))
-    good = imgclf.load_run(tmp_path / "r")
+    with pytest.raises(RunDirError, match="has not finished"):  # a diverged run is not a finished one
+        imgclf.load_run(tmp_path / "r")
+    good = open_run(tmp_path / "r")  # but its last good checkpoint is kept
     assert good.meta.epoch <= 2 and np.isfinite(next(good.model.parameters()).detach().numpy()).all()
 
 

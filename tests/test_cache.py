@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf import cache, images
-from imgclf.cache import decode_all
+from imgclf.data import cache, images
+from imgclf.data.cache import decode_all
 
 from imagefactory import make_class_folders
 
@@ -127,7 +127,7 @@ def test_names_that_are_not_utf8_key_and_list_bad_images(tmp_path):
 BUILD = """
 import logging, sys, time
 from pathlib import Path
-from imgclf.cache import decode_all
+from imgclf.data.cache import decode_all
 from imgclf.logs import setup_logging
 setup_logging()
 go = Path(sys.argv[1])

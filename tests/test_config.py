@@ -3,9 +3,9 @@ import argparse
 import pytest
 import yaml
 
-from imgclf.cli import build_parser
-from imgclf.cliflags import config_fields, config_from_args, flag_name
-from imgclf.config import build_config, config_to_yaml, load_config
+from imgclf.cli.flags import config_from_args
+from imgclf.cli.parser import build_parser
+from imgclf.config import build_config, config_fields, config_to_yaml, flag_name, load_config
 from imgclf.errors import ConfigError
 
 
@@ -60,7 +60,7 @@ def test_unset_flags_keep_defaults():
 
 
 def test_a_bad_stage_is_a_one_line_error_naming_the_stage():
-    from imgclf.stages import resolve_stages
+    from imgclf.training.stages import resolve_stages
 
     config = build_config({"stages": [{"name": "head", "freeze": "backbone"},
                                       {"name": "all", "epochs": 2, "patience": 5}]})

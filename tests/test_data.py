@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.config import DataConfig
-from imgclf.data import DatasetIndex, build_index, detect_layout
+from imgclf.data.index import DatasetIndex, build_index, detect_layout
 from imgclf.errors import DataError
 
 from imagefactory import make_class_folders, make_csv, make_split_folders

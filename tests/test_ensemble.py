@@ -6,14 +6,16 @@ import torch
 from torch import nn
 
 import imgclf
-from imgclf.averaging import BestWeights, average_if_better
 from imgclf.cli import main
-from imgclf.ensemble import combine, create_ensemble, fit_weights
 from imgclf.errors import ConfigError, RunDirError
-from imgclf.grid import grid_search, parse_params
-from imgclf.predictions import Predictions
-from imgclf.run import HEAD_FILE, load_run
-from imgclf.safehead import load_head
+from imgclf.evaluation.predictions import Predictions
+from imgclf.runs.base import load_run
+from imgclf.runs.ensemble import combine
+from imgclf.runs.heads import HEAD_FILE
+from imgclf.runs.safehead import load_head
+from imgclf.training.averaging import BestWeights, average_if_better
+from imgclf.workflows.ensemble import create_ensemble, fit_weights
+from imgclf.workflows.grid import grid_search, parse_params
 
 from conftest import tiny_config
 from imagefactory import make_class_folders

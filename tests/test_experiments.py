@@ -7,12 +7,12 @@ import shutil
 import pytest
 
 import imgclf
-from imgclf.cv import cross_validate
 from imgclf.errors import ConfigError
-from imgclf.grid import grid_search, parse_params
-from imgclf.metrics import compute_metrics
-from imgclf.predictions import Predictions
-from imgclf.run import Run
+from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.predictions import Predictions
+from imgclf.runs.network import NetworkRun as Run
+from imgclf.workflows.cv import cross_validate
+from imgclf.workflows.grid import grid_search, parse_params
 
 from conftest import tiny_config
 from imagefactory import make_class_folders, make_split_folders
@@ -110,7 +110,7 @@ def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch):
     shutil.rmtree(tmp_path / "g" / "trials" / "trial_001")  # as if killed before it finished
     (tmp_path / "g" / "trials" / "trial_001").mkdir()
     trained = []
-    real_train = imgclf.api.train
+    real_train = imgclf.workflows.train.train
     monkeypatch.setattr(imgclf.api, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = grid_search(config, grid)
     assert len(trained) == 1  # only the unfinished trial ran again
@@ -147,7 +147,7 @@ def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
     first = cross_validate(config, folds=2)
     (tmp_path / "cv" / "fold_1" / "result.json").unlink()  # fold 1 died before finishing
     trained = []
-    real_train = imgclf.api.train
+    real_train = imgclf.workflows.train.train
     monkeypatch.setattr(imgclf.api, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = cross_validate(config, folds=2)
     assert len(trained) == 1 and without_time(first["folds"]) == without_time(second["folds"])

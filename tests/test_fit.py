@@ -5,7 +5,7 @@ import pytest
 
 import imgclf
 from imgclf import atomic
-from imgclf.fit import EarlyStopping
+from imgclf.training.fit import EarlyStopping
 
 from conftest import tiny_config
 

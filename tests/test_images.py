@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, load_image
+from imgclf.data.images import BadImage, load_image
 
 from imagefactory import pattern, to_pil
 

@@ -4,7 +4,7 @@ from torch import nn
 
 from imgclf.config import ModelConfig
 from imgclf.errors import ConfigError
-from imgclf.model import SimpleCNN, build_model, output_units, resolve_preprocess
+from imgclf.models.networks import SimpleCNN, build_model, output_units, resolve_preprocess
 
 
 def build(channels=3, size=32, classes=3, **fields):

@@ -3,9 +3,9 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from imgclf.metrics import compute_metrics
-from imgclf.objective import Objective, balanced_class_weights
-from imgclf.predictions import Predictions
+from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.predictions import Predictions
+from imgclf.models.objective import Objective, balanced_class_weights
 
 
 def test_balanced_weights_are_sklearns_formula():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.cli import main
-from imgclf.predictions import Predictions
+from imgclf.evaluation.predictions import Predictions
 
 from imagefactory import make_class_folders
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import imgclf
-from imgclf.demo import demo_config, write_digits
 from imgclf.errors import ConfigError
 from imgclf.runtime import Compute, cpu_supports_bf16, resolve_precision
+from imgclf.workflows.demo import demo_config, write_digits
 
 
 def test_auto_precision_follows_the_hardware():

@@ -47,7 +47,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 def test_resume_across_stages_and_feature_caching(tmp_path, pool_dataset, monkeypatch, stop_after):
     stages = [{"name": "head", "freeze": "backbone", "epochs": 3}, {"name": "all", "freeze": "none", "epochs": 3}]
     whole = imgclf.train(tiny_config(pool_dataset, tmp_path / "whole", stages=stages, augment={"preset": "light"}))
-    import imgclf.report as report
+    import imgclf.reporting.plots as report
 
     real_write, calls = report.write_history, []
 
@@ -61,7 +61,7 @@ def test_resume_across_stages_and_feature_caching(tmp_path, pool_dataset, monkey
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(tiny_config(pool_dataset, tmp_path / "cut", stages=stages, augment={"preset": "light"}))
     monkeypatch.setattr(report, "write_history", real_write)
-    resumed = imgclf.api.resume_training(tmp_path / "cut")
+    resumed = imgclf.workflows.train.resume_training(tmp_path / "cut")
     assert resumed.metrics == whole.metrics
     assert [r["stage"] for r in __import__("csv").DictReader(open(resumed.path / "history.csv"))] == ["head"] * 3 + [
         "all"] * 3
@@ -77,8 +77,8 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
     state = json.loads((folders[0] / "state.json").read_text())
     (folders[0] / "state.json").write_text(json.dumps({**state, "epoch": state["epoch"] - 1}))
     with pytest.raises(RunDirError, match="different epochs"):
-        imgclf.api.resume_training(run)
+        imgclf.workflows.train.resume_training(run)
     (run / "resume" / ".epoch_00099.tmp").mkdir()  # a kill mid-save leaves only an uncommitted folder
     shutil.rmtree(folders[0])
     with pytest.raises(RunDirError, match="never finished an epoch"):
-        imgclf.api.resume_training(run)
+        imgclf.workflows.train.resume_training(run)

@@ -18,13 +18,13 @@ from safetensors.numpy import save_file as save_np
 import imgclf
 from clitools import assert_clean_error
 from clitools import imgclf as imgclf_cli
-from imgclf import manifest
-from imgclf.classical import make_head, save_head
 from imgclf.cli import main
 from imgclf.errors import RunDirError
-from imgclf.resume import load_state, restore_rng
-from imgclf.run import check_and_seal, load_run
-from imgclf.safehead import load_head
+from imgclf.runs import manifest
+from imgclf.runs.base import check_and_seal, load_run
+from imgclf.runs.heads import make_head, save_head
+from imgclf.runs.safehead import load_head
+from imgclf.training.resume import load_state, restore_rng
 
 from conftest import tiny_config
 from imagefactory import make_class_folders

@@ -25,7 +25,7 @@ TINY = ["--image-size", "16", "--conv-filters", "8,16", "--augment", "none", "--
 
 def interrupted_run(data: Path, out: Path, monkeypatch, after_epochs: int = 2) -> Path:
     """Train until ``after_epochs`` epochs are saved, then 'die' (KeyboardInterrupt), as test_resume.py does."""
-    import imgclf.report as report
+    import imgclf.reporting.plots as report
 
     real_write, calls = report.write_history, []
 
@@ -99,7 +99,7 @@ def test_a_damaged_saved_split_is_a_run_directory_error(tmp_path, monkeypatch):
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(RunDirError, match="not inside the dataset folder"):
-        imgclf.api.resume_training(run)
+        imgclf.workflows.train.resume_training(run)
 
 
 # --- item 6: a failed run never blocks the next one --------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_a_full_disk_keeps_the_old_file_whole(tmp_path, monkeypatch, capsys, tra
 
 
 def test_other_os_errors_are_not_hidden(monkeypatch):
-    import imgclf.cli as cli
+    import imgclf.cli.commands as cli
 
     def broken(args):
         raise OSError(errno.EIO, "Input/output error")

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import imgclf
 from imgclf.errors import ConfigError, DataError
-from imgclf.metrics import compute_metrics
-from imgclf.predictions import Predictions
+from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.predictions import Predictions
 
 from conftest import tiny_config
 from imagefactory import make_class_folders

@@ -1,7 +1,7 @@
 import torch
 
 from imgclf.config import AugmentConfig
-from imgclf.transforms import BatchAugment, build_eval_transform, resolve_augment
+from imgclf.data.transforms import BatchAugment, build_eval_transform, resolve_augment
 
 
 def test_medium_preset_holds_the_notebook_values_and_flags_override():
@@ -84,7 +84,7 @@ def test_constant_fill_uses_cval_and_brightness_scales():
 
 def test_augmentation_runs_on_the_batch_device():
     """No CPU-only step: on the 'meta' device (a stand-in for a GPU) a tensor left on the CPU would fail."""
-    from imgclf.datasets import AugmentedBatches
+    from imgclf.data.datasets import AugmentedBatches
 
     strong = BatchAugment(AugmentConfig(preset="strong", fill_mode="constant"), [0.5] * 3, [0.2] * 3)
     batches = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.zeros(4), torch.arange(4))]

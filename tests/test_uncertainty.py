@@ -3,10 +3,10 @@ import pytest
 from sklearn.metrics import f1_score
 
 from imgclf.errors import ConfigError
-from imgclf.metrics import compute_metrics, expected_calibration_error, reliability
-from imgclf.operating import choose_threshold
-from imgclf.predictions import Predictions
-from imgclf.uncertainty import bootstrap_auc, confidence_intervals, wilson
+from imgclf.evaluation.metrics import compute_metrics, expected_calibration_error, reliability
+from imgclf.evaluation.operating import choose_threshold
+from imgclf.evaluation.predictions import Predictions
+from imgclf.evaluation.uncertainty import bootstrap_auc, confidence_intervals, wilson
 
 
 def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +76,7 @@ def test_bootstrap_auc_is_seeded_and_narrows_with_more_images():
 def test_rank_auc_equals_scikit_learn_with_ties():
     from sklearn.metrics import roc_auc_score
 
-    from imgclf.uncertainty import rank_auc
+    from imgclf.evaluation.uncertainty import rank_auc
 
     rng = np.random.default_rng(3)
     labels = rng.random((4, 50)) < 0.4

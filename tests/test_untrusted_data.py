@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from clitools import assert_clean_error, imgclf
-from imgclf.predictions import Predictions
+from imgclf.evaluation.predictions import Predictions
 
 from imagefactory import make_class_folders, make_csv, make_split_folders, pattern, to_pil
 

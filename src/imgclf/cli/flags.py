@@ -1,0 +1,149 @@
+"""Derive one CLI flag per config field, so every setting can be given on the command line.
+
+``--batch-size 16`` sets ``train.batch_size``; ``--model resnet18`` sets ``model.name``. Flags
+given on the command line override the ``--config`` file, which overrides the defaults.
+Also the CLI's rules for the paths it writes: never replace a user's file unless told to, and
+a full or read-only disk is one line naming the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from imgclf.config import Config, build_config, config_fields, flag_name, load_config
+from imgclf.config.sections import TYPED_SUFFIX
+from imgclf.errors import ConfigError
+
+# Fields whose flag is not simply their name: the names users expect from the README.
+
+
+
+
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config to start from (e.g. a run's config.yaml)")
+    for section, name, info in config_fields():
+        flag = flag_name(section, name)
+        dest = f"cfg__{section}__{name}" if section else f"cfg____{name}"
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": info.description}
+        inner = _strip_optional(info.annotation)
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
+            if choices:
+                kwargs["choices"] = list(choices)
+                kwargs["type"] = type(choices[0])
+            elif inner in (int, float):
+                kwargs["type"] = inner
+            kwargs["metavar"] = "A,B" if typing.get_origin(inner) is list else None
+        parser.add_argument(f"--{flag.replace('_', '-')}", **{k: v for k, v in kwargs.items() if v is not None})
+    parser.add_argument("--stage", action="append", dest="stages", metavar="KEY=VALUE,...",
+                        help=Config.model_fields["stages"].description)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults < --config file < flags; validated as one Config."""
+    base = load_config(args.config).model_dump() if getattr(args, "config", None) else {}
+    if getattr(args, "stages", None):
+        base["stages"] = [parse_stage(text) for text in args.stages]
+    for key, value in vars(args).items():
+        if not key.startswith("cfg__"):
+            continue
+        _, section, name = key.split("__", 2)
+        if isinstance(value, str) and _is_list_field(section, name):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if section:
+            base.setdefault(section, {})[name] = value
+            base[section].pop(name + TYPED_SUFFIX, None)  # the file's typed form was of the file's value
+        else:
+            base[name] = value
+    return build_config(base)
+
+
+def parse_stage(text: str) -> dict[str, str]:
+    """``name=head,freeze=backbone,epochs=10`` -> a dict that StageConfig validates."""
+    stage = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--stage {text!r}: {item!r} is not KEY=VALUE")
+        stage[key.strip()] = value.strip()
+    return stage
+
+
+def _is_list_field(section: str, name: str) -> bool:
+    model = Config.model_fields[section].annotation if section else Config
+    annotation = _strip_optional(model.model_fields[name].annotation)  # type: ignore[union-attr]
+    return typing.get_origin(annotation) is list
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+# What a full or unwritable disk means to the user, and what to do; other OSErrors stay tracebacks (bugs).
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere (e.g. another --out)",
+    errno.EACCES: "check its permissions or write elsewhere (e.g. another --out)",
+    errno.EPERM: "check its permissions or write elsewhere (e.g. another --out)",
+}
+
+
+def disk_error_line(err: OSError, fallback: str | None) -> str | None:
+    """One line for a full, read-only or forbidden disk, naming the path; None for any other OSError."""
+    if err.errno not in DISK_ERRORS:
+        return None
+    path = err.filename or fallback or "the output"
+    return f"{path}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}); {DISK_ERRORS[err.errno]}"
+
+
+def refuse_existing_file(path: str | Path, flag: str, overwrite: bool) -> None:
+    """No command replaces a user's file unless told to (``--overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
+
+
+def refuse_filled_folder(path: str | Path, flag: str, overwrite: bool, allowed: tuple[str, ...] = ()) -> None:
+    """A folder that holds files (other than ``allowed`` names) is written into only with ``--overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder")
+    held = sorted(p.name for p in path.iterdir() if p.name not in allowed) if path.is_dir() else []
+    if held and not overwrite:
+        raise ConfigError(f"{flag} folder {path} already holds files ({', '.join(held[:3])}); pass --overwrite "
+                          f"to write into it (same-named files are replaced), or choose another {flag}")
+
+
+def format_metrics(split: str, m: dict) -> str:
+    """One split's metrics as the CLI prints them, with bootstrap intervals where computed."""
+    ci = m.get("intervals") or {}
+
+    def value(name: str, shown: float | None) -> str:
+        interval = ci.get(name)
+        text = "n/a" if shown is None else f"{shown:.4f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    line = (f"{split}: n={m['n']} accuracy={value('accuracy', m['accuracy'])} "
+            f"balanced_accuracy={m['balanced_accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
+            f"roc_auc={value('roc_auc', m['roc_auc_ovr'])} log_loss={m['log_loss']:.4f}")
+    if "sensitivity" in m:
+        line += (f"\n  {m['positive_class']}: sensitivity={value('sensitivity', m['sensitivity'])} "
+                 f"specificity={value('specificity', m['specificity'])}"
+                 + (f" at threshold {m['threshold']:.4f}" if m.get("threshold") is not None else ""))
+    return line

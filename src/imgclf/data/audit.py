@@ -1,0 +1,164 @@
+"""``imgclf audit DATA``: what is in a dataset before anything trains on it.
+
+Reports per-split class counts and imbalance, image size/mode/format histograms, unreadable
+files, and exact (content hash) and near (perceptual hash) duplicates within and across splits;
+duplicates across splits are leakage. ``train`` runs the cheap part (exact duplicates) and warns.
+The dataset is read by the same scan as ``train`` (``scan.py``): unreadable folders are errors, FIFOs and
+device files are skipped with a warning, and no file is ever opened unless it is a regular file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgclf.data.images import BadImage, load_image, open_image, require_regular_file
+from imgclf.data.index import detect_layout, scan_rows
+from imgclf.errors import ImgclfError
+from imgclf.logs import get_logger
+
+log = get_logger("audit")
+NEAR_DUPLICATE_BITS = 4  # perceptual-hash Hamming distance (of 64 bits) that counts as "near"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file; BadImage for a FIFO or device, which would never finish reading."""
+    require_regular_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def exact_duplicates(paths: list[Path], splits: list[str]) -> list[list[tuple[str, str]]]:
+    """Groups of byte-identical files, each as [(split, path), ...]; unreadable files are left out."""
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path, split in zip(paths, splits, strict=True):
+        try:
+            groups[file_digest(path)].append((split, str(path)))
+        except (OSError, ImgclfError):
+            continue
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def near_duplicates(paths: list[Path], splits: list[str], max_bits: int = NEAR_DUPLICATE_BITS) -> list[list]:
+    """Pairs of images whose perceptual hashes differ in at most ``max_bits`` bits (exact copies included)."""
+    import imagehash
+
+    hashes, keep = [], []
+    for i, path in enumerate(paths):
+        try:
+            require_regular_file(path)
+            with open_image(path) as img:
+                hashes.append(int(str(imagehash.phash(img)), 16))
+            keep.append(i)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImgclfError):
+            continue
+    codes = np.array(hashes, dtype=np.uint64)
+    pairs = []
+    for a in range(len(codes)):  # O(n^2) in 64-bit XORs: fine for tens of thousands of images
+        distance = np.unpackbits((codes[a + 1:] ^ codes[a]).view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        for b in np.nonzero(distance <= max_bits)[0]:
+            i, j = keep[a], keep[a + 1 + int(b)]
+            pairs.append([(splits[i], str(paths[i])), (splits[j], str(paths[j])), int(distance[b])])
+    return pairs
+
+
+def crosses_splits(group) -> bool:
+    return len({split for split, *_ in group if isinstance(split, str)}) > 1
+
+
+def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> dict:
+    """The full audit of a dataset folder or CSV, as a JSON-ready dict."""
+    path = Path(path).expanduser().resolve()
+    layout = detect_layout(path) if layout == "auto" else layout
+    rows = scan_rows(path, layout)
+    root = path.parent if layout == "csv" else path
+    paths = [root / p for p, _, _ in rows]
+    splits = [s or "pool" for _, _, s in rows]
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for (_, label, _), split in zip(rows, splits, strict=True):
+        counts[split][label] += 1
+    sizes, modes, formats, unreadable = Counter(), Counter(), Counter(), []
+    for p in paths:
+        try:
+            require_regular_file(p)
+            with open_image(p) as img:
+                sizes[f"{img.width}x{img.height}"] += 1
+                modes[img.mode] += 1
+                formats[img.format or "?"] += 1
+            load_image(p, 8, 1)
+        except BadImage as err:
+            unreadable.append([str(err.path), err.reason])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImgclfError) as err:
+            unreadable.append([str(p), str(err) or type(err).__name__])
+    exact = exact_duplicates(paths, splits)
+    near_pairs = near_duplicates(paths, splits) if near else []
+    return {
+        "dataset": str(path), "layout": layout, "images": len(paths),
+        "counts": {s: dict(sorted(c.items())) for s, c in counts.items()},
+        "imbalance_ratio": {s: max(c.values()) / min(c.values()) for s, c in counts.items()},
+        "sizes": dict(sizes.most_common(10)), "modes": dict(modes), "formats": dict(formats),
+        "unreadable": unreadable,
+        "exact_duplicates": exact, "exact_duplicates_across_splits": [g for g in exact if crosses_splits(g)],
+        "near_duplicates": near_pairs,
+        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
+    }
+
+
+def warn_leakage(paths: list[Path], splits: list[str]) -> list[str]:
+    """The cheap check run by ``train``: byte-identical images in two splits. Returns the warnings logged."""
+    leaks = [g for g in exact_duplicates(paths, splits) if crosses_splits(g)]
+    if not leaks:
+        return []
+    message = (f"{len(leaks)} image(s) appear in more than one split (leakage inflates test metrics), e.g. "
+               + " = ".join(f"{s}:{p}" for s, p in leaks[0]) + "; run imgclf audit for the list")
+    log.warning("warning: %s", message)
+    return [message]
+
+
+def warn_imbalance(train_counts: dict[str, int], balanced: bool, limit: float = 3.0) -> list[str]:
+    """A warning when the largest training class is ``limit`` times the smallest and nothing balances them."""
+    if balanced or not train_counts or min(train_counts.values()) == 0:
+        return []
+    ratio = max(train_counts.values()) / min(train_counts.values())
+    if ratio < limit:
+        return []
+    message = (f"training classes are imbalanced ({ratio:.1f}x between largest and smallest); "
+               "consider --class-weight balanced or --sampler weighted, and read balanced accuracy")
+    log.warning("warning: %s", message)
+    return [message]
+
+
+def format_report(report: dict) -> str:
+    """The human table printed by ``imgclf audit``."""
+    lines = [f"dataset {shown(report['dataset'])} ({report['layout']}), {report['images']} images", ""]
+    classes = sorted({c for counts in report["counts"].values() for c in counts})
+    lines.append(f"{'split':<8}" + "".join(f"{c[:14]:>15}" for c in classes) + f"{'imbalance':>11}")
+    for split, counts in report["counts"].items():
+        lines.append(f"{split:<8}" + "".join(f"{counts.get(c, 0):>15}" for c in classes)
+                     + f"{report['imbalance_ratio'][split]:>10.1f}x")
+    lines += ["", "sizes:   " + ", ".join(f"{k} ({v})" for k, v in report["sizes"].items()),
+              "modes:   " + ", ".join(f"{k} ({v})" for k, v in report["modes"].items()),
+              "formats: " + ", ".join(f"{k} ({v})" for k, v in report["formats"].items()), ""]
+    lines.append(f"unreadable files: {len(report['unreadable'])}")
+    lines += [f"  {shown(p)}: {shown(reason)}" for p, reason in report["unreadable"][:20]]
+    lines.append(f"exact duplicates: {len(report['exact_duplicates'])} group(s), "
+                 f"{len(report['exact_duplicates_across_splits'])} across splits (leakage)")
+    lines += ["  " + " = ".join(f"{s}:{shown(p)}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
+    lines.append(f"near duplicates: {len(report['near_duplicates'])} pair(s), "
+                 f"{len(report['near_duplicates_across_splits'])} across splits")
+    lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
+              for a, b, d in report["near_duplicates_across_splits"][:20]]
+    return "\n".join(lines)
+
+
+def shown(text: str) -> str:
+    """``text`` for a terminal: bytes of a file name that are not UTF-8 appear as ``\\xNN``, never raw."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")

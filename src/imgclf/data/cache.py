@@ -1,0 +1,214 @@
+"""Decode-once cache: every image decoded and resized once into a memory-mapped uint8 array.
+
+An entry is ``KEY.npy`` (``N x C x H x W`` uint8) plus its sidecar ``KEY.json`` (version, shape,
+dtype and the images that failed to decode). ``KEY`` records what the entry was made from: the cache
+version, size, channels, interpolation and, for every image, its path (as bytes, so names that are
+not UTF-8 work), file size, mtime and a BLAKE2 hash of its first and last 64 KiB (the whole file when
+smaller). An image edited with its size and mtime preserved (``touch -r``) therefore gets a new key and
+is decoded again; the price is reading up to 128 KiB per image each run. Runs, folds and trials over
+the same images share an entry. Epochs read from the memory map and never decode JPEG/PNG again.
+
+Before use an entry is checked: the sidecar must parse and match the expected shape, and the .npy
+header (magic, shape, dtype, C order) must match with the file exactly as long as the header says.
+A damaged or truncated entry is rebuilt with a warning. The pixel bytes themselves are not
+checksummed (that would mean reading the whole cache every run).
+
+Building takes an exclusive ``fcntl.flock`` on ``KEY.lock``: another rank or process building the
+same key waits, then re-checks and reuses the entry. Holding the lock, the builder removes temporary
+files a killed builder left for this key (no live writer can own them). A finished entry is read
+without the lock: the .npy is renamed into place before the sidecar, so a sidecar vouches for a
+complete array.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import atomic
+from imgclf.data.images import BadImage, load_image
+from imgclf.logs import get_logger
+
+CACHE_VERSION = 2
+SAMPLE_BYTES = 64 * 1024
+log = get_logger("cache")
+
+
+class DamagedEntry(Exception):
+    """A cache entry whose files do not hold what its key promises; it is rebuilt."""
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """``array[i]`` is image ``i`` as ``C x H x W`` uint8; ``bad`` lists the images that failed."""
+
+    file: Path
+    count: int
+    bad: tuple[BadImage, ...]
+
+    def open(self) -> np.ndarray:
+        return np.load(self.file, mmap_mode="r")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("IMGCLF_CACHE_DIR", Path.home() / ".cache" / "imgclf"))
+
+
+def default_threads() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def fingerprint(paths: list[Path], size: int, channels: int, interpolation: str = "bilinear") -> str:
+    """The entry key: settings plus every image's path bytes, size, mtime and sampled content hash."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{channels}|{interpolation}".encode())
+    with ThreadPoolExecutor(max_workers=default_threads()) as pool:
+        for record in pool.map(source_record, paths):
+            digest.update(b"\0" + record)
+    return digest.hexdigest()[:24]
+
+
+def source_record(path: Path) -> bytes:
+    """What one image contributes to the key; never opens a file that is not regular (a FIFO would block)."""
+    raw = os.fsencode(path)
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        return raw + f"|missing|{err.errno}".encode()
+    if not stat.S_ISREG(info.st_mode):
+        return raw + f"|special|{stat.S_IFMT(info.st_mode)}".encode()
+    return raw + f"|{info.st_size}|{info.st_mtime_ns}|".encode() + sample_hash(path, info.st_size)
+
+
+def sample_hash(path: Path, size: int) -> bytes:
+    """BLAKE2 of the first and last ``SAMPLE_BYTES`` (the whole file when it is at most twice that)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            digest.update(fh.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+                digest.update(fh.read(SAMPLE_BYTES))
+    except OSError as err:
+        return f"unreadable|{err.errno}".encode()
+    return digest.digest()
+
+
+def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Path | None = None,
+               threads: int | None = None, interpolation: str = "bilinear") -> DecodedImages:
+    """Decode ``paths`` into the cache (or reuse a checked entry); failures are returned, not raised."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = fingerprint(paths, size, channels, interpolation)
+    npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
+    shape = (len(paths), channels, size, size)
+    bad = _reusable(npy, sidecar, shape, warn=False)
+    if bad is None:
+        with _locked(folder / f"{key}.lock", npy):
+            bad = _reusable(npy, sidecar, shape, warn=True)  # another process may have built it meanwhile
+            if bad is None:
+                bad = _build(npy, sidecar, paths, shape, interpolation, threads or default_threads())
+    else:
+        log.debug("decoded-image cache hit: %s", npy)
+    return DecodedImages(npy, len(paths), bad)
+
+
+def _reusable(npy: Path, sidecar: Path, shape: tuple[int, ...], warn: bool) -> tuple[BadImage, ...] | None:
+    """The entry's failed images when it is complete and valid, else None (with a warning if damaged)."""
+    try:
+        return read_entry(npy, sidecar, shape)
+    except DamagedEntry as err:
+        if warn:
+            log.warning("warning: decode cache entry %s is damaged (%s); rebuilding it", npy, err)
+        return None
+
+
+def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadImage, ...] | None:
+    """None when the entry was never finished (no sidecar); DamagedEntry when its files are wrong."""
+    if not sidecar.exists():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        if meta["version"] != CACHE_VERSION or meta["shape"] != list(shape) or meta["dtype"] != "uint8":
+            raise DamagedEntry(f"{sidecar.name} describes {meta['shape']} {meta['dtype']}, expected {list(shape)}")
+        bad = tuple(BadImage(Path(p), str(reason)) for p, reason in meta["bad"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DamagedEntry(f"{sidecar.name} is unreadable: {err}") from None
+    check_npy(npy, shape)
+    return bad
+
+
+def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
+    """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
+    try:
+        with open(npy, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            found, fortran_order, dtype = read_header(fh)
+            header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError) as err:
+        raise DamagedEntry(f"{npy.name} has no valid .npy header: {err}") from None
+    if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran_order:
+        raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} uint8")
+    expected = header_end + int(np.prod(shape))
+    if length != expected:
+        raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
+
+
+@contextmanager
+def _locked(lock_file: Path, npy: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file``; say so when another process has it (it is building ``npy``)."""
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is decoding into %s", npy)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _build(npy: Path, sidecar: Path, paths: list[Path], shape: tuple[int, ...], interpolation: str,
+           threads: int) -> tuple[BadImage, ...]:
+    """Decode into a new entry; the caller holds the key's lock, so leftover temporary files are orphans."""
+    orphans = atomic.remove_temp_files(npy) + atomic.remove_temp_files(sidecar)
+    if orphans:
+        log.info("removed %d temporary file(s) a killed decode left in %s", len(orphans), npy.parent)
+    sidecar.unlink(missing_ok=True)  # the old sidecar must not vouch for the .npy being replaced
+    log.info("decoding %d images once into %s", len(paths), npy)
+    with atomic.atomic_path(npy) as tmp:
+        bad = _decode_into(tmp, paths, shape, interpolation, threads)
+    atomic.write_json(sidecar, {"version": CACHE_VERSION, "shape": list(shape), "dtype": "uint8",
+                                "bad": [[str(b.path), b.reason] for b in bad]})
+    return tuple(bad)
+
+
+def _decode_into(target: Path, paths: list[Path], shape: tuple[int, ...], interpolation: str,
+                 threads: int) -> list[BadImage]:
+    """Fill a new .npy memory map at ``target``; Pillow releases the GIL, so threads decode in parallel."""
+    array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
+    _, channels, size, _ = shape
+
+    def decode(i: int) -> BadImage | None:
+        try:
+            array[i] = load_image(paths[i], size, channels, interpolation).transpose(2, 0, 1)
+        except BadImage as err:
+            return err
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        bad = [err for err in pool.map(decode, range(len(paths))) if err is not None]
+    array.flush()
+    return bad

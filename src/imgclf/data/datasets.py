@@ -1,0 +1,108 @@
+"""torch Datasets over the decode-once cache (training, evaluation) or over files (predict).
+
+Each item is ``(image, target, position)``: the position lets evaluation put every prediction
+back on its own row, whatever order the loader used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
+
+from imgclf.data.images import load_image
+
+
+class CachedImages(Dataset):
+    """Images from the cache file; the memory map is opened lazily so workers each open their own.
+
+    Without a ``transform`` items stay uint8, for augmentation batch by batch on the device.
+    """
+
+    def __init__(self, cache_file: Path, rows: np.ndarray, targets: np.ndarray, transform: Callable | None):
+        self.cache_file, self.rows, self.targets, self.transform = cache_file, rows, targets, transform
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        if self._array is None:
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        image = torch.from_numpy(np.array(self._array[self.rows[i]]))
+        return (self.transform(image) if self.transform else image), int(self.targets[i]), i
+
+    def __getstate__(self):  # never pickle an open memory map into a worker
+        return {**self.__dict__, "_array": None}
+
+
+class ImageFiles(Dataset):
+    """Images decoded from files on each access (``predict`` on new images)."""
+
+    def __init__(self, paths: list[Path], size: int, channels: int, transform: Callable,
+                 interpolation: str = "bilinear"):
+        self.paths, self.size, self.channels, self.transform = paths, size, channels, transform
+        self.interpolation = interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        array = load_image(self.paths[i], self.size, self.channels, self.interpolation)
+        return self.transform(torch.from_numpy(array.transpose(2, 0, 1).copy())), -1, i
+
+
+class AugmentedBatches:
+    """A loader of uint8 batches, each moved to ``device`` and augmented there as one batch."""
+
+    def __init__(self, loader: DataLoader, augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+        self.loader, self.augment, self.device = loader, augment, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets, positions in self.loader:
+            yield self.augment(images.to(self.device, non_blocking=True)), targets, positions
+
+
+def auto_workers(requested: int | None) -> int:
+    """Worker processes for a loader: the user's number, else none on a 2-core machine.
+
+    The cache makes an item a memory copy plus cheap tensor ops, so extra processes pay off only
+    when there are cores to spare beyond the training threads.
+    """
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def weighted_sampler(targets: np.ndarray, generator: torch.Generator) -> Sampler:
+    """Draw classes equally often: each image weighted by 1 / its class count."""
+    counts = np.bincount(targets)
+    weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, sampler: Sampler | None = None,
+                generator: torch.Generator | None = None, workers: int | None = None,
+                drop_last: bool = False) -> DataLoader:
+    """A loader whose image order depends on ``generator`` only, not on the number of workers.
+
+    The sampler owns ``generator``; worker seeds come from a second generator derived from it, because
+    a DataLoader draws worker seeds from its generator at a rhythm that depends on the worker setup.
+    """
+    n_workers = auto_workers(workers)
+    if shuffle and sampler is None:
+        sampler = RandomSampler(dataset, generator=generator)
+    worker_seeds = None
+    if generator is not None:
+        worker_seeds = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      generator=worker_seeds, num_workers=n_workers, drop_last=drop_last,
+                      persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available())

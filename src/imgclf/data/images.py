@@ -1,0 +1,137 @@
+"""Decode one image file into a resized uint8 array, by one documented rule.
+
+Only a regular file (after following a symlink) is opened: a FIFO or device file (``/dev/zero``) is a
+BadImage before any read, because reading it would never end.
+
+Mode rule (after EXIF orientation is applied; animated files use their first frame):
+- 16/32-bit integer grayscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (value / 257 for 16-bit);
+- 32-bit float grayscale (``F``, float TIFFs) is scaled by the range its values span: any NaN or
+  infinity refuses the image (BadImage); values within [0, 1] are x 255; within [0, 255] kept as they
+  are; within [0, 65535] / 257 (16-bit data stored as float); anything else (negative values, or
+  above 65535) refuses the image, since no fixed rule maps it to 8 bits without guessing;
+- palette (``P``) expands to RGB, or RGBA when it has transparency; ``1`` becomes ``L``;
+- alpha (``LA``, ``RGBA``, ``PA``) is composited onto black, so transparent areas read as 0;
+- ``CMYK`` and other colour spaces are converted to RGB by Pillow;
+- finally ``channels=1`` takes the luma (ITU-R 601) and ``channels=3`` replicates gray to RGB.
+Images are resized to a square ``size`` x ``size`` (no crop, as Keras' ``target_size`` does).
+DICOM files follow the rule in ``dicom.py`` (rescale, window, MONOCHROME1 inverted) first.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgclf.data.dicom import read_dicom
+from imgclf.errors import DataError
+
+# Beyond this many pixels an image is treated as a decompression bomb rather than decoded.
+MAX_PIXELS = 16_000 * 16_000
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
+                  Image.DecompressionBombError, IndexError)
+
+
+class BadImage(DataError):
+    """An image that cannot be decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot read image {path}: {reason}; fix or delete it, or pass --skip-bad-images")
+
+
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST}
+
+
+def load_image(path: str | Path, size: int, channels: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Return an ``H x W x channels`` uint8 array of ``path`` resized to ``size``; raise BadImage."""
+    path = Path(path)
+    require_regular_file(path)
+    try:
+        with open_image(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadImage(path, f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
+            if img.width < 2 or img.height < 2:
+                raise BadImage(path, f"image is only {img.width}x{img.height} pixels")
+            if img.format == "JPEG":
+                img.draft("RGB" if channels == 3 else "L", (size, size))  # decode at reduced scale
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_mode(img, "RGB" if channels == 3 else "L")
+            img = img.resize((size, size), RESAMPLING[interpolation], reducing_gap=2.0)
+            array = np.asarray(img, dtype=np.uint8)
+    except BadImage:
+        raise
+    except PermissionError:
+        raise BadImage(path, "permission denied") from None
+    except _DECODE_ERRORS as err:
+        raise BadImage(path, str(err) or type(err).__name__) from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is not a regular file (after symlinks), else None.
+
+    Checked with ``os.stat`` before anything opens the file: opening a FIFO blocks and ``/dev/zero``
+    never ends. A path that cannot be stat'ed returns None, so the open that follows names the error.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for check, name in kinds if check(mode)), "special file")
+
+
+def require_regular_file(path: Path) -> None:
+    """BadImage unless ``path`` is a regular file (or cannot be stat'ed, which opening then reports)."""
+    if kind := special_file_kind(path):
+        raise BadImage(path, f"it is a {kind}, not a regular file")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Pillow's lazy open, or the DICOM reader for ``.dcm``."""
+    if path.suffix.lower() == ".dcm":
+        return read_dicom(path)
+    return Image.open(path)
+
+
+def to_mode(img: Image.Image, target: str) -> Image.Image:
+    """Convert any Pillow mode to ``L`` or ``RGB`` by the module's documented rule."""
+    if img.mode == "F":
+        img = Image.fromarray(float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        bits = 16 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 8
+        array = np.clip(array / (257.0 if bits == 16 else 1.0), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(array)
+    if img.mode == "1":
+        img = img.convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return img.convert(target) if img.mode != target else img
+
+
+def float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """The float rule of the module docstring; ValueError (a BadImage in load_image) when it refuses."""
+    if not np.isfinite(array).all():
+        raise ValueError("32-bit float image holds NaN or infinite values; export it with finite values")
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < 0 or high > 65535:
+        raise ValueError(f"32-bit float image spans [{low:g}, {high:g}], outside 0..65535; "
+                         "scale it to [0, 1] or export it as 8/16-bit")
+    scale = 255.0 if high <= 1 else 1.0 if high <= 255 else 1 / 257.0
+    return np.clip(array * scale, 0, 255).round().astype(np.uint8)

@@ -1,0 +1,189 @@
+"""Dataset index: every image with its label and split, decided once and saved in the run.
+
+Layouts (``data.layout=auto`` detects them):
+- ``split_folders``: ``DATA/{train,val|valid|validation,test}/<class>/...``; a missing val is a
+  stratified, seeded share of train;
+- ``class_folders``: ``DATA/<class>/...``, one pool split stratified into train/val/test;
+- ``csv``: a CSV/TSV with ``path,label[,split]``; without a split column it is a pool.
+
+What the scan skips, refuses or merges (unreadable folders, special files, empty labels, one file
+reached twice) is decided in ``scan.py``. ``split.csv`` is UTF-8, except that file names which are not
+UTF-8 keep their original bytes (surrogateescape), so they round-trip through save and load.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import atomic
+from imgclf.config import DataConfig
+from imgclf.data.images import special_file_kind
+from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders
+from imgclf.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Images (paths relative to ``root``), their labels and splits, and the sorted class list."""
+
+    root: Path
+    paths: tuple[str, ...]
+    labels: tuple[str, ...]
+    splits: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    def subset(self, split: str) -> DatasetIndex:
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return self.select(keep)
+
+    def select(self, keep: list[int]) -> DatasetIndex:
+        return DatasetIndex(self.root, tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep),
+                            tuple(self.splits[i] for i in keep), self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def targets(self) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lookup[label] for label in self.labels], dtype=np.int64)
+
+    def abspath(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: count}} for the splits present."""
+        table: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            got = Counter(label for label, s in zip(self.labels, self.splits, strict=True) if s == split)
+            if got:
+                table[split] = {c: got.get(c, 0) for c in self.classes}
+        return table
+
+    def save(self, path: Path) -> None:
+        def write(fh) -> None:
+            out = csv.writer(fh)
+            out.writerow(["path", "label", "split"])
+            out.writerows(zip(self.paths, self.labels, self.splits, strict=True))
+
+        atomic.write_with(path, write)
+
+    @classmethod
+    def load(cls, path: Path, root: Path, classes: list[str]) -> DatasetIndex:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
+        paths, labels, splits = zip(*rows, strict=True) if rows else ((), (), ())
+        return cls(Path(root), tuple(paths), tuple(labels), tuple(splits), tuple(classes))
+
+
+def detect_layout(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv"):
+            return "csv"
+        raise DataError(f"{path} is a file; give a dataset folder or a .csv/.tsv listing path,label[,split]")
+    if kind := special_file_kind(path):
+        if kind != "folder":
+            raise DataError(f"dataset {path} is a {kind}; give a dataset folder or a .csv/.tsv file")
+    elif not path.is_dir():
+        raise DataError(f"dataset {path} does not exist")
+    return "split_folders" if split_folders(path) else "class_folders"
+
+
+def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Scan ``cfg.path`` into an index with train/val[/test] splits and checked classes."""
+    if not cfg.path:
+        raise DataError("no dataset given; pass a folder or CSV (imgclf train DATA)")
+    path = Path(cfg.path).expanduser().resolve()
+    layout = detect_layout(path) if cfg.layout == "auto" else cfg.layout
+    root = path.parent if layout == "csv" else path
+    rows = scan_rows(path, layout)
+    if not rows:
+        raise DataError(f"no images found in {path}; expected one sub-folder per class holding images")
+    rng = np.random.default_rng(seed)
+    splits = [s for _, _, s in rows]
+    val_fraction = cfg.val_fraction
+    if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
+        splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng)
+        val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
+    if "val" not in splits:
+        splits = _stratified_holdout(rows, splits, "val", val_fraction, rng)
+    rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
+    index = _make_index(root, rows)
+    check_classes(index, source=str(path))
+    return index
+
+
+def scan_rows(path: Path, layout: str) -> list[Row]:
+    """(path, label, split) rows of a dataset in a known layout; split is empty for a pool.
+
+    A file reached twice keeps only its first row, with a warning (see ``scan.drop_repeated_files``).
+    """
+    root = path.parent if layout == "csv" else path
+    return drop_repeated_files(_rows_of_layout(path, layout), root, path)
+
+
+def _rows_of_layout(path: Path, layout: str) -> list[Row]:
+    if layout == "csv":
+        return scan_csv(path)
+    if layout == "class_folders":
+        return [(p, label, "") for p, label, _ in scan_class_folders(path, "", path)]
+    folders = split_folders(path)
+    if "train" not in folders:
+        raise DataError(f"{path} has no train folder (found {sorted(folders)}); add DATA/train/<class>/")
+    rows: list[Row] = []
+    for split, folder in folders.items():
+        found = scan_class_folders(folder, split, path)
+        if not found:
+            raise DataError(f"split folder {folder} holds no images; fill it or remove it")
+        rows += found
+    return rows
+
+
+def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,
+                        rng: np.random.Generator) -> list[str]:
+    """Move ``fraction`` of each class's train rows to split ``name``; every class keeps ≥1 train image.
+
+    Hand-written rather than sklearn's train_test_split because that refuses classes with a
+    single image, which small medical sets have.
+    """
+    splits = list(splits)
+    by_class: dict[str, list[int]] = {}
+    for i, (_, label, _) in enumerate(rows):
+        if splits[i] == "train":
+            by_class.setdefault(label, []).append(i)
+    for label in sorted(by_class):
+        members = by_class[label]
+        n_hold = min(len(members) - 1, round(fraction * len(members)))
+        for i in rng.permutation(members)[:n_hold]:
+            splits[int(i)] = name
+    return splits
+
+
+def _make_index(root: Path, rows: list[Row]) -> DatasetIndex:
+    rows = sorted(rows, key=lambda r: (SPLITS.index(r[2]), r[1], r[0]))
+    classes = tuple(sorted({label for _, label, split in rows if split == "train"}))
+    paths, labels, splits = (tuple(col) for col in zip(*rows, strict=True))
+    return DatasetIndex(root, paths, labels, splits, classes)
+
+
+def check_classes(index: DatasetIndex, source: str) -> None:
+    """Fail before training when a split is empty or holds classes that train lacks."""
+    present = set(index.splits)
+    if "train" not in present:
+        raise DataError(f"{source}: the train split is empty")
+    if len(index.classes) < 2:
+        raise DataError(f"{source}: training needs at least 2 classes, found {list(index.classes)}")
+    for split in ("val", "test"):
+        extra = Counter(label for label, s in zip(index.labels, index.splits, strict=True)
+                        if s == split and label not in index.classes)
+        if extra:
+            names = ", ".join(f"{c!r} ({n} images)" for c, n in sorted(extra.items()))
+            raise DataError(f"{source}: the {split} split holds class(es) {names} that train lacks "
+                            f"({len(index.classes)} train classes); add train images for them or remove them")

@@ -1,0 +1,85 @@
+"""From a dataset index to decoded images and loaders; shared by train, evaluate and experiments."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from imgclf import atomic
+from imgclf.config import AugmentConfig, DataConfig
+from imgclf.data.cache import DecodedImages, decode_all
+from imgclf.data.datasets import AugmentedBatches, CachedImages, make_loader
+from imgclf.data.images import BadImage
+from imgclf.data.index import DatasetIndex
+from imgclf.data.transforms import BatchAugment, build_eval_transform
+from imgclf.errors import DataError
+from imgclf.logs import get_logger
+from imgclf.models.networks import Preprocess
+
+log = get_logger("pipeline")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The index without unreadable images, and where each of its images sits in the cache."""
+
+    index: DatasetIndex
+    decoded: DecodedImages
+    cache_rows: np.ndarray
+    skipped: tuple[BadImage, ...]
+
+    def dataset(self, split: str, transform=None) -> CachedImages:
+        positions = np.array([i for i, s in enumerate(self.index.splits) if s == split], dtype=np.int64)
+        targets = self.index.targets[positions] if len(positions) else np.zeros(0, dtype=np.int64)
+        return CachedImages(self.decoded.file, self.cache_rows[positions], targets, transform)
+
+
+def prepare(index: DatasetIndex, preprocess: Preprocess, cfg: DataConfig) -> PreparedData:
+    """Decode every image once (cached); fail on unreadable ones unless ``skip_bad_images``."""
+    paths = [index.abspath(i) for i in range(len(index))]
+    decoded = decode_all(paths, preprocess.size, preprocess.channels, cfg.cache_dir,
+                         interpolation=preprocess.interpolation)
+    if decoded.bad and not cfg.skip_bad_images:
+        first = decoded.bad[0]
+        more = f" (and {len(decoded.bad) - 1} more)" if len(decoded.bad) > 1 else ""
+        raise DataError(f"cannot read image {first.path}: {first.reason}{more}; fix or delete it, "
+                        f"or pass --skip-bad-images")
+    bad_paths = {b.path for b in decoded.bad}
+    keep = [i for i, p in enumerate(paths) if p not in bad_paths]
+    for bad in decoded.bad:
+        log.warning("warning: skipped unreadable image %s: %s", bad.path, bad.reason)
+    kept = index.select(keep)
+    for split in sorted(set(index.splits)):
+        if split not in kept.splits:
+            raise DataError(f"every image of the {split} split is unreadable; check {index.root}")
+    return PreparedData(kept, decoded, np.array(keep, dtype=np.int64), decoded.bad)
+
+
+def write_skipped(prepared: PreparedData, path) -> None:
+    def write(fh) -> None:
+        out = csv.writer(fh)
+        out.writerow(["path", "reason"])
+        out.writerows([str(b.path), b.reason] for b in prepared.skipped)
+
+    atomic.write_with(path, write)
+
+
+def train_loader(prepared: PreparedData, aug: AugmentConfig, preprocess: Preprocess, batch_size: int,
+                 generator: torch.Generator, device: torch.device, sampler=None,
+                 workers: int | None = None) -> AugmentedBatches:
+    """Shuffled training batches, augmented batch by batch on ``device``."""
+    dataset = prepared.dataset("train", None)
+    # drop_last avoids a 1-image batch, which BatchNorm cannot train on.
+    drop_last = len(dataset) % batch_size == 1
+    loader = make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator,
+                         workers=workers, drop_last=drop_last)
+    return AugmentedBatches(loader, BatchAugment(aug, preprocess.mean, preprocess.std), device)
+
+
+def eval_loader(prepared: PreparedData, split: str, preprocess: Preprocess, batch_size: int,
+                workers: int | None = None, shuffle: bool = False, generator: torch.Generator | None = None):
+    dataset = prepared.dataset(split, build_eval_transform(preprocess.mean, preprocess.std))
+    return make_loader(dataset, batch_size, shuffle=shuffle, generator=generator, workers=workers)

@@ -1,0 +1,1 @@
+"""Evaluation: per-image predictions, the metrics computed from them only, intervals and thresholds."""

@@ -1,0 +1,231 @@
+"""``report.html``: one self-contained page per run, cross-validation or grid directory.
+
+Everything is read from the directory's files (metrics.json, predictions_<split>.csv, history.csv,
+plots/, folds.csv, leaderboard.csv), so the page agrees with them; images are embedded as data
+URIs and nothing is loaded from the network. No script runs in the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+from imgclf import atomic
+from imgclf.errors import RunDirError
+from imgclf.evaluation.metrics import expected_calibration_error
+from imgclf.evaluation.predictions import Predictions
+from imgclf.reporting.gallery import render_cases
+from imgclf.reporting.plots import plot_evaluation
+from imgclf.runs import files as runfiles
+from imgclf.runs.base import load_run
+from imgclf.versions import version
+
+REPORT_FILE = "report.html"
+CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.25em .6em;
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img{max-width:100%}.plots img{max-width:49%;vertical-align:top}.warn{background:#fff4e0;border-left:4px solid #e69500;
+padding:.4em .8em}.gallery{display:flex;flex-wrap:wrap;gap:.8em}.case{width:260px;font-size:.8em}
+.case img{width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}"""
+
+
+def write_report(path: str | Path) -> Path:
+    """Write ``report.html`` into a run, cross-validation or grid directory; return its path."""
+    path = Path(path)
+    if (path / "folds.csv").is_file():
+        title, sections = f"Cross-validation {path.name}", cv_sections(path)
+    elif (path / "leaderboard.csv").is_file():
+        title, sections = f"Grid search {path.name}", grid_sections(path)
+    elif (path / "config.yaml").is_file():
+        title, sections = f"Run {path.name}", run_sections(path)
+    else:
+        raise RunDirError(f"{path} is not a run, cv or grid directory (no config.yaml, folds.csv or leaderboard.csv)")
+    body = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{content}</section>' for sid, name, content in sections)
+    contents = " · ".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name, _ in sections)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><nav>{contents}</nav>{body}"
+            f"<footer><p>Written by imgclf {esc(version())} from the files in this directory.</p></footer>"
+            "</body></html>")
+    atomic.write_text(path / REPORT_FILE, page)
+    return path / REPORT_FILE
+
+
+def run_sections(path: Path) -> list[tuple[str, str, str]]:
+    run = load_run(path)
+    metrics = run.metrics
+    splits = [s for s in ("train", "val", "test") if s in metrics]
+    sections = [("summary", "Summary", summary_html(run, splits)),
+                ("dataset", "Dataset", dataset_html(path)),
+                ("config", "Configuration", "<details><summary>config.yaml (every setting of the run)</summary>"
+                 f"<pre>{esc((path / 'config.yaml').read_text(encoding='utf-8'))}</pre></details>"),
+                ("training", "Training", training_html(path)),
+                ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path)))]
+    for split in splits:
+        sections.append((f"plots-{split}", f"Evaluation plots: {split}", evaluation_plots_html(run, split)))
+    if splits:
+        sections.append(("gallery", f"Gallery ({splits[-1]})", gallery_html(run, splits[-1])))
+    return sections
+
+
+def summary_html(run, splits: list[str]) -> str:
+    items = [f"model: {esc(run.describe())}", f"classes: {esc(', '.join(run.classes))}"]
+    if splits:
+        last = splits[-1]
+        m = run.metrics[last]
+        items.append(f"{esc(last)}: accuracy {with_ci(m['accuracy'], m.get('intervals', {}).get('accuracy'))}, "
+                     f"macro F1 {fmt(m['f1_macro'])}, ROC-AUC {fmt(m['roc_auc_ovr'])} on {m['n']} images")
+    return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def dataset_html(path: Path) -> str:
+    info = runfiles.read_dataset(path / "dataset.json")
+    counts = info.counts
+    classes = sorted({c for row in counts.values() for c in row})
+    rows = [{"split": split, **{c: row.get(c, 0) for c in classes}, "total": sum(row.values())}
+            for split, row in counts.items()]
+    warnings = list(info.warnings)
+    warnings += [f"skipped unreadable image {p}: {reason}" for p, reason in info.skipped]
+    notes = "".join(f'<p class="warn">{esc(w)}</p>' for w in warnings) or "<p>No audit warnings.</p>"
+    return f"<p>Images under <code>{esc(info.root)}</code>.</p>{table(rows)}{notes}"
+
+
+def training_html(path: Path) -> str:
+    history = read_rows(path / "history.csv") if (path / "history.csv").is_file() else []
+    if not history:
+        return "<p>No training: an ensemble of trained runs.</p>" if (path / "ensemble.json").is_file() \
+            else "<p>No training history.</p>"
+    if "param" in history[0]:  # a scikit-learn head: one row per candidate of its validation grid
+        return "<p>Candidates fitted on the frozen features, scored on validation:</p>" + table(history)
+    stages: dict[str, list[dict]] = {}
+    for row in history:
+        stages.setdefault(row.get("stage", "train"), []).append(row)
+    summary = [{"stage": name, "epochs": f"{rows[0]['epoch']}-{rows[-1]['epoch']}",
+                "best val loss": min((float(r["val_loss"]) for r in rows if r.get("val_loss")), default=None),
+                "seconds": f'{sum(float(r["seconds"]) for r in rows):.1f}'} for name, rows in stages.items()]
+    return table(summary) + image(path / "plots" / "curves.png", "training curves")
+
+
+def metrics_html(metrics: dict, splits: list[str], note: str = "") -> str:
+    rows = []
+    for split in splits:
+        m, ci = metrics[split], metrics[split].get("intervals", {})
+        row = {"split": split, "n": m["n"], "accuracy": with_ci(m["accuracy"], ci.get("accuracy")),
+               "balanced acc.": fmt(m["balanced_accuracy"]), "macro F1": fmt(m["f1_macro"]),
+               "ROC-AUC": with_ci(m["roc_auc_ovr"], ci.get("roc_auc")), "log loss": fmt(m["log_loss"]),
+               "ECE": fmt(m.get("ece"))}
+        if "sensitivity" in m:
+            row.update({"sensitivity": with_ci(m["sensitivity"], ci.get("sensitivity")),
+                        "specificity": with_ci(m["specificity"], ci.get("specificity")),
+                        "PPV": fmt(m["ppv"]), "NPV": fmt(m["npv"])})
+        rows.append(row)
+    parts = [note, table(rows), "<p>95% intervals: Wilson for proportions, seeded percentile bootstrap for "
+                                "ROC-AUC. ECE: expected calibration error of the top-class confidence.</p>"]
+    for split in splits:
+        per_class = [{"class": c, "precision": fmt(v["precision"]), "recall": fmt(v["recall"]),
+                      "F1": fmt(v["f1-score"]), "support": int(v["support"])}
+                     for c, v in metrics[split]["per_class"].items()]
+        parts.append(f"<h3>Per class: {esc(split)}</h3>{table(per_class)}")
+    return "".join(parts)
+
+
+def evaluation_plots_html(run, split: str) -> str:
+    plots = run.path / "plots"
+    names = [f"confusion_{split}", f"roc_{split}", f"pr_{split}", f"reliability_{split}"]
+    if not all((plots / f"{n}.png").is_file() for n in names) and (run.path / f"predictions_{split}.csv").is_file():
+        preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
+        metrics = run.metrics[split]
+        if "ece" not in metrics:
+            correct = preds.probs.argmax(axis=1) == preds.true
+            metrics = {**metrics, "ece": expected_calibration_error(preds.confidence, correct)}
+        plot_evaluation(preds, metrics, plots, split, run.positive)
+    return '<div class="plots">' + "".join(image(plots / f"{n}.png", n) for n in names) + "</div>"
+
+
+def gallery_html(run, split: str) -> str:
+    preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
+    root = Path(runfiles.read_dataset(run.path / "dataset.json").root)
+    groups, note = render_cases(run, preds, root)
+    parts = [f'<p class="warn">{esc(note)}</p>' if note else ""]
+    for name, cases in groups.items():
+        cards = "".join(
+            '<div class="case">' + (f'<img alt="Grad-CAM of {esc(c.path)}" src="{data_uri(c.png)}">' if c.png else "")
+            + f"<div><b>{esc(c.predicted)}</b> ({c.confidence:.2f}), true {esc(c.true)}</div>"
+            f"<div><code>{esc(c.path)}</code></div></div>" for c in cases)
+        parts.append(f"<h3>{esc(name.capitalize())}</h3>"
+                     + (f'<div class="gallery">{cards}</div>' if cases else "<p>None.</p>"))
+    return "".join(parts) + "<p>Left: the image as the model saw it. Right: Grad-CAM for the predicted class.</p>"
+
+
+def cv_sections(path: Path) -> list[tuple[str, str, str]]:
+    sections = [("folds", "Folds", table(read_rows(path / "folds.csv"))),
+                ("summary", "Summary over folds", table(read_rows(path / "summary.csv"))
+                 + image(path / "plots" / "folds.png", "metrics per fold"))]
+    if (path / "metrics_oof.json").is_file():
+        oof = runfiles.read_metrics(path / "metrics_oof.json", one_split=True)
+        sections.append(("metrics", "Pooled out-of-fold metrics", metrics_html({"out-of-fold": oof}, ["out-of-fold"])))
+    return sections
+
+
+def grid_sections(path: Path) -> list[tuple[str, str, str]]:
+    best = runfiles.read_grid_best(path / "best.json") if (path / "best.json").is_file() else {}
+    note = (f"<p>Best trial <code>{esc(best['best_trial'])}</code>, parameters {esc(json.dumps(best['params']))}; "
+            f'its <a href="trials/{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
+            f"validation; test was read once, for the best trial.</p>") if best else ""
+    sections = [("leaderboard", "Leaderboard", note + table(read_rows(path / "leaderboard.csv")))]
+    if best.get("test"):
+        sections.append(("metrics", "Best trial on test", metrics_html({"test": best["test"]}, ["test"])))
+    return sections
+
+
+def _threshold_note(path: Path) -> str:
+    file = path / "threshold.json"
+    if not file.is_file():
+        return "<p>Decisions: the most probable class.</p>"
+    t = runfiles.read_threshold(file, runfiles.read_classes(path / "classes.json"))
+    return (f"<p>Decisions: {esc(t.positive_class)} when its probability is at least {t.threshold:.4f}, "
+            f"chosen on validation by <code>{esc(t.rule)}</code> (validation metrics at it are optimistic).</p>")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th>{esc(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def fmt(value) -> str:
+    if value is None or value == "":
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if number.is_integer() else f"{number:.4g}"
+
+
+def with_ci(value, interval) -> str:
+    return fmt(value) + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+
+
+def image(path: Path, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="{data_uri(path.read_bytes())}">' if path.is_file() else ""
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def esc(text) -> str:
+    return html.escape(str(text))

@@ -1,0 +1,102 @@
+"""Ensembles of trained runs, as a run directory of their own.
+
+Methods: ``soft`` (mean of the members' probabilities), ``weighted`` (a weighted mean, weights
+fitted on validation by minimising log loss over the simplex) and ``majority`` (each member votes
+for its class; the vote shares are the probabilities, ties broken by the mean probabilities).
+Members must share their classes and their split (the same images in train, val and test), so
+the ensemble's validation and test sets are exactly theirs. Each member predicts with its own
+model and preprocessing, so different architectures and image sizes combine.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.predictions import Predictions
+from imgclf.runs import files as runfiles
+from imgclf.runs.base import Run, load_run, register
+from imgclf.runs.network import NetworkRun
+
+ENSEMBLE_FILE = "ensemble.json"
+METHODS = ("soft", "weighted", "majority")
+TIE_BREAK = 1e-6  # how much the mean probability counts in a majority vote: only to break ties
+
+
+def combine(member_probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """N x K ensemble probabilities from each member's N x K probabilities."""
+    stack = np.stack(member_probs)  # M x N x K
+    if method == "majority":
+        k = stack.shape[2]
+        votes = np.eye(k)[stack.argmax(axis=2)].mean(axis=0) + TIE_BREAK * stack.mean(axis=0)
+        return votes / votes.sum(axis=1, keepdims=True)
+    w = np.full(len(member_probs), 1 / len(member_probs)) if weights is None else np.asarray(weights)
+    return np.tensordot(w, stack, axes=1)
+
+
+
+
+
+
+
+
+@register("ensemble")
+class EnsembleRun(NetworkRun):
+    """The ``ensemble`` kind: evaluate, predict and report as for a run; the members do the predicting."""
+
+    def __init__(self, path: str | Path, outer: tuple[Path, ...] = ()):
+        super().__init__(path)
+        self.chain = (*outer, self.path.resolve())  # this ensemble and the ones that contain it
+
+    @cached_property
+    def spec(self) -> runfiles.EnsembleFile:
+        return runfiles.read_ensemble(self.path / ENSEMBLE_FILE)
+
+    @cached_property
+    def members(self) -> list[Run]:
+        missing = [p for p in self.spec.members if not Path(p).is_dir()]
+        if missing:
+            raise RunDirError(f"ensemble member {missing[0]} is gone; the ensemble needs its members' directories")
+        runs = [load_run(p, self.chain) for p in self.spec.members]
+        odd = next((r for r in runs if r.classes != self.classes), None)
+        if odd is not None:
+            raise RunDirError(f"ensemble member {odd.path} has classes {odd.classes}, the ensemble {self.classes}; "
+                              "re-create the ensemble")
+        return runs
+
+    def combined(self, parts: list[Predictions]) -> Predictions:
+        probs = combine([p.probs for p in parts], self.spec.method, self.spec.weights)
+        return Predictions(parts[0].paths, self.classes, parts[0].true, probs)
+
+    def probabilities(self, split: str, data_root=None, shuffle: bool = False, prepared=None,
+                      tta: str | None = None) -> Predictions:
+        return self.combined([m.probabilities(split, data_root, shuffle, None, tta) for m in self.members])
+
+    def predict(self, inputs, out=None, skip_bad_images: bool = False, batch_size: int | None = None,
+                tta: str | None = None) -> Predictions:
+        parts = [m.predict(inputs, None, skip_bad_images, batch_size, tta).at_threshold(None, 0)
+                 for m in self.members]
+        preds = self.combined(parts).at_threshold(self.threshold, self.positive)
+        if out:
+            preds.to_csv(Path(out))
+        return preds
+
+    @property
+    def model(self):
+        raise ConfigError(f"{self.path} is an ensemble: it has no single model; explain or export its members")
+
+    @property
+    def head(self):
+        return None
+
+    def describe(self) -> str:
+        names = ", ".join(Path(p).name for p in self.spec.members)
+        weights = self.spec.weights
+        how = f"weights {', '.join(f'{w:.2f}' for w in weights)} fitted on validation" if weights else "equal weights"
+        return f"{self.spec.method}-vote ensemble of {len(self.members)} runs ({names}), {how}"
+
+    def check(self) -> None:
+        _ = self.config, self.classes, self.threshold, self.metrics, self.spec, self.members

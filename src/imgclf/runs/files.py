@@ -1,0 +1,241 @@
+"""The files of a run directory, as schemas: each is validated before any of it is used.
+
+A run directory is a file from a stranger. Every JSON file is read with a size cap, parsed, and
+checked against a schema whose bounds match what training can write; a problem is one line that
+names the file and the field. Nothing here executes what it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from imgclf.config import EvaluateConfig
+from imgclf.errors import ConfigError, RunDirError
+
+# No run file imgclf writes comes near this; a bigger one is refused before it is read into memory.
+MAX_JSON_BYTES = 64 << 20
+MAX_CLASSES = 10_000
+MAX_MEMBERS = 64
+FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
+
+T = TypeVar("T")
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _finite(values: list[float], name: str) -> list[float]:
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers")
+    return values
+
+
+class PreprocessFile(_File):
+    """What an input image must look like; the bounds are the config's (image_size <= 4096)."""
+
+    size: StrictInt = Field(ge=1, le=4096)
+    channels: Literal[1, 3]
+    mean: list[StrictFloat]
+    std: list[StrictFloat]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> PreprocessFile:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need one value per channel ({self.channels})")
+        _finite(self.mean, "mean")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError("std must be positive finite numbers")
+        return self
+
+
+class ModelFile(_File):
+    """model.json (and best.json): the architecture's metadata, saved next to the weights."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: dict[str, Any]
+    classes: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
+    preprocess: PreprocessFile
+    output_units: StrictInt = Field(ge=1, le=MAX_CLASSES)
+    epoch: StrictInt | None = Field(None, ge=0)
+    averaged_epochs: list[StrictInt] | None = None
+
+
+class ThresholdFile(_File):
+    """threshold.json: the binary decision threshold chosen on validation."""
+
+    rule: str
+    threshold: StrictFloat = Field(ge=0, le=1, allow_inf_nan=False)
+    positive_class: str
+    chosen_on: Literal["val"] = "val"
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        try:
+            return EvaluateConfig.check_threshold(rule)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+
+class EnsembleFile(_File):
+    """ensemble.json: member run directories, the vote and its weights."""
+
+    members: list[str] = Field(min_length=2, max_length=MAX_MEMBERS)
+    method: Literal["soft", "weighted", "majority"]
+    weights: list[StrictFloat] | None = None
+    fitted_on: Literal["val"] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        members = info.data.get("members") or []
+        if weights is not None and len(weights) != len(members):
+            raise ValueError(f"{len(weights)} values for {len(members)} members")
+        if weights is not None and (not all(math.isfinite(w) and w >= 0 for w in weights)
+                                    or abs(sum(weights) - 1) > 1e-6):
+            raise ValueError("weights must be non-negative and sum to 1")
+        return weights
+
+
+class DatasetFile(BaseModel):
+    """dataset.json: where the images are, and what the scan found."""
+
+    model_config = ConfigDict(extra="allow")
+    root: str = Field(min_length=1)
+    counts: dict[str, dict[str, int]] = {}
+    skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
+
+
+class SplitMetrics(BaseModel):
+    """The numbers of one split in metrics.json that reports format; the rest is shown as stored."""
+
+    model_config = ConfigDict(extra="allow")
+    n: StrictInt = Field(ge=0)
+    accuracy: StrictFloat | None = None
+    balanced_accuracy: StrictFloat | None = None
+    f1_macro: StrictFloat | None = None
+    roc_auc_ovr: StrictFloat | None = None
+    log_loss: StrictFloat | None = None
+
+
+class GridBest(BaseModel):
+    """best.json of a grid directory."""
+
+    model_config = ConfigDict(extra="allow")
+    best_trial: str
+    params: dict[str, Any]
+    test: SplitMetrics | None = None
+
+
+def _classes_are_names(classes: list[str]) -> list[str]:
+    if any(not c for c in classes) or len(set(classes)) != len(classes):
+        raise ValueError("class names must be unique and non-empty")
+    return classes
+
+
+CLASSES = TypeAdapter(list[str])
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run directory, size-capped; missing or damaged is a one-line RunDirError."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise RunDirError(f"{path} is {size:,} bytes, far more than imgclf writes; {FIX}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path} is damaged ({getattr(err, 'msg', err)}); {FIX}") from None
+    except OSError as err:
+        raise RunDirError(f"cannot read {path} ({err.strerror}); {FIX}") from None
+
+
+def validate(path: Path, schema: type[T], data: Any) -> T:
+    """``data`` (read from ``path``) as ``schema``, or a one-line RunDirError naming the file and field."""
+    try:
+        return schema.model_validate(data)  # type: ignore[attr-defined]
+    except ValidationError as err:
+        raise RunDirError(f"{path}: {_first_problem(err)}; {FIX}") from None
+
+
+def read_model_file(path: Path) -> ModelFile:
+    return validate(path, ModelFile, read_json(path))
+
+
+def read_threshold(path: Path, classes: list[str]) -> ThresholdFile:
+    file = validate(path, ThresholdFile, read_json(path))
+    if file.positive_class not in classes:
+        raise RunDirError(f"{path}: positive_class {file.positive_class!r} is not a class of the run; {FIX}")
+    return file
+
+
+def read_ensemble(path: Path) -> EnsembleFile:
+    return validate(path, EnsembleFile, read_json(path))
+
+
+def read_dataset(path: Path) -> DatasetFile:
+    return validate(path, DatasetFile, read_json(path))
+
+
+def read_metrics(path: Path, one_split: bool = False) -> dict:
+    """metrics.json ({split: metrics}) or, with ``one_split``, one split's metrics, checked before formatting."""
+    data = read_json(path)
+    splits = {"all": data} if one_split else data
+    if not isinstance(splits, dict):
+        raise RunDirError(f"{path} must hold an object of splits; delete it and evaluate again")
+    for split, metrics in splits.items():
+        try:
+            SplitMetrics.model_validate(metrics)
+        except ValidationError as err:
+            where = "" if one_split else f"{split}."
+            raise RunDirError(f"{path}: {where}{_first_problem(err)}; delete it and evaluate again") from None
+    return data
+
+
+def read_grid_best(path: Path) -> dict:
+    data = read_json(path)
+    try:
+        GridBest.model_validate(data)
+    except ValidationError as err:
+        raise RunDirError(f"{path}: {_first_problem(err)}; run the grid again") from None
+    return data
+
+
+def read_classes(path: Path) -> list[str]:
+    data = read_json(path)
+    try:
+        classes = CLASSES.validate_python(data)
+    except ValidationError as err:
+        raise RunDirError(f"{path}: {_first_problem(err, 'classes')}; {FIX}") from None
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise RunDirError(f"{path}: a run has 2 to {MAX_CLASSES} classes, this lists {len(classes)}; {FIX}")
+    try:
+        return _classes_are_names(classes)
+    except ValueError as err:
+        raise RunDirError(f"{path}: {err}; {FIX}") from None
+
+
+def _first_problem(err: ValidationError, root: str = "") -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or root or "file"
+    return f"{where}: {first['msg']}"

@@ -1,0 +1,210 @@
+"""The ``network`` kind of run: a trained network in a run directory; evaluate a split, predict new images.
+
+Everything needed is inside the directory: config.yaml, classes.json, dataset.json, split.csv,
+model.safetensors + model.json. The images themselves stay where the dataset is.
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf import atomic
+from imgclf.config import Config, load_config
+from imgclf.data.index import SPLITS, DatasetIndex
+from imgclf.data.pipeline import PreparedData, eval_loader, prepare
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.evaluate import predict_probs
+from imgclf.evaluation.metrics import save_and_score
+from imgclf.evaluation.operating import choose_threshold, positive_index
+from imgclf.evaluation.predictions import Predictions
+from imgclf.evaluation.uncertainty import confidence_intervals
+from imgclf.models.checkpoint import load_weights
+from imgclf.models.networks import Classifier, Preprocess, build_model, output_units, resolve_preprocess
+from imgclf.models.objective import Objective
+from imgclf.runs import files as runfiles
+from imgclf.runs import manifest
+from imgclf.runs.base import register
+from imgclf.runs.predict import predict_files
+from imgclf.runtime import Compute
+
+MODEL_FILE = "model.safetensors"
+THRESHOLD_FILE = "threshold.json"
+
+
+@register("network")
+class NetworkRun:
+    """A trained network's run directory (open it with ``imgclf.load_run(path)``)."""
+
+    def __init__(self, path: str | Path, outer: tuple[Path, ...] = ()):
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no config.yaml); pass the --out of a train run")
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self.path / "config.yaml")
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return runfiles.read_classes(self.path / "classes.json")
+
+    @cached_property
+    def meta(self) -> runfiles.ModelFile:
+        """model.json, validated and checked against classes.json and config.yaml."""
+        path = self.path / MODEL_FILE
+        meta = runfiles.read_model_file(path.with_suffix(".json"))
+        if meta.classes != self.classes:
+            raise RunDirError(f"{path.with_suffix('.json')} and classes.json list different classes (or orders); "
+                              f"{runfiles.FIX}")
+        expected_units = output_units(self.config.model, len(self.classes))
+        if meta.output_units != expected_units:
+            raise RunDirError(f"{path.with_suffix('.json')}: output_units is {meta.output_units}, the config's model "
+                              f"has {expected_units}; {runfiles.FIX}")
+        self._check_preprocess(meta.preprocess)
+        return meta
+
+    @property
+    def preprocess(self) -> Preprocess:
+        p = self.meta.preprocess
+        return Preprocess(p.size, p.channels, tuple(p.mean), tuple(p.std), p.interpolation)
+
+    def _check_preprocess(self, saved: runfiles.PreprocessFile) -> None:
+        """model.json's input must be what config.yaml trained: an edited size must not reach the model."""
+        data = self.config.data
+        expected = resolve_preprocess(self.config.model, data.image_size, data.channels, data.interpolation)
+        same = (saved.size, saved.channels, saved.interpolation) == (expected.size, expected.channels,
+                                                                      expected.interpolation)
+        close = all(abs(a - b) < 1e-6 for a, b in zip(saved.mean + saved.std, expected.mean + expected.std,
+                                                         strict=True))
+        if not (same and close):
+            raise RunDirError(f"{self.path / 'model.json'}: preprocess {saved.model_dump()} does not match what "
+                              f"config.yaml trains ({expected.to_dict()}); {runfiles.FIX}")
+
+    @cached_property
+    def compute(self) -> Compute:
+        train = self.config.train
+        return Compute.resolve(train.device, train.precision, train.channels_last)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
+
+    @cached_property
+    def model(self) -> Classifier:
+        model = build_model(self.config.model, len(self.classes), self.preprocess)
+        load_weights(model, self.path / MODEL_FILE)
+        return self.compute.prepare(model).eval()
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(len(self.classes), sigmoid=self.meta.output_units == 1)
+
+    @property
+    def metrics(self) -> dict:
+        path = self.path / "metrics.json"
+        return runfiles.read_metrics(path) if path.exists() else {}
+
+    def index(self, data_root: str | Path | None = None) -> DatasetIndex:
+        root = Path(data_root) if data_root else Path(runfiles.read_dataset(self.path / "dataset.json").root)
+        if not root.is_dir():
+            raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
+        path = self.path / "split.csv"
+        try:
+            index = DatasetIndex.load(path, root, self.classes)
+        except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
+            raise RunDirError(f"{path} is damaged ({type(err).__name__}: {err}); {runfiles.FIX}") from None
+        odd = next((i for i in range(len(index)) if index.labels[i] not in self.classes
+                    or index.splits[i] not in SPLITS), None)
+        if odd is not None:
+            raise RunDirError(f"{path}: row {odd + 2} has label {index.labels[odd]!r} and split "
+                              f"{index.splits[odd]!r}, not a class of the run and train/val/test; {runfiles.FIX}")
+        return index
+
+    @property
+    def threshold(self) -> float | None:
+        """The binary decision threshold chosen on validation (threshold.json), None for argmax."""
+        path = self.path / THRESHOLD_FILE
+        return runfiles.read_threshold(path, self.classes).threshold if path.exists() else None
+
+    @property
+    def positive(self) -> int:
+        return positive_index(self.classes, self.config.data.positive_class)
+
+    def evaluate(self, split: str = "test", data_root: str | Path | None = None, shuffle: bool = False,
+                 prepared: PreparedData | None = None, tta: str | None = None) -> dict:
+        """Predict ``split``, write predictions_<split>.csv, and metrics computed from that file.
+
+        Decisions use the run's threshold (binary tasks, ``threshold.json``), probabilities the
+        test-time augmentation ``tta`` (default: the run's ``evaluate.tta``).
+        """
+        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split)
+
+    def probabilities(self, split: str, data_root: str | Path | None = None, shuffle: bool = False,
+                      prepared: PreparedData | None = None, tta: str | None = None) -> Predictions:
+        """Undecided predictions for ``split``: paths, labels and probabilities, written nowhere."""
+        prepared = prepared or prepare(self.index(data_root), self.preprocess, self.config.data)
+        if split not in prepared.index.splits:
+            raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
+                             self.config.data.workers, shuffle=shuffle, generator=generator)
+        subset = prepared.index.subset(split)
+        return Predictions(list(subset.paths), self.classes, subset.targets, self.loader_probs(loader, tta))
+
+    def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
+        """N x K probabilities of a loader's images (by dataset position), averaged over ``tta`` views."""
+        return predict_probs(self.model, self.objective, loader, self.compute, tta or self.config.evaluate.tta)
+
+    def describe(self) -> str:
+        """One line for the report: the model and its input."""
+        weights = " (ImageNet weights)" if self.config.model.pretrained else ""
+        pre = self.preprocess
+        return f"{self.config.model.name}{weights} at {pre.size} px, {pre.channels} channel(s)"
+
+    def check(self) -> None:
+        _ = self.config, self.classes, self.meta, self.threshold, self.metrics
+        runfiles.read_dataset(self.path / "dataset.json")
+
+    def score(self, preds: Predictions, split: str) -> dict:
+        """Decide at the run's threshold, write predictions_<split>.csv, then metrics and intervals
+        from that file as read back (the reporting wing draws them: ``plots.draw_evaluations``)."""
+        preds = preds.at_threshold(self.threshold, self.positive)
+        saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
+                                        self.config.data.positive_class)
+        metrics["threshold"] = self.threshold
+        metrics["intervals"] = confidence_intervals(saved, self.config.data.positive_class,
+                                                    self.config.evaluate.bootstrap, self.config.train.seed)
+        atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics})
+        return metrics
+
+    def choose_threshold(self, rule: str, val: Predictions | None = None) -> float | None:
+        """Choose the decision threshold for ``rule`` on validation predictions (``val``, else the saved
+        predictions_val.csv), save it, and score validation at it. ``argmax`` removes a saved threshold."""
+        if rule != "argmax" and len(self.classes) != 2:
+            raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
+        val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv")
+        value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
+        path = self.path / THRESHOLD_FILE
+        if value is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic.write_json(path, {"rule": rule, "threshold": value, "positive_class": self.classes[self.positive],
+                                     "chosen_on": "val"})
+        manifest.reseal(self.path, THRESHOLD_FILE)
+        self.score(val, "val")
+        return value
+
+    def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
+                batch_size: int | None = None, tta: str | None = None) -> Predictions:
+        """Predict image files, folders (recursive) or glob patterns; optionally write a CSV."""
+        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.config.train.batch_size,
+                              tta or self.config.evaluate.tta)
+        preds = preds.at_threshold(self.threshold, self.positive)
+        if out:
+            preds.to_csv(Path(out))
+        return preds

@@ -1,0 +1,157 @@
+"""The training loop: train_one_epoch, then evaluate, early-stop and checkpoint, epoch by epoch.
+
+``fit`` knows nothing about files or datasets: validation and checkpointing come in as
+callables, so staged fine-tuning, k-fold CV and distributed runs reuse it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from imgclf.config import TrainConfig
+from imgclf.errors import ImgclfError
+from imgclf.models.freeze import param_groups, set_frozen_norms_eval
+from imgclf.models.objective import Objective
+from imgclf.runtime import Compute, get_logger, is_main_process
+from imgclf.training.optim import build_optimizer, build_schedule, step_schedule
+
+log = get_logger("train")
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of a monitored metric; ``mode`` is min for losses, max otherwise."""
+
+    monitor: str
+    patience: int
+    min_delta: float = 0.0
+    mode: str = field(init=False)
+    best: float = field(init=False)
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        self.mode = "min" if self.monitor.endswith("loss") else "max"
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value``; return True if it is a new best."""
+        gain = (self.best - value) if self.mode == "min" else (value - self.best)
+        if gain > self.min_delta or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    compute: Compute, desc: str) -> dict[str, float]:
+    model.train()
+    set_frozen_norms_eval(model)
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
+    for images, targets, _ in bar:
+        images, targets = compute.batch(images), targets.to(compute.device, non_blocking=True)
+        with compute.autocast():
+            logits = model(images)
+        loss = objective.loss(logits, targets)
+        if not torch.isfinite(loss):
+            raise ImgclfError(f"training diverged: loss is {loss.item()} in {desc}; lower --lr "
+                              f"(now {optimizer.param_groups[0]['lr']:g}) or check the images")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = targets.shape[0]
+        total_loss += loss.item() * n
+        correct += int((objective.probabilities(logits.detach()).argmax(1) == targets).sum())
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, compute: Compute,
+        validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
+        on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
+        history: list[dict] | None = None, stage: str = "train",
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[dict]:
+    """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
+
+    ``stopper`` carries the best value from earlier stages, so a stage only counts as better when it
+    beats everything before it; ``history`` continues their epoch numbering. Without ``validate``
+    every epoch counts as the best (the last weights are kept). ``checkpoint(state)`` receives the
+    optimizer and schedule state after each epoch; ``resume`` is such a state to continue from.
+    """
+    groups = param_groups(model, cfg.backbone_lr_mult)
+    for group in groups:
+        group["lr"] = cfg.lr * group.pop("lr_mult")
+    optimizer = build_optimizer(groups, cfg)
+    schedule = build_schedule(optimizer, cfg)
+    stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+    stopper.patience, stopper.bad_epochs = cfg.effective_patience, 0
+    history = history if history is not None else []
+    first = 1
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(resume["schedule"])
+        stopper.bad_epochs, first = resume["bad_epochs"], resume["stage_epoch"] + 1
+    for stage_epoch in range(first, cfg.epochs + 1):
+        epoch = len(history) + 1
+        start = time.perf_counter()
+        desc = f"{stage} {stage_epoch}/{cfg.epochs}"
+        row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
+               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc),
+               "train_seconds": round(time.perf_counter() - start, 3)}  # training alone: throughput
+        row.update(validate() if validate else {})
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        monitored = row.get(cfg.monitor)
+        if validate and monitored is None:
+            raise ImgclfError(f"monitor {cfg.monitor!r} is not a validation metric; use one of "
+                              f"{', '.join(k for k in row if k.startswith('val_'))}")
+        improved = stopper.update(monitored, epoch) if validate else True
+        if improved:
+            on_best(epoch)
+        history.append(row)
+        on_epoch(history)
+        log.info("%s  %s%s", desc, _format_row(row), "  *" if improved else "")
+        step_schedule(schedule, monitored)
+        stop = bool(validate and cfg.early_stopping and stopper.should_stop)
+        if checkpoint:
+            checkpoint({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                        "stage_epoch": stage_epoch, "stage_done": stop or stage_epoch == cfg.epochs})
+        if stop:
+            if stage_epoch < cfg.epochs:  # stopping on the budget's last epoch is no early stop
+                log.info("%s", early_stop_message(stage, stage_epoch, cfg, stopper))
+            break
+    return history
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: log lines read as sentences."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def early_stop_message(stage: str, stage_epoch: int, cfg: TrainConfig, stopper: EarlyStopping) -> str:
+    """Why a stage ended before its epoch budget, in the numbers that made it stop."""
+    ran = f"early stopping {stage} after {count(stage_epoch, 'epoch')} of {cfg.epochs}"
+    best = f"best {cfg.monitor} {stopper.best:.4f} at epoch {stopper.best_epoch}"
+    if stopper.bad_epochs == 0:  # patience 0: stop after the first epoch whatever it scored
+        return f"{ran}: patience is 0 ({best})"
+    return f"{ran}: {cfg.monitor} has not improved for {count(stopper.bad_epochs, 'epoch')} ({best})"
+
+
+def _format_row(row: dict) -> str:
+    keys = [k for k in row if k.startswith(("train_", "val_"))]
+    return "  ".join(f"{k}={row[k]:.4f}" for k in keys if isinstance(row[k], float))

@@ -1,0 +1,135 @@
+"""Exact resume: the end-of-epoch training state, saved so a killed run continues where it was.
+
+After every epoch the whole state goes into ``resume/.epoch_N.tmp/`` and is committed by one atomic
+directory rename to ``resume/epoch_N/``; older epochs are then removed. A kill at any moment leaves
+at least one complete epoch directory, never a mix of epochs. Each holds:
+``weights.safetensors``; ``best.safetensors`` + ``best.json`` (the best weights as of that epoch,
+since the live best file may be newer when the run dies); ``state.pt`` (optimizer and schedule
+state dicts and torch RNG states: tensors and numbers only, read with ``weights_only=True``); and
+``state.json`` (stage, epoch, early stopping, history, numpy/python RNG states).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import save_file
+
+from imgclf import atomic
+from imgclf.errors import RunDirError
+from imgclf.models.checkpoint import load_weights
+
+STATE_DIR = "resume"
+
+
+class _Stopper(BaseModel):
+    best: float | None
+    best_epoch: int | None = Field(ge=1)
+    bad: int = Field(ge=0)
+
+
+class ResumeInfo(BaseModel):
+    """state.json, checked before any of it steers training (a tampered file is an error, not a crash)."""
+
+    model_config = ConfigDict(extra="allow")
+    epoch: int = Field(ge=1)
+    stage_index: int = Field(ge=0, le=100)
+    stage_epoch: int = Field(ge=0)
+    stage_done: bool
+    history: list[dict[str, float | int | str | None]]
+    stopper: _Stopper
+    numpy_rng: tuple[str, list[int], int, int, float]
+    python_rng: tuple[int, list[int], float | None]
+
+
+def capture_rng(generator: torch.Generator) -> tuple[dict, dict]:
+    """(tensors, JSON-able) RNG states of torch, the data generator, numpy and python."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    tensors = {"torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()}
+    plain = {"numpy_rng": [kind, keys.tolist(), pos, has_gauss, cached], "python_rng": [version, list(state), gauss]}
+    return tensors, plain
+
+
+def restore_rng(generator: torch.Generator, tensors: dict, plain: dict) -> None:
+    try:
+        torch.set_rng_state(tensors["torch_rng"])
+        generator.set_state(tensors["data_rng"])
+        kind, keys, pos, has_gauss, cached = plain["numpy_rng"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, state, gauss = plain["python_rng"]
+        random.setstate((version, tuple(state), gauss))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as err:
+        raise RunDirError(f"the saved random-number states are damaged ({str(err)[:100]}); start the run again") \
+            from None
+
+
+def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fit_state: dict, info: dict,
+               best_file: Path) -> None:
+    """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history."""
+    folder = out / STATE_DIR
+    final, tmp = folder / f"epoch_{info['epoch']:05d}", folder / f".epoch_{info['epoch']:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors, plain = capture_rng(generator)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "weights.safetensors"))
+    if best_file.exists():
+        shutil.copyfile(best_file, tmp / "best.safetensors")
+        shutil.copyfile(best_file.with_suffix(".json"), tmp / "best.json")
+    torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
+    for name in os.listdir(tmp):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)  # the same epoch again, after a resume
+    os.replace(tmp, final)
+    for old in folder.glob("epoch_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_state(out: Path) -> Path:
+    complete = sorted((out / STATE_DIR).glob("epoch_*"))
+    if not complete:
+        raise RunDirError(f"{out} has no saved training state: it never finished an epoch; start it again")
+    return complete[-1]
+
+
+def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
+    """Load the newest complete epoch's weights into ``model``; return (tensor state, JSON state)."""
+    folder = latest_state(out)
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        ResumeInfo.model_validate(info)
+        tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("torch_rng", "data_rng")):
+            raise ValueError("state.pt lacks the RNG states")
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise RunDirError(f"{folder / 'state.json'}: {'.'.join(map(str, first['loc']))}: {first['msg']}; "
+                          "start the run again") from None
+    except Exception as err:
+        raise RunDirError(f"training state in {folder} is damaged ({str(err).splitlines()[0][:120]}); "
+                          f"start the run again") from None
+    if tensors.get("epoch") != info.get("epoch"):
+        raise RunDirError(f"{folder}: state files are from different epochs; start the run again")
+    load_weights(model, folder / "weights.safetensors")
+    return tensors, info
+
+
+def restore_best_file(out: Path, best_file: Path) -> None:
+    """Put back the best weights as of the saved epoch (a newer best may have been written before the kill)."""
+    folder = latest_state(out)
+    pairs = ((folder / "best.safetensors", best_file), (folder / "best.json", best_file.with_suffix(".json")))
+    for source, target in pairs:
+        if source.exists():
+            with atomic.atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)

@@ -1,0 +1,180 @@
+"""Staged fine-tuning: a list of stages, each with its freeze policy and train settings.
+
+Each stage starts from the best weights so far, and a stage's epoch only counts as a new best
+when it beats every earlier stage, so fine-tuning can never end below the head it started from.
+A stage whose backbone is frozen trains the head on cached features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from imgclf.config import Config, StageConfig, TrainConfig, one_line
+from imgclf.data.datasets import weighted_sampler
+from imgclf.data.pipeline import PreparedData, eval_loader, train_loader
+from imgclf.errors import ConfigError
+from imgclf.evaluation.evaluate import predict_probs
+from imgclf.evaluation.metrics import compute_metrics, validation_row
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger, is_main_process
+from imgclf.models.freeze import apply_freeze, backbone_is_frozen
+from imgclf.models.networks import Classifier, Preprocess
+from imgclf.models.objective import Objective
+from imgclf.runtime import Compute
+from imgclf.training.features import HeadOnly, extract_features, feature_loader
+from imgclf.training.fit import EarlyStopping, fit
+from imgclf.training.resume import restore_rng, save_state
+
+log = get_logger("stages")
+
+# Used with --pretrained/--weights when no stages are given: a head on cached frozen features first
+# (seconds, and usually most of the accuracy on small sets), then a low-lr fine-tune of the whole
+# network with BatchNorm frozen, kept only where it beats the head on validation.
+DEFAULT_TRANSFER_STAGES = (
+    StageConfig(name="head", freeze="backbone", epochs=40, lr=1e-3, patience=8, schedule="cosine"),
+    StageConfig(name="finetune", freeze="none", freeze_bn=True, lr=1e-4, epochs=8, patience=3,
+                schedule="cosine"),
+)
+
+
+def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
+    """(name, effective train config) per stage."""
+    stages = list(config.stages)
+    if not stages and (config.model.pretrained or config.model.weights):
+        epochs = min(DEFAULT_TRANSFER_STAGES[1].epochs, config.train.epochs)  # --epochs caps the fine-tune
+        finetune = DEFAULT_TRANSFER_STAGES[1].model_copy(
+            update={"epochs": epochs, "patience": min(DEFAULT_TRANSFER_STAGES[1].patience, epochs)})
+        stages = [DEFAULT_TRANSFER_STAGES[0], finetune]
+    if not stages:
+        return [("train", config.train)]
+    resolved = []
+    for i, stage in enumerate(stages):
+        try:
+            resolved.append((stage.name, stage.apply(config.train)))
+        except ValidationError as err:
+            raise ConfigError(f"stage {i} ({stage.name}): {one_line(err)}") from None
+    return resolved
+
+
+@dataclass
+class StageRunner:
+    """Everything the stages share: model, data, objective and where the best weights go."""
+
+    model: Classifier
+    objective: Objective
+    prepared: PreparedData
+    config: Config
+    preprocess: Preprocess
+    compute: Compute
+    generator: torch.Generator
+    save_best: Callable[[int], None]
+    load_best: Callable[[], None]
+    on_epoch: Callable[[list[dict]], None]
+    out: Path | None = None  # where the end-of-epoch state goes (None: not resumable)
+    best_file: Path | None = None  # the best-weights file that save_best writes
+
+    def run(self, resume: tuple[dict, dict] | None = None) -> list[dict]:
+        """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run."""
+        tensors, info = resume or ({}, {})
+        history: list[dict] = info.get("history", [])
+        stopper: EarlyStopping | None = None
+        has_val = "val" in self.prepared.index.splits
+        for index, (name, cfg) in enumerate(resolve_stages(self.config)):
+            if resume and (index < info["stage_index"] or (index == info["stage_index"] and info["stage_done"])):
+                if index == info["stage_index"]:  # killed between stages: hand on as the stage end would
+                    if has_val:
+                        self.load_best()
+                    stopper = self._restored_stopper(cfg, info)
+                    restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
+                    resume = None
+                continue
+            apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            cached = cfg.feature_cache and backbone_is_frozen(self.model)
+            log.info("stage %s: freeze=%s, %s trainable parameters%s", name, cfg.freeze, f"{trainable:,}",
+                     ", head trained on cached features" if cached else "")
+            stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+            model, loader, validate = self._cached(cfg) if cached else self._images(cfg)
+            fit_resume = None
+            if resume and index == info["stage_index"]:
+                stopper = self._restored_stopper(cfg, info)
+                restore_rng(self.generator, tensors, info)  # after the loaders exist, as at that epoch's end
+                fit_resume = {**tensors, "stage_epoch": info["stage_epoch"], "bad_epochs": info["stopper"]["bad"]}
+                resume = None
+            fit(model, self.objective, loader, cfg, self.compute, validate if has_val else None,
+                self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
+                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume)
+            if has_val:
+                self.load_best()  # the next stage, and the end result, start from the best so far
+        return history
+
+    def validate(self) -> dict[str, float]:
+        """The whole model's validation metrics now (val_loss, val_accuracy, ...)."""
+        val = eval_loader(self.prepared, "val", self.preprocess, self.config.train.batch_size,
+                          self.config.data.workers)
+        return self._validator(self.model, val)()
+
+    @staticmethod
+    def _restored_stopper(cfg: TrainConfig, info: dict) -> EarlyStopping:
+        stopper = EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
+        stopper.best, stopper.best_epoch = info["stopper"]["best"], info["stopper"]["best_epoch"]
+        return stopper
+
+    def _checkpointer(self, stage_index: int, stopper: EarlyStopping, history: list[dict]):
+        if self.out is None or not is_main_process():
+            return None
+
+        def checkpoint(fit_state: dict) -> None:
+            info = {"epoch": len(history), "stage_index": stage_index, "stage_epoch": fit_state.pop("stage_epoch"),
+                    "stage_done": fit_state.pop("stage_done"), "history": history,
+                    "stopper": {"best": stopper.best, "best_epoch": stopper.best_epoch, "bad": stopper.bad_epochs}}
+            save_state(self.out, self.model, self.generator, fit_state, info, self.best_file)
+
+        return checkpoint
+
+    def _images(self, cfg: TrainConfig):
+        sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
+        loader = train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size, self.generator,
+                              self.compute.device, sampler, self.config.data.workers)
+        val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
+        # torch.compile wraps the same parameters: weights are still saved from the plain module.
+        model = torch.compile(self.model) if cfg.compile else self.model
+        return model, loader, self._validator(model, val)
+
+    def _cached(self, cfg: TrainConfig):
+        backbone = self.model.backbone
+        train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
+                                     self.generator, self.compute.device, workers=self.config.data.workers)
+                        if cfg.feature_views > 1
+                        else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
+                                         self.config.data.workers))
+        train_feats = extract_features(backbone, train_images, self.compute, cfg.feature_views)
+        loader = feature_loader(train_feats, cfg.batch_size, shuffle=True, generator=self.generator,
+                                sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
+        head = HeadOnly(self.model.head)
+        validate = None
+        if "val" in self.prepared.index.splits:
+            val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
+            val_feats = extract_features(backbone, val_images, self.compute)
+            validate = self._validator(head, feature_loader(val_feats, cfg.batch_size, shuffle=False))
+        return head, loader, validate
+
+    def _sampler(self, targets, cfg: TrainConfig):
+        return weighted_sampler(targets, self.generator) if cfg.sampler == "weighted" else None
+
+    def _validator(self, model: nn.Module, loader) -> Callable[[], dict[str, float]]:
+        """Validation metrics for the loop, computed like the final report: from Predictions."""
+        val = self.prepared.index.subset("val")
+
+        def validate() -> dict[str, float]:
+            probs = predict_probs(model, self.objective, loader, self.compute)
+            return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
+                                                              probs), self.config.data.positive_class))
+
+        return validate

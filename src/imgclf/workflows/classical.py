@@ -1,0 +1,61 @@
+"""Train a classical head: a scikit-learn classifier on a frozen backbone's features, its parameter
+chosen on validation (``--head svm|logreg|knn|rf``), written as a run of the ``classical`` kind."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from imgclf.config import Config
+from imgclf.data.pipeline import eval_loader
+from imgclf.errors import ConfigError
+from imgclf.evaluation.metrics import compute_metrics, validation_row
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger, is_main_process
+from imgclf.models.checkpoint import save_weights
+from imgclf.models.networks import build_model
+from imgclf.reporting.plots import write_history
+from imgclf.runs.heads import GRIDS, HEAD_FILE, Embedder, embed, make_head, save_head
+from imgclf.runs.network import MODEL_FILE
+from imgclf.workflows.lifecycle import finish_run, setup_run
+
+log = get_logger("classical")
+
+
+def train_classical(config: Config, evaluate_test: bool = True):
+
+    s = setup_run(config)
+    cfg, index, kind = s.config, s.index, s.config.model.head
+    if not (cfg.model.pretrained or cfg.model.weights):
+        log.warning("warning: --head %s on a backbone without --pretrained or --weights: random features", kind)
+    model = s.compute.prepare(build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=True))
+    features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
+                                                          cfg.data.workers), s.compute)[0]
+                for split in ("train", "val")}
+    train, val = index.subset("train"), index.subset("val")
+    name, values = GRIDS[kind]
+    balanced = cfg.train.class_weight == "balanced"
+    sign = 1 if cfg.train.monitor.endswith("loss") else -1
+    history, best = [], None
+    for epoch, value in enumerate(values, 1):
+        start = time.perf_counter()
+        head = make_head(kind, value, cfg.train.seed, balanced, train.targets).fit(features["train"], train.targets)
+        row = validation_row(compute_metrics(Predictions(list(val.paths), list(index.classes), val.targets,
+                                                         head.predict_proba(features["val"])),
+                                             cfg.data.positive_class))
+        history.append({"epoch": epoch, "stage": kind, "param": f"{name}={value}", **row,
+                        "seconds": round(time.perf_counter() - start, 3)})
+        monitored = row.get(cfg.train.monitor)  # val_auc is missing when val lacks a class
+        if monitored is None and cfg.train.monitor != "val_auc":
+            raise ConfigError(f"monitor {cfg.train.monitor!r} is not a validation metric; use one of {', '.join(row)}")
+        score = sign * monitored if monitored is not None else np.inf
+        log.info("%s %s=%s: %s %s", kind, name, value, cfg.train.monitor, monitored)
+        if best is None or score < best[0]:
+            best = (score, epoch, head)
+    log.info("%s: chose %s", kind, history[best[1] - 1]["param"])
+    if is_main_process():
+        save_weights(model, s.out / MODEL_FILE, {**s.meta, "epoch": best[1]})
+        save_head(best[2], s.out / HEAD_FILE)
+        write_history(history, s.out / "history.csv")
+    return finish_run(s, evaluate_test, best[1])

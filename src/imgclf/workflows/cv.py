@@ -1,0 +1,140 @@
+"""``imgclf cv``: k-fold cross-validation where every fold is a full run directory.
+
+Fold sources: predefined ``DATA/Fold0..FoldK/{train,valid|val,test}/<class>`` folders;
+stratified k-fold over a folder pool or CSV (``--folds K``, seeded); or stratified group
+k-fold when a CSV has a group column (e.g. patient id), so one patient never sits in two folds.
+Outputs: ``fold_<i>/`` runs, ``folds.csv``, ``summary.csv`` (describe() + 95% CI of the mean),
+``plots/folds.png`` and pooled out-of-fold predictions with their own metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from imgclf import atomic
+from imgclf.config import Config, build_config
+from imgclf.data.index import detect_layout, scan_rows
+from imgclf.errors import ConfigError, DataError
+from imgclf.evaluation.metrics import save_and_score
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.reporting.html import write_report
+from imgclf.reporting.plots import plot_folds
+from imgclf.runtime import derive_seed
+from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.summary import describe, train_job
+
+log = get_logger("cv")
+FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
+
+
+def predefined_folds(root: Path) -> list[Path]:
+    """``root/Fold0..FoldK`` folders, in numeric order; empty when the layout has none."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := FOLD_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def fold_configs(config: Config, out: Path, folds: int, group_column: str | None) -> list[Config]:
+    """One config per fold: its data, its derived seed and its run directory."""
+    root = Path(config.data.path or "").expanduser().resolve()
+    base = config.model_dump()
+    predefined = predefined_folds(root)
+    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, folds, group_column, config)
+    configs = []
+    for i, source in enumerate(sources):
+        values = {**base, "out": str(out / f"fold_{i}"), "versions": {}}
+        values["data"] = {**base["data"], "path": source, "path_as_typed": source, "layout": "auto"}
+        values["train"] = {**base["train"], "seed": derive_seed(config.train.seed, f"fold{i}")}
+        configs.append(build_config(values))
+    return configs
+
+
+def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, config: Config) -> list[str]:
+    """Write ``splits/fold_<i>.csv`` (absolute paths; test = fold i, the rest train) for a pool or CSV."""
+    layout = detect_layout(root) if config.data.layout == "auto" else config.data.layout
+    rows = scan_rows(root, layout)
+    base_dir = root.parent if layout == "csv" else root
+    paths = [str(base_dir / p) for p, _, _ in rows]
+    labels = np.array([label for _, label, _ in rows])
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if group_column:
+        if layout != "csv":
+            raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
+        groups = _groups(root, group_column, [p for p, _, _ in rows])
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=config.train.seed % 2**32)
+        splits = splitter.split(paths, labels, groups)
+    else:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.train.seed % 2**32)
+        try:
+            splits = list(splitter.split(paths, labels))
+        except ValueError as err:
+            raise DataError(f"cannot make {folds} stratified folds of {root}: {err}") from None
+    written = []
+    for i, (_, test_idx) in enumerate(splits):
+        test = set(test_idx.tolist())
+        path = out / "splits" / f"fold_{i}.csv"
+
+        def write(fh, test=test) -> None:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "split"])
+            w.writerows([p, label, "test" if j in test else "train"] for j, (p, label) in enumerate(zip(paths, labels,
+                                                                                                  strict=True)))
+
+        atomic.write_with(path, write)
+        written.append(str(path))
+    return written
+
+
+def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
+    """The group of each scanned row, looked up by its path (the scan keeps one row per file)."""
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
+    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if column not in (reader.fieldnames or []):
+            raise DataError(f"{csv_path} has no {column!r} column (found {reader.fieldnames})")
+        path_column = next(c for c in reader.fieldnames or [] if c.strip().lower() == "path")
+        lookup: dict[str, str] = {}
+        for row in reader:  # the first row of a repeated path wins, as in the scan
+            lookup.setdefault((row[path_column] or "").strip(), row[column])
+    return [lookup[p] for p in paths]
+
+
+def cross_validate(config: Config, folds: int = 5, group_column: str | None = None, backend: str = "sequential",
+                   n_jobs: int = 1, ray_address: str | None = None) -> dict:
+    """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
+    out = Path(config.out or "cv")
+    out.mkdir(parents=True, exist_ok=True)
+    configs = fold_configs(config, out, folds, group_column)
+    log.info("cross-validation: %d folds, backend %s", len(configs), backend)
+    results = run_jobs(train_job, [(c.model_dump(), True) for c in configs], backend, n_jobs, ray_address)
+    rows = [{"fold": i, **r} for i, r in enumerate(results)]
+    atomic.write_rows(out / "folds.csv", rows)
+    metric_names = [k for k in rows[0] if k.startswith(("val_", "test_"))]
+    summary = describe(rows, metric_names)
+    atomic.write_rows(out / "summary.csv", summary)
+    oof = pooled_predictions([Path(r["run"]) for r in results])
+    _, oof_metrics = save_and_score(oof, out / "predictions_oof.csv", config.data.positive_class)
+    atomic.write_json(out / "metrics_oof.json", oof_metrics)
+
+    plot_folds(rows, out / "plots" / "folds.png")
+    if config.evaluate.report:
+        write_report(out)
+    return {"folds": rows, "summary": summary, "oof": oof_metrics}
+
+
+def pooled_predictions(runs: list[Path]) -> Predictions:
+    """Every fold's test predictions together: each image once, predicted by the model that never saw it."""
+    parts = [Predictions.from_csv(run / "predictions_test.csv") for run in runs]
+    classes = parts[0].classes
+    if any(p.classes != classes for p in parts):
+        raise DataError("folds have different classes; every fold's train split must hold every class")
+    return Predictions([p for part in parts for p in part.paths], classes,
+                       np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]))

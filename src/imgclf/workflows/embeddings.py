@@ -1,0 +1,58 @@
+"""``imgclf features``: penultimate-layer embeddings of every image of a dataset, as one .npz file.
+
+The source is a run directory (its trained model and preprocessing) or a backbone name (timm, with
+``--pretrained`` or ``--weights``). The file holds ``features`` (N x D float32), ``labels`` (class
+index per image), ``classes``, ``paths`` (relative to ``root``) and ``splits``: what scikit-learn,
+UMAP or a notebook needs, with no imgclf import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import atomic
+from imgclf.config import DataConfig, ModelConfig
+from imgclf.data.datasets import CachedImages, make_loader
+from imgclf.data.index import build_index
+from imgclf.data.pipeline import prepare
+from imgclf.data.transforms import build_eval_transform
+from imgclf.errors import ConfigError
+from imgclf.models.networks import build_model, check_model_name, resolve_preprocess
+from imgclf.runs.base import load_run
+from imgclf.runs.heads import Embedder, embed
+from imgclf.runtime import Compute
+
+
+def write_features(source: str | Path, data: str | Path | None, out: str | Path, image_size: int | None = None,
+                   channels: int = 3, pretrained: bool = False, weights: str | None = None,
+                   batch_size: int = 64) -> dict:
+    """Embed every image of ``data`` (default: a run's own dataset) with ``source``; write ``out`` (.npz)."""
+    if (Path(source) / "config.yaml").is_file():
+        run = load_run(source)
+        model, preprocess, compute = run.model, run.preprocess, run.compute
+        data_cfg = run.config.data
+        seed = run.config.train.seed if data_cfg.split_seed is None else data_cfg.split_seed
+        index = build_index(data_cfg.model_copy(update={"path": str(data)}), seed) if data else run.index()
+    else:
+        if data is None:
+            raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")
+        check_model_name(str(source))
+        cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)
+        preprocess = resolve_preprocess(cfg, image_size, channels)
+        compute = Compute.resolve("auto", "auto", None)
+        model = compute.prepare(build_model(cfg, 2, preprocess)).eval()  # the head is never used
+        data_cfg = DataConfig(path=str(data), image_size=image_size, channels=channels)
+        index = build_index(data_cfg, 0)
+    prepared = prepare(index, preprocess, data_cfg)
+    index = prepared.index
+    dataset = CachedImages(prepared.decoded.file, prepared.cache_rows, index.targets,
+                           build_eval_transform(preprocess.mean, preprocess.std))
+    features = embed(Embedder(model), make_loader(dataset, batch_size), compute)[0]
+    arrays = {"features": features, "labels": index.targets, "classes": np.array(index.classes),
+              "paths": np.array([str(p) for p in index.paths]), "splits": np.array(index.splits),
+              "root": np.array(str(index.root))}
+    with atomic.atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return {"images": len(features), "dim": int(features.shape[1]) if features.size else 0, "out": str(out)}

@@ -1,0 +1,206 @@
+"""A run's life: check the config against the data, create (or reopen) the run directory, write
+its files; at the end evaluate, seal and report. Shared by every kind of training."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from imgclf import atomic
+from imgclf.config import Config, config_to_yaml
+from imgclf.data.audit import warn_imbalance, warn_leakage
+from imgclf.data.index import DatasetIndex, build_index
+from imgclf.data.pipeline import PreparedData, prepare, write_skipped
+from imgclf.errors import ConfigError, DataError
+from imgclf.models.networks import (
+    Preprocess,
+    check_input_size,
+    check_model_name,
+    output_units,
+    resolve_preprocess,
+)
+from imgclf.reporting.html import write_report
+from imgclf.reporting.plots import draw_evaluations, write_summary
+from imgclf.runs import manifest
+from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
+from imgclf.runs.manifest import INCOMPLETE
+from imgclf.runs.saved_split import load_saved_split
+from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
+from imgclf.training.stages import resolve_stages
+from imgclf.versions import library_versions
+
+log = get_logger("lifecycle")
+
+
+INCOMPLETE_NOTE = ("This imgclf run has not finished (it is running, failed or was killed). Continue it with\n"
+                   "`imgclf train --resume DIR`, or train again with the same --out to replace it.\n")
+
+
+RUN_ENTRIES = (INCOMPLETE, KIND_FILE, "config.yaml", "classes.json", "dataset.json", "split.csv", "skipped_images.csv",
+               "history.csv", "metrics.json", "threshold.json", "model.safetensors", "model.json",
+               "best.safetensors", "best.json", "head.skops", "summary.md", "result.json", "manifest.json",
+               "report.html", "predictions_*.csv", "plots", "resume", ".*.tmp")
+
+
+@dataclass
+class RunSetup:
+    """What every kind of training starts from: the checked config, decoded data and the run directory."""
+
+    config: Config
+    out: Path
+    prepared: PreparedData
+    preprocess: Preprocess
+    compute: Compute
+    generator: torch.Generator
+
+    @property
+    def index(self) -> DatasetIndex:
+        return self.prepared.index
+
+    @property
+    def meta(self) -> dict:
+        n = len(self.index.classes)
+        return {"model": self.config.model.model_dump(), "classes": list(self.index.classes),
+                "preprocess": self.preprocess.to_dict(), "output_units": output_units(self.config.model, n)}
+
+
+def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
+    """Check the config against the data, decode the images, and create (or reopen) the run directory.
+
+    Everything that can be refused is refused before the run directory is made: model and device
+    settings first (no data read), then the data. A resume reads its saved split, never a new one.
+    """
+    check_model_name(config.model.name)
+    compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
+    resolve_stages(config)  # stage settings fail here, before any decoding
+    preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
+                                    config.data.interpolation)
+    check_input_size(config.model, preprocess)  # before seeding: the probe model draws no seeded numbers
+    generator = seed_everything(config.train.seed)
+    index, warnings = _dataset_index(config, resume_dir)
+    prepared = prepare(index, preprocess, config.data)
+    if resume_dir is None:
+        out = _new_run_dir(config.out)
+        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+        _write_run_files(out, config, prepared, warnings)
+    else:
+        out = resume_dir
+    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
+    return RunSetup(config, out, prepared, preprocess, compute, generator)
+
+
+def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetIndex, list[str]]:
+    """The split to train on (drawn now, or the resumed run's saved one) and its data warnings."""
+    if resume_dir is None:
+        split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
+        index = build_index(config.data, split_seed)
+    else:
+        index = load_saved_split(resume_dir, config.data)
+    _check_binary_settings(config, index.classes)
+    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
+    balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
+    warnings += warn_imbalance(index.counts().get("train", {}), balanced)
+    if "val" not in index.splits and config.model.head != "linear":
+        raise DataError(f"no validation images: --head {config.model.head} chooses its parameter on them; "
+                        "raise --val-fraction")
+    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
+        raise DataError("no validation images: early stopping and restore-best need them; "
+                        "raise --val-fraction or pass --no-early-stopping --no-restore-best")
+    return index, warnings
+
+
+def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
+    """Evaluate val, choose the threshold on it, evaluate test once; write the summary, seal, report."""
+    run = open_run(s.out)  # not load_run: the run is sealed only at the end of this function
+    if "val" in s.index.splits:
+        # scored once, at the threshold chosen on it, before test is read
+        run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
+    if evaluate_test and "test" in s.index.splits:  # the final model, once
+        run.evaluate("test", prepared=s.prepared)
+    write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
+    draw_evaluations(run, ("val", "test"))
+    if is_main_process():
+        manifest.seal(s.out)
+        mark_finished(s.out)  # finished and sealed: the report below reads it as any later command does
+    if s.config.evaluate.report and is_main_process():
+        write_report(s.out)
+    log.info("run written to %s", s.out)
+    return run
+
+
+
+
+def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
+    positive = config.data.positive_class
+    if positive is not None and positive not in classes:
+        raise ConfigError(f"positive_class {positive!r} is not a class; choose one of {list(classes)}")
+    rule = config.evaluate.threshold
+    if rule != "argmax" and len(classes) != 2:
+        raise ConfigError(f"--threshold {rule} needs a binary task; {len(classes)} classes found, use argmax")
+
+
+def _new_run_dir(out: str | None) -> Path:
+    """An empty run directory marked INCOMPLETE until finish_run ends; an unfinished one is reused."""
+    path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file; choose a folder for the run")
+    if path.is_dir() and any(path.iterdir()):
+        reuse_unfinished_run(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path / INCOMPLETE, INCOMPLETE_NOTE)
+    (path / "plots").mkdir(exist_ok=True)
+    return path
+
+
+def _write_run_files(out: Path, config: Config, prepared: PreparedData, warnings: list[str]) -> None:
+    index = prepared.index
+    write_kind(out, "network" if config.model.head == "linear" else "classical")
+    atomic.write_text(out / "config.yaml", config_to_yaml(config))
+    atomic.write_json(out / "classes.json", list(index.classes))
+    atomic.write_json(out / "dataset.json", {"root": str(index.root), "counts": index.counts(),
+                                             "skipped": [[str(b.path), b.reason] for b in prepared.skipped],
+                                             "warnings": warnings})
+    index.save(out / "split.csv")
+    if prepared.skipped:
+        write_skipped(prepared, out / "skipped_images.csv")
+
+
+def reuse_unfinished_run(path: Path) -> None:
+    """Empty a failed or killed run's directory for a new run; refuse any other non-empty folder."""
+    if not (path / INCOMPLETE).is_file():
+        finished = (path / "config.yaml").is_file()
+        raise ConfigError(f"run directory {path} already exists and "
+                          + ("holds a finished run" if finished else "is not empty (it is not an imgclf run)")
+                          + "; choose another --out or delete it")
+    ours = {entry for pattern in RUN_ENTRIES for entry in path.glob(pattern)}
+    for entry in ours:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    kept = sorted(entry.name for entry in path.iterdir())
+    log.warning("warning: %s holds an unfinished run (failed or killed); replacing its files%s "
+                "(to continue it instead: imgclf train --resume %s)", path,
+                f", keeping {len(kept)} imgclf did not write ({', '.join(kept[:3])})" if kept else "", path)
+
+
+def mark_finished(out: Path) -> None:
+    """The last step of a run: without the marker, the directory is a finished run no rerun replaces."""
+    (out / INCOMPLETE).unlink(missing_ok=True)
+
+
+@contextmanager
+def naming_path(path: Path) -> Iterator[None]:
+    """An OSError that names no file (ENOSPC from a write) gets the run directory, so its error line can."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise

@@ -1,0 +1,62 @@
+"""Tables for experiments: per-run metric rows, describe() with a confidence interval, CSV output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from imgclf import atomic
+from imgclf.config import build_config
+from imgclf.workflows.train import train
+
+RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
+HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
+
+
+def fold_metrics(metrics: dict) -> dict:
+    """Headline numbers per split, e.g. ``val_accuracy`` and ``test_f1_macro``."""
+    return {f"{split}_{name}": metrics[split][name] for split in ("val", "test") if split in metrics
+            for name in HEADLINE}
+
+
+def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | None = None) -> dict:
+    """Train one fold or trial (a picklable job for any backend) and return its headline metrics.
+
+    Resumable: a finished job is read back from its result file; a half-written one (killed before
+    its result file) is our own output and starts again.
+    """
+    out = Path(config_values["out"])
+    done = out / RESULT_FILE
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    run = train(build_config(config_values), evaluate_test=evaluate_test)
+    result = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {}),
+              "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
+    atomic.write_json(done, result)
+    return result
+
+
+def describe(rows: list[dict], names: list[str]) -> list[dict]:
+    """pandas-style describe() per metric, plus a 95% t-interval for the mean."""
+    table = []
+    for name in names:
+        values = np.array([r[name] for r in rows if r.get(name) is not None], dtype=float)
+        if not len(values):
+            continue
+        n, mean = len(values), float(values.mean())
+        std = float(values.std(ddof=1)) if n > 1 else 0.0
+        half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+        q = np.percentile(values, [25, 50, 75])
+        table.append({"metric": name, "count": n, "mean": mean, "std": std, "min": float(values.min()),
+                      "25%": q[0], "50%": q[1], "75%": q[2], "max": float(values.max()),
+                      "ci95_low": mean - half, "ci95_high": mean + half})
+    return table

@@ -1,0 +1,99 @@
+"""``train(config) -> Run``: the one function behind ``imgclf train`` and ``imgclf demo``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from imgclf.config import Config
+from imgclf.models.checkpoint import load_weights, save_weights
+from imgclf.models.networks import (
+    build_model,
+)
+from imgclf.models.objective import Objective, balanced_class_weights
+from imgclf.reporting.plots import plot_curves, write_history
+from imgclf.runs.base import Run, open_run
+from imgclf.runs.network import MODEL_FILE
+from imgclf.runtime import get_logger, is_main_process
+from imgclf.training.averaging import BestWeights, average_if_better
+from imgclf.training.fit import count
+from imgclf.training.resume import load_state, restore_best_file
+from imgclf.training.stages import StageRunner
+from imgclf.workflows.classical import train_classical
+from imgclf.workflows.lifecycle import RunSetup, finish_run, naming_path, setup_run
+
+log = get_logger("train")
+
+# What imgclf writes into a run directory: replaced when an unfinished run's --out is reused.
+
+
+def resume_training(run_dir: str | Path) -> Run:
+    """Continue a killed ``train`` from its last completed epoch (``imgclf train --resume RUN``)."""
+    run_dir = Path(run_dir)
+    config = open_run(run_dir).config
+    return train(config, resume_dir=run_dir)
+
+
+
+
+def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None) -> Run:
+    """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run.
+
+    ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials). A
+    scikit-learn head (``model.head`` svm, logreg, knn, rf) is fitted on frozen backbone features.
+    """
+    if config.model.head != "linear":
+        return train_classical(config, evaluate_test)
+    s = setup_run(config, resume_dir)
+    with naming_path(s.out):
+        return _fit_and_finish(s, evaluate_test, resume_dir)
+
+
+def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -> Run:
+    config, out, index = s.config, s.out, s.index
+    # A resumed run takes its weights from the saved state: no pretrained download first.
+    model = s.compute.prepare(build_model(config.model, len(index.classes), s.preprocess,
+                                          load_pretrained=resume_dir is None))
+    objective = Objective(len(index.classes), sigmoid=s.meta["output_units"] == 1,
+                          class_weights=_class_weights(config, index.subset("train").targets, index.classes),
+                          label_smoothing=config.train.label_smoothing)
+    weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
+    best = {"epoch": None}
+    recent_bests = BestWeights(config.train.average_best)
+
+    def save_best(epoch: int) -> None:
+        best["epoch"] = epoch
+        recent_bests.add(model, epoch)
+        if is_main_process():
+            save_weights(model, weights_path, {**s.meta, "epoch": epoch})
+
+
+    start = time.perf_counter()
+    runner = StageRunner(model, objective, s.prepared, config, s.preprocess, s.compute, s.generator, save_best,
+                         load_best=lambda: load_weights(model, weights_path),
+                         on_epoch=lambda h: write_history(h, out / "history.csv"), out=out,
+                         best_file=weights_path)
+    resume = None
+    if resume_dir is not None:
+        resume = load_state(out, model)
+        restore_best_file(out, weights_path)
+        best["epoch"] = resume[1]["stopper"]["best_epoch"]
+        log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
+    history = runner.run(resume)
+    log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
+    if not config.train.restore_best:
+        save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
+    elif len(recent_bests) > 1 and is_main_process():
+        average_if_better(model, recent_bests, runner, s.meta, weights_path)
+    plot_curves(history, out / "plots" / "curves.png", best["epoch"])
+    return finish_run(s, evaluate_test, best["epoch"])
+
+
+def _class_weights(config: Config, targets, classes) -> torch.Tensor | None:
+    if config.train.class_weight == "none":
+        return None
+    weights = balanced_class_weights(targets, len(classes))
+    log.info("class weights (balanced): %s", ", ".join(f"{c}={w:.3f}" for c, w in zip(classes, weights, strict=True)))
+    return torch.as_tensor(weights, dtype=torch.float32)
