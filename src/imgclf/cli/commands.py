@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from imgclf import atomic
@@ -19,6 +20,7 @@ from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import check_and_seal, load_run
+from imgclf.serving.engine import predict_with_onnx
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.embeddings import write_features
@@ -148,8 +150,10 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
-    preds = load_run(args.run).predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images,
-                                       batch_size=args.batch_size, tta=args.tta)
+    run = load_run(args.run)
+    predict = partial(predict_with_onnx, run) if args.engine == "onnx" else run.predict
+    preds = predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
+                    tta=args.tta)
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     print(f"wrote {args.out}")

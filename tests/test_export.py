@@ -1,0 +1,206 @@
+"""imgclf export: the ONNX graph carries its preprocessing and class names, proves parity, and is refused when stale."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import imgclf
+from clitools import assert_clean_error
+from clitools import imgclf as imgclf_cli
+from imgclf.cli import main
+from imgclf.data.images import load_image
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.evaluate import predict_probs
+from imgclf.models.networks import Preprocess
+from imgclf.models.objective import Objective
+from imgclf.runs.base import check_and_seal, load_run
+from imgclf.serving import parity
+from imgclf.serving.engine import OnnxEngine, predict_with_onnx
+from imgclf.serving.export import export_run, to_onnx
+from imgclf.serving.graph import CPU_FP32, InputSpec, NetworkGraph, array_loader
+from imgclf.workflows.ensemble import create_ensemble
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def gray_binary(tmp_path_factory):
+    """A 1-channel binary run with a sigmoid head and a chosen threshold, exported once."""
+    base = tmp_path_factory.mktemp("gray")
+    data = make_class_folders(base / "data", per_class=14, classes=["normal", "pneumonia"])
+    run = imgclf.train(tiny_config(data, base / "run", data={"channels": 1}, model={"binary_head": "sigmoid"},
+                                   train={"epochs": 4, "precision": "fp32"}, evaluate={"threshold": "youden"}))
+    export_run(run)
+    return run
+
+
+def _csv_probs(path):
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [r["path"] for r in rows], [r["predicted_label"] for r in rows], \
+        np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
+
+
+def test_graph_takes_uint8_at_the_runs_size_and_channels_with_a_dynamic_batch(gray_binary):
+    path = gray_binary.path / "export" / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (images,) = session.get_inputs()
+    assert (images.name, images.type) == ("images", "tensor(uint8)")
+    assert images.shape[1:] == [16, 16, 1] and isinstance(images.shape[0], str)  # 1-channel stays 1-channel
+    assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]
+    for batch in (1, 3, 9):
+        logits, probs = session.run(None, {"images": np.zeros((batch, 16, 16, 1), np.uint8)})
+        assert logits.shape == (batch, 1) and probs.shape == (batch, 2)  # sigmoid: one logit, two probabilities
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-6)
+
+
+def test_metadata_props_read_back_through_onnxruntime(gray_binary):
+    session = ort.InferenceSession(str(gray_binary.path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["classes"]) == ["normal", "pneumonia"]
+    assert (props["image_size"], props["channels"], props["resize_filter"]) == ("16", "1", "bilinear")
+    assert float(props["threshold"]) == gray_binary.threshold and props["positive_class"] == "pneumonia"
+    assert props["objective"] == "sigmoid" and props["opset"] == "18"
+    assert props["torch_version"] == torch.__version__ and props["imgclf_version"]
+    weights = hashlib.sha256((gray_binary.path / "model.safetensors").read_bytes()).hexdigest()
+    assert props["weights_sha256"] == weights
+    assert "EXIF" in props["preprocessing"] and "BILINEAR" in props["preprocessing"]
+
+
+def test_export_json_records_the_parity_figures(gray_binary):
+    record = json.loads((gray_binary.path / "export" / "export.json").read_text())
+    figures = record["parity"]
+    assert figures["passed"] and figures["split"] == "val" and figures["random_images"] == 4
+    assert figures["images"] == figures["run_images"] + 4 and 0 < figures["run_images"] <= 64
+    assert figures["max_abs_diff_probability"] <= 1e-4 and figures["top1_agreement"] == 1.0
+    assert figures["max_abs_diff_batch1_vs_batch8"] <= 1e-5
+    onnx_bytes = (gray_binary.path / "export" / "model.onnx").read_bytes()
+    assert record["onnx_sha256"] == hashlib.sha256(onnx_bytes).hexdigest() and record["opset"] == 18
+
+
+def test_predict_engine_onnx_writes_the_torch_engines_csv(gray_binary, tmp_path, capsys):
+    folder = gray_binary.index().root
+    assert main(["predict", str(gray_binary.path), str(folder), "--out", str(tmp_path / "t.csv")]) == 0
+    assert main(["predict", str(gray_binary.path), str(folder), "--out", str(tmp_path / "o.csv"),
+                 "--engine", "onnx"]) == 0
+    t_paths, t_labels, t_probs = _csv_probs(tmp_path / "t.csv")
+    o_paths, o_labels, o_probs = _csv_probs(tmp_path / "o.csv")
+    assert o_paths == t_paths and len(o_paths) == 28
+    np.testing.assert_allclose(o_probs, t_probs, atol=1e-4)
+    # labels are the run's threshold decisions; only a probability within 1e-4 of it could flip one
+    near = np.abs(t_probs[:, 1] - gray_binary.threshold) < 1e-4
+    assert [a for a, n in zip(o_labels, near, strict=True) if not n] == [b for b, n in zip(t_labels, near,
+                                                                                          strict=True) if not n]
+    assert main(["predict", str(gray_binary.path), str(folder), "--out", str(tmp_path / "x.csv"),
+                 "--engine", "onnx", "--tta", "flip"]) == 2
+    assert "computes test-time augmentation 'none'" in capsys.readouterr().err
+
+
+def test_a_bf16_run_exports_against_torch_fp32_and_records_its_own_engine(trained_run):
+    record = export_run(trained_run)
+    figures = record["parity"]
+    assert figures["passed"] and figures["reference"] == "torch engine, fp32 on cpu"
+    configured = figures["torch_engine_as_configured"]
+    assert configured["compute"] == [f"{trained_run.compute.precision} on cpu"]
+    assert configured["max_abs_diff_probability"] < 0.05  # bf16 moves probabilities by ~1e-3, not more
+    assert record["objective"] == "softmax" and record["classes"] == trained_run.classes
+
+
+def test_tta_views_run_inside_the_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    model[0].weight.data[..., 0] *= 3  # not mirror-symmetric, so the views change the answer
+    pre = Preprocess(16, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    graph = NetworkGraph(model, pre, sigmoid=False, tta="flip_shift").eval()
+    session = ort.InferenceSession(to_onnx(graph, InputSpec.of(pre), 18).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    expected = predict_probs(model, Objective(3), array_loader(images, pre, 2), CPU_FP32, "flip_shift")
+    plain = predict_probs(model, Objective(3), array_loader(images, pre, 2), CPU_FP32, "none")
+    got = session.run(["probabilities"], {"images": images})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(expected - plain).max() > 1e-3
+
+
+def test_a_parity_miss_fails_the_export_and_writes_nothing(trained_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("export"))
+    real = parity.reference_probs
+    monkeypatch.setattr(parity, "reference_probs", lambda run, images: np.roll(real(run, images), 1, axis=1))
+    with pytest.raises(ConfigError, match=r"disagrees with the torch engine \(max \|Δprobability\|.*top-1 agreement"):
+        export_run(load_run(copy))
+    assert not (copy / "export").exists() or not any((copy / "export").iterdir())
+
+
+def test_a_stale_or_tampered_export_is_refused(gray_binary, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    OnnxEngine(load_run(copy))  # as exported: accepted
+    onnx_file = copy / "export" / "model.onnx"
+    original = onnx_file.read_bytes()
+    onnx_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(RunDirError, match="does not match the sha256 recorded in export.json"):
+        OnnxEngine(load_run(copy))
+    onnx_file.write_bytes(original)
+    state = load_file(str(copy / "model.safetensors"))  # "re-training": other weights, sealed on purpose
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(copy / "model.safetensors"))
+    check_and_seal(copy)
+    with pytest.raises(RunDirError, match="exported from other weights"):
+        OnnxEngine(load_run(copy))
+    assert main(["predict", str(copy), str(gray_binary.index().abspath(0)), "--engine", "onnx",
+                 "--out", str(tmp_path / "p.csv")]) == 2
+
+
+def test_a_rechosen_threshold_makes_the_export_stale(gray_binary, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    load_run(copy).choose_threshold("argmax")
+    with pytest.raises(RunDirError, match="carries threshold"):
+        OnnxEngine(load_run(copy))
+
+
+@pytest.mark.slow
+def test_soft_and_weighted_ensembles_export_to_one_graph(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=8)
+    members = [imgclf.train(tiny_config(data, tmp_path / name, train={"epochs": 1, "seed": seed, "precision": "fp32"},
+                                        model={"conv_filters": filters}))
+               for name, seed, filters in (("a", 0, [8, 16]), ("b", 3, [4, 8]))]
+    for method in ("soft", "weighted"):
+        ensemble = create_ensemble([m.path for m in members], tmp_path / method, method)
+        record = export_run(ensemble)
+        assert record["objective"] == "ensemble" and record["parity"]["passed"]
+        model = onnx.load(str(tmp_path / method / "export" / "model.onnx"))
+        assert [i.name for i in model.graph.input] == ["images"]  # one graph, one input
+        images = sorted(data.rglob("img 00[0-3].*"))
+        torch_preds = ensemble.predict(images)
+        onnx_preds = predict_with_onnx(ensemble, images)
+        np.testing.assert_allclose(onnx_preds.probs, torch_preds.probs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_what_cannot_be_exported_says_why(tmp_path, pool_dataset):
+    svm = imgclf.train(tiny_config(pool_dataset, tmp_path / "svm", model={"head": "svm"}, train={"epochs": 1}))
+    assert_clean_error(imgclf_cli("export", svm.path, timeout=120), "is not exportable yet: its head is a "
+                       "scikit-learn svm")
+    with pytest.raises(ConfigError, match="--opset 7 is outside"):
+        export_run(svm, opset=7)
+
+
+def test_export_cli_prints_the_parity_figures(gray_binary, capsys):
+    assert main(["export", str(gray_binary.path), "--opset", "18"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement 100%" in out and "model.onnx (opset 18)" in out
+    array = load_image(gray_binary.index().abspath(0), 16, 1)
+    assert OnnxEngine(load_run(gray_binary.path)).predict(array[None]).shape == (1, 2)
