@@ -29,7 +29,7 @@ class BodyTooLarge(Exception):
 
     def __init__(self, limit: int):
         self.limit = limit
-        super().__init__(f"request body is over the server's limit of {limit / 2**20:g} MB (--max-upload-mb)")
+        super().__init__(f"request body is over the server's limit of {limit / 2**20:.3g} MB (--max-upload-mb)")
 
 
 async def send_json(send: Send, status: int, data: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:

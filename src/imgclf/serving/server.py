@@ -173,6 +173,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(options: ServeOptions) -> str | None:
+    """A warning when the server listens beyond this machine without a token."""
+    if options.token or is_loopback(options.host):
+        return None
+    return (f"warning: --host {options.host} without --token: anyone who can reach this machine can use the model; "
+            "pass --token SECRET (clients then send 'Authorization: Bearer SECRET')")
+
+
 def serve(run, options: ServeOptions) -> None:
     """Run the server until SIGTERM or Ctrl-C; a model that fails to load stops it with that error."""
     uvicorn = require("uvicorn", "serve")
@@ -180,9 +188,8 @@ def serve(run, options: ServeOptions) -> None:
     require("python_multipart", "serve")
     options.check()
     service = Service(run, options.engine, options.max_pixels)
-    if not options.token and not is_loopback(options.host):
-        log.warning("warning: --host %s without --token: anyone who can reach this machine can use the model; "
-                    "pass --token SECRET (clients then send 'Authorization: Bearer SECRET')", options.host)
+    if warning := exposure_warning(options):
+        log.warning("%s", warning)
     sock = listening_socket(options.host, options.port)
     config = uvicorn.Config(create_app(service, options), log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=GRACE_SECONDS, server_header=False)
