@@ -199,3 +199,13 @@ def test_a_classical_head_sits_on_the_given_backbone_weights(members, tmp_path):
     given, used = load_file(source.path / "model.safetensors"), load_file(run.path / "model.safetensors")
     backbone = [k for k in given if k.startswith("backbone.")]
     assert backbone and all(torch.equal(given[k], used[k]) for k in backbone)
+
+
+def test_runs_trained_with_different_seeds_share_a_split_and_ensemble(tmp_path, pool_dataset):
+    """The split does not follow --seed: retraining for seed variance or an ensemble needs no --split-seed."""
+    one = imgclf.train(tiny_config(pool_dataset, tmp_path / "s1", train={"epochs": 2, "seed": 1}))
+    two = imgclf.train(tiny_config(pool_dataset, tmp_path / "s2", train={"epochs": 2, "seed": 2}))
+    assert (one.path / "split.csv").read_bytes() == (two.path / "split.csv").read_bytes()
+    assert not np.array_equal(next(one.model.parameters()).detach(), next(two.model.parameters()).detach())
+    ensemble = create_ensemble([one.path, two.path], tmp_path / "ens")
+    assert ensemble.metrics["test"]["n"] == one.metrics["test"]["n"]

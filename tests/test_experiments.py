@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import imgclf
+import imgclf.workflows.summary
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
@@ -110,8 +111,8 @@ def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch):
     shutil.rmtree(tmp_path / "g" / "trials" / "trial_001")  # as if killed before it finished
     (tmp_path / "g" / "trials" / "trial_001").mkdir()
     trained = []
-    real_train = imgclf.workflows.train.train
-    monkeypatch.setattr(imgclf.api, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    real_train = imgclf.workflows.summary.train  # the name a fold or trial job calls
+    monkeypatch.setattr(imgclf.workflows.summary, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = grid_search(config, grid)
     assert len(trained) == 1  # only the unfinished trial ran again
     assert without_time(first["leaderboard"]) == without_time(second["leaderboard"])
@@ -147,7 +148,7 @@ def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
     first = cross_validate(config, folds=2)
     (tmp_path / "cv" / "fold_1" / "result.json").unlink()  # fold 1 died before finishing
     trained = []
-    real_train = imgclf.workflows.train.train
-    monkeypatch.setattr(imgclf.api, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    real_train = imgclf.workflows.summary.train  # the name a fold or trial job calls
+    monkeypatch.setattr(imgclf.workflows.summary, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = cross_validate(config, folds=2)
     assert len(trained) == 1 and without_time(first["folds"]) == without_time(second["folds"])

@@ -87,7 +87,7 @@ def test_one_pixel_image_is_bad(tmp_path):
 
 def test_unreadable_permissions_are_a_bad_image(tmp_path, monkeypatch):
     """Root reads any file, so the denial is simulated at the point Pillow opens it."""
-    from imgclf import images
+    from imgclf.data import images
 
     Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")
 
@@ -149,7 +149,7 @@ def test_float_tiffs_outside_the_rule_are_refused(tmp_path, values, reason):
 
 def test_a_fifo_or_device_is_refused_before_it_is_opened(tmp_path, monkeypatch):
     """Opening either would block or never end; the refusal must come from os.stat alone."""
-    from imgclf import images
+    from imgclf.data import images
 
     os.mkfifo(tmp_path / "pipe.png")
     os.symlink("/dev/zero", tmp_path / "zero.jpg")

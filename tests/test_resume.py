@@ -28,7 +28,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     data = make_class_folders(tmp_path / "data", 40, sizes=(24,))
     assert main(["train", str(data), *FLAGS, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "train", str(data), *FLAGS, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "train", str(data), *FLAGS, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     history = killed / "history.csv"
     deadline = time.time() + 240
@@ -47,7 +47,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 def test_resume_across_stages_and_feature_caching(tmp_path, pool_dataset, monkeypatch, stop_after):
     stages = [{"name": "head", "freeze": "backbone", "epochs": 3}, {"name": "all", "freeze": "none", "epochs": 3}]
     whole = imgclf.train(tiny_config(pool_dataset, tmp_path / "whole", stages=stages, augment={"preset": "light"}))
-    import imgclf.reporting.plots as report
+    import imgclf.workflows.train as report  # the training loop's write_history
 
     real_write, calls = report.write_history, []
 

@@ -25,7 +25,7 @@ TINY = ["--image-size", "16", "--conv-filters", "8,16", "--augment", "none", "--
 
 def interrupted_run(data: Path, out: Path, monkeypatch, after_epochs: int = 2) -> Path:
     """Train until ``after_epochs`` epochs are saved, then 'die' (KeyboardInterrupt), as test_resume.py does."""
-    import imgclf.reporting.plots as report
+    import imgclf.workflows.train as report  # the training loop's write_history
 
     real_write, calls = report.write_history, []
 
@@ -194,7 +194,7 @@ def test_a_full_disk_keeps_the_old_file_whole(tmp_path, monkeypatch, capsys, tra
 
 
 def test_other_os_errors_are_not_hidden(monkeypatch):
-    import imgclf.cli.commands as cli
+    import imgclf.cli.parser as cli  # where main finds the command functions
 
     def broken(args):
         raise OSError(errno.EIO, "Input/output error")

@@ -65,7 +65,9 @@ class DataConfig(_Section):
     image_size: int | None = Field(
         None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
-    split_seed: int | None = Field(None, ge=0, description="seed of the train/val/test split (default: --seed)")
+    split_seed: int | None = Field(
+        42, ge=0, description="seed of the train/val/test split and of CV folds; fixed, so runs trained with other "
+                              "--seed values share a split (null: follow --seed, as runs before 0.2 did)")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
     cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(

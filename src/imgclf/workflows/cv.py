@@ -65,14 +65,16 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
     labels = np.array([label for _, label, _ in rows])
     if folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    # folds follow the split seed, never the training seed: retraining with another --seed keeps them
+    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     if group_column:
         if layout != "csv":
             raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
         groups = _groups(root, group_column, [p for p, _, _ in rows])
-        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=config.train.seed % 2**32)
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=split_seed % 2**32)
         splits = splitter.split(paths, labels, groups)
     else:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.train.seed % 2**32)
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=split_seed % 2**32)
         try:
             splits = list(splitter.split(paths, labels))
         except ValueError as err:
