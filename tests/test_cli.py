@@ -99,3 +99,22 @@ def test_demo_reaches_its_accuracy_target(tmp_path):
     assert sum(1 for _ in (tmp_path / "imgclf-demo" / "digits").rglob("*.png")) == 1797
     page = (runs[0] / "report.html").read_text()
     assert 'id="gallery"' in page and "Grad-CAM" in page and "Wilson" in page
+
+
+def test_version_and_help_read_like_a_person_wrote_them(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("imgclf ")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--dropout P" in text and "(default: 0.2)" in text and "example: imgclf train" in text
+    assert "CFG__" not in text
+
+
+def test_an_abbreviated_or_misspelt_flag_is_refused_with_the_nearest_and_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "data", "--epoch", "3"])  # argparse would have taken this as --epochs
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "usage: imgclf train" in err and "did you mean --epochs?" in err

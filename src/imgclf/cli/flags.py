@@ -20,19 +20,38 @@ from imgclf.config import Config, build_config, config_fields, flag_name, load_c
 from imgclf.config.sections import TYPED_SUFFIX
 from imgclf.errors import ConfigError
 
-# Fields whose flag is not simply their name: the names users expect from the README.
+# What a person reads after a flag in --help: the kind of value, not the config's internal name.
+METAVARS = {"lr": "LR", "device": "DEVICE", "monitor": "METRIC", "freeze": "POLICY", "threshold": "RULE",
+            "positive_class": "CLASS", "name": "MODEL", "path": "PATH", "cache_dir": "DIR", "weights": "FILE",
+            "out": "DIR", "seed": "N", "split_seed": "N"}
 
 
+def metavar(name: str, inner: Any) -> str:
+    if name in METAVARS:
+        return METAVARS[name]
+    if name in ("rotation_range", "shear_range"):
+        return "DEG"
+    if inner is float:
+        return "P" if any(w in name for w in ("dropout", "fraction", "smoothing", "range")) else "X"
+    return "N" if inner is int else name.upper()
 
 
+def with_default(help_text: str | None, default: Any) -> str:
+    """The field's description and, where it has one and does not say it already, its default."""
+    text = help_text or ""
+    if default is None or "default" in text or default == []:
+        return text
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    return f"{text} (default: {shown})"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config to start from (e.g. a run's config.yaml)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config to start from (e.g. a run's config.yaml)")
     for section, name, info in config_fields():
         flag = flag_name(section, name)
         dest = f"cfg__{section}__{name}" if section else f"cfg____{name}"
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": info.description}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                                  "help": with_default(info.description, info.default)}
         inner = _strip_optional(info.annotation)
         if inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -43,7 +62,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 kwargs["type"] = type(choices[0])
             elif inner in (int, float):
                 kwargs["type"] = inner
-            kwargs["metavar"] = "A,B" if typing.get_origin(inner) is list else None
+            if not choices:
+                kwargs["metavar"] = "A,B" if typing.get_origin(inner) is list else metavar(name, inner)
         parser.add_argument(f"--{flag.replace('_', '-')}", **{k: v for k, v in kwargs.items() if v is not None})
     parser.add_argument("--stage", action="append", dest="stages", metavar="KEY=VALUE,...",
                         help=Config.model_fields["stages"].description)

@@ -25,14 +25,18 @@ from imgclf.cli.commands import (
 )
 from imgclf.cli.flags import add_config_flags
 from imgclf.cli.serving import add_serving_parsers
+from imgclf.cli.usage import CommandParser, parse
 from imgclf.errors import ImgclfError
 from imgclf.logs import setup_logging
+from imgclf.versions import version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
+    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.",
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"imgclf {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     p = sub.add_parser("train", help="train a classifier on a folder or CSV of images")
     p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     setup_logging(args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

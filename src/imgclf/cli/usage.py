@@ -1,0 +1,51 @@
+"""How the command line talks to a person: no abbreviated flags, an example under every command's
+help, and a misspelt flag answered with the nearest real one and that command's own usage."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+
+# One line each, shown under `imgclf COMMAND --help`.
+EXAMPLES = {
+    "train": "imgclf train data/ --model resnet18 --pretrained --epochs 20 --out runs/x",
+    "cv": "imgclf cv data/ --folds 10 --epochs 20 --out cv/x",
+    "grid": "imgclf grid data/ --param optimizer=adam,sgd --param lr=1e-3,1e-4 --out grid/x",
+    "audit": "imgclf audit data/ --strict --json audit.json",
+    "evaluate": "imgclf evaluate runs/x --split test --threshold youden",
+    "report": "imgclf report runs/x",
+    "seal": "imgclf seal runs/x",
+    "explain": "imgclf explain runs/x some_images/ --out why/ --feature-maps",
+    "predict": "imgclf predict runs/x new_images/ --out predictions.csv",
+    "ensemble": "imgclf ensemble runs/a runs/b runs/c --method weighted --out runs/ens",
+    "features": "imgclf features runs/x --out features.npz",
+    "model-info": "imgclf model-info resnet18 --image-size 224",
+    "demo": "imgclf demo",
+    "export": "imgclf export runs/x",
+    "serve": "imgclf serve runs/x --port 8000",
+    "compare": "imgclf compare runs/a runs/b --out compare/",
+}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: exact flags only, and its example line under --help."""
+
+    def __init__(self, *args, **kwargs):
+        name = str(kwargs.get("prog", "")).rsplit(" ", 1)[-1]
+        if name in EXAMPLES and "epilog" not in kwargs:
+            kwargs["epilog"] = f"example: {EXAMPLES[name]}"
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported by its own subcommand, with the nearest real flag if one is close."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        word = unknown[0].split("=", 1)[0]
+        flags = [option for action in command._actions for option in action.option_strings]
+        close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; see imgclf {args.command} --help"
+        command.error(f"unrecognized argument {unknown[0]!r}{hint}")
+    return args
