@@ -29,6 +29,9 @@ from imgclf.runs.base import open_run
 from conftest import tiny_config
 from imagefactory import make_split_folders, pattern, to_pil, write_dicom
 
+# the bad-input corpus: every case ends within a bound, so a hang fails instead of blocking CI
+pytestmark = pytest.mark.timeout(300)
+
 
 def bomb_png(path):
     """A valid 1x1 PNG whose header claims 40000 x 40000 pixels."""

@@ -23,6 +23,9 @@ from imgclf.training.fit import EarlyStopping, count, early_stop_message
 from conftest import tiny_config
 from imagefactory import make_class_folders
 
+# the bad-input corpus: every case ends within a bound, so a hang fails instead of blocking CI
+pytestmark = pytest.mark.timeout(300)
+
 CHATTER = ("Retry", "retry", "thrown while requesting", "warning")
 # A closed local port: refused at once, on any machine, with or without internet.
 UNREACHABLE_HUB = "http://127.0.0.1:9"

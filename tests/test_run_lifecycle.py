@@ -19,6 +19,9 @@ from imgclf.errors import ConfigError
 from conftest import tiny_config
 from imagefactory import make_class_folders, write_image
 
+# the bad-input corpus: every case ends within a bound, so a hang fails instead of blocking CI
+pytestmark = pytest.mark.timeout(300)
+
 TINY = ["--image-size", "16", "--conv-filters", "8,16", "--augment", "none", "--epochs", "3", "--batch-size", "8",
         "--val-fraction", "0.2", "--test-fraction", "0.2", "--no-report", "--bootstrap", "0"]
 
