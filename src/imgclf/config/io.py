@@ -14,6 +14,9 @@ from pydantic import ValidationError
 
 from imgclf.config.sections import TYPED_SUFFIX, Config, StageConfig, one_line
 from imgclf.errors import ConfigError
+from imgclf.safeio import read_capped
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a bigger file is refused before YAML parses it
 
 SECTIONS = ("data", "augment", "model", "train", "evaluate")
 
@@ -31,9 +34,14 @@ def build_config(values: dict[str, Any] | None = None) -> Config:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = read_capped(path, MAX_CONFIG_BYTES, ConfigError, "give the YAML config imgclf wrote").decode("utf-8")
+        values = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested far deeper than a config can be") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):

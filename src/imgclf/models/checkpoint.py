@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imgclf import atomic
 from imgclf.errors import RunDirError
+from imgclf.safeio import require_regular
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
@@ -20,8 +21,33 @@ def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     atomic.write_json(path.with_suffix(".json"), metadata)
 
 
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
+    try:
+        require_regular(path, RunDirError, "re-train or restore it")
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118 - not a dict
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing; the run has no saved weights") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunDirError(f"{path} is damaged or truncated ({err}); re-train or restore it") from None
+
+
+def check_fits(skeleton: nn.Module, path: Path) -> None:
+    """``skeleton`` (the config's model built on the meta device, costing no memory) holds exactly the
+    tensors stored in ``path``: an edited config cannot make the real model bigger than its weights."""
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = stored_shapes(path)
+    if wanted != stored:
+        odd = next((k for k in wanted if stored.get(k) != wanted[k]), None) or next(k for k in stored
+                                                                                 if k not in wanted)
+        raise RunDirError(f"{path} does not fit the model in its config ({odd}: config {wanted.get(odd)}, "
+                          f"weights {stored.get(odd)}); restore the run's config.yaml or re-train")
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     try:
+        require_regular(path, RunDirError, "re-train or restore it")
         state = load_file(str(path))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run has no saved weights") from None

@@ -72,9 +72,10 @@ def write_kind(run_dir: Path, kind: str) -> None:
 def recorded_kind(run_dir: Path) -> str:
     """The kind ``run.json`` records; runs written before kinds existed are told apart by their files."""
     file = run_dir / KIND_FILE
-    if file.is_file():
+    if file.exists() or file.is_symlink():  # a FIFO or device named run.json is refused, not skipped
         data = runfiles.read_json(file)
         kind = data.get("kind") if isinstance(data, dict) else None
+        kind = kind if isinstance(kind, str) else repr(kind)[:40]
     elif (run_dir / "ensemble.json").is_file():
         kind = "ensemble"
     elif (run_dir / "config.yaml").is_file():

@@ -27,6 +27,7 @@ from pydantic import (
 
 from imgclf.config import EvaluateConfig
 from imgclf.errors import ConfigError, RunDirError
+from imgclf.safeio import read_capped
 
 # No run file imgclf writes comes near this; a bigger one is refused before it is read into memory.
 MAX_JSON_BYTES = 64 << 20
@@ -158,16 +159,13 @@ CLASSES = TypeAdapter(list[str])
 def read_json(path: Path) -> Any:
     """A JSON file of a run directory, size-capped; missing or damaged is a one-line RunDirError."""
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise RunDirError(f"{path} is {size:,} bytes, far more than imgclf writes; {FIX}")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(read_capped(path, MAX_JSON_BYTES, RunDirError, FIX).decode("utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"{path} is damaged ({getattr(err, 'msg', err)}); {FIX}") from None
-    except OSError as err:
-        raise RunDirError(f"cannot read {path} ({err.strerror}); {FIX}") from None
+    except RecursionError:
+        raise RunDirError(f"{path} is nested far deeper than any file imgclf writes; {FIX}") from None
 
 
 def validate(path: Path, schema: type[T], data: Any) -> T:

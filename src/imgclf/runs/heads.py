@@ -102,7 +102,12 @@ class ClassicalRun(NetworkRun):
 
     @cached_property
     def head(self):
-        return load_head(self.path / HEAD_FILE, self.config.model.head)
+        """The scikit-learn head, checked to fit this run's backbone width and classes."""
+        size, channels = self.preprocess.size, self.preprocess.channels
+        with torch.no_grad():
+            probe = torch.zeros(1, channels, size, size, device=self.compute.device)
+            width = Embedder(self.model)(probe).shape[1]
+        return load_head(self.path / HEAD_FILE, self.config.model.head, width, len(self.classes))
 
     def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
         """The head on the features of each ``tta`` view, averaged."""

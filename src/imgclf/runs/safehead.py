@@ -33,6 +33,7 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.tree._tree import Tree
 
 from imgclf.errors import RunDirError
+from imgclf.safeio import require_regular
 
 MAX_HEAD_BYTES = 2 << 30  # uncompressed; a head is features x classes numbers, far below this
 
@@ -61,8 +62,12 @@ def allowed_nodes(kind: str) -> dict[str, set[str]]:
     return nodes
 
 
-def load_head(path: Path, kind: str):
-    """The head saved at ``path`` for a run trained with ``--head kind``; refuses anything else."""
+def load_head(path: Path, kind: str, n_features: int | None = None, n_classes: int | None = None):
+    """The head saved at ``path`` for a run trained with ``--head kind``; refuses anything else.
+
+    With ``n_features`` (the backbone's embedding width) and ``n_classes``, the head's arrays must
+    fit them: a head that would fail or read out of bounds at inference is refused here.
+    """
     from skops.io import load  # skops only when a scikit-learn head is used
 
     if kind not in ESTIMATORS:
@@ -77,12 +82,13 @@ def load_head(path: Path, kind: str):
         head = load(path, trusted=sorted({t for t, _ in types}))
     except Exception as err:  # skops raises many kinds on a malformed file; none may escape as a traceback
         raise RunDirError(f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}); re-train") from None
-    return check_head(head, kind, path)
+    return check_head(head, kind, path, n_features, n_classes)
 
 
 def schema_types(path: Path) -> set[tuple[str, str]]:
     """(module.class, loader) of every node in a skops file, read from its JSON schema, constructing nothing."""
     try:
+        require_regular(path, RunDirError, "restore the run or re-train")
         with zipfile.ZipFile(path) as archive:
             if sum(info.file_size for info in archive.infolist()) > MAX_HEAD_BYTES:
                 raise RunDirError(f"{path} unpacks to more than {MAX_HEAD_BYTES >> 30} GiB; refusing it")
@@ -91,6 +97,8 @@ def schema_types(path: Path) -> set[tuple[str, str]]:
         raise RunDirError(f"{path} is missing; the run was trained with a scikit-learn head and needs it") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise RunDirError(f"{path} is not a skops file ({err}); restore the run or re-train") from None
+    except RecursionError:
+        raise RunDirError(f"{path}: its schema is nested far deeper than a head; refusing it") from None
     found: set[tuple[str, str]] = set()
     stack = [schema]
     while stack:
@@ -104,23 +112,27 @@ def schema_types(path: Path) -> set[tuple[str, str]]:
     return found
 
 
-def check_head(head, kind: str, path: Path):
-    """The loaded pipeline has imgclf's shape and internally consistent arrays."""
+def check_head(head, kind: str, path: Path, n_features: int | None = None, n_classes: int | None = None):
+    """The loaded pipeline has imgclf's shape, internally consistent arrays, and fits the run's model."""
     steps = getattr(head, "steps", None)
     if not (isinstance(head, Pipeline) and isinstance(steps, list) and len(steps) == 2
             and type(steps[0][1]) is StandardScaler and type(steps[1][1]) is ESTIMATORS[kind]):
         raise RunDirError(f"{path} is not the StandardScaler + {kind} pipeline imgclf writes; re-train")
-    estimator = steps[1][1]
-    n_features = len(np.asarray(steps[0][1].mean_))
+    scaler, estimator = steps[0][1], steps[1][1]
     try:
-        if kind == "rf":
+        n_features = _check_scaler(scaler, n_features)
+        if n_classes is not None and not np.array_equal(np.asarray(estimator.classes_), np.arange(n_classes)):
+            raise ValueError(f"classes_ is not 0..{n_classes - 1}")
+        if kind == "logreg":
+            _check_linear(estimator, n_features)
+        elif kind == "rf":
             for tree in estimator.estimators_:
                 _check_tree(tree.tree_, n_features)
         elif kind == "svm":
             for calibrated in estimator.calibrated_classifiers_:
-                _check_svc(calibrated.estimator)
+                _check_svc(calibrated.estimator, n_features)
         elif kind == "knn":
-            _rebuild_neighbours(estimator)
+            _rebuild_neighbours(estimator, n_features)
     except (AttributeError, TypeError, ValueError, IndexError) as err:
         raise RunDirError(f"{path}: the {kind} head's arrays are inconsistent ({err}); re-train") from None
     return head
@@ -145,16 +157,33 @@ def _check_tree(tree, n_features: int) -> None:
         raise ValueError("tree values do not match its nodes")
 
 
-def _check_svc(svc) -> None:
+def _check_svc(svc, n_features: int) -> None:
     n_support, vectors, dual = np.asarray(svc._n_support), np.asarray(svc.support_vectors_), np.asarray(svc.dual_coef_)
     k = len(svc.classes_)
-    if not (len(n_support) == k and n_support.min() >= 0 and n_support.sum() == vectors.shape[0] == dual.shape[1]
-            and dual.shape[0] == k - 1 and np.asarray(svc.intercept_).shape == (k * (k - 1) // 2,)):
+    shapes_fit = vectors.ndim == 2 and vectors.shape[1] == n_features and dual.shape[0] == k - 1
+    counts_fit = len(n_support) == k and n_support.min() >= 0 and n_support.sum() == vectors.shape[0] == dual.shape[1]
+    if not (shapes_fit and counts_fit and np.asarray(svc.intercept_).shape == (k * (k - 1) // 2,)):
         raise ValueError("support-vector counts disagree")
 
 
-def _rebuild_neighbours(knn) -> None:
+def _rebuild_neighbours(knn, n_features: int) -> None:
     """Refit the k-NN on its own stored features and labels: the stored search tree is never used."""
     features, labels = np.asarray(knn._fit_X, dtype=np.float64), np.asarray(knn.classes_)[np.asarray(knn._y)]
+    if features.ndim != 2 or features.shape[1] != n_features:
+        raise ValueError(f"stored features {features.shape} do not have {n_features} columns")
     knn.set_params(algorithm="brute")
     knn.fit(features, labels)
+
+
+def _check_scaler(scaler, n_features: int | None) -> int:
+    """The standardiser's width (the number of features the head takes), equal to the backbone's if known."""
+    mean, scale = np.asarray(scaler.mean_), np.asarray(scaler.scale_)
+    if mean.ndim != 1 or mean.shape != scale.shape or (n_features is not None and len(mean) != n_features):
+        raise ValueError(f"the scaler takes {mean.shape} features, the backbone gives {n_features}")
+    return len(mean)
+
+
+def _check_linear(logreg, n_features: int) -> None:
+    coef, intercept = np.asarray(logreg.coef_), np.asarray(logreg.intercept_)
+    if coef.ndim != 2 or coef.shape[1] != n_features or intercept.shape != (coef.shape[0],):
+        raise ValueError(f"coef_ {coef.shape} and intercept_ {intercept.shape} do not fit {n_features} features")

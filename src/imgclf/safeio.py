@@ -1,0 +1,46 @@
+"""Read a file that came from a stranger: regular files only, opened without blocking, never past a cap.
+
+``stat`` says 0 bytes for a FIFO and for ``/dev/zero``, and reading either blocks or never ends;
+so the file is opened with ``O_NONBLOCK``, checked with ``fstat`` on the open descriptor (no race
+with a swapped path), and read up to one byte past the cap.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from imgclf.errors import ImgclfError
+
+
+def read_capped(path: str | os.PathLike, limit: int, error: type[ImgclfError], fix: str) -> bytes:
+    """The bytes of ``path``; anything but a regular file of at most ``limit`` bytes is ``error``."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise error(f"cannot read {path} ({err.strerror}); {fix}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{path} is larger than {limit:,} bytes, far more than imgclf writes; {fix}")
+    return data
+
+
+def require_regular(path: str | os.PathLike, error: type[ImgclfError], fix: str) -> None:
+    """A path that a library will open itself (zip, safetensors) must be a regular file first."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise error(f"cannot read {path} ({err.strerror}); {fix}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")

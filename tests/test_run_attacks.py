@@ -1,0 +1,129 @@
+"""The red team's cases against a run directory: each is refused in one line, quickly, without the
+memory a tampered field asks for. The manifest is removed or resealed first, as an attacker would,
+so every refusal comes from validation itself."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+import imgclf
+from imgclf.cli import main
+from imgclf.runs import manifest
+from imgclf.runs.heads import make_head, save_head
+
+from clitools import assert_clean_error
+from clitools import imgclf as imgclf_cli
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+# every case ends within a bound, so a hang fails instead of blocking CI
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("attacks")
+    data = make_class_folders(base / "data", per_class=8)
+    net = imgclf.train(tiny_config(data, base / "net", train={"epochs": 1}))
+    head = imgclf.train(tiny_config(data, base / "logreg", model={"head": "logreg"}))
+    return {"net": net.path, "logreg": head.path, "data": data}
+
+
+def copy_of(runs, kind, tmp_path):
+    shutil.copytree(runs[kind], tmp_path / kind)
+    return tmp_path / kind
+
+
+def error_line(capsys, *args) -> str:
+    assert main([str(a) for a in args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("imgclf: error:")]
+    assert len(lines) == 1 and len(lines[0]) < 600
+    return lines[0]
+
+
+def edit_config(run, change):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    change(config)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    manifest.seal(run)
+
+
+def test_a_fifo_in_place_of_a_run_file_is_refused_not_waited_on(runs, tmp_path):
+    run = copy_of(runs, "net", tmp_path)
+    os.mkfifo(run / "threshold.json")  # not a sealed regular file: the manifest alone does not see it
+    result = imgclf_cli("evaluate", run, "--split", "val", timeout=240)
+    assert_clean_error(result, "threshold.json", "not a regular file")
+
+
+def test_dev_zero_as_a_run_file_is_refused_without_reading_it(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    (run / "manifest.json").unlink()
+    (run / "model.json").unlink()
+    (run / "model.json").symlink_to("/dev/zero")
+    assert "not a regular file" in error_line(capsys, "evaluate", run, "--split", "val")
+
+
+@pytest.mark.parametrize("widths", [[4, 10**9], [4] * 65])
+def test_a_huge_width_in_the_config_is_refused_before_any_model_is_built(runs, tmp_path, capsys, widths):
+    run = copy_of(runs, "net", tmp_path)
+    edit_config(run, lambda c: c["model"].update(conv_filters=widths))
+    assert "conv_filters" in error_line(capsys, "evaluate", run, "--split", "val")
+
+
+def test_a_config_wider_than_its_weights_is_refused_from_shapes_alone(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    edit_config(run, lambda c: c["model"].update(conv_filters=[8, 60000]))  # within bounds: 60000 filters
+    line = error_line(capsys, "evaluate", run, "--split", "val")
+    assert "does not fit the model in its config" in line and "60000" in line
+
+
+def test_an_oversized_or_deeply_nested_config_is_refused(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    with open(run / "config.yaml", "a") as fh:
+        fh.write("#" * (2 << 20) + "\n")
+    manifest.seal(run)
+    assert "larger than" in error_line(capsys, "evaluate", run, "--split", "val")
+    laughs = "model:\n  pool: " + "[" * 30 + "x" + "]" * 30 + "\n"
+    (run / "config.yaml").write_text(laughs)
+    manifest.seal(run)
+    assert "pool" in error_line(capsys, "evaluate", run, "--split", "val")
+
+
+@pytest.mark.parametrize("content", ['{"kind": ["network"]}', "[" * 100000 + "]" * 100000])
+def test_a_strange_run_json_is_one_line(runs, tmp_path, capsys, content):
+    run = copy_of(runs, "net", tmp_path)
+    (run / "run.json").write_text(content)
+    manifest.seal(run)
+    assert "run.json" in error_line(capsys, "evaluate", run, "--split", "val")
+
+
+def test_a_logistic_head_whose_weights_do_not_fit_the_backbone_is_refused(runs, tmp_path, capsys):
+    run = copy_of(runs, "logreg", tmp_path)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 5)), np.arange(30) % 3  # 5 features: the backbone gives more
+    save_head(make_head("logreg", 1.0, 0, False, y).fit(x, y), run / "head.skops")
+    manifest.seal(run)
+    line = error_line(capsys, "evaluate", run, "--split", "val")
+    assert "head.skops" in line and "features" in line
+
+
+def test_a_billion_laughs_config_answers_with_a_short_line(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    rows = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = "model:\n  pool: *a8\n" + "\n".join(rows) + "\n"
+    (run / "config.yaml").write_text(text)
+    manifest.seal(run)
+    assert len(error_line(capsys, "evaluate", run, "--split", "val")) < 600
+
+
+def test_manifest_names_outside_the_sealed_list_are_refused(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    data = json.loads((run / "manifest.json").read_text())
+    data["sha256"]["../../etc/passwd"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps(data))
+    assert "manifest.json" in error_line(capsys, "evaluate", run, "--split", "val")
