@@ -152,3 +152,30 @@ def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
     monkeypatch.setattr(imgclf.workflows.summary, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = cross_validate(config, folds=2)
     assert len(trained) == 1 and without_time(first["folds"]) == without_time(second["folds"])
+
+
+def test_summary_intervals_stay_in_the_metrics_range():
+    from imgclf.workflows.summary import describe
+
+    rows = [{"test_accuracy": a, "val_log_loss": loss, "seconds": t}
+            for a, loss, t in ((1.0, 0.01, 2.0), (1.0, 0.02, 2.5), (0.8, 0.90, 9.0))]
+    summary = {r["metric"]: r for r in describe(rows, ["test_accuracy", "val_log_loss", "seconds"])}
+    accuracy = summary["test_accuracy"]
+    assert accuracy["mean"] + 2 * accuracy["std"] > 1 and accuracy["ci95_high"] == 1.0  # a t-interval would pass 1
+    assert 0 <= accuracy["ci95_low"] < accuracy["mean"]
+    assert summary["val_log_loss"]["ci95_low"] == 0.0  # a loss is never negative; it has no upper bound
+    assert summary["val_log_loss"]["ci95_high"] > 0.9
+    assert summary["seconds"]["ci95_low"] == 0.0 and summary["seconds"]["max"] == 9.0
+
+
+def test_cv_summary_has_a_time_row_per_fold(tmp_path, pool_dataset):
+    cross_validate(tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 1}), folds=2)
+    folds = read(tmp_path / "cv" / "folds.csv")
+    summary = {r["metric"]: r for r in read(tmp_path / "cv" / "summary.csv")}
+    seconds = [float(f["seconds"]) for f in folds]
+    assert int(summary["seconds"]["count"]) == 2
+    assert float(summary["seconds"]["mean"]) == pytest.approx(sum(seconds) / 2)
+    assert float(summary["seconds"]["max"]) == pytest.approx(max(seconds))
+    for name, row in summary.items():
+        if name != "seconds" and not name.endswith("loss"):
+            assert 0 <= float(row["ci95_low"]) <= float(row["ci95_high"]) <= 1, name

@@ -100,8 +100,8 @@ def test_explain_cli_writes_overlays_and_feature_maps(binary_run, tmp_path, caps
     assert main(["explain", str(binary_run.path), str(folder), "--out", str(tmp_path / "ex"), "--feature-maps"]) == 0
     overlays = sorted((tmp_path / "ex").glob("*_gradcam.png"))
     assert len(overlays) == len(list(folder.iterdir())) == len(list((tmp_path / "ex").glob("*_features.png")))
-    maps = Explainer(binary_run).feature_maps(next(folder.iterdir()))
-    assert [name for name, _ in maps] == ["backbone.features.0", "backbone.features.4"]
+    maps = Explainer(binary_run).feature_maps(next(folder.iterdir()))  # the first two convolutions by default
+    assert [name for name, _ in maps] == ["features.0: 8 of 8 channels", "features.4: 16 of 16 channels"]
     assert maps[0][1].shape == (8, 16, 16) and maps[1][1].shape == (16, 8, 8)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from imgclf.logs import get_logger
 from imgclf.models.freeze import NORM_TYPES, describe_groups, weighted_layers
 from imgclf.models.networks import build_model, resolve_preprocess
 from imgclf.models.weights import offline_weights_file
+from imgclf.reporting.compare import compare_runs, format_side_by_side
 from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import check_and_seal, load_run
+from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
@@ -34,13 +37,15 @@ DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        print(f"run: {resume_training(args.resume).path}")
-        return 0
-    if args.data_dir:
-        args.cfg__data__path = args.data_dir
-    config = config_from_args(args)  # validated before torch is imported: config errors answer at once
-
-    run = train(config)
+        run = resume_training(args.resume)
+    else:
+        if args.data_dir:
+            args.cfg__data__path = args.data_dir
+        config = config_from_args(args)  # validated before torch is imported: config errors answer at once
+        run = train(config)
+    for split in ("val", "test"):  # as demo ends: the numbers first, then where they are
+        if split in run.metrics:
+            print(format_metrics(split, run.metrics[split]))
     print(f"run: {run.path}")
     return 0
 
@@ -89,7 +94,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         atomic.write_json(args.json, report)
         print(f"wrote {args.json}")
     problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
-        + len(report["near_duplicates_across_splits"])
+        + len(report["near_duplicates_across_splits"]) + len(report.get("test_overlap_across_folds", []))
     return 1 if args.strict and problems else 0
 
 
@@ -123,10 +128,22 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     cliflags.refuse_filled_folder(args.out, "--out", args.overwrite)
-    rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps)
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps,
+                         layers=layers)
     for row in rows:
         print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
-    print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}) to {args.out}")
+    maps = f" and feature maps of {', '.join(layers) if layers else 'the first two convolutions'}" \
+        if args.feature_maps else ""
+    print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}){maps} to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    cliflags.refuse_filled_folder(args.out, "--out", args.overwrite)
+    result = compare_runs(args.runs, args.out)
+    print(format_side_by_side(result["rows"]))
+    print(f"wrote {result['html']}, {Path(args.out) / 'compare.csv'} and {len(result['curves'])} curve plot(s)")
     return 0
 
 
@@ -152,10 +169,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cliflags.refuse_existing_file(args.out, "--out", args.overwrite)
     run = load_run(args.run)
     predict = partial(predict_with_onnx, run) if args.engine == "onnx" else run.predict
-    preds = predict(args.inputs, out=args.out, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
-                    tta=args.tta)
+    preds = predict(args.inputs, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size, tta=args.tta)
+    labels, note = folder_labels(args.inputs, [Path(p) for p in preds.paths], preds.classes)
+    preds = replace(preds, true=labels)  # the same labels whichever engine predicted
+    preds.to_csv(Path(args.out))
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    if note:
+        print(note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
     print(f"wrote {args.out}")
     return 0
 

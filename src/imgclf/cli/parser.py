@@ -10,6 +10,7 @@ from collections.abc import Callable
 from imgclf.cli import flags as cliflags
 from imgclf.cli.commands import (
     cmd_audit,
+    cmd_compare,
     cmd_cv,
     cmd_demo,
     cmd_ensemble,
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="class counts, image stats, unreadable files, duplicates and leakage")
     p.add_argument("data_dir", help="dataset folder or CSV")
-    p.add_argument("--layout", default="auto", choices=["auto", "split_folders", "class_folders", "csv"],
-                   help="dataset layout")
+    p.add_argument("--layout", default="auto", choices=["auto", "folds", "split_folders", "class_folders", "csv"],
+                   help="dataset layout (folds: Fold0..FoldK folders, as cv reads them)")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
@@ -90,11 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run or ensemble directory")
     p.set_defaults(func=cmd_seal)
 
-    p = sub.add_parser("explain", help="Grad-CAM overlays (and first-layer feature maps) for images")
+    p = sub.add_parser("explain", help="Grad-CAM overlays (and feature maps) for images")
     p.add_argument("run", help="run directory written by train")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", default="explain", help="folder for the PNGs")
-    p.add_argument("--feature-maps", action="store_true", help="also draw the first two convolutions' outputs")
+    p.add_argument("--feature-maps", action="store_true",
+                   help="also draw feature maps: of --layers, else of the first two convolutions")
+    p.add_argument("--layers", metavar="NAMES",
+                   help="with --feature-maps: comma-separated layer names as model-info lists them, or Keras VGG "
+                        "names (block1_conv1,block3_conv1)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.set_defaults(func=cmd_explain)
 
@@ -109,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                    help="torch: the run's model; onnx: RUN/export/model.onnx (imgclf export) via onnxruntime")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("compare", help="runs side by side: metrics, parameters, training time, overlaid curves")
+    p.add_argument("runs", nargs="+", help="run directories (two or more)")
+    p.add_argument("--out", required=True, help="folder for compare.html, compare.csv and curves_<metric>.png")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ensemble", help="combine runs that share classes and split into an ensemble run")
     p.add_argument("runs", nargs="+", help="run directories (two or more)")

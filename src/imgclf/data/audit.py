@@ -2,7 +2,9 @@
 
 Reports per-split class counts and imbalance, image size/mode/format histograms, unreadable
 files, and exact (content hash) and near (perceptual hash) duplicates within and across splits;
-duplicates across splits are leakage. ``train`` runs the cheap part (exact duplicates) and warns.
+duplicates across splits are leakage. Fold0..FoldK folders (``cv``'s predefined folds) are audited
+fold by fold: counts per fold and split, leakage inside each fold, and test images shared by folds.
+``train`` runs the cheap part (exact duplicates) and warns.
 The dataset is read by the same scan as ``train`` (``scan.py``): unreadable folders are errors, FIFOs and
 device files are skipped with a warning, and no file is ever opened unless it is a regular file.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,10 +22,12 @@ from PIL import Image
 
 from imgclf.data.images import BadImage, load_image, open_image, require_regular_file
 from imgclf.data.index import detect_layout, scan_rows
-from imgclf.errors import ImgclfError
+from imgclf.data.scan import visible_dirs
+from imgclf.errors import DataError, ImgclfError
 from imgclf.logs import get_logger
 
 log = get_logger("audit")
+FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
 NEAR_DUPLICATE_BITS = 4  # perceptual-hash Hamming distance (of 64 bits) that counts as "near"
 
 
@@ -74,16 +79,87 @@ def crosses_splits(group) -> bool:
     return len({split for split, *_ in group if isinstance(split, str)}) > 1
 
 
+def predefined_folds(root: Path) -> list[Path]:
+    """``root/Fold0..FoldK`` folders (also ``fold_0``, ``fold-0``), in numeric order; empty when there are none.
+
+    The one rule for the layout: ``imgclf cv`` trains a run per fold folder, ``imgclf audit`` checks them.
+    """
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in visible_dirs(root, "dataset folder") if (m := FOLD_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> dict:
-    """The full audit of a dataset folder or CSV, as a JSON-ready dict."""
+    """The full audit of a dataset folder or CSV (or of Fold0..FoldK folders), as a JSON-ready dict."""
     path = Path(path).expanduser().resolve()
+    folds = predefined_folds(path) if layout in ("auto", "folds") else []
+    if layout == "folds" and not folds:
+        raise DataError(f"{path} has no Fold0..FoldK folders; use --layout auto for another layout")
+    if folds:
+        return audit_folds(path, folds, near)
     layout = detect_layout(path) if layout == "auto" else layout
     rows = scan_rows(path, layout)
     root = path.parent if layout == "csv" else path
     paths = [root / p for p, _, _ in rows]
     splits = [s or "pool" for _, _, s in rows]
+    exact = exact_duplicates(paths, splits)
+    near_pairs = near_duplicates(paths, splits) if near else []
+    return {
+        "dataset": str(path), "layout": layout, **describe_files(paths, [label for _, label, _ in rows], splits),
+        "exact_duplicates": exact, "exact_duplicates_across_splits": [g for g in exact if crosses_splits(g)],
+        "near_duplicates": near_pairs,
+        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
+    }
+
+
+def audit_folds(path: Path, folds: list[Path], near: bool) -> dict:
+    """Fold0..FoldK, each a train/val/test folder as ``cv`` reads it; splits are named ``Fold0/train``...
+
+    Leakage is per fold: an image in two splits of the same fold. An image in the test split of two folds
+    is reported apart (``test_overlap_across_folds``): pooled out-of-fold predictions would count it twice.
+    Near duplicates are searched within each fold, where they would leak.
+    """
+    paths, labels, splits = [], [], []
+    for fold in folds:
+        for p, label, split in scan_rows(fold, "split_folders"):
+            paths.append(fold / p)
+            labels.append(label)
+            splits.append(f"{fold.name}/{split}")
+    exact = exact_duplicates(paths, splits)
+    near_pairs = []
+    for fold in folds if near else []:
+        inside = [i for i, s in enumerate(splits) if s.startswith(f"{fold.name}/")]
+        near_pairs += near_duplicates([paths[i] for i in inside], [splits[i] for i in inside])
+    return {
+        "dataset": str(path), "layout": "folds", "folds": [f.name for f in folds],
+        **describe_files(paths, labels, splits),
+        "exact_duplicates": exact,
+        "exact_duplicates_across_splits": [leak for g in exact for leak in leaks_within_folds(g)],
+        "near_duplicates": near_pairs,
+        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
+        "test_overlap_across_folds": test_overlaps(exact),
+    }
+
+
+def leaks_within_folds(group: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The parts of a group of identical files that sit in two splits of one fold."""
+    by_fold: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, path in group:
+        by_fold[split.split("/")[0]].append((split, path))
+    return [part for part in by_fold.values() if crosses_splits(part)]
+
+
+def test_overlaps(groups: list[list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
+    """The test members of each group of identical files that lies in the test split of two or more folds."""
+    tests = [[(split, path) for split, path in g if split.endswith("/test")] for g in groups]
+    return [t for t in tests if len({split for split, _ in t}) > 1]
+
+
+def describe_files(paths: list[Path], labels: list[str], splits: list[str]) -> dict:
+    """Counts per split and class, image sizes, modes and formats, and the files that do not decode."""
     counts: dict[str, Counter] = defaultdict(Counter)
-    for (_, label, _), split in zip(rows, splits, strict=True):
+    for label, split in zip(labels, splits, strict=True):
         counts[split][label] += 1
     sizes, modes, formats, unreadable = Counter(), Counter(), Counter(), []
     for p in paths:
@@ -98,18 +174,10 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
             unreadable.append([str(err.path), err.reason])
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImgclfError) as err:
             unreadable.append([str(p), str(err) or type(err).__name__])
-    exact = exact_duplicates(paths, splits)
-    near_pairs = near_duplicates(paths, splits) if near else []
-    return {
-        "dataset": str(path), "layout": layout, "images": len(paths),
-        "counts": {s: dict(sorted(c.items())) for s, c in counts.items()},
-        "imbalance_ratio": {s: max(c.values()) / min(c.values()) for s, c in counts.items()},
-        "sizes": dict(sizes.most_common(10)), "modes": dict(modes), "formats": dict(formats),
-        "unreadable": unreadable,
-        "exact_duplicates": exact, "exact_duplicates_across_splits": [g for g in exact if crosses_splits(g)],
-        "near_duplicates": near_pairs,
-        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
-    }
+    return {"images": len(paths), "counts": {s: dict(sorted(c.items())) for s, c in counts.items()},
+            "imbalance_ratio": {s: max(c.values()) / min(c.values()) for s, c in counts.items()},
+            "sizes": dict(sizes.most_common(10)), "modes": dict(modes), "formats": dict(formats),
+            "unreadable": unreadable}
 
 
 def warn_leakage(paths: list[Path], splits: list[str]) -> list[str]:
@@ -140,9 +208,10 @@ def format_report(report: dict) -> str:
     """The human table printed by ``imgclf audit``."""
     lines = [f"dataset {shown(report['dataset'])} ({report['layout']}), {report['images']} images", ""]
     classes = sorted({c for counts in report["counts"].values() for c in counts})
-    lines.append(f"{'split':<8}" + "".join(f"{c[:14]:>15}" for c in classes) + f"{'imbalance':>11}")
+    width = max(8, *(len(shown(split)) + 2 for split in report["counts"]))
+    lines.append(f"{'split':<{width}}" + "".join(f"{c[:14]:>15}" for c in classes) + f"{'imbalance':>11}")
     for split, counts in report["counts"].items():
-        lines.append(f"{split:<8}" + "".join(f"{counts.get(c, 0):>15}" for c in classes)
+        lines.append(f"{shown(split):<{width}}" + "".join(f"{counts.get(c, 0):>15}" for c in classes)
                      + f"{report['imbalance_ratio'][split]:>10.1f}x")
     lines += ["", "sizes:   " + ", ".join(f"{k} ({v})" for k, v in report["sizes"].items()),
               "modes:   " + ", ".join(f"{k} ({v})" for k, v in report["modes"].items()),
@@ -156,7 +225,23 @@ def format_report(report: dict) -> str:
                  f"{len(report['near_duplicates_across_splits'])} across splits")
     lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
               for a, b, d in report["near_duplicates_across_splits"][:20]]
+    if report["layout"] == "folds":
+        lines += fold_lines(report)
     return "\n".join(lines)
+
+
+def fold_lines(report: dict) -> list[str]:
+    """Per fold: images and leakage between its splits; then test images shared by folds."""
+    lines = ["", f"{len(report['folds'])} folds (leakage = the same image in two splits of one fold):"]
+    for fold in report["folds"]:
+        images = sum(sum(c.values()) for split, c in report["counts"].items() if split.startswith(f"{fold}/"))
+        exact = sum(g[0][0].startswith(f"{fold}/") for g in report["exact_duplicates_across_splits"])
+        near = sum(a[0].startswith(f"{fold}/") for a, _, _ in report["near_duplicates_across_splits"])
+        lines.append(f"  {shown(fold)}: {images} images, leakage {exact} exact group(s), {near} near pair(s)")
+    overlap = report["test_overlap_across_folds"]
+    lines.append(f"test images in the test split of two or more folds: {len(overlap)} group(s)")
+    lines += ["  " + " = ".join(f"{shown(s)}:{shown(p)}" for s, p in g) for g in overlap[:20]]
+    return lines
 
 
 def shown(text: str) -> str:

@@ -48,10 +48,19 @@ def compute_metrics(preds: Predictions, positive_class: str | None = None) -> di
 def validation_row(m: dict) -> dict[str, float]:
     """The validation columns of history.csv (and the names --monitor accepts) from ``compute_metrics``."""
     out = {"val_loss": m["log_loss"], "val_accuracy": m["accuracy"],
-           "val_balanced_accuracy": m["balanced_accuracy"], "val_f1_macro": m["f1_macro"]}
+           "val_balanced_accuracy": m["balanced_accuracy"], "val_precision_macro": m["precision_macro"],
+           "val_recall_macro": m["recall_macro"], "val_f1_macro": m["f1_macro"]}
     if m["roc_auc_ovr"] is not None:
         out["val_auc"] = m["roc_auc_ovr"]
     return out
+
+
+def macro_scores(true: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Macro precision, recall and F1 of decided classes, as ``compute_metrics`` scores them (absent classes
+    count as 0). The training loop scores each epoch's own predictions with it: no extra pass."""
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        true, pred, labels=list(range(num_classes)), average="macro", zero_division=0)
+    return {"precision_macro": float(precision), "recall_macro": float(recall), "f1_macro": float(f1)}
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:

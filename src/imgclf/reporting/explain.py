@@ -1,4 +1,5 @@
-"""What the model looks at: Grad-CAM heatmaps and the first layers' feature maps.
+"""What the model looks at: Grad-CAM heatmaps and feature maps (the first two convolutions', or the layers
+named by ``--layers``: module names as ``model-info`` lists them, or Keras VGG names such as ``block1_conv1``).
 
 Grad-CAM comes from Captum (``LayerGradCam``), PyTorch's own interpretability library: it works
 on any module of any ``nn.Module``, needs nothing beyond torch, numpy and matplotlib (grad-cam
@@ -11,6 +12,7 @@ vision transformer) gets a clear error.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,12 @@ from imgclf.data.inputs import expand_inputs
 from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
 from imgclf.reporting.plots import save_feature_maps, save_overlay
 from imgclf.runs.heads import ClassicalRun
+
+log = get_logger("explain")
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,20 @@ class Explanation:
 
 
 def spatial_layers(model: nn.Module, image_shape: tuple[int, int, int]) -> list[tuple[str, nn.Module]]:
-    """Backbone modules whose output is a spatial map, in the order they finish in a forward pass."""
+    """Backbone modules whose output is a spatial map, in the order they finish in a forward pass.
+
+    The backbone itself and pass-through modules (an identity pool, whose output is its input) are left
+    out: they repeat the map of the layer that made it, which is the one to name.
+    """
     found: list[tuple[str, nn.Module]] = []
-    hooks = [module.register_forward_hook(
-        lambda mod, _in, out, name=name: found.append((name, mod))
-        if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[2:]) > 1 else None)
-        for name, module in model.backbone.named_modules(prefix="backbone")]
+
+    def record(name: str, module: nn.Module, inputs: tuple, out) -> None:
+        spatial = isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[2:]) > 1
+        if spatial and not any(out is x for x in inputs):
+            found.append((name, module))
+
+    hooks = [module.register_forward_hook(lambda mod, inputs, out, name=name: record(name, mod, inputs, out))
+             for name, module in model.backbone.named_modules(prefix="backbone") if name != "backbone"]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
@@ -106,13 +120,19 @@ class Explainer:
         preds = Predictions([""] * len(probs), self.run.classes, np.full(len(probs), -1), probs)
         return preds.at_threshold(self.run.threshold, self.run.positive).pred.tolist()
 
-    def feature_maps(self, path: str | Path, layers: int = 2, channels: int = 16) -> list[tuple[str, np.ndarray]]:
-        """The first ``layers`` convolutions' outputs for one image: (name, ``channels x h x w``)."""
-        convs = [(n, m) for n, m in self.model.backbone.named_modules(prefix="backbone")
-                 if isinstance(m, nn.Conv2d)][:layers]
-        outputs: dict[str, np.ndarray] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, name=n: outputs.__setitem__(
-            name, out[0, :channels].detach().float().cpu().numpy())) for n, m in convs]
+    def feature_maps(self, path: str | Path, layers: list[tuple[str, str]] | None = None,
+                     channels: int = 16) -> list[tuple[str, np.ndarray]]:
+        """Outputs of ``layers`` ((shown name, backbone module name), from ``resolve_layers``; default: the
+        first two convolutions) for one image: (title, ``channels x h x w``), the first ``channels`` channels."""
+        chosen = layers or [(n, n) for n, m in self.model.backbone.named_modules() if isinstance(m, nn.Conv2d)][:2]
+        modules = dict(self.model.backbone.named_modules())
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, out: torch.Tensor) -> None:  # a copy now: an in-place ReLU may change it next
+            outputs.setdefault(name, out[0].detach().float().cpu().clone())
+
+        hooks = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
+                 for _, name in chosen]
         image = self.transform(torch.from_numpy(self.load(path).transpose(2, 0, 1).copy()))
         try:
             with torch.no_grad():
@@ -120,14 +140,79 @@ class Explainer:
         finally:
             for hook in hooks:
                 hook.remove()
-        return [(n, outputs[n]) for n, _ in convs]
+        maps = []
+        for shown, name in chosen:
+            out = outputs[name]
+            if out.ndim != 3:
+                raise ConfigError(f"--layers {shown}: its output has shape {tuple(out.shape)}, not a feature map; "
+                                  "choose a convolutional layer")
+            title = shown if shown == name else f"{shown} ({name})"
+            maps.append((f"{title}: {min(channels, len(out))} of {len(out)} channels", out[:channels].numpy()))
+        return maps
+
+    def resolve_layers(self, names: list[str]) -> list[tuple[str, str]]:
+        """(name as given, backbone module name) per name: a module name as ``model-info`` lists it (with or
+        without ``backbone.``), or a Keras VGG name (``block1_conv1``) where the backbone is a plain chain."""
+        modules = {n for n, _ in self.model.backbone.named_modules() if n}
+        aliases = keras_names(self.model.backbone)
+        resolved = []
+        for given in names:
+            name = given.removeprefix("backbone.")
+            if name not in modules and name not in aliases:
+                close = close_names(name, modules | set(aliases))
+                hint = f"close names: {', '.join(close)}" if close else "none is close"
+                raise ConfigError(f"--layers {given}: {self.run.config.model.name} has no layer of that name "
+                                  f"({hint}; imgclf model-info {self.run.config.model.name} lists them)")
+            resolved.append((given, name if name in modules else aliases[name]))
+            if name not in modules:
+                after = isinstance(self.model.backbone.get_submodule(aliases[name]), ACTIVATIONS)
+                log.info("%s is %s%s", given, aliases[name],
+                         " (the activation after the convolution: a Keras conv layer's output)" if after else "")
+        return resolved
+
+
+def close_names(name: str, candidates: set[str], n: int = 4) -> list[str]:
+    """The ``n`` names most like ``name``; equally close ones in sorted order (features.0 before features.5)."""
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates]
+    return [c for score, c in sorted(scored, key=lambda sc: (-sc[0], sc[1])) if score >= 0.5][:n]
+
+
+def keras_names(backbone: nn.Module) -> dict[str, str]:
+    """Keras VGG names -> module names, for a backbone whose convolutions are a plain chain (VGG, simple CNN).
+
+    The chain is the ``nn.Sequential`` holding the first convolution; each max/avg pool ends a block, as
+    Keras numbers them (``block1_conv1``, ``block1_conv2``, ``block1_pool``, ``block2_conv1``...). A Keras
+    conv layer outputs after its activation, so its name points at the activation that follows the
+    convolution where there is one. Other backbones (ResNet, DenseNet...) get no Keras names.
+    """
+    first = next((n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)), None)
+    parent_name = (first or "").rpartition(".")[0]
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    if first is None or not isinstance(parent, nn.Sequential):
+        return {}
+    children = [(f"{parent_name}.{n}" if parent_name else n, m) for n, m in parent.named_children()]
+    names, block, conv = {}, 1, 0
+    for i, (name, module) in enumerate(children):
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            following = children[i + 1] if i + 1 < len(children) else None
+            activated = following is not None and isinstance(following[1], ACTIVATIONS)
+            names[f"block{block}_conv{conv}"] = following[0] if activated else name
+        elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+            names[f"block{block}_pool"] = name
+            block, conv = block + 1, 0
+    return names
 
 
 def explain_files(run, inputs: list[str | Path], out: Path, feature_maps: bool = False,
-                  batch_size: int = 16) -> list[dict]:
-    """Grad-CAM overlays (and feature-map grids) for image files/folders/globs, written into ``out``."""
+                  batch_size: int = 16, layers: list[str] | None = None) -> list[dict]:
+    """Grad-CAM overlays (and feature-map grids of ``layers``, default the first two convolutions) for
+    image files/folders/globs, written into ``out``."""
+    if layers and not feature_maps:
+        raise ConfigError("--layers chooses the layers of the feature maps; add --feature-maps")
     paths = expand_inputs(inputs)
     explainer = Explainer(run)
+    chosen = explainer.resolve_layers(layers) if layers else None  # a wrong name fails before any file is written
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(paths), batch_size):
@@ -137,7 +222,7 @@ def explain_files(run, inputs: list[str | Path], out: Path, feature_maps: bool =
             row = {"path": e.path, "explained_class": run.classes[e.target], "probability": float(e.probs[e.target]),
                    "overlay": f"{name}_gradcam.png", "layer": explainer.layer_name}
             if feature_maps:
-                save_feature_maps(explainer.feature_maps(e.path), out / f"{name}_features.png")
+                save_feature_maps(explainer.feature_maps(e.path, chosen), out / f"{name}_features.png")
                 row["feature_maps"] = f"{name}_features.png"
             rows.append(row)
     return rows

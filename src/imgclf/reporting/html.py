@@ -44,14 +44,17 @@ def write_report(path: str | Path) -> Path:
         title, sections = f"Run {path.name}", run_sections(path)
     else:
         raise RunDirError(f"{path} is not a run, cv or grid directory (no config.yaml, folds.csv or leaderboard.csv)")
+    atomic.write_text(path / REPORT_FILE, render_page(title, sections))
+    return path / REPORT_FILE
+
+
+def render_page(title: str, sections: list[tuple[str, str, str]], source: str = "the files in this directory") -> str:
+    """One self-contained page: (id, heading, HTML) sections under a table of contents; no script, no fetch."""
     body = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{content}</section>' for sid, name, content in sections)
     contents = " · ".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name, _ in sections)
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><nav>{contents}</nav>{body}"
-            f"<footer><p>Written by imgclf {esc(version())} from the files in this directory.</p></footer>"
-            "</body></html>")
-    atomic.write_text(path / REPORT_FILE, page)
-    return path / REPORT_FILE
+            f"<footer><p>Written by imgclf {esc(version())} from {esc(source)}.</p></footer></body></html>")
 
 
 def run_sections(path: Path) -> list[tuple[str, str, str]]:

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from imgclf import atomic
@@ -22,14 +23,27 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+CURVE_COLUMNS = 4  # panels per row of curves.png: loss, accuracy, precision, recall, F1, ... wrap
+
+
+def curve_names(history: list[dict]) -> list[str]:
+    """The metrics a history has for train or val (``loss``, ``accuracy``, ``f1_macro``...), loss first."""
+    return sorted({k.split("_", 1)[1] for row in history for k in row
+                   if k.startswith(("train_", "val_")) and k != "train_seconds"},
+                  key=lambda n: (n != "loss", n))
+
+
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
     """Loss and each metric, train vs val, one panel each; a dotted line marks the best epoch."""
-    names = sorted({k.split("_", 1)[1] for row in history for k in row
-                    if k.startswith(("train_", "val_")) and k != "train_seconds"},
-                   key=lambda n: (n != "loss", n))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, layout="constrained")
+    names = curve_names(history)
+    columns = min(CURVE_COLUMNS, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
     epochs = [row["epoch"] for row in history]
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax, name in zip(axes.flat, names, strict=False):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row.get(f"{split}_{name}") for row in history]
             if any(v is not None for v in values):
@@ -44,6 +58,23 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Training curves")
+    _save(fig, path)
+
+
+def plot_overlaid(name: str, histories: dict[str, list[dict]], path: Path) -> None:
+    """One metric of several runs on one axis: val solid, train dashed, one colour per run."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    for i, (run, history) in enumerate(histories.items()):
+        colour = f"C{i % 10}"
+        for split, style in (("val", "-"), ("train", "--")):
+            points = [(row["epoch"], row[f"{split}_{name}"]) for row in history
+                      if row.get(f"{split}_{name}") is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, color=colour, lw=1.4, label=f"{run} ({split})")
+    ax.set(title=name.replace("_", " "), xlabel="epoch", ylabel=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     _save(fig, path)
 
 
@@ -209,16 +240,15 @@ def save_overlay(explanation, classes: list[str], path: Path) -> None:
 
 def save_feature_maps(maps: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per layer, one panel per channel (each scaled to its own range)."""
-    columns = max(len(m) for _, m in maps)
-    fig, axes = plt.subplots(len(maps), columns, figsize=(columns * 0.9, len(maps) * 1.1), squeeze=False,
-                             layout="constrained")
-    for row, (name, channels) in zip(axes, maps, strict=True):
-        for k, ax in enumerate(row):
+    columns = max(4, *(len(m) for _, m in maps))
+    fig = plt.figure(figsize=(columns * 0.9, len(maps) * 1.25), layout="constrained")
+    for band, (name, channels) in zip(fig.subfigures(len(maps), 1, squeeze=False)[:, 0], maps, strict=True):
+        band.suptitle(name, fontsize=7, x=0.01, ha="left")  # a band per layer: its title takes no panel's width
+        for k, ax in enumerate(band.subplots(1, columns, squeeze=False)[0]):
             ax.axis("off")
             if k < len(channels):
                 ax.imshow(channels[k], cmap="viridis")
-        row[0].set_title(name, fontsize=7, loc="left")
-    fig.suptitle("First layers' feature maps", fontsize=9)
+    fig.suptitle("Feature maps", fontsize=9)
     _save(fig, path)
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
+from imgclf.evaluation.metrics import macro_scores
 from imgclf.models.freeze import param_groups, set_frozen_norms_eval
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute, get_logger, is_main_process
@@ -61,6 +62,7 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
     model.train()
     set_frozen_norms_eval(model)
     total_loss, correct, seen = 0.0, 0, 0
+    decided, truth = [], []  # the epoch's own predictions: train precision/recall/F1 without another pass
     bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
     for images, targets, _ in bar:
         images, targets = compute.batch(images), targets.to(compute.device, non_blocking=True)
@@ -75,10 +77,16 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
         optimizer.step()
         n = targets.shape[0]
         total_loss += loss.item() * n
-        correct += int((objective.probabilities(logits.detach()).argmax(1) == targets).sum())
+        pred = objective.probabilities(logits.detach()).argmax(1)
+        correct += int((pred == targets).sum())
+        decided.append(pred.cpu())
+        truth.append(targets.cpu())
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    scores = macro_scores(torch.cat(truth).numpy(), torch.cat(decided).numpy(), objective.num_classes) \
+        if seen else {}
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            **{f"train_{name}": value for name, value in scores.items()}}
 
 
 def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: TrainConfig, compute: Compute,

@@ -10,7 +10,6 @@ Outputs: ``fold_<i>/`` runs, ``folds.csv``, ``summary.csv`` (describe() + 95% CI
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from imgclf import atomic
 from imgclf.config import Config, build_config
+from imgclf.data.audit import predefined_folds
 from imgclf.data.index import detect_layout, scan_rows
 from imgclf.errors import ConfigError, DataError
 from imgclf.evaluation.metrics import save_and_score
@@ -30,15 +30,6 @@ from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.summary import describe, train_job
 
 log = get_logger("cv")
-FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
-
-
-def predefined_folds(root: Path) -> list[Path]:
-    """``root/Fold0..FoldK`` folders, in numeric order; empty when the layout has none."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := FOLD_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def fold_configs(config: Config, out: Path, folds: int, group_column: str | None) -> list[Config]:
@@ -120,7 +111,7 @@ def cross_validate(config: Config, folds: int = 5, group_column: str | None = No
     rows = [{"fold": i, **r} for i, r in enumerate(results)]
     atomic.write_rows(out / "folds.csv", rows)
     metric_names = [k for k in rows[0] if k.startswith(("val_", "test_"))]
-    summary = describe(rows, metric_names)
+    summary = describe(rows, [*metric_names, "seconds"])  # seconds: each fold's training time
     atomic.write_rows(out / "summary.csv", summary)
     oof = pooled_predictions([Path(r["run"]) for r in results])
     _, oof_metrics = save_and_score(oof, out / "predictions_oof.csv", config.data.positive_class)

@@ -17,6 +17,8 @@ from imgclf.workflows.train import train
 
 RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
 HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
+BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "auc", "sensitivity",
+                  "specificity", "ppv", "npv")
 
 
 def fold_metrics(metrics: dict) -> dict:
@@ -46,7 +48,11 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
 
 
 def describe(rows: list[dict], names: list[str]) -> list[dict]:
-    """pandas-style describe() per metric, plus a 95% t-interval for the mean."""
+    """pandas-style describe() per metric, plus a 95% t-interval for the mean clipped to the metric's range.
+
+    A t-interval is symmetric, so with few folds near a bound it would reach past it (accuracy 1.03);
+    a score cannot, so the interval stops at the bound (``metric_range``).
+    """
     table = []
     for name in names:
         values = np.array([r[name] for r in rows if r.get(name) is not None], dtype=float)
@@ -56,7 +62,18 @@ def describe(rows: list[dict], names: list[str]) -> list[dict]:
         std = float(values.std(ddof=1)) if n > 1 else 0.0
         half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
         q = np.percentile(values, [25, 50, 75])
+        low, high = metric_range(name)
         table.append({"metric": name, "count": n, "mean": mean, "std": std, "min": float(values.min()),
                       "25%": q[0], "50%": q[1], "75%": q[2], "max": float(values.max()),
-                      "ci95_low": mean - half, "ci95_high": mean + half})
+                      "ci95_low": max(mean - half, low), "ci95_high": min(mean + half, high)})
     return table
+
+
+def metric_range(name: str) -> tuple[float, float]:
+    """The values a column can take: [0, 1] for scores and proportions, [0, inf) for losses and times."""
+    base = name.split("_", 1)[1] if name.startswith(("val_", "test_", "train_")) else name
+    if base.startswith(BOUNDED_SCORES):
+        return 0.0, 1.0
+    if base.endswith(("loss", "seconds", "ece")):
+        return 0.0, float("inf")
+    return float("-inf"), float("inf")

@@ -1,0 +1,202 @@
+"""``imgclf compare RUN RUN ... --out DIR``: trained runs side by side, as a notebook compares its models.
+
+One table (``compare.csv``, one row per run): validation and test metrics, parameter counts and
+training time; one PNG per metric with every run's curves overlaid (``curves_<metric>.png``); and
+``compare.html``, one self-contained page with both. Everything is read from the run directories
+(metrics.json, history.csv, the weights), each checked as loading a run checks it; nothing is re-scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf import atomic
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.models.freeze import apply_freeze
+from imgclf.reporting.html import esc, fmt, image, read_rows, render_page, table
+from imgclf.reporting.plots import curve_names, plot_overlaid
+from imgclf.runs import files as runfiles
+from imgclf.runs.base import Run, load_run
+from imgclf.runs.ensemble import EnsembleRun
+from imgclf.runs.heads import ClassicalRun
+from imgclf.training.stages import resolve_stages
+
+log = get_logger("compare")
+HTML_FILE, CSV_FILE = "compare.html", "compare.csv"
+METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+           "recall_weighted", "f1_weighted", "roc_auc_ovr", "log_loss")
+CURVE_NAME = re.compile(r"^[a-z0-9_]+$")  # a column name from a run's history.csv becomes a file name
+
+
+@dataclass
+class Compared:
+    """One run as the comparison sees it: its name in the table, the run, and its history.csv rows."""
+
+    name: str
+    run: Run
+    history: list[dict]
+
+    @property
+    def epochs(self) -> list[dict]:
+        """Training epochs (a scikit-learn head's history lists candidates instead: no curves)."""
+        return [] if any("param" in row for row in self.history) else self.history
+
+
+def compare_runs(paths: list[str | Path], out: str | Path) -> dict:
+    """Write compare.csv, one overlaid-curve PNG per metric and compare.html into ``out``; return the table."""
+    out = Path(out)
+    compared = load_compared(paths)
+    rows = [table_row(c) for c in compared]
+    notes = comparability_notes(compared)
+    for note in notes:
+        log.warning("warning: %s", note)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_rows(out / CSV_FILE, rows)
+    curves = write_curves(compared, out)
+    sections = [("runs", "Runs side by side", notes_html(notes) + table(side_by_side(rows)) + TABLE_NOTE),
+                ("curves", "Curves", curves_html(curves, compared))]
+    atomic.write_text(out / HTML_FILE, render_page(f"Comparison of {len(rows)} runs", sections,
+                                                   "the run directories listed above"))
+    return {"rows": rows, "curves": [str(p) for p in curves.values()], "notes": notes, "html": str(out / HTML_FILE)}
+
+
+def load_compared(paths: list[str | Path]) -> list[Compared]:
+    """The runs, each loaded and checked, under names that tell them apart (folder names, else paths)."""
+    if len(paths) < 2:
+        raise ConfigError("compare needs two or more run directories")
+    resolved = [Path(p).resolve() for p in paths]
+    twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"run {twice} is listed twice; list each run once")
+    names = [Path(p).name or str(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    runs = [load_run(p) for p in paths]
+    return [Compared(name, run, read_history(run.path / "history.csv")) for name, run in zip(names, runs, strict=True)]
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv with its numbers parsed; a value that is not a number is an error naming file and line."""
+    if not path.is_file():
+        return []
+    try:
+        rows = read_rows(path)
+    except (UnicodeDecodeError, ValueError, csv.Error) as err:
+        raise RunDirError(f"{path} is not a readable CSV ({err}); {runfiles.FIX}") from None
+    parsed = []
+    for line, row in enumerate(rows, 2):
+        clean: dict = {}
+        for key, value in row.items():
+            if key is None:  # fields beyond the header: nothing to name them by
+                continue
+            if key in ("stage", "param"):
+                clean[key] = value
+            elif value not in (None, ""):
+                clean[key] = _number(value, path, line, key)
+        parsed.append(clean)
+    return parsed
+
+
+def _number(value: str, path: Path, line: int, key: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise RunDirError(f"{path}:{line}: {key} is {value[:40]!r}, not a finite number; {runfiles.FIX}")
+    return number
+
+
+def table_row(c: Compared) -> dict:
+    """The run's row of compare.csv: what it is, its size and training time, then val and test metrics."""
+    total, trainable = parameter_counts(c.run)
+    seconds = [row["seconds"] for row in c.history if "seconds" in row]
+    row = {"run": c.name, "path": str(c.run.path), "model": c.run.describe(), "parameters": total,
+           "trainable_parameters": trainable, "epochs": len(c.epochs) or None,
+           "training_seconds": round(sum(seconds), 2) if seconds else None}
+    for split in ("val", "test"):
+        metrics = c.run.metrics.get(split, {})
+        row.update({f"{split}_{name}": metrics.get(name) for name in METRICS})
+    return row
+
+
+def parameter_counts(run: Run) -> tuple[int, int | None]:
+    """All network parameters, and those its last stage trained (None: a scikit-learn head or an ensemble).
+
+    An ensemble counts its members' parameters together: that is the model that predicts.
+    """
+    if isinstance(run, EnsembleRun):
+        return sum(parameter_counts(m)[0] for m in run.members), None
+    model = run.model
+    total = sum(p.numel() for p in model.parameters())
+    if isinstance(run, ClassicalRun):
+        return total, None
+    _, last = resolve_stages(run.config)[-1]
+    apply_freeze(model, last.freeze, last.freeze_bn)
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def comparability_notes(compared: list[Compared]) -> list[str]:
+    """Why numbers in one row may not compare with another's: other classes or other images scored."""
+    notes = []
+    if len({tuple(c.run.classes) for c in compared}) > 1:
+        notes.append("the runs have different classes: " + "; ".join(f"{c.name}: {', '.join(c.run.classes)}"
+                                                                      for c in compared))
+    for split in ("val", "test"):
+        files = [c.run.path / f"predictions_{split}.csv" for c in compared]
+        if all(f.is_file() for f in files) and len({frozenset(Predictions.from_csv(f).paths) for f in files}) > 1:
+            notes.append(f"the runs were scored on different {split} images (different data or split seed): "
+                         f"their {split} metrics do not compare image for image")
+    return notes
+
+
+def write_curves(compared: list[Compared], out: Path) -> dict[str, Path]:
+    """``curves_<metric>.png`` per metric some run recorded per epoch, every run's curve on one axis."""
+    histories = {c.name: c.epochs for c in compared if c.epochs}
+    names = [n for n in curve_names([row for h in histories.values() for row in h]) if CURVE_NAME.match(n)]
+    written = {}
+    for name in names:
+        written[name] = out / f"curves_{name}.png"
+        plot_overlaid(name, histories, written[name])
+    return written
+
+
+def side_by_side(rows: list[dict]) -> list[dict]:
+    """The table turned: one row per field, one column per run, as runs are read side by side."""
+    fields = [k for k in rows[0] if k != "run"]
+    shown = lambda v: f"{v:,}" if isinstance(v, int) else v  # noqa: E731 - 14,714,688 parameters read at a glance
+    return [{"field": field.replace("_", " "), **{row["run"]: shown(row[field]) for row in rows}} for field in fields]
+
+
+TABLE_NOTE = ("<p>Parameters: the network's weights (BatchNorm running statistics are buffers, not counted); "
+              "trainable: those the last stage trained. Training seconds: the sum over history.csv's epochs "
+              "(training and validation). Metrics as each run's metrics.json records them, at its own "
+              "decision threshold.</p>")
+
+
+def notes_html(notes: list[str]) -> str:
+    return "".join(f'<p class="warn">{esc(n)}</p>' for n in notes)
+
+
+def curves_html(curves: dict[str, Path], compared: list[Compared]) -> str:
+    without = [c.name for c in compared if not c.epochs]
+    note = (f"<p>No epochs to draw for {esc(', '.join(without))} (an ensemble or a scikit-learn head).</p>"
+            if without else "")
+    images = "".join(image(path, f"{name} per epoch") for name, path in curves.items())
+    return note + "<p>Validation solid, training dashed; one colour per run.</p>" \
+        + f'<div class="plots">{images}</div>'
+
+
+def format_side_by_side(rows: list[dict]) -> str:
+    """The turned table as the terminal shows it."""
+    turned = side_by_side([{k: v for k, v in r.items() if k not in ("path", "model")} for r in rows])
+    widths = [max(len(str(k)), *(len(fmt(r[k])) for r in turned)) for k in turned[0]]
+    lines = ["  ".join(f"{k!s:<{w}}" for k, w in zip(turned[0], widths, strict=True))]
+    lines += ["  ".join(f"{fmt(v):<{w}}" for v, w in zip(r.values(), widths, strict=True)) for r in turned]
+    return "\n".join(lines)
