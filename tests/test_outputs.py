@@ -50,6 +50,13 @@ def read_csv(path):
         return list(csv.DictReader(fh))
 
 
+def write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def error_line(capsys, *args) -> str:
     """In-process CLI run that must fail with exit 2 and one ``imgclf: error:`` line (a subprocess costs seconds
     of torch import; each command's first error case goes through ``clitools`` instead)."""
@@ -148,11 +155,12 @@ def test_compare_names_a_damaged_history_file_and_line(two_runs, tmp_path):
     shutil.copytree(plain.path, copy)
     rows = read_csv(copy / "history.csv")
     rows[1]["val_loss"] = "nan"
-    with open(copy / "history.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(copy / "history.csv", rows)
     with pytest.raises(RunDirError, match=r"history.csv:3: val_loss is 'nan', not a finite number"):
+        compare_runs([wide.path, copy], tmp_path / "cmp")
+    rows[1]["val_loss"], rows[1]["epoch"] = "0.5", ""
+    write_csv(copy / "history.csv", rows)
+    with pytest.raises(RunDirError, match=r"history.csv:3: no epoch number"):
         compare_runs([wide.path, copy], tmp_path / "cmp")
 
 

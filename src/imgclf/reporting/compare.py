@@ -99,6 +99,8 @@ def read_history(path: Path) -> list[dict]:
                 clean[key] = value
             elif value not in (None, ""):
                 clean[key] = _number(value, path, line, key)
+        if "epoch" not in clean:
+            raise RunDirError(f"{path}:{line}: no epoch number; {runfiles.FIX}")
         parsed.append(clean)
     return parsed
 
