@@ -1,15 +1,33 @@
+import logging
+
 import pytest
+import timm
 import torch
+import yaml
 from torch import nn
 
-from imgclf.config import ModelConfig
+from imgclf.cli import main
+from imgclf.config import ModelConfig, build_config
+from imgclf.config.layers import expand_conv
 from imgclf.errors import ConfigError
-from imgclf.models.networks import SimpleCNN, build_model, output_units, resolve_preprocess
+from imgclf.models.networks import SimpleCNN, build_model, check_input_size, output_units, resolve_preprocess
 
 
 def build(channels=3, size=32, classes=3, **fields):
     cfg = ModelConfig(**fields)
     return build_model(cfg, classes, resolve_preprocess(cfg, size, channels))
+
+
+def shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.fixture(autouse=True)
+def _own_log_handlers(monkeypatch):
+    """main() gives the imgclf logger a handler on this test's captured stderr; it leaves with the test."""
+    logger = logging.getLogger("imgclf")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
 
 
 def test_simple_cnn_expresses_the_keras_networks_users_write():
@@ -53,4 +71,115 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_simple_cnn_is_a_feature_map_backbone():
-    assert SimpleCNN(3, [8, 16])(torch.randn(1, 3, 16, 16)).shape == (1, 16, 4, 4)
+    assert SimpleCNN(3, expand_conv([8, 16], 3, 0.0, True))(torch.randn(1, 3, 16, 16)).shape == (1, 16, 4, 4)
+
+
+# --- issue 16 item 1: backbones cut where Keras cuts them -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, cut", [("mobilenetv3_small_050", "conv_head"), ("convnext_atto", "head")])
+def test_timm_backbones_end_at_their_last_feature_map_unless_pre_logits(name, cut):
+    """Keras include_top=False ends at the last map: MobileNetV3's 1x1 conv after pooling and ConvNeXt's head
+    norm belong to the top, as VGG's fc6/fc7 do (test_layers.py counts VGG16)."""
+    model = build(name=name, size=32).eval()
+    assert model.backbone(torch.zeros(1, 3, 32, 32)).ndim == 4
+    assert isinstance(model.backbone.get_submodule(cut), nn.Identity)
+    reference = timm.create_model(name, num_classes=0)
+    kept = sum(p.numel() for p in model.backbone.parameters())
+    assert kept == sum(p.numel() for p in reference.parameters()) - sum(
+        p.numel() for p in reference.get_submodule(cut).parameters())
+    with_top = build(name=name, size=32, pre_logits=True)
+    assert sum(p.numel() for p in with_top.backbone.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert with_top.eval().backbone(torch.zeros(1, 3, 32, 32)).ndim == 2  # timm's pooled pre-logits vector
+
+
+def test_a_vision_transformer_is_pooled_by_its_own_rule():
+    model = build(name="vit_tiny_patch16_224", size=224, head_layers=["gap", "dense 16 relu"]).eval()
+    assert model.backbone.global_pool == "token"  # the class token, not an average of the tokens
+    assert model.embed(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
+
+
+def test_an_older_runs_config_rebuilds_the_architecture_it_trained():
+    """A config.yaml from before pre_logits lists every older field: timm's pre-logits stay, the timm model's
+    unused conv defaults are dropped, and the state-dict keys are the ones that run saved."""
+    older = {"name": "mobilenetv3_small_050", "head": "linear", "conv_filters": [32, 64, 128], "kernel_size": 3,
+             "conv_dropout": 0.0, "conv_batchnorm": True, "pool": "max", "dense_layers": [16], "dropout": 0.1,
+             "head_batchnorm": True, "binary_head": "softmax", "pretrained": False, "weights": None,
+             "weights_map": "auto"}
+    cfg = build_config({"model": older}).model
+    assert cfg.pre_logits and cfg.conv_layers is None and cfg.conv_filters is None
+    assert cfg.head_layers == ["gmp", "bn torch", "dropout 0.1", "dense 16 relu", "dropout 0.1"]
+    saved = {f"backbone.{k}": v for k, v in timm.create_model(older["name"], num_classes=0, global_pool="max")
+             .state_dict().items()}
+    saved |= {"head.hidden.0.weight": torch.zeros(1024), "head.hidden.2.weight": torch.zeros(16, 1024),
+              "head.fc.weight": torch.zeros(3, 16)}
+    model = build_model(cfg, 3, resolve_preprocess(cfg, 32, 3))
+    assert shapes({k: v for k, v in model.state_dict().items() if k in saved}) == shapes(saved)
+    assert {k for k in model.state_dict() if k.startswith("backbone.")} == {k for k in saved if "backbone" in k}
+    new = build_config({"model": {k: v for k, v in older.items() if k != "weights_map"}}).model
+    assert not new.pre_logits  # a config a person wrote is new: Keras's cut
+
+
+# --- issue 16 item 3: input normalisation -------------------------------------------------------------------------
+
+
+def test_normalisation_is_selectable_and_follows_the_model_by_default():
+    def mean_std(channels=3, **fields):
+        pre = resolve_preprocess(ModelConfig(**fields), 32, channels)
+        return pre.mean, pre.std
+
+    assert mean_std() == ((0.0,) * 3, (1.0,) * 3)  # simple_cnn: rescale, as Keras notebooks do
+    assert mean_std(name="resnet18") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert mean_std(name="vit_tiny_patch16_224") == ((0.5,) * 3, (0.5,) * 3)  # its own, not ImageNet's
+    assert mean_std(name="vit_tiny_patch16_224", normalize="imagenet")[0] == (0.485, 0.456, 0.406)
+    assert mean_std(name="resnet18", normalize="rescale") == ((0.0,) * 3, (1.0,) * 3)
+    assert mean_std(normalize="none") == ((0.0,) * 3, (1 / 255,) * 3)  # 0..255 floats after the [0, 1] scaling
+    assert mean_std(normalize="imagenet", channels=1)[0] == (pytest.approx(0.449),)
+
+
+# --- settings the model has no use for, and sizes it cannot take --------------------------------------------------
+
+
+def test_settings_the_model_ignores_are_named_in_a_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="imgclf")
+    cfg = build_config({"model": {"name": "resnet18", "conv_filters": [8]}}).model
+    check_input_size(cfg, resolve_preprocess(cfg, 32, 3))
+    assert "model.conv_filters describe simple_cnn's layers; resnet18 is a timm backbone" in caplog.text
+    leftover = build_config({"model": {"name": "resnet18", "conv_layers": expand_conv([32, 64, 128], 3, 0.0, True)}})
+    assert leftover.model.conv_layers is None  # the default list of a simple_cnn config, not the user's choice
+    caplog.clear()
+    check_input_size(ModelConfig(pre_logits=True), resolve_preprocess(ModelConfig(), 32, 3))
+    assert "pre_logits applies to timm models" in caplog.text
+
+
+def test_a_too_small_image_names_the_smallest_that_fits():
+    cfg = ModelConfig(conv_layers=["conv 8 5 valid relu", "pool max 2"] * 3)
+    with pytest.raises(ConfigError, match=r"image_size 24 .* 3 conv blocks .* --image-size 36 or more"):
+        check_input_size(cfg, resolve_preprocess(cfg, 24, 3))
+    check_input_size(cfg, resolve_preprocess(cfg, 36, 3))
+    assert build_model(cfg, 2, resolve_preprocess(cfg, 36, 3))(torch.zeros(1, 3, 36, 36)).shape == (1, 2)
+
+
+# --- issue 16 item 4: model-info as a Keras summary ---------------------------------------------------------------
+
+
+def test_model_info_of_a_config_file_counts_each_stage(tmp_path, capsys):
+    config = {"model": {"name": "resnet18", "head_layers": ["gap", "dense 8 relu"]}, "data": {"image_size": 32},
+              "stages": [{"name": "head", "freeze": "backbone"}, {"name": "all", "freeze": "none"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["model-info", str(tmp_path / "c.yaml"), "--classes", "4"]) == 0
+    out = capsys.readouterr().out
+    head = 512 * 8 + 8 + 8 * 4 + 4
+    assert "head.hidden.0 (Linear)" in out and "(None, 512, 1, 1)" in out and "(None, 4)" in out
+    assert f"Trainable params: {head:,}" in out  # the table is the first stage: backbone frozen
+    assert f"head         freeze=backbone: {head:,} trainable" in out and "all          freeze=none" in out
+    assert "layer4.1.conv2" in out and "last:1" in out
+
+
+def test_model_info_of_a_run_directory(trained_run, capsys):
+    assert main(["model-info", str(trained_run.path)]) == 0
+    out = capsys.readouterr().out
+    assert "backbone.features.0 (Conv2d)" in out and f"(None, {len(trained_run.classes)})" in out
+    assert main(["model-info", str(trained_run.path), "--dropout", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "shown as it was trained; drop dropout" in err and len(err.splitlines()) == 1

@@ -10,12 +10,12 @@ from pathlib import Path
 from imgclf import atomic
 from imgclf.cli import flags as cliflags
 from imgclf.cli.flags import config_from_args, format_metrics
-from imgclf.config import EvaluateConfig, ModelConfig
+from imgclf.config import EvaluateConfig
 from imgclf.data.audit import audit_dataset, format_report
-from imgclf.errors import ImgclfError
+from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger
-from imgclf.models.freeze import NORM_TYPES, describe_groups, weighted_layers
-from imgclf.models.networks import build_model, resolve_preprocess
+from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
+from imgclf.models.summary import describe_model
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.compare import compare_runs, format_side_by_side
 from imgclf.reporting.explain import explain_files
@@ -24,6 +24,7 @@ from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
+from imgclf.training.stages import resolve_stages
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.embeddings import write_features
@@ -194,18 +195,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    cfg = ModelConfig(name=args.model)
-    model = build_model(cfg, 2, resolve_preprocess(cfg, args.image_size, args.channels))
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {total:,} parameters; freeze patterns match the names below (without 'backbone.')")
-    print("\ngroups (regex:NAME selects a group):")
-    for name, count in describe_groups(model.backbone, args.depth):
-        print(f"  {name:<40} {count:>12,}")
-    layers = weighted_layers(model.backbone)
-    counted = [n for n, m in layers if not isinstance(m, NORM_TYPES)]
-    print(f"\nlayers with weights ({len(counted)} count for last:N; normalisation layers do not):")
-    for name, module in layers:
-        from_end = "" if isinstance(module, NORM_TYPES) else f"last:{len(counted) - counted.index(name)}"
-        params = sum(p.numel() for p in module.parameters(recurse=False))
-        print(f"  {name:<40} {type(module).__name__:<22} {params:>10,}  {from_end}")
+    """A Keras model.summary() of a model name, a config file or a run directory, under its freeze policies."""
+    source = Path(args.source) if args.source else None
+    if source is not None and source.is_dir():
+        given = sorted(k.split("__")[-1] for k in vars(args) if k.startswith("cfg__")) + ["stage"] * bool(args.stages)
+        if given or args.config:
+            raise ConfigError(f"model-info {source}: a run directory is shown as it was trained; drop "
+                              f"{', '.join(given) or 'config'} (or pass its config.yaml to change settings)")
+        run = load_run(source)
+        config, model, pre = run.config, run.model.float().cpu(), run.preprocess  # an ensemble says it has none
+    else:
+        if source is not None and source.suffix in (".yaml", ".yml"):
+            args.config = args.config or str(source)
+        elif source is not None:
+            args.cfg__model__name = args.source
+        config = config_from_args(args)
+        data = config.data
+        pre = resolve_preprocess(config.model, data.image_size, data.channels, data.interpolation)
+        check_input_size(config.model, pre)
+        model = build_model(config.model, args.classes, pre)
+    stages = [(name, cfg.freeze, cfg.freeze_bn) for name, cfg in resolve_stages(config)]
+    print(f"{config.model.name}: input {pre.channels}x{pre.size}x{pre.size}, mean {pre.mean} std {pre.std}; head "
+          f"{', '.join(config.model.head_layers or [])} -> {model.head.fc.out_features} output(s); freeze "
+          "patterns match the names below without 'backbone.'\n")
+    print(describe_model(model, (pre.channels, pre.size, pre.size), stages, args.depth))
     return 0

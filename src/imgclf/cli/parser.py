@@ -140,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("model-info", help="list a model's layer names, groups and parameter counts")
-    p.add_argument("model", help="simple_cnn or a timm model name")
-    p.add_argument("--depth", type=int, default=2, help="group depth (blocks, blocks.6, ...)")
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="input channels")
-    p.add_argument("--image-size", type=int, default=64, help="input size (matters for flatten heads)")
+    p = sub.add_parser("model-info", help="a Keras-style summary: layers, output shapes, parameters (trainable, "
+                                          "frozen), and each layer's name for freeze patterns")
+    p.add_argument("source", nargs="?", help="a model name (simple_cnn, a timm name), a config file or a run directory")
+    p.add_argument("--classes", type=int, default=2, help="classes of the final layer (a run knows its own)")
+    p.add_argument("--depth", type=int, default=3, help="module depth of the table (backbone.features.0 is 3)")
+    add_config_flags(p)
     p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")

@@ -96,27 +96,8 @@ class AugmentConfig(_Section):
         None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2")
 
 
-class ModelConfig(_Section):
-    PATH_FIELDS = ("weights",)
-    name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...)")
-    head: Literal["linear", "svm", "logreg", "knn", "rf"] = Field(
-        "linear", description="linear: trained with the network; svm, logreg, knn, rf: a scikit-learn "
-                              "classifier on frozen backbone features, its parameter chosen on validation")
-    conv_filters: Widths = Field([32, 64, 128], min_length=1, description="simple_cnn: filters per block")
-    kernel_size: int = Field(3, ge=1, le=11, description="simple_cnn: convolution kernel size")
-    conv_dropout: float = Field(0.0, ge=0, lt=1, description="simple_cnn: dropout after each conv block")
-    conv_batchnorm: bool = Field(True, description="simple_cnn: BatchNorm after each convolution")
-    pool: Literal["avg", "max", "flatten"] = Field("avg", description="how the feature map becomes a vector")
-    dense_layers: Widths = Field([], description="hidden dense layers of the head, e.g. 512")
-    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each dense layer of the head")
-    head_batchnorm: bool = Field(False, description="BatchNorm on the pooled features")
-    binary_head: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="2 classes: 2-way softmax or a single logit trained with BCE")
-    pretrained: bool = Field(False, description="start from ImageNet weights (offline package, or timm's hub)")
-    weights: AbsolutePath = Field(None, description="start from a local state dict (.safetensors, .pth, .bin)")
-    weights_map: Literal["auto", "name", "position"] = Field(
-        "auto", description="match --weights to the model by key name or by position")
-    weights_as_typed: str | None = Field(None, description="model.weights as typed (informational)")
+# The model section lives in its own module; imported here, after the helpers it builds on.
+from imgclf.config.model import ModelConfig  # noqa: E402
 
 
 class TrainConfig(_Section):

@@ -24,8 +24,6 @@ from imgclf.errors import ConfigError
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-
-
 def weighted_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """Leaf modules that own parameters, in registration (forward) order."""
     return [(name, m) for name, m in module.named_modules()
@@ -93,14 +91,3 @@ def param_groups(model: nn.Module, backbone_lr_mult: float) -> list[dict]:
     if backbone:
         groups.append({"params": backbone, "lr_mult": backbone_lr_mult})
     return groups
-
-
-def describe_groups(model: nn.Module, depth: int = 2) -> list[tuple[str, int]]:
-    """Parameter counts of module groups up to ``depth`` levels (``blocks``, ``blocks.6``, ...)."""
-    counts: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        parts = name.split(".")[:-1]
-        for d in range(1, min(depth, len(parts)) + 1):
-            key = ".".join(parts[:d])
-            counts[key] = counts.get(key, 0) + param.numel()
-    return sorted(counts.items(), key=lambda kv: list(counts).index(kv[0]))

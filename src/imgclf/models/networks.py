@@ -1,27 +1,34 @@
-"""Models: a timm backbone or a configurable simple CNN, under a configurable head.
+"""Models: a timm backbone or a simple CNN, under a head, both written as Keras layer lists.
 
-``Classifier = backbone -> Head``. The backbone returns a feature map (simple CNN, timm with
-``pool=flatten``) or a pooled vector (timm with avg/max pooling, which handles every timm
-architecture, ViTs included). The head pools if needed, then BatchNorm / dropout / dense layers.
+``Classifier = backbone -> Head``. The backbone returns what Keras's ``include_top=False`` returns:
+the last feature map (timm's ``forward_features``; the simple CNN's ``conv_layers``). Layers timm
+puts between that map and its classifier (VGG's fc6/fc7, MobileNetV3's conv_head, ConvNeXt's head
+norm) are dropped unless ``pre_logits``. A model whose features are tokens or channels-last (ViT,
+Swin) is pooled by its own rule and hands the head a vector. The head makes a vector (flatten, gap,
+gmp), runs ``head_layers``, then the final linear classifier.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from imgclf.config import ModelConfig
+from imgclf.config.layers import SIMPLE_CNN
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
+from imgclf.models.layers import conv_stack, head_stack, smallest_side, vector_width
 from imgclf.models.weights import load_pretrained as fill
 
 log = get_logger("model")
 
-SIMPLE_CNN = "simple_cnn"
 SIMPLE_CNN_DEFAULT_SIZE = 64
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TIMM_POOL = {"flatten": "", "gap": "avg", "gmp": "max"}  # head's first item -> timm's global_pool (pre_logits)
 
 
 @dataclass(frozen=True)
@@ -39,52 +46,29 @@ class Preprocess:
 
 
 class SimpleCNN(nn.Module):
-    """Blocks of conv(k) -> [BatchNorm] -> ReLU -> max-pool(2) -> [dropout], as users build in Keras."""
+    """``conv_layers`` in order, e.g. Keras's conv -> dropout -> max-pool blocks."""
 
-    def __init__(self, in_chans: int, filters: list[int], kernel_size: int = 3, batchnorm: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, in_chans: int, conv_layers: list[str]):
         super().__init__()
-        layers: list[nn.Module] = []
-        for out_chans in filters:
-            layers.append(nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=not batchnorm))
-            if batchnorm:
-                layers.append(nn.BatchNorm2d(out_chans))
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            in_chans = out_chans
-        self.features = nn.Sequential(*layers)
-        self.num_features = filters[-1]
+        self.features, self.num_features = conv_stack(conv_layers, in_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
 
 class Head(nn.Module):
-    """[pool or flatten] -> [BatchNorm] -> (dropout -> dense -> ReLU)* -> dropout -> linear."""
+    """``head_layers`` (the first one makes the vector) -> the final linear classifier."""
 
-    def __init__(self, in_features: int, out_features: int, pool: str = "avg", dense: list[int] | None = None,
-                 dropout: float = 0.0, batchnorm: bool = False):
+    def __init__(self, head_layers: list[str], in_features: int, out_features: int):
         super().__init__()
-        self.pool = pool
-        layers: list[nn.Module] = [nn.BatchNorm1d(in_features)] if batchnorm else []
-        for width in dense or []:
-            layers += [nn.Dropout(dropout), nn.Linear(in_features, width), nn.ReLU(inplace=True)]
-            in_features = width
-        self.hidden = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_features, out_features)
+        self.pool, self.hidden, width = head_stack(head_layers, in_features)
+        self.fc = nn.Linear(width, out_features)
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
-            if self.pool == "avg":
-                x = x.mean(dim=(2, 3))
-            elif self.pool == "max":
-                x = x.amax(dim=(2, 3))
-        return self.hidden(x.flatten(1))
+        return self.hidden(self.pool(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pre_logits(x)))
+        return self.fc(self.pre_logits(x))
 
 
 class Classifier(nn.Module):
@@ -99,6 +83,16 @@ class Classifier(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (the input of the final linear layer)."""
         return self.head.pre_logits(self.backbone(x))
+
+
+@dataclass
+class Backbone:
+    """A built backbone, the shape it outputs for one image, and what was cut from it (for the log)."""
+
+    module: nn.Module
+    shape: tuple[int, ...]
+    dropped: dict[str, int] = field(default_factory=dict)  # module name -> parameters
+    pools_itself: bool = False
 
 
 def output_units(cfg: ModelConfig, num_classes: int) -> int:
@@ -117,88 +111,165 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"unknown model {name!r}{hint}")
 
 
-def build_backbone(cfg: ModelConfig, channels: int) -> nn.Module:
+def build_backbone(cfg: ModelConfig, channels: int, size: int) -> Backbone:
+    """The backbone, probed with one zero image of ``size`` px (the probe also finds the layers to cut)."""
     check_model_name(cfg.name)
     if cfg.name == SIMPLE_CNN:
-        return SimpleCNN(channels, cfg.conv_filters, cfg.kernel_size, cfg.conv_batchnorm, cfg.conv_dropout)
+        module: nn.Module = SimpleCNN(channels, cfg.conv_layers or [])
+    elif cfg.pre_logits:  # timm's own forward without the classifier, as runs before 0.2 were built
+        import timm
+
+        pool = TIMM_POOL[cfg.head_layers[0]] if cfg.head_layers else "avg"
+        module = timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool=pool, in_chans=channels)
+    else:
+        return _cut_timm_backbone(cfg.name, channels, size)
+    return Backbone(module, _probe(module, channels, size))
+
+
+def _probe(module: nn.Module, channels: int, size: int) -> tuple[int, ...]:
+    """The output shape for one zero image, run in eval mode so no BatchNorm statistic moves."""
+    was_training = module.training
+    with torch.no_grad():
+        shape = tuple(module.eval()(torch.zeros(1, channels, size, size)).shape)
+    module.train(was_training)
+    return shape
+
+
+def _cut_timm_backbone(name: str, channels: int, size: int) -> Backbone:
+    """A timm model whose forward is its ``forward_features``; the modules that forward never calls dropped."""
     import timm
 
-    global_pool = "" if cfg.pool == "flatten" else cfg.pool
-    return timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool=global_pool, in_chans=channels)
+    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=channels)
+    model.forward = partial(_features_forward, model)  # on the instance (picklable): modules keep timm's names
+    called: set[str] = set()
+    hooks = [module.register_forward_hook(lambda *_, n=module_name: called.add(n))
+             for module_name, module in model.named_modules() if module_name]
+    try:
+        shape = _probe(model, channels, size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unused = {n: m for n, m in model.named_modules() if n and n not in called
+              and n.rpartition(".")[0] in called | {""} and any(True for _ in m.parameters())}
+    _replace(model, dict.fromkeys(unused, nn.Identity()))
+    try:
+        _probe(model, channels, size)
+    except (AttributeError, RuntimeError):  # a module used without being called (rare): keep everything
+        _replace(model, unused)
+        unused = {}
+    return Backbone(model, shape, {n: sum(p.numel() for p in m.parameters()) for n, m in unused.items()},
+                    len(shape) == 2)
+
+
+def _replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for module_name, module in modules.items():
+        outer, _, leaf = module_name.rpartition(".")
+        setattr(model.get_submodule(outer) if outer else model, leaf, module)
+
+
+def _features_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Keras include_top=False: the last feature map; tokens and NHWC maps pooled by the model's own rule."""
+    features = self.forward_features(x)
+    if features.ndim == 4 and getattr(self, "output_fmt", "NCHW") == "NCHW":
+        return features
+    return self.forward_head(features, pre_logits=True)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, preprocess: Preprocess,
                 load_pretrained: bool = False) -> Classifier:
     """The classifier; with ``load_pretrained`` the backbone starts from ``cfg.pretrained``/``cfg.weights``."""
-    backbone = build_backbone(cfg, preprocess.channels)
+    backbone = build_backbone(cfg, preprocess.channels, preprocess.size)
     if load_pretrained and (cfg.pretrained or cfg.weights):
-        source = fill(backbone, cfg.name, cfg.weights, cfg.weights_map)
+        source = fill(backbone.module, cfg.name, cfg.weights, cfg.weights_map)
         log.info("pretrained weights: %s", source)
-    with torch.no_grad():  # the head's input width, e.g. C*H*W for flatten
-        was_training = backbone.training
-        backbone.eval()
-        probe = backbone(torch.zeros(1, preprocess.channels, preprocess.size, preprocess.size))
-        backbone.train(was_training)
-    in_features = probe.flatten(1).shape[1] if cfg.pool == "flatten" or probe.ndim == 2 else probe.shape[1]
-    head = Head(in_features, output_units(cfg, num_classes), cfg.pool, cfg.dense_layers, cfg.dropout,
-                cfg.head_batchnorm)
-    return Classifier(backbone, head)
+    head_layers = cfg.head_layers or ["gap"]
+    head = Head(head_layers, vector_width(head_layers[0], backbone.shape), output_units(cfg, num_classes))
+    return Classifier(backbone.module, head)
 
 
 def resolve_preprocess(cfg: ModelConfig, image_size: int | None, channels: int,
                        interpolation: str | None = None) -> Preprocess:
-    """Input size, mean, std and resize filter: the user's if given, else the model's own data config."""
-    if cfg.name == SIMPLE_CNN:  # Keras users' convention: rescale to [0, 1]
-        return Preprocess(image_size or SIMPLE_CNN_DEFAULT_SIZE, channels, (0.0,) * channels, (1.0,) * channels,
-                          interpolation or "bilinear")
-    check_model_name(cfg.name)
-    import timm
+    """Input size, mean, std and resize filter: the user's if given, else the model's own data config.
 
-    pretrained_cfg = timm.get_pretrained_cfg(cfg.name)
-    data = pretrained_cfg.to_dict() if pretrained_cfg else {}
-    mean, std = tuple(data.get("mean", (0.485, 0.456, 0.406))), tuple(data.get("std", (0.229, 0.224, 0.225)))
-    if channels == 1:
-        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    size = image_size or int(data.get("input_size", (3, 224, 224))[-1])
+    ``normalize`` picks mean/std (inputs are first scaled to [0, 1]): ``model`` the timm model's own
+    (simple_cnn has none, so rescale), ``imagenet``, ``rescale`` (x/255 only, as Keras notebooks do;
+    simple_cnn's default), ``none`` (std 1/255 undoes the scaling: 0..255 floats).
+    """
+    normalize = cfg.normalize or ("rescale" if cfg.name == SIMPLE_CNN else "model")
+    data: dict = {}
+    if cfg.name != SIMPLE_CNN:
+        check_model_name(cfg.name)
+        import timm
+
+        pretrained_cfg = timm.get_pretrained_cfg(cfg.name)
+        data = pretrained_cfg.to_dict() if pretrained_cfg else {}
+    mean, std = _mean_std(normalize, data, channels)
+    default_size = SIMPLE_CNN_DEFAULT_SIZE if cfg.name == SIMPLE_CNN else int(data.get("input_size", (3, 224))[-1])
     own = data.get("interpolation", "bilinear")
     own = own if own in ("bilinear", "bicubic", "nearest") else "bilinear"
-    return Preprocess(size, channels, mean, std, interpolation or own)
+    return Preprocess(image_size or default_size, channels, mean, std, interpolation or own)
 
 
-def simple_cnn_feature_size(size: int, blocks: int, kernel_size: int) -> int:
-    """Side of the simple CNN's last feature map: each block's conv keeps the size (+1 for an even
-    kernel), its 2x2 max-pool halves it; 0 means the map vanished and the network cannot run."""
-    for _ in range(blocks):
-        size = (size + 2 * (kernel_size // 2) - kernel_size + 1) // 2
-        if size < 1:
-            return 0
-    return size
+def _mean_std(normalize: str, data: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if normalize == "rescale" or (normalize == "model" and not data):
+        return (0.0,) * channels, (1.0,) * channels
+    if normalize == "none":
+        return (0.0,) * channels, (1 / 255,) * channels
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if normalize == "model":
+        mean, std = tuple(data.get("mean", mean)), tuple(data.get("std", std))
+    if channels == 1:  # a grayscale input: the channels' average
+        return (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return tuple(mean), tuple(std)
 
 
 def check_input_size(cfg: ModelConfig, preprocess: Preprocess) -> None:
-    """Refuse an image size the network cannot take, before a run directory exists.
+    """Refuse an image size the network cannot take, before a run directory exists; log what was built.
 
     The simple CNN is checked by arithmetic; a timm backbone is built without weights and run on one
     zero image, so a vanishing feature map or a fixed-size model (ViT) fails here as one line.
     """
     size = preprocess.size
+    warn_unused(cfg)
+    if any(item.split()[0] in ("conv", "dense") for item in (cfg.conv_layers or []) + (cfg.head_layers or [])):
+        log.info("model: conv and dense layers start from PyTorch's initialisation (Keras: Glorot-uniform); "
+                 "the layers and parameter counts are Keras's")
     if cfg.name == SIMPLE_CNN:
-        blocks = len(cfg.conv_filters)
-        if simple_cnn_feature_size(size, blocks, cfg.kernel_size) < 1:
-            smallest = 1  # walk back from a 1 px map: a pool doubles it, an even kernel's conv adds 1 px
-            for _ in range(blocks):
-                smallest = max(1, 2 * smallest - (1 - cfg.kernel_size % 2))
-            raise ConfigError(f"image_size {size} is too small for simple_cnn with {blocks} conv blocks (each "
-                              f"halves it); use --image-size {smallest} or more, or fewer --conv-filters")
+        smallest = smallest_side(cfg.conv_layers or [])
+        if smallest is None or size < smallest:
+            blocks = sum(item.startswith("conv ") for item in cfg.conv_layers or [])
+            fix = f"--image-size {smallest} or more" if smallest else "a larger --image-size"
+            raise ConfigError(f"image_size {size} is too small for simple_cnn with {blocks} conv blocks (their "
+                              f"feature map vanishes); use {fix}, or fewer pooling layers or --conv-filters")
         return
-    backbone = build_backbone(cfg, preprocess.channels).eval()
     try:
-        with torch.no_grad():
-            features = backbone(torch.zeros(1, preprocess.channels, size, size))
+        backbone = build_backbone(cfg, preprocess.channels, size)
     except (RuntimeError, AssertionError, ValueError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise ConfigError(f"image_size {size} does not fit {cfg.name} ({reason}); use a larger --image-size, "
                           "e.g. the model's own (leave --image-size unset)") from None
-    if features.numel() == 0:
+    if 0 in backbone.shape:
         raise ConfigError(f"image_size {size} is too small for {cfg.name}: its feature map vanishes; "
                           "use a larger --image-size, e.g. the model's own (leave --image-size unset)")
+    _log_cut(cfg, backbone)
+
+
+def _log_cut(cfg: ModelConfig, backbone: Backbone) -> None:
+    if backbone.dropped:
+        dropped = ", ".join(f"{name} ({count:,} parameters)" for name, count in backbone.dropped.items())
+        log.info("%s: cut at its last feature map, as Keras include_top=False; dropped %s (--pre-logits keeps "
+                 "them)", cfg.name, dropped)
+    if backbone.pools_itself:
+        log.info("%s: its features are tokens or channels-last, pooled by the model's own rule into a vector; "
+                 "the head's %s has nothing left to pool", cfg.name, (cfg.head_layers or ["gap"])[0])
+
+
+def warn_unused(cfg: ModelConfig) -> None:
+    """Settings the chosen model has no use for are named, never dropped in silence."""
+    conv = [n for n in ("conv_layers", "conv_filters", "kernel_size", "conv_dropout", "conv_batchnorm")
+            if getattr(cfg, n) is not None]
+    if cfg.name != SIMPLE_CNN and conv:
+        log.warning("warning: model.%s describe simple_cnn's layers; %s is a timm backbone and ignores them",
+                    ", model.".join(conv), cfg.name)
+    if cfg.name == SIMPLE_CNN and cfg.pre_logits:
+        log.warning("warning: model.pre_logits applies to timm models; simple_cnn ignores it")
