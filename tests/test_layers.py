@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import imgclf
+from clitools import assert_clean_error
+from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
 from imgclf.config import build_config
 from imgclf.config.layers import contract_conv, contract_head, expand_conv, expand_head
@@ -287,3 +289,15 @@ def test_a_run_with_layer_lists_records_them_and_loads(tmp_path):
     assert again.config.model.conv_layers == ["conv 4 3 valid relu", "dropout 0.1", "pool max 2"]
     assert again.preprocess.std == (1 / 255,) * 3  # normalize none: 0..255 floats
     assert again.model(torch.zeros(1, 3, 16, 16)).shape == (1, len(again.classes))
+
+
+def test_the_command_line_refuses_bad_layers_in_one_line_before_any_run_exists(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    result = imgclf_cli("train", data, "--image-size", "16", "--head-layers", "flatten, dense 8 rleu",
+                        "--out", tmp_path / "run", timeout=240)
+    assert_clean_error(result, "model.head_layers[1]", "'dense 8 rleu'", "unknown activation")
+    (tmp_path / "hand.yaml").write_text("model: {head_layers: [flatten, bn, dense 8 relu]}\n")
+    result = imgclf_cli("train", data, "--config", tmp_path / "hand.yaml", "--dense-layers", "16",
+                        "--out", tmp_path / "run", timeout=240)
+    assert_clean_error(result, "head_layers is a hand-written list", "dense_layers=[16]", "--head-layers")
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import timm
@@ -183,3 +184,12 @@ def test_model_info_of_a_run_directory(trained_run, capsys):
     assert main(["model-info", str(trained_run.path), "--dropout", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "shown as it was trained; drop dropout" in err and len(err.splitlines()) == 1
+
+
+def test_model_info_of_a_run_made_by_version_0_1(capsys):
+    """The committed 0.1 run (tests/fixtures/run_v0_1) loads with its weights and is summarised."""
+    fixture = Path(__file__).parent / "fixtures" / "run_v0_1"
+    assert main(["model-info", str(fixture)]) == 0
+    out = capsys.readouterr().out
+    assert "head gap, dropout 0 -> 2 output(s)" in out and "backbone.features.4 (Conv2d)" in out
+    assert f"Total params: {3 * 3 * 3 * 4 + 4 * 4 + 3 * 3 * 4 * 8 + 4 * 8 + 8 * 2 + 2:,}" in out

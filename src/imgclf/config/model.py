@@ -6,13 +6,18 @@ re-exports are unchanged); the grammar of the layer lists is ``imgclf.config.lay
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, TypeAdapter, model_validator
 
 from imgclf.config.layers import CONV_DEFAULTS, SIMPLE_CNN, settle_conv, settle_head
 from imgclf.config.sections import AbsolutePath, Widths, _Section
 from imgclf.errors import ConfigError
+
+# Optional widths: the Optional outside the Annotated, so the field's type reads ``list[int] | None``
+# and the CLI knows it is a list flag (``--dense-layers 256,128``).
+_WIDTHS = TypeAdapter(Widths)  # the rules of Widths (count and range), for a list that may be absent
+MaybeWidths = Annotated[list[int] | None, AfterValidator(lambda w: w if w is None else _WIDTHS.validate_python(w))]
 
 
 class ModelConfig(_Section):
@@ -34,7 +39,7 @@ class ModelConfig(_Section):
     conv_layers: list[str] | None = Field(
         None, description="simple_cnn's layers in order, e.g. 'conv 32 3 valid relu, pool max 2' (grammar: README; "
                           "default: built from the four flags below)")
-    conv_filters: Widths | None = Field(None, min_length=1, description="simple_cnn shorthand: filters per block "
+    conv_filters: MaybeWidths = Field(None, min_length=1, description="simple_cnn shorthand: filters per block "
                                         "(default: 32,64,128)")
     kernel_size: int | None = Field(None, ge=1, le=11, description="simple_cnn shorthand: kernel size (default: 3)")
     conv_dropout: float | None = Field(None, ge=0, lt=1, description="simple_cnn shorthand: dropout after each "
@@ -49,7 +54,7 @@ class ModelConfig(_Section):
                           "(grammar: README; default: built from the four flags below)")
     pool: Literal["avg", "max", "flatten"] | None = Field(
         None, description="head shorthand: how the feature map becomes a vector (default: avg)")
-    dense_layers: Widths | None = Field(None, description="head shorthand: hidden dense layers, e.g. 512")
+    dense_layers: MaybeWidths = Field(None, description="head shorthand: hidden dense layers, e.g. 512")
     dropout: float | None = Field(None, ge=0, lt=1, description="head shorthand: dropout before each dense layer "
                                   "and the classifier (default: 0.2)")
     head_batchnorm: bool | None = Field(None, description="head shorthand: BatchNorm on the pooled features "
