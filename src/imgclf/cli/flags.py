@@ -106,9 +106,12 @@ def _is_list_field(section: str, name: str) -> bool:
 
 
 def _strip_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``, and ``Annotated[X, ...]`` -> ``X`` (e.g. the config's bounded ``Widths`` lists)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return args[0] if len(args) == 1 else annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     return annotation
 
 
