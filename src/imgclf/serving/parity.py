@@ -106,8 +106,7 @@ def _as_configured(run, images: np.ndarray, onnx_probs: np.ndarray) -> dict:
     computes = run_computes(run)
     diff = float(np.abs(engine_probs(run, images) - onnx_probs).max())
     if diff > MAX_PROB_DIFF:
-        log.warning("warning: %s predicts with %s; the ONNX graph computes in fp32 and matches torch fp32, but "
-                    "differs from the run's own %s probabilities by up to %.2g (so do predict --engine torch and "
-                    "--engine onnx); train with --precision fp32 for identical answers", run.path,
-                    ", ".join(computes), ", ".join(computes), diff)
+        log.warning("warning: %s predicts in %s with the torch engine; the ONNX graph computes in fp32 and matches "
+                    "torch fp32, so predict --engine torch and --engine onnx differ by up to %.2g here; train with "
+                    "--precision fp32 for identical answers", run.path, ", ".join(computes), diff)
     return {"compute": computes, "max_abs_diff_probability": diff}

@@ -38,6 +38,7 @@ class ServeOptions:
     max_batch: int = 16
     max_upload_mb: float = 10.0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    micro_batching: bool = True
 
     @property
     def max_bytes(self) -> int:
@@ -187,7 +188,7 @@ def serve(run, options: ServeOptions) -> None:
     require("fastapi", "serve")
     require("python_multipart", "serve")
     options.check()
-    service = Service(run, options.engine, options.max_pixels)
+    service = Service(run, options.engine, options.max_pixels, options.micro_batching)
     if warning := exposure_warning(options):
         log.warning("%s", warning)
     sock = listening_socket(options.host, options.port)
