@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,9 +21,13 @@ def _absolute(value: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(value)) if value else value
 
 
+MAX_WIDTH = 1 << 16  # filters or units of one layer; far beyond any image classifier's
+
+
 def _positive(widths: list[int]) -> list[int]:
-    if any(w <= 0 for w in widths):
-        raise ValueError(f"every width must be a positive number (got {widths}); e.g. 32,64")
+    odd = next((w for w in widths if not 0 < w <= MAX_WIDTH), None)
+    if odd is not None:
+        raise ValueError(f"every width must be a positive number up to {MAX_WIDTH} (got {odd}); e.g. 32,64")
     return widths
 
 
@@ -33,7 +38,7 @@ def _known_device(value: str) -> str:
 
 
 AbsolutePath = Annotated[str | None, AfterValidator(_absolute)]
-Widths = Annotated[list[int], AfterValidator(_positive)]
+Widths = Annotated[list[int], Field(max_length=64), AfterValidator(_positive)]
 Device = Annotated[str, AfterValidator(_known_device)]
 
 
@@ -246,9 +251,14 @@ def check_policy(policy: str) -> str:
     raise ConfigError(f"freeze={policy!r} is not a policy; use none, backbone, last:N or regex:PATTERN")
 
 
+# A bounded repr of a bad value, even of a YAML "billion laughs" structure of shared lists.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 60
+
+
 def one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
-    got = f" (got {first['input']!r})" if first["type"] != "value_error" and "input" in first else ""
+    got = f" (got {_SHORT.repr(first['input'])[:80]})" if first["type"] != "value_error" and "input" in first else ""
     return f"config {where}: {message}{got}"
