@@ -8,12 +8,14 @@ import pytest
 
 import imgclf
 import imgclf.workflows.summary
+from clitools import assert_clean_error
+from clitools import imgclf as run_cli
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.network import NetworkRun as Run
 from imgclf.workflows.cv import cross_validate
-from imgclf.workflows.grid import grid_search, parse_params
+from imgclf.workflows.grid import grid_search, parse_params, trial_configs
 
 from conftest import tiny_config
 from imagefactory import make_class_folders, make_split_folders
@@ -130,6 +132,60 @@ def test_bad_grid_params_are_clear_errors():
         parse_params(["learning_rate=1,2"])
     with pytest.raises(ConfigError, match="NAME=V1,V2"):
         parse_params(["lr"])
+    with pytest.raises(ConfigError, match=r"a list setting, so each value is a list, e.g. --param dense_layers=\["):
+        parse_params(["dense_layers=512,256"])  # two trials of 512 and 256, or one of [512, 256]? brackets say
+    with pytest.raises(ConfigError, match="stages have no field 'learning_rate'"):
+        parse_params(["stages.1.learning_rate=1"])
+
+
+TWO_STAGES = [{"name": "head", "freeze": "backbone", "epochs": 1}, {"name": "all", "epochs": 1}]
+
+
+def test_list_values_stage_axes_and_coupled_settings_make_the_trials(tmp_path):
+    (tmp_path / "grid.yaml").write_text("optimizer_lr: [{optimizer: rmsprop, lr: 1.0e-3},\n"
+                                        "               {optimizer: adam, lr: 1.0e-4, weight_decay: 0}]\n")
+    grid = parse_params(["dense_layers=[8];[16,8]", "stages.all.epochs=1,2"], str(tmp_path / "grid.yaml"))
+    config = tiny_config(tmp_path, tmp_path / "g", stages=TWO_STAGES)
+    trials = trial_configs(config, grid, tmp_path / "g")
+    assert len(trials) == 2 * 2 * 2
+    seen = {(c.train.optimizer, c.train.lr, c.train.weight_decay, tuple(c.model.dense_layers), c.stages[1].epochs)
+            for _, _, c in trials}
+    assert seen == {(opt, lr, decay, widths, epochs)
+                    for opt, lr, decay in (("rmsprop", 1e-3, 1e-4), ("adam", 1e-4, 0.0))
+                    for widths in ((8,), (16, 8)) for epochs in (1, 2)}
+    assert {"optimizer", "lr", "weight_decay", "dense_layers", "stages.all.epochs"} >= set(trials[0][1])
+    with pytest.raises(ConfigError, match="stages.3.lr: no such stage .* 0 head, 1 all"):
+        trial_configs(config, parse_params(["stages.3.lr=0.1"]), tmp_path / "g")
+    with pytest.raises(ConfigError, match="lr is varied twice"):
+        parse_params(["train.lr=0.1"], str(tmp_path / "grid.yaml"))
+
+
+def test_a_grid_axis_that_a_stage_sets_for_itself_is_an_error(tmp_path, pool_dataset):
+    config = tiny_config(pool_dataset, tmp_path / "g", stages=[TWO_STAGES[0], {**TWO_STAGES[1], "lr": 1e-4}])
+    with pytest.raises(ConfigError, match=r"stage 1 \(all\) sets its own lr=0.0001, so the grid's lr=0.01 would not "
+                                          r"reach it; vary stages.1.lr instead"):
+        trial_configs(config, parse_params(["lr=0.01,0.001"]), tmp_path / "g")
+    trial_configs(config, parse_params(["stages.1.lr=0.01,0.001", "optimizer=adam,sgd"]), tmp_path / "g")
+    result = run_cli("grid", pool_dataset, "--param", "batch-size=8,16", "--stage", "name=a,epochs=1,batch_size=4",
+                     "--out", tmp_path / "cli", timeout=120)
+    assert_clean_error(result, "--param batch-size: stage 0 (a) sets its own batch_size=4")
+    assert not (tmp_path / "cli" / "trials").exists()
+
+
+def test_a_grid_of_coupled_optimizer_settings_runs_each_pair(tmp_path, pool_dataset):
+    (tmp_path / "grid.yaml").write_text("optimizer_lr: [{optimizer: rmsprop, stages.all.lr: 1.0e-3, rho: 0.9},\n"
+                                        "               {optimizer: adam, stages.all.lr: 1.0e-4}]\n")
+    result = grid_search(tiny_config(pool_dataset, tmp_path / "g", stages=TWO_STAGES),
+                         parse_params([], str(tmp_path / "grid.yaml")))
+    board = read(tmp_path / "g" / "leaderboard.csv")
+    assert len(board) == 2 and {"param_optimizer", "param_stages.all.lr", "param_rho"} <= set(board[0])
+    pairs = {(r["param_optimizer"], float(r["param_stages.all.lr"])) for r in board}
+    assert pairs == {("rmsprop", 1e-3), ("adam", 1e-4)}
+    for row in board:
+        trained = Run(tmp_path / "g" / "trials" / row["trial"]).config
+        assert (trained.train.optimizer, trained.stages[1].lr) == (row["param_optimizer"],
+                                                                  float(row["param_stages.all.lr"]))
+    assert result["test"]["n"] == 9
 
 
 @pytest.mark.parametrize("backend", ["processes", "ray"])

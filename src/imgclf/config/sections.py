@@ -105,61 +105,6 @@ class AugmentConfig(_Section):
 from imgclf.config.model import ModelConfig  # noqa: E402
 
 
-class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1, description="maximum number of epochs")
-    batch_size: int = Field(32, ge=1, description="images per batch")
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] = Field(
-        "adamw", description="optimizer")
-    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
-    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop")
-    nesterov: bool = Field(False, description="Nesterov momentum for sgd")
-    schedule: Literal["none", "cosine", "step", "plateau"] = Field("cosine", description="learning-rate schedule")
-    step_size: int = Field(10, ge=1, description="schedule=step: epochs between decays")
-    gamma: float = Field(0.1, gt=0, le=1, description="schedule=step/plateau: decay factor")
-    class_weight: Literal["none", "balanced"] = Field("none", description="loss weights per class")
-    sampler: Literal["none", "weighted"] = Field("none", description="weighted = class-balanced sampling")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing")
-    monitor: str = Field("val_loss", description="early-stopping metric: val_loss, val_accuracy, val_f1_macro..")
-    patience: int | None = Field(None, ge=0, description="epochs without improvement before stopping "
-                                 "(default: min(10, epochs))")
-    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
-    early_stopping: bool = Field(True, description="stop when the monitor stops improving")
-    restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
-    seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")
-    channels_last: bool | None = Field(None, description="channels-last memory format (default: on)")
-    compile: bool = Field(False, description="torch.compile the model for training (slow start, faster epochs)")
-    freeze: str = Field("none", description="what trains: none (all), backbone (head only), last:N, regex:PAT")
-    freeze_bn: bool = Field(False, description="keep BatchNorm layers frozen and in eval mode")
-    backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")
-    feature_cache: bool = Field(True, description="with a frozen backbone, train the head on cached features")
-    feature_views: int = Field(1, ge=1, le=50, description="cached views per image (>1: augmented views)")
-    average_best: int = Field(0, ge=0, le=50, description="average the weights of the last K best epochs "
-                                                          "(kept if no worse on validation; 0: off)")
-
-    @field_validator("freeze")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        try:
-            return check_policy(value)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-
-    @property
-    def effective_patience(self) -> int:
-        """The default patience shrinks with a short run; only an explicit one can be too large."""
-        return min(10, self.epochs) if self.patience is None else self.patience
-
-    @model_validator(mode="after")
-    def _patience_fits(self) -> TrainConfig:
-        if self.early_stopping and self.patience is not None and self.patience > self.epochs:
-            raise ValueError(f"patience={self.patience} is larger than epochs={self.epochs}; lower --patience")
-        return self
-
-
 class EvaluateConfig(_Section):
     """How a trained model turns probabilities into decisions, and how it is evaluated."""
 
@@ -193,48 +138,6 @@ class EvaluateConfig(_Section):
             raise ConfigError(one_line(err).replace("config threshold", "--threshold")) from None
 
 
-class StageConfig(_Section):
-    """One stage of staged fine-tuning: overrides of the train settings for that stage."""
-
-    name: str = Field("stage", description="label in history.csv and the curves")
-    freeze: str | None = None
-    freeze_bn: bool | None = None
-    epochs: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0, le=10)
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] | None = None
-    weight_decay: float | None = Field(None, ge=0)
-    schedule: Literal["none", "cosine", "step", "plateau"] | None = None
-    patience: int | None = Field(None, ge=0)
-    early_stopping: bool | None = None
-    backbone_lr_mult: float | None = Field(None, gt=0, le=10)
-    feature_views: int | None = Field(None, ge=1, le=50)
-
-    def apply(self, train: TrainConfig) -> TrainConfig:
-        """The train config of this stage, validated (patience vs epochs, freeze policy)."""
-        changes = self.model_dump(exclude={"name"}, exclude_none=True)
-        return TrainConfig.model_validate({**train.model_dump(), **changes})
-
-
-class Config(_Section):
-    data: DataConfig = DataConfig()
-    augment: AugmentConfig = AugmentConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    stages: list[StageConfig] = Field(
-        [], description="staged fine-tuning, e.g. name=head,freeze=backbone,epochs=10 (repeat the flag)")
-    out: str | None = Field(None, description="run directory to write")
-    versions: dict[str, str] = Field({}, description="library versions that made the run (informational)")
-
-    @model_validator(mode="after")
-    def _fractions_fit(self) -> Config:
-        if self.data.val_fraction + self.data.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must be below 1; lower one of them")
-        if self.train.monitor.startswith("train_"):
-            raise ValueError("monitor must be a validation metric (val_loss, val_accuracy, ...)")
-        return self
-
-
 def check_policy(policy: str) -> str:
     """Validate a policy string early; return it unchanged."""
     if policy in ("none", "backbone"):
@@ -262,3 +165,8 @@ def one_line(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     got = f" (got {_SHORT.repr(first['input'])[:80]})" if first["type"] != "value_error" and "input" in first else ""
     return f"config {where}: {message}{got}"
+
+
+# The train section, the stages and the whole Config live in run.py, which builds on the helpers
+# above; imported last, so both modules are complete whichever is imported first.
+from imgclf.config.run import Config, StageConfig, TrainConfig  # noqa: E402, F401 (re-exported)

@@ -1,4 +1,9 @@
-"""Optimizer and learning-rate schedule registries (name -> factory), as named in the config."""
+"""Optimizer and learning-rate schedule registries (name -> factory), as named in the config.
+
+Keras names are kept where a notebook's setting has no torch twin: RMSprop's ``rho`` is torch's
+``alpha``, and Keras's ``decay`` argument (inverse-time decay, ``lr / (1 + decay * iterations)``,
+applied before every batch) is the ``keras_decay`` schedule, stepped after each optimizer step.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,32 @@ OPTIMIZERS: dict[str, Callable[[Iterable, TrainConfig], torch.optim.Optimizer]] 
     "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
                                         weight_decay=c.weight_decay),
-    "rmsprop": lambda p, c: torch.optim.RMSprop(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "rmsprop": lambda p, c: torch.optim.RMSprop(p, lr=c.lr, alpha=c.rho, momentum=c.momentum,
+                                                weight_decay=c.weight_decay),
     "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
     "adagrad": lambda p, c: torch.optim.Adagrad(p, lr=c.lr, weight_decay=c.weight_decay),
 }
 
-# Schedules step once per epoch; 'plateau' steps on the monitored validation value.
+
+class KerasDecay(lr_scheduler.LambdaLR):
+    """Keras's ``decay``: the lr of update ``t`` (counted from 0) is ``lr / (1 + decay * t)``.
+
+    It steps itself after every optimizer step (a post-step hook), so the per-epoch ``step_schedule``
+    leaves it alone; its step count is in its state dict, so an exact resume continues the decay.
+    """
+
+    per_step = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float):
+        self.decay = decay
+        super().__init__(optimizer, self.factor)
+        optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def factor(self, iterations: int) -> float:
+        return 1.0 / (1.0 + self.decay * iterations)
+
+
+# Schedules step once per epoch; 'plateau' steps on the monitored validation value, 'keras_decay' per batch.
 SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig], object | None]] = {
     "none": lambda o, c: None,
     "cosine": lambda o, c: lr_scheduler.CosineAnnealingLR(o, T_max=c.epochs),
@@ -27,6 +52,7 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig], object | Non
     "plateau": lambda o, c: lr_scheduler.ReduceLROnPlateau(
         o, mode="min" if c.monitor.endswith("loss") else "max", factor=c.gamma,
         patience=max(1, c.effective_patience // 3)),
+    "keras_decay": lambda o, c: KerasDecay(o, c.decay),
 }
 
 
@@ -39,7 +65,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 
 def step_schedule(schedule, monitored: float | None) -> None:
-    if schedule is None:
+    """The end-of-epoch step; schedules that step per batch have already stepped."""
+    if schedule is None or getattr(schedule, "per_step", False):
         return
     if isinstance(schedule, lr_scheduler.ReduceLROnPlateau):
         if monitored is not None:

@@ -1,8 +1,13 @@
 """Staged fine-tuning: a list of stages, each with its freeze policy and train settings.
 
-Each stage starts from the best weights so far, and a stage's epoch only counts as a new best
-when it beats every earlier stage, so fine-tuning can never end below the head it started from.
-A stage whose backbone is frozen trains the head on cached features.
+A chain behaves like separate trainings, one after another: each stage has its own settings
+(batch size included), and the next stage starts from this stage's end, which is its best-so-far
+weights with ``restore_best`` (the default) or its last weights without. A stage's epoch only
+counts as a new best when it beats every earlier stage, so with ``restore_best`` fine-tuning can
+never end below the head it started from; where a stage never beats the earlier ones, the log
+says so (a separate Keras training would keep that stage's own best). A stage whose backbone is
+frozen trains the head on cached features (of augmented views when augmentation is on), or
+uncached; the log says which.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from imgclf.models.freeze import apply_freeze, backbone_is_frozen
 from imgclf.models.networks import Classifier, Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute
-from imgclf.training.features import HeadOnly, extract_features, feature_loader
+from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
 from imgclf.training.fit import EarlyStopping, fit
 from imgclf.training.resume import restore_rng, save_state
 
@@ -43,14 +48,33 @@ DEFAULT_TRANSFER_STAGES = (
 )
 
 
+def default_stages(config: Config) -> list[StageConfig]:
+    """The default transfer recipe when a pretrained or --weights start gives no stages.
+
+    A start from a whole trained run (``init_from``) has a trained head already: it trains as
+    one stage with the train settings, as a separate Keras training of the loaded model would.
+    """
+    if config.stages or config.train.init_from or not (config.model.pretrained or config.model.weights):
+        return []
+    epochs = min(DEFAULT_TRANSFER_STAGES[1].epochs, config.train.epochs)  # --epochs caps the fine-tune
+    finetune = DEFAULT_TRANSFER_STAGES[1].model_copy(
+        update={"epochs": epochs, "patience": min(DEFAULT_TRANSFER_STAGES[1].patience, epochs)})
+    return [DEFAULT_TRANSFER_STAGES[0], finetune]
+
+
+def recipe_overrides(config: Config) -> list[str]:
+    """Train settings the user changed that the default transfer recipe's stages replace (for a warning)."""
+    defaults, replaced = TrainConfig(), []
+    for stage in default_stages(config):
+        for name in stage.model_dump(exclude={"name", "epochs"}, exclude_none=True):  # --epochs caps, so applies
+            if getattr(config.train, name) != getattr(defaults, name) and name not in replaced:
+                replaced.append(name)
+    return replaced
+
+
 def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     """(name, effective train config) per stage."""
-    stages = list(config.stages)
-    if not stages and (config.model.pretrained or config.model.weights):
-        epochs = min(DEFAULT_TRANSFER_STAGES[1].epochs, config.train.epochs)  # --epochs caps the fine-tune
-        finetune = DEFAULT_TRANSFER_STAGES[1].model_copy(
-            update={"epochs": epochs, "patience": min(DEFAULT_TRANSFER_STAGES[1].patience, epochs)})
-        stages = [DEFAULT_TRANSFER_STAGES[0], finetune]
+    stages = list(config.stages) or default_stages(config)
     if not stages:
         return [("train", config.train)]
     resolved = []
@@ -88,7 +112,7 @@ class StageRunner:
         for index, (name, cfg) in enumerate(resolve_stages(self.config)):
             if resume and (index < info["stage_index"] or (index == info["stage_index"] and info["stage_done"])):
                 if index == info["stage_index"]:  # killed between stages: hand on as the stage end would
-                    if has_val:
+                    if has_val and cfg.restore_best:
                         self.load_best()
                     stopper = self._restored_stopper(cfg, info)
                     restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
@@ -96,11 +120,12 @@ class StageRunner:
                 continue
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            cached = cfg.feature_cache and backbone_is_frozen(self.model)
-            log.info("stage %s: freeze=%s, %s trainable parameters%s", name, cfg.freeze, f"{trainable:,}",
-                     ", head trained on cached features" if cached else "")
+            views, how = cache_plan(cfg, self.config.augment) if backbone_is_frozen(self.model) else (None, "")
+            log.info("stage %s: freeze=%s, %s trainable parameters, batch size %d%s", name, cfg.freeze,
+                     f"{trainable:,}", cfg.batch_size, f"; {how}" if how else "")
             stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
-            model, loader, validate = self._cached(cfg) if cached else self._images(cfg)
+            model, loader, validate = self._cached(cfg, views) if views else self._images(cfg)
+            best_before = stopper.best_epoch
             fit_resume = None
             if resume and index == info["stage_index"]:
                 stopper = self._restored_stopper(cfg, info)
@@ -111,8 +136,19 @@ class StageRunner:
                 self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
                 checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume)
             if has_val:
-                self.load_best()  # the next stage, and the end result, start from the best so far
+                self._hand_on(name, cfg, stopper, best_before)
         return history
+
+    def _hand_on(self, name: str, cfg: TrainConfig, stopper: EarlyStopping, best_before: int) -> None:
+        """Leave the weights the next stage (and the result) start from: the best so far, or this stage's last."""
+        if not cfg.restore_best:
+            log.info("stage %s ends with its last weights (restore_best off)", name)
+            return
+        if 0 < best_before == stopper.best_epoch:
+            log.info("stage %s never beat the earlier stages' best (%s %.4f at epoch %d): going on from that "
+                     "epoch's weights, where a separate Keras training would keep this stage's own best", name,
+                     cfg.monitor, stopper.best, stopper.best_epoch)
+        self.load_best()
 
     def validate(self) -> dict[str, float]:
         """The whole model's validation metrics now (val_loss, val_accuracy, ...)."""
@@ -147,14 +183,15 @@ class StageRunner:
         model = torch.compile(self.model) if cfg.compile else self.model
         return model, loader, self._validator(model, val)
 
-    def _cached(self, cfg: TrainConfig):
+    def _cached(self, cfg: TrainConfig, views: int):
+        """The head over features cached once: ``views`` augmented views per image, or the plain images."""
         backbone = self.model.backbone
         train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
                                      self.generator, self.compute.device, workers=self.config.data.workers)
-                        if cfg.feature_views > 1
+                        if views > 1
                         else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
                                          self.config.data.workers))
-        train_feats = extract_features(backbone, train_images, self.compute, cfg.feature_views)
+        train_feats = extract_features(backbone, train_images, self.compute, views)
         loader = feature_loader(train_feats, cfg.batch_size, shuffle=True, generator=self.generator,
                                 sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
         head = HeadOnly(self.model.head)

@@ -1,11 +1,17 @@
 """Train a classical head: a scikit-learn classifier on a frozen backbone's features, its parameter
-chosen on validation (``--head svm|logreg|knn|rf``), written as a run of the ``classical`` kind."""
+chosen on validation (``--head svm|logreg|knn|rf``), written as a run of the ``classical`` kind.
+
+The features are the network's penultimate layer. With ``--init-from RUN`` they come from that
+trained run (the notebook's "SVM on a trained CNN's features"); without it, any dense layer of
+the head has never trained, and the log says so loudly.
+"""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+from torch import nn
 
 from imgclf.config import Config
 from imgclf.data.pipeline import eval_loader
@@ -13,8 +19,8 @@ from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger, is_main_process
-from imgclf.models.checkpoint import save_weights
-from imgclf.models.networks import build_model
+from imgclf.models.checkpoint import load_weights, save_weights
+from imgclf.models.networks import Classifier, build_model
 from imgclf.reporting.plots import write_history
 from imgclf.runs.heads import GRIDS, HEAD_FILE, Embedder, embed, make_head, save_head
 from imgclf.runs.network import MODEL_FILE
@@ -24,12 +30,15 @@ log = get_logger("classical")
 
 
 def train_classical(config: Config, evaluate_test: bool = True):
-
+    """Fit each candidate of the head's grid on the training features; keep the best on validation."""
     s = setup_run(config)
     cfg, index, kind = s.config, s.index, s.config.model.head
-    if not (cfg.model.pretrained or cfg.model.weights):
-        log.warning("warning: --head %s on a backbone without --pretrained or --weights: random features", kind)
-    model = s.compute.prepare(build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=True))
+    model = build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=s.init_weights is None)
+    if s.init_weights is not None:
+        load_weights(model, s.init_weights)
+    else:
+        _warn_untrained(model, cfg, kind)
+    model = s.compute.prepare(model)
     features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
                                                           cfg.data.workers), s.compute)[0]
                 for split in ("train", "val")}
@@ -59,3 +68,16 @@ def train_classical(config: Config, evaluate_test: bool = True):
         save_head(best[2], s.out / HEAD_FILE)
         write_history(history, s.out / "history.csv")
     return finish_run(s, evaluate_test, best[1])
+
+
+def _warn_untrained(model: Classifier, cfg: Config, kind: str) -> None:
+    """Features that no training shaped: a random backbone, or dense layers of a head that never trained."""
+    if not (cfg.model.pretrained or cfg.model.weights):
+        log.warning("warning: --head %s on a backbone without --pretrained, --weights or --init-from: random "
+                    "features", kind)
+    hidden = [m for m in model.head.modules() if isinstance(m, nn.Linear)][:-1]  # the last one is the classifier
+    if hidden:
+        widths = [m.out_features for m in hidden]
+        log.warning("warning: --head %s reads the output of dense layers %s that were never trained (random "
+                    "weights, whatever the backbone); train the network first and pass --init-from RUN, or drop "
+                    "the dense layers", kind, widths)

@@ -1,9 +1,10 @@
 """``imgclf grid``: every combination of the given settings is a run; a leaderboard ranks them
 on validation, and only the best configuration is then evaluated, once, on test.
 
-Any config field can vary (``--param optimizer=adam,sgd --param lr=1e-3,1e-4``, flag names or
-``section.field``), or give a YAML mapping of field -> list of values. Re-running resumes:
-finished trials are read back, not retrained.
+Any config field can vary (``--param optimizer=adam,sgd --param lr=1e-3,1e-4``, flag names,
+``section.field`` or a stage's ``stages.N.field``), or give a YAML mapping of field -> list of
+values, where a list of mappings couples settings (``gridparams`` holds the vocabulary).
+Re-running resumes: finished trials are read back, not retrained.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sklearn.model_selection import ParameterGrid
 
 from imgclf import atomic
-from imgclf.config import Config, build_config, config_fields, flag_name
+from imgclf.config import Config, build_config
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
@@ -24,74 +24,36 @@ from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
 from imgclf.workflows.summary import train_job
 
+__all__ = ["grid_search", "parse_params", "trial_configs"]  # parse_params: the CLI's way in
 log = get_logger("grid")
-
-
-def field_path(key: str) -> tuple[str | None, str]:
-    """``lr``, ``batch-size``, ``model`` or ``train.lr`` -> (section, field)."""
-    key = key.strip().replace("-", "_")
-    for section, name, _ in config_fields():
-        if key in (flag_name(section, name), f"{section}.{name}" if section else name):
-            return section, name
-    if key == "stages":
-        return None, "stages"
-    raise ConfigError(f"--param {key!r} is not a config field (see imgclf train --help)")
-
-
-def parse_params(items: list[str], grid_file: str | None = None) -> dict[str, list]:
-    """``["lr=1e-3,1e-4", ...]`` and/or a YAML mapping -> {field key: [values]}."""
-    grid: dict[str, list] = {}
-    if grid_file:
-        loaded = yaml.safe_load(Path(grid_file).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{grid_file} must map config fields to lists of values")
-        grid.update({k: v if isinstance(v, list) else [v] for k, v in loaded.items()})
-    for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise ConfigError(f"--param {item!r}: use NAME=V1,V2,...")
-        grid[key] = [_coerce(v.strip()) for v in values.split(",")]
-    if not grid:
-        raise ConfigError("no grid: pass --param NAME=V1,V2 (repeatable) or --grid FILE.yaml")
-    for key in grid:
-        field_path(key)
-    return grid
-
-
-def _coerce(text: str) -> Any:
-    """'32' -> 32, '1e-3' -> 0.001, 'true' -> True; anything else stays a string."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tuple[str, dict, Config]]:
     """(trial id, its parameters, its validated config) per grid point, each with a derived seed."""
     trials = []
-    for i, params in enumerate(ParameterGrid(grid)):
+    for i, point in enumerate(ParameterGrid(grid)):
+        params = flat_params(point)
         values = config.model_dump()
-        for key, value in params.items():
-            section, name = field_path(key)
-            if section:
-                values[section][name] = value
-            else:
-                values[name] = value
+        trial_id = f"trial_{i:03d}"
+        try:
+            apply_params(values, params)
+        except ConfigError as err:
+            raise ConfigError(f"{trial_id} {params}: {err}") from None
         key = json.dumps(params, sort_keys=True, default=str)
         # Trials differ in training randomness only: all of them share one split, so one val and test set.
         if values["data"]["split_seed"] is None:
             values["data"]["split_seed"] = config.train.seed
         values["train"]["seed"] = derive_seed(config.train.seed, key)
-        trial_id = f"trial_{i:03d}"
         values["out"], values["versions"] = str(out / "trials" / trial_id), {}
         try:
-            trials.append((trial_id, params, build_config(values)))
+            trial = build_config(values)
+            check_reaches_stages(trial, params)
         except ConfigError as err:
             raise ConfigError(f"{trial_id} {params}: {err}") from None
+        trials.append((trial_id, params, trial))
     return trials
 
 

@@ -32,8 +32,9 @@ from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.runs.saved_split import load_saved_split
 from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
-from imgclf.training.stages import resolve_stages
+from imgclf.training.stages import recipe_overrides, resolve_stages
 from imgclf.versions import library_versions
+from imgclf.workflows.init_from import check_weights_file, init_weights
 
 log = get_logger("lifecycle")
 
@@ -58,6 +59,7 @@ class RunSetup:
     preprocess: Preprocess
     compute: Compute
     generator: torch.Generator
+    init_weights: Path | None = None  # --init-from: the trained run's weights file, checked against this model
 
     @property
     def index(self) -> DatasetIndex:
@@ -77,13 +79,16 @@ def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
     settings first (no data read), then the data. A resume reads its saved split, never a new one.
     """
     check_model_name(config.model.name)
+    check_weights_file(config)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     resolve_stages(config)  # stage settings fail here, before any decoding
+    _warn_recipe_overrides(config)
     preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
                                     config.data.interpolation)
     check_input_size(config.model, preprocess)  # before seeding: the probe model draws no seeded numbers
     generator = seed_everything(config.train.seed)
     index, warnings = _dataset_index(config, resume_dir)
+    start = init_weights(config, index.classes, preprocess) if resume_dir is None else None
     prepared = prepare(index, preprocess, config.data)
     if resume_dir is None:
         out = _new_run_dir(config.out)
@@ -92,7 +97,17 @@ def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
     else:
         out = resume_dir
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
-    return RunSetup(config, out, prepared, preprocess, compute, generator)
+    return RunSetup(config, out, prepared, preprocess, compute, generator, start)
+
+
+def _warn_recipe_overrides(config: Config) -> None:
+    """Settings the default transfer recipe replaces are said, not dropped in silence."""
+    replaced = recipe_overrides(config)
+    if replaced:
+        given = ", ".join(f"--{name.replace('_', '-')} {getattr(config.train, name)}" for name in replaced)
+        log.warning("warning: the default transfer recipe (stages head, then finetune) sets its own %s, so "
+                    "these settings do not apply: %s; give the stages yourself (--stage name=head,"
+                    "freeze=backbone,lr=...) to choose them", ", ".join(replaced), given)
 
 
 def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetIndex, list[str]]:
@@ -109,7 +124,7 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
     if "val" not in index.splits and config.model.head != "linear":
         raise DataError(f"no validation images: --head {config.model.head} chooses its parameter on them; "
                         "raise --val-fraction")
-    if "val" not in index.splits and (config.train.early_stopping or config.train.restore_best):
+    if "val" not in index.splits and any(c.early_stopping or c.restore_best for _, c in resolve_stages(config)):
         raise DataError("no validation images: early stopping and restore-best need them; "
                         "raise --val-fraction or pass --no-early-stopping --no-restore-best")
     return index, warnings

@@ -20,7 +20,7 @@ from imgclf.runtime import get_logger, is_main_process
 from imgclf.training.averaging import BestWeights, average_if_better
 from imgclf.training.fit import count
 from imgclf.training.resume import load_state, restore_best_file
-from imgclf.training.stages import StageRunner
+from imgclf.training.stages import StageRunner, resolve_stages
 from imgclf.workflows.classical import train_classical
 from imgclf.workflows.lifecycle import RunSetup, finish_run, naming_path, setup_run
 
@@ -53,13 +53,18 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
 
 def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -> Run:
     config, out, index = s.config, s.out, s.index
-    # A resumed run takes its weights from the saved state: no pretrained download first.
-    model = s.compute.prepare(build_model(config.model, len(index.classes), s.preprocess,
-                                          load_pretrained=resume_dir is None))
+    # A resumed run takes its weights from the saved state, an --init-from run from its source run:
+    # no pretrained download first.
+    model = build_model(config.model, len(index.classes), s.preprocess,
+                        load_pretrained=resume_dir is None and s.init_weights is None)
+    if resume_dir is None and s.init_weights is not None:
+        load_weights(model, s.init_weights)
+    model = s.compute.prepare(model)
     objective = Objective(len(index.classes), sigmoid=s.meta["output_units"] == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
-    weights_path = out / (MODEL_FILE if config.train.restore_best else "best.safetensors")
+    keep_best = resolve_stages(config)[-1][1].restore_best  # the last stage decides what the run ends with
+    weights_path = out / (MODEL_FILE if keep_best else "best.safetensors")
     best = {"epoch": None}
     recent_bests = BestWeights(config.train.average_best)
 
@@ -83,7 +88,7 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)
     log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
-    if not config.train.restore_best:
+    if not keep_best:
         save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
     elif len(recent_bests) > 1 and is_main_process():
         average_if_better(model, recent_bests, runner, s.meta, weights_path)

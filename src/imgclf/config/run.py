@@ -1,0 +1,166 @@
+"""The train section, the stages of a chain, and the whole Config of a run.
+
+Split from ``sections`` (which holds data, augment, model and evaluate, and the shared field
+helpers) so neither outgrows its page; ``sections`` re-exports everything here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imgclf.config.sections import (
+    AbsolutePath,
+    AugmentConfig,
+    DataConfig,
+    Device,
+    EvaluateConfig,
+    ModelConfig,
+    _Section,
+    check_policy,
+)
+from imgclf.errors import ConfigError
+
+SCHEDULES = Literal["none", "cosine", "step", "plateau", "keras_decay"]
+KERAS_RHO, TORCH_ALPHA = 0.9, 0.99  # RMSprop's squared-gradient decay: Keras's default, torch's default
+AUTO_VIEWS = 5  # augmented views cached per image when a frozen backbone meets augmentation (feature_views unset)
+
+
+class TrainConfig(_Section):
+    PATH_FIELDS = ("init_from",)
+    epochs: int = Field(30, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(32, ge=1, description="images per batch")
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] = Field(
+        "adamw", description="optimizer")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop (Keras's default is 0)")
+    rho: float = Field(KERAS_RHO, ge=0, lt=1, description=f"rmsprop: decay of the squared-gradient average (Keras "
+                       f"rho, torch alpha); default {KERAS_RHO} as Keras (torch's {TORCH_ALPHA}: runs before 0.2)")
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd")
+    schedule: SCHEDULES = Field("cosine", description="learning-rate schedule; keras_decay: Keras's decay "
+                                "argument, lr / (1 + decay * step) per batch")
+    decay: float = Field(0.0, ge=0, description="schedule=keras_decay: inverse-time decay per step (Keras decay)")
+    step_size: int = Field(10, ge=1, description="schedule=step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="schedule=step/plateau: decay factor")
+    class_weight: Literal["none", "balanced"] = Field("none", description="loss weights per class")
+    sampler: Literal["none", "weighted"] = Field("none", description="weighted = class-balanced sampling")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing")
+    monitor: str = Field("val_loss", description="early-stopping metric: val_loss, val_accuracy, val_f1_macro..")
+    patience: int | None = Field(None, ge=0, description="epochs without improvement before stopping "
+                                 "(default: min(10, epochs))")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+    early_stopping: bool = Field(True, description="stop when the monitor stops improving")
+    restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
+    seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")
+    channels_last: bool | None = Field(None, description="channels-last memory format (default: on)")
+    compile: bool = Field(False, description="torch.compile the model for training (slow start, faster epochs)")
+    freeze: str = Field("none", description="what trains: none (all), backbone (head only), last:N, regex:PAT")
+    freeze_bn: bool = Field(False, description="keep BatchNorm layers frozen and in eval mode")
+    backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")
+    feature_cache: bool = Field(True, description="with a frozen backbone, train the head on cached features")
+    feature_views: int | None = Field(
+        None, ge=1, le=50, description=f"frozen backbone: cached views per image; default {AUTO_VIEWS} augmented "
+                                       "views with augmentation on, else 1; 1 with augmentation on trains uncached")
+    average_best: int = Field(0, ge=0, le=50, description="average the weights of the last K best epochs "
+                                                          "(kept if no worse on validation; 0: off)")
+    init_from: AbsolutePath = Field(None, description="start from a trained run's whole model (head included); "
+                                                      "same model settings and classes")
+    init_from_as_typed: str | None = Field(None, description="train.init_from as typed (informational)")
+
+    @field_validator("freeze")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        try:
+            return check_policy(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def effective_patience(self) -> int:
+        """The default patience shrinks with a short run; only an explicit one can be too large."""
+        return min(10, self.epochs) if self.patience is None else self.patience
+
+    @model_validator(mode="after")
+    def _patience_fits(self) -> TrainConfig:
+        if self.early_stopping and self.patience is not None and self.patience > self.epochs:
+            raise ValueError(f"patience={self.patience} is larger than epochs={self.epochs}; lower --patience")
+        if self.decay and self.schedule != "keras_decay":
+            raise ValueError(f"decay={self.decay:g} is used only by schedule=keras_decay (now {self.schedule}); "
+                             "pass --schedule keras_decay, or drop --decay")
+        return self
+
+
+class StageConfig(_Section):
+    """One stage of staged fine-tuning: overrides of the train settings for that stage."""
+
+    name: str = Field("stage", description="label in history.csv and the curves")
+    freeze: str | None = None
+    freeze_bn: bool | None = None
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    rho: float | None = Field(None, ge=0, lt=1)
+    schedule: SCHEDULES | None = None
+    decay: float | None = Field(None, ge=0)
+    patience: int | None = Field(None, ge=0)
+    min_delta: float | None = Field(None, ge=0)
+    early_stopping: bool | None = None
+    restore_best: bool | None = Field(None, description="end this stage with its best-so-far weights (else its last)")
+    backbone_lr_mult: float | None = Field(None, gt=0, le=10)
+    feature_cache: bool | None = None
+    feature_views: int | None = Field(None, ge=1, le=50)
+
+    def apply(self, train: TrainConfig) -> TrainConfig:
+        """The train config of this stage, validated (patience vs epochs, freeze policy)."""
+        changes = self.model_dump(exclude={"name"}, exclude_none=True)
+        if self.schedule not in (None, "keras_decay") and self.decay is None:
+            changes["decay"] = 0.0  # the inherited decay belongs to the keras_decay schedule this stage replaces
+        return TrainConfig.model_validate({**train.model_dump(), **changes})
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    stages: list[StageConfig] = Field(
+        [], description="staged fine-tuning, e.g. name=head,freeze=backbone,epochs=10 (repeat the flag)")
+    out: str | None = Field(None, description="run directory to write")
+    versions: dict[str, str] = Field({}, description="library versions that made the run (informational)")
+
+    # (section, field) -> the behaviour a run had before the field existed. A run's config.yaml
+    # (it records versions) without the field gets this value; new configs get the field's default.
+    OLD_RUN_VALUES: ClassVar[dict[tuple[str, str], Any]] = {("train", "rho"): TORCH_ALPHA}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_run_values(cls, values: Any) -> Any:
+        """An old run's config.yaml retrains as it trained then, e.g. RMSprop with torch's alpha."""
+        if not isinstance(values, dict) or not values.get("versions"):
+            return values
+        values = dict(values)
+        for (section, name), old in cls.OLD_RUN_VALUES.items():
+            fields = values.get(section)
+            if isinstance(fields, dict) and name not in fields:
+                values[section] = {**fields, name: old}
+        return values
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> Config:
+        if self.data.val_fraction + self.data.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1; lower one of them")
+        if self.train.monitor.startswith("train_"):
+            raise ValueError("monitor must be a validation metric (val_loss, val_accuracy, ...)")
+        if self.train.init_from and self.model.weights:
+            raise ValueError("init_from and weights are both set: --init-from loads a whole trained run, which "
+                             "would replace the --weights file; pass one of them")
+        return self

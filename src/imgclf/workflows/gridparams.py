@@ -1,0 +1,204 @@
+"""The grid's vocabulary: which settings vary, over which values, and how a grid point becomes a config.
+
+A setting is named by its flag (``lr``, ``batch-size``), as ``section.field`` (``train.lr``), as a
+stage's field (``stages.1.lr`` by position from 0, or ``stages.finetune.lr`` by name), or is the
+whole ``stages`` list. Values come from ``--param NAME=V1,V2`` (a list field's values in brackets,
+``dense_layers=[512],[256,128]``; ``;`` separates values too) or from a YAML mapping of settings to
+lists. In the YAML, a list of mappings couples settings: ``optimizer_lr: [{optimizer: rmsprop, lr:
+1e-3}, {optimizer: adam, lr: 1e-4}]`` is one axis of two points (its key is only a label).
+A grid value that a stage would override is an error, never a silently ignored axis.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from imgclf.config import Config, StageConfig, config_fields, flag_name
+from imgclf.errors import ConfigError
+from imgclf.training.stages import default_stages, resolve_stages
+
+
+class Setting(NamedTuple):
+    """Where a grid key lands: a section field, a top-level field, or a field of one stage."""
+
+    section: str | None  # None: top level; "stages": the field of the stage ``stage``
+    name: str
+    stage: str | None = None  # a position ("1") or a stage name
+
+    def describe(self) -> str:
+        if self.section == "stages":
+            return f"stages.{self.stage}.{self.name}"
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+
+def setting(key: str) -> Setting:
+    """``lr``, ``batch-size``, ``model``, ``train.lr``, ``stages.1.lr`` or ``stages`` -> where it lands."""
+    key = key.strip().replace("-", "_")
+    for section, name, _ in config_fields():
+        if key in (flag_name(section, name), f"{section}.{name}" if section else name):
+            return Setting(section, name)
+    if key == "stages":
+        return Setting(None, "stages")
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "stages":
+        if parts[2] not in StageConfig.model_fields or parts[2] == "name":
+            raise ConfigError(f"--param {key!r}: stages have no field {parts[2]!r}; they have "
+                              f"{', '.join(n for n in StageConfig.model_fields if n != 'name')}")
+        return Setting("stages", parts[2], parts[1])
+    raise ConfigError(f"--param {key!r} is not a config field (see imgclf train --help); a stage's field is "
+                      "stages.N.FIELD, e.g. stages.1.lr")
+
+
+def parse_params(items: list[str], grid_file: str | None = None) -> dict[str, list]:
+    """``["lr=1e-3,1e-4", ...]`` and/or a YAML mapping -> {key: [values]}; a coupled axis has mapping values."""
+    grid: dict[str, list] = _read_grid_file(grid_file) if grid_file else {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise ConfigError(f"--param {item!r}: use NAME=V1,V2,... (a list field: NAME=[1,2],[3])")
+        grid[key.strip()] = [_parse_value(key, text) for text in split_values(values)]
+    if not grid:
+        raise ConfigError("no grid: pass --param NAME=V1,V2 (repeatable) or --grid FILE.yaml")
+    _check_axes(grid)
+    return grid
+
+
+def split_values(text: str) -> list[str]:
+    """Split at the commas and semicolons outside brackets: ``[512],[256,128]`` -> two values."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char in ",;" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def _parse_value(key: str, text: str) -> Any:
+    if text.startswith("["):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, list):
+            raise ConfigError(f"--param {key}: {text!r} is not a list; write it as [1,2] (brackets, commas)")
+        return value
+    return _coerce(text)
+
+
+def _coerce(text: str) -> Any:
+    """'32' -> 32, '1e-3' -> 0.001, 'true' -> True; anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _read_grid_file(path: str) -> dict[str, list]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--grid {path}: cannot read it as YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--grid {path} must map config fields to lists of values")
+    return {str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()}
+
+
+def _check_axes(grid: dict[str, list]) -> None:
+    """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes."""
+    seen: dict[Setting, str] = {}
+    for key, values in grid.items():
+        if not values:
+            raise ConfigError(f"grid {key}: no values; list at least one")
+        mappings = [isinstance(v, dict) for v in values]
+        if any(mappings) and not all(mappings):
+            raise ConfigError(f"grid {key}: mixes mappings and plain values; a coupled axis lists mappings only, "
+                              "e.g. [{optimizer: adam, lr: 1.0e-4}, {optimizer: sgd, lr: 1.0e-2}]")
+        coupled = all(mappings)
+        points = values if coupled else [{key: v} for v in values]
+        for name in dict.fromkeys(k for point in points for k in point):
+            target = setting(str(name))
+            where = key if coupled else None
+            if target in seen and seen[target] != where:
+                raise ConfigError(f"grid: {target.describe()} is varied twice ({seen[target] or 'its own axis'} and "
+                                  f"{where or 'its own axis'}); keep it on one axis")
+            seen[target] = where
+            for point in points:
+                if name in point:
+                    _check_list_value(target, name, point[name])
+
+
+def _check_list_value(target: Setting, key: str, value: Any) -> None:
+    if _is_list_field(target) and not isinstance(value, list) and value is not None:
+        raise ConfigError(f"grid {key}: a list setting, so each value is a list, e.g. --param {key}=[512],[256,128] "
+                          f"or in YAML {key}: [[512], [256, 128]] (got {value!r})")
+
+
+def _is_list_field(target: Setting) -> bool:
+    if target.section in (None, "stages"):
+        return False
+    section = Config.model_fields[target.section].annotation
+    annotation = section.model_fields[target.name].annotation  # type: ignore[union-attr]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) is list
+
+
+def flat_params(point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point with its coupled axes opened: {opt: {optimizer: adam, lr: 1e-4}} -> {optimizer: adam, lr: 1e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in point.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def apply_params(values: dict[str, Any], params: dict[str, Any]) -> None:
+    """Write a grid point's settings into a config dict (``config.model_dump()``), in place."""
+    for key, value in params.items():
+        target = setting(key)
+        if target.section == "stages":
+            values["stages"][_stage_position(values["stages"], target)][target.name] = value
+        elif target.section:
+            values[target.section][target.name] = value
+        else:
+            values[target.name] = value
+
+
+def _stage_position(stages: list[dict], target: Setting) -> int:
+    names = [stage.get("name") for stage in stages]
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names)) or "none"
+    if target.stage is not None and target.stage.isdigit() and int(target.stage) < len(stages):
+        return int(target.stage)
+    if target.stage in names and names.count(target.stage) == 1:
+        return names.index(target.stage)
+    raise ConfigError(f"--param {target.describe()}: no such stage (or its name is not unique); the config's "
+                      f"stages are: {listed}. Give stages in the config (stages:) or with --stage to vary them")
+
+
+def check_reaches_stages(trial: Config, params: dict[str, Any]) -> None:
+    """A train setting on a grid axis must reach every stage: one that a stage sets for itself is an error."""
+    recipe = " of the default transfer recipe" if default_stages(trial) else ""
+    for key in params:
+        target = setting(key)
+        if target.section != "train" or target.name not in StageConfig.model_fields:
+            continue
+        wanted = getattr(trial.train, target.name)
+        for position, (name, cfg) in enumerate(resolve_stages(trial)):
+            if getattr(cfg, target.name) != wanted:
+                fix = (f"vary stages.{position}.{target.name} instead, or remove {target.name} from that stage"
+                       if trial.stages else "give the stages yourself (--stage or stages:) and vary "
+                                            f"stages.N.{target.name}")
+                raise ConfigError(f"--param {key}: stage {position} ({name}){recipe} sets its own "
+                                  f"{target.name}={getattr(cfg, target.name)!r}, so the grid's {target.name}="
+                                  f"{wanted!r} would not reach it; {fix}")
