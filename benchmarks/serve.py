@@ -71,10 +71,9 @@ def train(data: Path, out: Path, name: str, precision: str):
 class LiveServer:
     """``imgclf serve RUN --port 0`` in its own process, as a user starts it; ``with`` stops it by SIGTERM."""
 
-    def __init__(self, run, engine: str, batching: bool):
+    def __init__(self, run, engine: str):
         self.process = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(run.path), "--engine", engine,
-                                         "--port", "0", "--micro-batching" if batching else "--no-micro-batching"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                         "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stderr], daemon=True).start()
 
@@ -136,16 +135,14 @@ def bench_model(name: str, data: Path, out: Path, image: bytes, requests: int, r
     so load from elsewhere on the machine falls on every setting alike."""
     run, twin = train(data, out / name, name, "auto"), train(data, out / f"{name}-fp32", name, "fp32")
     export_run(run)
-    settings = [(f"{label} ({'fp32' if engine == 'onnx' else target.compute.precision})"
-                 f"{', micro-batched' if batching else ''}", target, engine, batching)
+    settings = [(f"{label} ({'fp32' if engine == 'onnx' else target.compute.precision})", target, engine)
                 for label, target, engine in (("onnx", run, "onnx"), ("torch", run, "torch"),
-                                              ("torch-fp32", twin, "torch"))
-                for batching in (False, True)]
+                                              ("torch-fp32", twin, "torch"))]
     tallies = [(Tally(), Tally()) for _ in settings]
     with contextlib.ExitStack() as stack:
         urls = []
-        for _, target, engine, batching in settings:  # one at a time: start-up is CPU-bound
-            server = LiveServer(target, engine, batching)
+        for _, target, engine in settings:  # one at a time: start-up is CPU-bound
+            server = LiveServer(target, engine)
             stack.push(server.__exit__)  # stopped even if a later one fails to start
             urls.append(server.__enter__())
         for round_ in range(rounds):
@@ -168,10 +165,10 @@ def main() -> None:
         data = make_data(Path(tmp) / "data")
         for name in args.models.split(","):
             rows += bench_model(name, data, Path(tmp), image, args.requests, args.rounds)
-    print(f"\n{'model':<16} {'engine':<34} {'1 client p50/p95 ms':>20} {'img/s':>7}   "
+    print(f"\n{'model':<16} {'engine':<22} {'1 client p50/p95 ms':>20} {'img/s':>7}   "
           f"{f'{CLIENTS} clients p50/p95 ms':>20} {'img/s':>7}")
     for name, label, single, many in rows:
-        print(f"{name:<16} {label:<34} {single.row()}   {many.row()}")
+        print(f"{name:<16} {label:<22} {single.row()}   {many.row()}")
 
 
 if __name__ == "__main__":

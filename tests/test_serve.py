@@ -26,7 +26,6 @@ import imgclf
 from clitools import assert_clean_error
 from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
-from imgclf.serving.batcher import MicroBatcher
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket
@@ -395,43 +394,3 @@ def _drop(page, name: str, data: bytes) -> None:
         [base64.b64encode(data).decode(), name])
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
-
-def test_micro_batching_answers_queued_requests_in_one_pass_each_with_its_own_rows():
-    release, calls = threading.Event(), []
-
-    def predict(images):
-        calls.append(len(images))
-        release.wait(10)  # the first pass holds the engine while the others queue
-        if images.max() == 99:
-            raise ValueError("engine failed")
-        return images.reshape(len(images), -1)[:, :2].astype(float)
-
-    batcher, results = MicroBatcher(predict), {}
-
-    def ask(i: int) -> None:
-        try:
-            results[i] = batcher.predict(np.full((1 + i % 2, 2, 1, 1), i, dtype=np.uint8))
-        except ValueError as err:
-            results[i] = err
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-    threads[0].start()
-    for _ in range(200):  # bounded waits, no timing assertion
-        if calls:
-            break
-        time.sleep(0.01)
-    for thread in threads[1:]:
-        thread.start()
-    for _ in range(200):
-        if batcher._jobs.qsize() == 5:
-            break
-        time.sleep(0.01)
-    release.set()
-    for thread in threads:
-        thread.join(timeout=10)
-    assert calls == [1, 8]  # the five queued requests (2+1+2+1+2 images) shared one pass
-    assert all(results[i].shape == (1 + i % 2, 2) and (results[i] == i).all() for i in range(6))
-    failing = threading.Thread(target=ask, args=(99,))
-    failing.start()
-    failing.join(timeout=10)
-    assert isinstance(results[99], ValueError)  # the engine's error reaches the request that waited for it

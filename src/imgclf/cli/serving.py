@@ -29,8 +29,6 @@ def add_serving_parsers(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"largest image, in pixels, decoded (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--micro-batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="answer concurrent requests in one forward pass (default on; no added wait)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -47,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(args.host, args.port, args.token, args.engine, args.max_batch, args.max_upload_mb,
-                           args.max_pixels, args.micro_batching)
+                           args.max_pixels)
     options.check()
     serve(load_run(args.run), options)
     return 0

@@ -38,7 +38,6 @@ class ServeOptions:
     max_batch: int = 16
     max_upload_mb: float = 10.0
     max_pixels: int = DEFAULT_MAX_PIXELS
-    micro_batching: bool = True
 
     @property
     def max_bytes(self) -> int:
@@ -188,7 +187,7 @@ def serve(run, options: ServeOptions) -> None:
     require("fastapi", "serve")
     require("python_multipart", "serve")
     options.check()
-    service = Service(run, options.engine, options.max_pixels, options.micro_batching)
+    service = Service(run, options.engine, options.max_pixels)
     if warning := exposure_warning(options):
         log.warning("%s", warning)
     sock = listening_socket(options.host, options.port)

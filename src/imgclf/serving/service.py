@@ -24,7 +24,6 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.explain import Explainer
 from imgclf.reporting.plots import overlay
-from imgclf.serving.batcher import MicroBatcher
 from imgclf.serving.bundle import read_export, require, verified_onnx_bytes
 from imgclf.serving.engine import Engine, choose_engine, open_engine
 from imgclf.serving.graph import input_spec
@@ -39,8 +38,8 @@ OVERLAY_MIN_SIDE = 192  # small model inputs are enlarged (nearest) so the overl
 class Service:
     """A run behind the server: ``load()`` once, then ``answer()`` from any number of threads."""
 
-    def __init__(self, run, engine: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS, micro_batching: bool = True):
-        self.run, self.max_pixels, self.micro_batching = run, max_pixels, micro_batching
+    def __init__(self, run, engine: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.run, self.max_pixels = run, max_pixels
         self.kind = choose_engine(run, engine)
         self.spec = input_spec(run)
         if self.kind == "onnx":
@@ -49,7 +48,6 @@ class Service:
         self.lock = threading.Lock()  # the torch model: one user at a time (Grad-CAM hooks into it)
         self.ready = threading.Event()
         self.engine: Engine | None = None
-        self.batcher: MicroBatcher | None = None
         self.explainer: Explainer | None = None
         self.explain_refusal: str | None = None
         self.load_error: Exception | None = None
@@ -62,7 +60,6 @@ class Service:
             engine.predict(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), dtype=np.uint8))
             with self.lock:
                 self._prepare_explainer()
-            self.batcher = MicroBatcher(engine.predict) if self.micro_batching else None
             self.engine = engine
             self.ready.set()
             log.info("model loaded and warmed up (%s engine); ready", engine.name)
@@ -106,8 +103,7 @@ class Service:
         names = [name for name, _ in uploads]
         with tempfile.TemporaryDirectory(prefix="imgclf-upload-") as tmp:
             decoded = [decode_upload(data, name, self.spec, Path(tmp), self.max_pixels) for name, data in uploads]
-            images = np.stack([array for array, _ in decoded])
-            probs = self.batcher.predict(images) if self.batcher else self.engine.predict(images)
+            probs = self.engine.predict(np.stack([array for array, _ in decoded]))
             preds = Predictions(names, self.run.classes, np.full(len(names), -1), probs)
             preds = preds.at_threshold(self.run.threshold, self.run.positive)
             overlays = self._overlays([path for _, path in decoded], preds.pred) if explain else [None] * len(names)
