@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 import imgclf
+from clitools import assert_clean_error
+from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
 from imgclf.runs import manifest
 from imgclf.runs.heads import make_head, save_head
 
-from clitools import assert_clean_error
-from clitools import imgclf as imgclf_cli
 from conftest import tiny_config
 from imagefactory import make_class_folders
 

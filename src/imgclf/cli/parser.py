@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
             p.set_defaults(func=cmd_cv)
         else:
-            p.add_argument("--param", action="append", metavar="NAME=V1,V2", help="a setting to vary (repeat)")
+            p.add_argument("--param", action="append", metavar="NAME=V1,V2",
+                           help="a setting to vary (repeat); lists as [a,b];[c], a stage's field as stages.N.FIELD")
             p.add_argument("--grid", help="YAML mapping of settings to lists of values")
             p.add_argument("--rank-by", default="val_f1_macro", help="validation metric that ranks trials")
             p.set_defaults(func=cmd_grid)

@@ -102,7 +102,7 @@ class AugmentConfig(_Section):
 
 
 # The model section lives in its own module; imported here, after the helpers it builds on.
-from imgclf.config.model import ModelConfig  # noqa: E402
+from imgclf.config.model import ModelConfig  # noqa: E402, F401 (re-exported)
 
 
 class EvaluateConfig(_Section):
@@ -164,7 +164,7 @@ def one_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
     got = f" (got {_SHORT.repr(first['input'])[:80]})" if first["type"] != "value_error" and "input" in first else ""
-    return f"config {where}: {message}{got}"
+    return f"config {where[:120]}: {message[:300]}{got}"
 
 
 # The train section, the stages and the whole Config live in run.py, which builds on the helpers
