@@ -33,14 +33,15 @@ from imgclf.evaluation.predictions import Predictions
 
 from imagefactory import make_class_folders, make_csv, make_split_folders, pattern, to_pil
 
+# the bad-input corpus: every case ends within a bound, so a hang fails instead of blocking CI
+pytestmark = pytest.mark.timeout(300)
+
 TRAIN = ["--epochs", "1", "--image-size", "16", "--conv-filters", "8", "--augment", "none"]
 ODD_NAME = b"\xff name.png"  # not UTF-8: Python shows it as a lone surrogate
 BROKEN_NAME = b"broken \xfe.jpg"
 DENY_HOOK = '''
 import os
 
-# the bad-input corpus: every case ends within a bound, so a hang fails instead of blocking CI
-pytestmark = pytest.mark.timeout(300)
 _real_scandir = os.scandir
 _denied = {os.path.normpath(p) for p in os.environ.get("IMGCLF_TEST_DENY", "").split(os.pathsep) if p}
 
