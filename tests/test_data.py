@@ -108,6 +108,29 @@ def test_a_class_with_one_image_stays_in_train(tmp_path):
     assert index.counts()["train"]["rare"] == 1
 
 
+@pytest.mark.parametrize(("rare_images", "expected"), [(2, {"train": 1, "val": 1}),
+                                                         (3, {"train": 2, "val": 1}),
+                                                         (4, {"train": 2, "val": 1})])  # 4: one goes to test first
+def test_a_tiny_class_keeps_one_validation_image_and_is_named_in_a_warning(tmp_path, caplog, rare_images,
+                                                                           expected):
+    root = make_class_folders(tmp_path / "d", 20, classes=["common", "rare"])
+    for extra in sorted((root / "rare").iterdir())[rare_images:]:
+        extra.unlink()
+    caplog.set_level(logging.WARNING)
+    index = index_of(root, val_fraction=0.15, test_fraction=0.15)  # round(0.15 * n) is 0 for n < 4
+    counts = index.counts()
+    assert {split: counts.get(split, {}).get("rare", 0) for split in ("train", "val")} == expected
+    assert counts["val"]["common"] == 3 and counts["test"]["common"] == 3  # large classes split as before
+    warned = [r.getMessage() for r in caplog.records if "fewer than 5 training images" in r.getMessage()]
+    assert len(warned) == 1 and "'rare'" in warned[0] and "'common'" not in warned[0]
+
+
+def test_no_tiny_class_warning_when_every_class_has_enough_images(pool_dataset, caplog):
+    caplog.set_level(logging.WARNING)
+    index_of(pool_dataset)
+    assert not [r for r in caplog.records if "fewer than" in r.getMessage()]
+
+
 def test_single_class_is_an_error(tmp_path):
     with pytest.raises(DataError, match="at least 2 classes"):
         index_of(make_class_folders(tmp_path / "d", 5, classes=["only"]))

@@ -25,8 +25,10 @@ from imgclf.config import DataConfig
 from imgclf.data.images import special_file_kind
 from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders
 from imgclf.errors import DataError
+from imgclf.logs import get_logger
 
 SPLITS = ("train", "val", "test")
+log = get_logger("index")
 
 
 @dataclass(frozen=True)
@@ -110,13 +112,14 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     splits = [s for _, _, s in rows]
     val_fraction = cfg.val_fraction
     if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
-        splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng)
+        splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng, keep=2)
         val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
     if "val" not in splits:
-        splits = _stratified_holdout(rows, splits, "val", val_fraction, rng)
+        splits = _stratified_holdout(rows, splits, "val", val_fraction, rng, keep=1, at_least=1)
     rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
     index = _make_index(root, rows)
     check_classes(index, source=str(path))
+    warn_tiny_classes(index)
     return index
 
 
@@ -147,11 +150,13 @@ def _rows_of_layout(path: Path, layout: str) -> list[Row]:
 
 
 def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,
-                        rng: np.random.Generator) -> list[str]:
-    """Move ``fraction`` of each class's train rows to split ``name``; every class keeps ≥1 train image.
+                        rng: np.random.Generator, keep: int, at_least: int = 0) -> list[str]:
+    """Move ``fraction`` of each class's train rows to split ``name``.
 
-    Hand-written rather than sklearn's train_test_split because that refuses classes with a
-    single image, which small medical sets have.
+    Each class keeps ``keep`` train images where it has them (test keeps 2, so that validation can
+    still take one) and gives at least ``at_least`` (validation: 1, so that a tiny class is seen by
+    model selection). Hand-written rather than sklearn's train_test_split because that refuses
+    classes with a single image, which small medical sets have.
     """
     splits = list(splits)
     by_class: dict[str, list[int]] = {}
@@ -160,7 +165,8 @@ def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction:
             by_class.setdefault(label, []).append(i)
     for label in sorted(by_class):
         members = by_class[label]
-        n_hold = min(len(members) - 1, round(fraction * len(members)))
+        wanted = max(at_least, round(fraction * len(members))) if fraction > 0 else 0
+        n_hold = max(0, min(len(members) - keep, wanted))
         for i in rng.permutation(members)[:n_hold]:
             splits[int(i)] = name
     return splits
@@ -187,3 +193,17 @@ def check_classes(index: DatasetIndex, source: str) -> None:
             names = ", ".join(f"{c!r} ({n} images)" for c, n in sorted(extra.items()))
             raise DataError(f"{source}: the {split} split holds class(es) {names} that train lacks "
                             f"({len(index.classes)} train classes); add train images for them or remove them")
+
+
+TINY_CLASS = 5  # fewer training images than this: metrics and model choice on that class are noise
+
+
+def warn_tiny_classes(index: DatasetIndex) -> None:
+    """One warning naming every class with fewer than ``TINY_CLASS`` training images, with its counts."""
+    counts = index.counts()
+    tiny = [c for c in index.classes if counts["train"].get(c, 0) < TINY_CLASS]
+    if tiny:
+        shown = ", ".join(f"{c!r} ({counts['train'].get(c, 0)} train, {counts.get('val', {}).get(c, 0)} val)"
+                          for c in tiny)
+        log.warning("warning: class(es) with fewer than %d training images: %s; their metrics are noisy and "
+                    "the model may never predict them; add images if you can", TINY_CLASS, shown)
