@@ -7,6 +7,8 @@ model.safetensors + model.json. The images themselves stay where the dataset is.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from imgclf.runs import files as runfiles
 from imgclf.runs import manifest
 from imgclf.runs.base import register
 from imgclf.runs.predict import predict_files
-from imgclf.runtime import Compute
+from imgclf.runtime import Compute, resolve_device
 
 MODEL_FILE = "model.safetensors"
 THRESHOLD_FILE = "threshold.json"
@@ -87,8 +89,16 @@ class NetworkRun:
 
     @cached_property
     def compute(self) -> Compute:
+        """How the run predicts: on its training device and memory format, always in fp32.
+
+        Training computes in the run's precision (bf16 autocast by default on a bf16 CPU); every
+        saved answer (metrics.json, ``evaluate``, ``predict``, ``serve``, the export's parity) is fp32,
+        so the torch engine agrees with the fp32 ONNX graph within 1e-4 and metrics.json with a later
+        ``evaluate``.
+        """
         train = self.config.train
-        return Compute.resolve(train.device, train.precision, train.channels_last)
+        channels_last = True if train.channels_last is None else train.channels_last
+        return Compute(resolve_device(train.device), "fp32", channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +170,8 @@ class NetworkRun:
 
     def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
         """N x K probabilities of a loader's images (by dataset position), averaged over ``tta`` views."""
-        return predict_probs(self.model, self.objective, loader, self.compute, tta or self.config.evaluate.tta)
+        with exact_fp32(self.compute.device):
+            return predict_probs(self.model, self.objective, loader, self.compute, tta or self.config.evaluate.tta)
 
     def describe(self) -> str:
         """One line for the report: the model and its input."""
@@ -210,3 +221,18 @@ class NetworkRun:
         if out:
             preds.to_csv(Path(out))
         return preds
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """Full fp32 on CUDA while predicting: TF32 (on for training, and cuDNN's default) moves probabilities
+    by ~1e-3; restored afterwards. Nothing to do on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -167,7 +167,7 @@ def reference_probs(run, images: np.ndarray, batch_size: int = 16) -> np.ndarray
 
 
 def engine_probs(run, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-    """``N x K`` probabilities of the torch engine as the run is configured (its device, precision and tta).
+    """``N x K`` probabilities of the torch engine as the run predicts (fp32 on its device, its tta).
 
     The same ``loader_probs`` that ``imgclf predict`` uses, over already decoded arrays; an ensemble
     combines its members' as ``EnsembleRun.predict`` does.
@@ -178,7 +178,7 @@ def engine_probs(run, images: np.ndarray, batch_size: int | None = None) -> np.n
 
 
 def run_computes(run) -> list[str]:
-    """Where and how the run's torch engine computes, e.g. ``["bf16 on cpu"]`` (one entry per distinct member)."""
+    """Where and how the run's torch engine computes, e.g. ``["fp32 on cpu"]`` (one entry per distinct member)."""
     if isinstance(run, EnsembleRun):
         return sorted({c for m in run.members for c in run_computes(m)})
     return [f"{run.compute.precision} on {run.compute.device.type}"]
