@@ -115,6 +115,9 @@ class EvaluateConfig(_Section):
         "none", description="test-time augmentation: average probabilities over flips (and small shifts)")
     bootstrap: int = Field(1000, ge=0, le=100000, description="bootstrap resamples for AUC intervals (0: none)")
     report: bool = Field(True, description="write report.html (with a Grad-CAM gallery) when a run ends")
+    baseline: bool = Field(True, description="also score a linear probe on frozen pretrained (EfficientNet-Lite0) "
+                           "features as a baseline, on the same images (seconds; the majority-class baseline is "
+                           "always shown)")
 
     @field_validator("threshold")
     @classmethod

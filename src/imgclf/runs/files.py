@@ -195,19 +195,57 @@ def read_dataset(path: Path) -> DatasetFile:
     return validate(path, DatasetFile, read_json(path))
 
 
+BASELINES_KEY = "baselines"  # metrics.json's one entry that is not a split (see ``Baseline``)
+
+
+class Baseline(BaseModel):
+    """One row of metrics.json's ``baselines``: a model the run is shown next to, on the same images."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["baseline", "candidate"]
+    val: SplitMetrics | None = None
+    test: SplitMetrics | None = None
+    seconds: StrictFloat | StrictInt | None = Field(None, ge=0)
+    note: str = Field("", max_length=1000)
+
+
+BASELINES = TypeAdapter(list[Baseline])
+
+
 def read_metrics(path: Path, one_split: bool = False) -> dict:
-    """metrics.json ({split: metrics}) or, with ``one_split``, one split's metrics, checked before formatting."""
+    """metrics.json's splits ({split: metrics}) or, with ``one_split``, one split's metrics, checked before
+    formatting. Its ``baselines`` entry is checked too, and read with ``read_baselines``."""
     data = read_json(path)
     splits = {"all": data} if one_split else data
     if not isinstance(splits, dict):
         raise RunDirError(f"{path} must hold an object of splits; delete it and evaluate again")
+    if not one_split and BASELINES_KEY in splits:
+        _checked_baselines(path, splits[BASELINES_KEY])
+        splits = {k: v for k, v in splits.items() if k != BASELINES_KEY}
     for split, metrics in splits.items():
         try:
             SplitMetrics.model_validate(metrics)
         except ValidationError as err:
             where = "" if one_split else f"{split}."
             raise RunDirError(f"{path}: {where}{_first_problem(err)}; delete it and evaluate again") from None
-    return data
+    return data if one_split else splits
+
+
+def read_baselines(path: Path) -> list[dict]:
+    """metrics.json's ``baselines`` rows (empty when it has none, or the file is absent)."""
+    if not path.exists():
+        return []
+    data = read_json(path)
+    return _checked_baselines(path, data.get(BASELINES_KEY, [])) if isinstance(data, dict) else []
+
+
+def _checked_baselines(path: Path, rows: Any) -> list[dict]:
+    try:
+        BASELINES.validate_python(rows)
+    except ValidationError as err:
+        raise RunDirError(f"{path}: {BASELINES_KEY}.{_first_problem(err)}; delete it and evaluate again") from None
+    return rows
 
 
 def read_grid_best(path: Path) -> dict:

