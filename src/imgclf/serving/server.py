@@ -11,9 +11,11 @@ FastAPI reads the route functions' annotations as objects.
 """
 
 import ipaddress
+import signal
 import socket
 import threading
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from imgclf.errors import ConfigError, ImgclfError
@@ -198,7 +200,27 @@ def serve(run, options: ServeOptions) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("imgclf serve: %s on http://%s:%d (%s engine, loading ...)", run.path, shown, port, service.kind)
-    server.run(sockets=[sock])
+    with sigterm_exits_cleanly(server):
+        server.run(sockets=[sock])
     if service.load_error is not None:
         err = service.load_error
         raise err if isinstance(err, ImgclfError) else ConfigError(f"could not load the model: {err}")
+
+
+@contextmanager
+def sigterm_exits_cleanly(server) -> Iterator[None]:
+    """SIGTERM stops the server gracefully and ``imgclf serve`` exits 0.
+
+    uvicorn handles SIGTERM while it runs, then restores the handler it found and raises the
+    signal again; with the default handler that kills the process (status -15) after a clean
+    shutdown. This handler is the one it finds: it asks the server to stop (also for a SIGTERM
+    before uvicorn's own handler is in place) and absorbs the repeat, so ``serve`` returns.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals belong to the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
