@@ -108,6 +108,23 @@ def test_predict_engine_onnx_writes_the_torch_engines_csv(gray_binary, tmp_path,
     assert "computes test-time augmentation 'none'" in capsys.readouterr().err
 
 
+def test_python_predict_with_onnx_writes_the_same_csv_as_run_predict(gray_binary, tmp_path):
+    """With class sub-folders both add the true label; with a plain folder neither does."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        shutil.copy(gray_binary.index().abspath(i), flat / f"{i}{gray_binary.index().abspath(i).suffix}")
+    for name, folder, labelled in (("sub", gray_binary.index().root, True), ("flat", flat, False)):
+        torch_preds = gray_binary.predict([folder], out=tmp_path / f"{name}-t.csv")
+        onnx_preds = predict_with_onnx(gray_binary, [folder], out=tmp_path / f"{name}-o.csv")
+        assert onnx_preds.has_labels == torch_preds.has_labels == labelled
+        np.testing.assert_array_equal(onnx_preds.true, torch_preds.true)
+        t_rows, o_rows = (list(csv.DictReader((tmp_path / f"{name}-{e}.csv").read_text().splitlines())) for e in "to")
+        assert list(o_rows[0]) == list(t_rows[0]) and ("true_label" in t_rows[0]) == labelled
+        assert [(r["path"], r.get("true_label")) for r in o_rows] == [(r["path"], r.get("true_label")) for r in t_rows]
+        np.testing.assert_allclose(onnx_preds.probs, torch_preds.probs, rtol=0, atol=1e-4)
+
+
 def test_a_run_trained_in_auto_precision_predicts_in_fp32_as_its_graph_does(trained_run):
     """Trained with --precision auto (bf16 on a bf16 CPU), the run's own torch engine predicts in fp32."""
     record = export_run(trained_run)

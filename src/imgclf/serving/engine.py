@@ -18,6 +18,7 @@ from imgclf.data.inputs import expand_inputs
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
+from imgclf.runs.predict import folder_labels
 from imgclf.serving.bundle import has_export, require, verified_onnx_bytes
 from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
 
@@ -113,7 +114,8 @@ def predict_with_onnx(run, inputs: list[str | Path], out: str | Path | None = No
     paths = readable(expand_inputs(inputs), engine.spec.channels, skip_bad_images)
     step = batch_size or run.config.train.batch_size
     probs = [engine.predict(decode(paths[i:i + step], engine.spec)) for i in range(0, len(paths), step)]
-    preds = Predictions([str(p) for p in paths], run.classes, np.full(len(paths), -1),
+    labels, _ = folder_labels(inputs, paths, run.classes)  # class sub-folders give true labels, as run.predict
+    preds = Predictions([str(p) for p in paths], run.classes, labels,
                         np.concatenate(probs) if probs else np.zeros((0, len(run.classes))))
     preds = preds.at_threshold(run.threshold, run.positive)
     if out:
