@@ -1,7 +1,5 @@
 import json
-import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import torch
 from torch import nn
 
 import imgclf
+from browser import chromium_page
 from imgclf.cli import main
 from imgclf.data.transforms import tta_views
 from imgclf.errors import ConfigError
@@ -148,22 +147,9 @@ def test_tta_averages_the_probabilities_of_the_views():
 
 
 def test_report_renders_in_headless_chromium(binary_run, tmp_path):
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        if os.environ.get("IMGCLF_REQUIRE_BROWSER"):
-            pytest.fail("Chromium is not installed; .ci/run installs Debian's chromium package")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     write_report(binary_run.path)
-    problems, requests = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-        page.on("pageerror", lambda err: problems.append(str(err)))
-        page.on("request", lambda r: requests.append(r.url))
+    with chromium_page() as browsed:
+        page = browsed.page
         page.goto((binary_run.path / "report.html").as_uri())
         page.wait_for_load_state("load")
         for section in ("summary", "dataset", "training", "metrics", "plots-test", "gallery"):
@@ -172,9 +158,8 @@ def test_report_renders_in_headless_chromium(binary_run, tmp_path):
         broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth == 0).length")
         shown = page.evaluate("document.images.length")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
-    assert problems == [] and broken == 0 and shown >= 9
-    assert all(url.startswith(("file:", "data:")) for url in requests)  # nothing from the network
+    assert browsed.problems == [] and broken == 0 and shown >= 9
+    assert all(url.startswith(("file:", "data:")) for url in browsed.requests)  # nothing from the network
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
@@ -189,7 +174,7 @@ def test_cv_and_grid_directories_get_their_own_report(tmp_path, pool_dataset):
     grid_search(tiny_config(pool_dataset, tmp_path / "g", train={"epochs": 2}, evaluate=on),
                 parse_params(["lr=0.01,0.001"]))
     page = (tmp_path / "g" / "report.html").read_text()
-    assert 'id="leaderboard"' in page and "param_lr" in page and "Best trial on test" in page
+    assert 'id="leaderboard"' in page and "param_<wbr>lr" in page and "Best trial on test" in page
     link = re.search(r'href="([^"#]+)"', page).group(1)  # to the best trial's own report
     assert 'id="plots-test"' in (tmp_path / "g" / link).read_text()
 

@@ -198,7 +198,12 @@ def curves_html(curves: dict[str, Path], compared: list[Compared]) -> str:
 def format_side_by_side(rows: list[dict]) -> str:
     """The turned table as the terminal shows it."""
     turned = side_by_side([{k: v for k, v in r.items() if k not in ("path", "model")} for r in rows])
-    widths = [max(len(str(k)), *(len(fmt(r[k])) for r in turned)) for k in turned[0]]
+    widths = [max(len(str(k)), *(len(console(r[k])) for r in turned)) for k in turned[0]]
     lines = ["  ".join(f"{k!s:<{w}}" for k, w in zip(turned[0], widths, strict=True))]
-    lines += ["  ".join(f"{fmt(v):<{w}}" for v, w in zip(r.values(), widths, strict=True)) for r in turned]
+    lines += ["  ".join(f"{console(v):<{w}}" for v, w in zip(r.values(), widths, strict=True)) for r in turned]
     return "\n".join(lines)
+
+
+def console(value) -> str:
+    """A number as the terminal prints metrics (train, evaluate: 4 decimals); the page has its own rule."""
+    return f"{value:.4f}" if isinstance(value, float) else fmt(value)

@@ -8,8 +8,6 @@ URIs and nothing is loaded from the network. No script runs in the page.
 from __future__ import annotations
 
 import base64
-import csv
-import html
 import json
 from pathlib import Path
 
@@ -17,20 +15,27 @@ from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.evaluation.metrics import expected_calibration_error
 from imgclf.evaluation.predictions import Predictions
+from imgclf.reporting.baselines import baselines_html
+from imgclf.reporting.format import esc, fmt, read_rows, table, with_ci
 from imgclf.reporting.gallery import render_cases
-from imgclf.reporting.plots import plot_evaluation
+from imgclf.reporting.plots import PAGE_WIDTH_PX, plot_evaluation
 from imgclf.runs import files as runfiles
 from imgclf.runs.base import load_run
 from imgclf.versions import version
 
 REPORT_FILE = "report.html"
-CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+__all__ = ["esc", "fmt", "image", "read_rows", "render_page", "table", "write_report"]  # compare.py's too
+# The text column is as wide as the figures are drawn (plots.PAGE_WIDTH_PX), so each PNG shows at its natural size:
+# a full-width one (curves, confusion matrices) alone on its line, half-width ones two to a line. Wide tables scroll.
+CSS = (f"body{{font:15px/1.45 system-ui,sans-serif;max-width:{PAGE_WIDTH_PX}px;margin:2em auto;padding:0 1em;"
+       + """color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.25em .6em;
-text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-img{max-width:100%}.plots img{max-width:49%;vertical-align:top}.warn{background:#fff4e0;border-left:4px solid #e69500;
-padding:.4em .8em}.gallery{display:flex;flex-wrap:wrap;gap:.8em}.case{width:260px;font-size:.8em}
-.case img{width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}"""
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.scroll{overflow-x:auto}
+img{max-width:100%;height:auto}.figure img{display:block}.plots{display:flex;flex-wrap:wrap;gap:20px;
+align-items:flex-start}.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em}
+.verdict{background:#eef7ee;border-left:4px solid #3a9a3a;padding:.4em .8em}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em}.case{width:260px;font-size:.8em}
+.case img{width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}""")
 
 
 def write_report(path: str | Path) -> Path:
@@ -67,6 +72,10 @@ def run_sections(path: Path) -> list[tuple[str, str, str]]:
                  f"<pre>{esc((path / 'config.yaml').read_text(encoding='utf-8'))}</pre></details>"),
                 ("training", "Training", training_html(path)),
                 ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path)))]
+    rows = runfiles.read_baselines(path / "metrics.json")
+    if rows:
+        sections.insert(1, ("baselines", "This model vs baselines",
+                            baselines_html(metrics, rows, run.describe(), training_seconds(path))))
     for split in splits:
         sections.append((f"plots-{split}", f"Evaluation plots: {split}", evaluation_plots_html(run, split)))
     if splits:
@@ -108,8 +117,17 @@ def training_html(path: Path) -> str:
         stages.setdefault(row.get("stage", "train"), []).append(row)
     summary = [{"stage": name, "epochs": f"{rows[0]['epoch']}-{rows[-1]['epoch']}",
                 "best val loss": min((float(r["val_loss"]) for r in rows if r.get("val_loss")), default=None),
-                "seconds": f'{sum(float(r["seconds"]) for r in rows):.1f}'} for name, rows in stages.items()]
-    return table(summary) + image(path / "plots" / "curves.png", "training curves")
+                "seconds": sum(float(r["seconds"]) for r in rows)} for name, rows in stages.items()]
+    return table(summary) + figure(path / "plots" / "curves.png", "training curves")
+
+
+def training_seconds(path: Path) -> float | None:
+    """The run's training time: the sum of history.csv's seconds, where it records them."""
+    history = read_rows(path / "history.csv") if (path / "history.csv").is_file() else []
+    try:
+        return sum(float(row["seconds"]) for row in history) if history else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def metrics_html(metrics: dict, splits: list[str], note: str = "") -> str:
@@ -145,7 +163,8 @@ def evaluation_plots_html(run, split: str) -> str:
             correct = preds.probs.argmax(axis=1) == preds.true
             metrics = {**metrics, "ece": expected_calibration_error(preds.confidence, correct)}
         plot_evaluation(preds, metrics, plots, split, run.positive)
-    return '<div class="plots">' + "".join(image(plots / f"{n}.png", n) for n in names) + "</div>"
+    return figure(plots / f"{names[0]}.png", names[0]) + \
+        '<div class="plots">' + "".join(image(plots / f"{n}.png", n) for n in names[1:]) + "</div>"
 
 
 def gallery_html(run, split: str) -> str:
@@ -156,7 +175,7 @@ def gallery_html(run, split: str) -> str:
     for name, cases in groups.items():
         cards = "".join(
             '<div class="case">' + (f'<img alt="Grad-CAM of {esc(c.path)}" src="{data_uri(c.png)}">' if c.png else "")
-            + f"<div><b>{esc(c.predicted)}</b> ({c.confidence:.2f}), true {esc(c.true)}</div>"
+            + f"<div><b>{esc(c.predicted)}</b> ({fmt(c.confidence)}), true {esc(c.true)}</div>"
             f"<div><code>{esc(c.path)}</code></div></div>" for c in cases)
         parts.append(f"<h3>{esc(name.capitalize())}</h3>"
                      + (f'<div class="gallery">{cards}</div>' if cases else "<p>None.</p>"))
@@ -166,7 +185,7 @@ def gallery_html(run, split: str) -> str:
 def cv_sections(path: Path) -> list[tuple[str, str, str]]:
     sections = [("folds", "Folds", table(read_rows(path / "folds.csv"))),
                 ("summary", "Summary over folds", table(read_rows(path / "summary.csv"))
-                 + image(path / "plots" / "folds.png", "metrics per fold"))]
+                 + figure(path / "plots" / "folds.png", "metrics per fold"))]
     if (path / "metrics_oof.json").is_file():
         oof = runfiles.read_metrics(path / "metrics_oof.json", one_split=True)
         sections.append(("metrics", "Pooled out-of-fold metrics", metrics_html({"out-of-fold": oof}, ["out-of-fold"])))
@@ -189,46 +208,18 @@ def _threshold_note(path: Path) -> str:
     if not file.is_file():
         return "<p>Decisions: the most probable class.</p>"
     t = runfiles.read_threshold(file, runfiles.read_classes(path / "classes.json"))
-    return (f"<p>Decisions: {esc(t.positive_class)} when its probability is at least {t.threshold:.4f}, "
+    return (f"<p>Decisions: {esc(t.positive_class)} when its probability is at least {fmt(t.threshold)}, "
             f"chosen on validation by <code>{esc(t.rule)}</code> (validation metrics at it are optimistic).</p>")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def table(rows: list[dict]) -> str:
-    if not rows:
-        return "<p>None.</p>"
-    head = "".join(f"<th>{esc(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def fmt(value) -> str:
-    if value is None or value == "":
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return str(value) if number.is_integer() else f"{number:.4g}"
-
-
-def with_ci(value, interval) -> str:
-    return fmt(value) + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
 
 
 def image(path: Path, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="{data_uri(path.read_bytes())}">' if path.is_file() else ""
 
 
+def figure(path: Path, alt: str) -> str:
+    """An image on a line of its own, at its natural width up to the page's."""
+    return f'<div class="figure">{image(path, alt)}</div>' if path.is_file() else ""
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def esc(text) -> str:
-    return html.escape(str(text))

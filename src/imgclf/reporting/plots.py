@@ -16,14 +16,26 @@ from imgclf import atomic
 from imgclf.evaluation.metrics import reliability
 from imgclf.evaluation.predictions import Predictions
 
+# Every figure of report.html is drawn at DPI for a page column PAGE_WIDTH_PX wide (html.py's CSS uses the
+# same width), so the browser shows each PNG at its natural size: a PAGE_WIDTH_PX-wide figure fills the column,
+# a HALF_WIDTH_PX one sits next to another. No text is set below SMALL_PT: 8 pt at 110 DPI is 12 px on screen.
+DPI = 110
+PAGE_WIDTH_PX = 1100
+HALF_WIDTH_PX = 540
+SMALL_PT = 8
+
 
 def _save(fig, path: Path) -> None:
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")  # the figures use constrained layout: no second "tight" pass
+        fig.savefig(tmp, dpi=DPI, format="png")  # the figures use constrained layout: no second "tight" pass
     plt.close(fig)
 
 
-CURVE_COLUMNS = 4  # panels per row of curves.png: loss, accuracy, precision, recall, F1, ... wrap
+def _inches(px: float) -> float:
+    return px / DPI
+
+
+CURVE_COLUMNS = 3  # panels per row of curves.png (loss, accuracy, precision, recall, F1, ...), wrapping
 
 
 def curve_names(history: list[dict]) -> list[str]:
@@ -34,12 +46,14 @@ def curve_names(history: list[dict]) -> list[str]:
 
 
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
-    """Loss and each metric, train vs val, one panel each; a dotted line marks the best epoch."""
+    """Loss and each metric, train vs val, one titled panel each; a dotted line marks the best epoch.
+
+    One figure title and one legend for all panels; the figure is as wide as the report's column."""
     names = curve_names(history)
     columns = min(CURVE_COLUMNS, len(names))
     rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False,
-                             layout="constrained")
+    width = _inches(PAGE_WIDTH_PX if columns == CURVE_COLUMNS else HALF_WIDTH_PX * columns / 2)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 2.6 * rows + 0.5), squeeze=False, layout="constrained")
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     epochs = [row["epoch"] for row in history]
@@ -47,17 +61,23 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row.get(f"{split}_{name}") for row in history]
             if any(v is not None for v in values):
-                ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split)
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split,
+                        color="C0" if split == "train" else "C1")
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"best ({best_epoch})")
+            ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"best epoch ({best_epoch})")
         for epoch, stage in stage_starts(history):
             ax.axvline(epoch - 0.5, color="tab:purple", ls="--", lw=0.8)
             ax.annotate(stage, (epoch - 0.5, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=7, color="tab:purple")
-        ax.set(title=name.replace("_", " "), xlabel="epoch", ylabel=name)
+                        va="top", ha="right", fontsize=SMALL_PT, color="tab:purple")
+        ax.set_title(name.replace("_", " "), fontsize=11)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.tick_params(labelsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Training curves")
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels(),
+                                                                          strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="outside upper right", ncols=len(handles), fontsize=9)
+    fig.suptitle("Training curves", x=0.01, ha="left", fontsize=12, fontweight="bold")
     _save(fig, path)
 
 
@@ -86,23 +106,32 @@ def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -> None:
-    """Counts and row-normalised (recall per true class) side by side."""
+    """Counts and row-normalised (recall per true class) panels: side by side when both fit the report's
+    column at a readable cell size, else one above the other; cells shrink with many classes, never their text
+    below SMALL_PT."""
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
-    for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "normalised by true class", ".2f")):
+    n, label_in = len(classes), 0.55 + 0.075 * min(max(len(c) for c in classes), 24)  # tick labels, 9 pt
+    column_in, extra_in = _inches(PAGE_WIDTH_PX), label_in + 0.9  # a panel: labels, cells, colour bar
+    cell_in = 0.6 if 2 * (extra_in + 0.6 * n) <= column_in else float(np.clip((column_in - extra_in) / n, 0.4, 0.6))
+    side_by_side = 2 * (extra_in + cell_in * n) <= column_in
+    panel = (extra_in + cell_in * n, label_in + 0.5 + cell_in * n)
+    fig, axes = plt.subplots(*((1, 2) if side_by_side else (2, 1)), layout="constrained",
+                             figsize=(panel[0] * (2 if side_by_side else 1), panel[1] * (1 if side_by_side else 2)))
+    text_pt = float(np.clip(cell_in * 17, SMALL_PT, 10))  # "0.333" fits a cell
+    for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "share of each true class", ".3f")):
         image = ax.imshow(data, cmap="Blues", vmin=0)
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        ticks = range(len(classes))
-        ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"{split}: {title}")
-        ax.set_xticklabels(classes, rotation=45, ha="right")
-        ax.set_yticklabels(classes)
+        fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=9)
+        ticks = range(n)
+        ax.set_xticks(ticks, classes, rotation=45, ha="right", fontsize=9)
+        ax.set_yticks(ticks, classes, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=9)
+        ax.set_ylabel("true", fontsize=9)
+        ax.set_title(f"Confusion matrix ({split})\n{title}", fontsize=11)
         threshold = data.max() / 2 if data.size else 0
         for (r, c), value in np.ndenumerate(data):
             ax.text(c, r, format(value, fmt), ha="center", va="center",
-                    color="white" if value > threshold else "black", fontsize=8)
-    fig.suptitle("Confusion matrix")
+                    color="white" if value > threshold else "black", fontsize=text_pt)
     _save(fig, path)
 
 
@@ -119,7 +148,7 @@ def one_vs_rest(preds: Predictions, positive: int | None = None):
 def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = None,
              threshold: float | None = None) -> None:
     """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
-    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(_inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     for name, hits, score in one_vs_rest(preds, positive):
         fpr, tpr, _ = roc_curve(hits, score)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(hits, score):.3f})")
@@ -130,38 +159,41 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=SMALL_PT)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
 def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = None) -> None:
     """One-vs-rest precision-recall curve per class, with average precision (the PR AUC)."""
-    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(_inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     for name, hits, score in one_vs_rest(preds, positive):
         precision, recall, _ = precision_recall_curve(hits, score)
         line, = ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(hits, score):.3f})")
         ax.axhline(hits.mean(), color=line.get_color(), ls=":", lw=0.8)  # a random classifier's precision
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=SMALL_PT)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
 def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> None:
-    """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=[3, 1], sharex=True, layout="constrained")
+    """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below.
+    Empty bins have no accuracy: they are left out of both panels, not drawn at zero."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(_inches(HALF_WIDTH_PX), 6), height_ratios=[3, 1], sharex=True,
+                                      layout="constrained")
     filled = [b for b in bins if b["count"]]
     width = bins[0]["high"] - bins[0]["low"]
     top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
-            edgecolor="black", alpha=0.7, label="accuracy")
+            edgecolor="black", alpha=0.7, label="accuracy of the bin")
     top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red",
-             label="mean confidence")
+             label="at the bin's mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
     top.set(ylabel="accuracy", title=f"Reliability ({split}): ECE {ece:.3f}", ylim=(0, 1.02))
-    top.legend(fontsize=8, loc="upper left")
-    bottom.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="gray")
+    top.legend(fontsize=SMALL_PT, loc="best")
+    bottom.bar([b["low"] for b in filled], [b["count"] for b in filled], width=width, align="edge", color="gray")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set(xlabel="confidence (top class)", ylabel="images", xlim=(0, 1))
     _save(fig, path)
 
@@ -178,7 +210,7 @@ def plot_folds(rows: list[dict], path: Path) -> None:
     """Per-fold test (else val) metrics as points, with the mean as a line."""
     split = "test" if any(k.startswith("test_") for k in rows[0]) else "val"
     names = [k for k in rows[0] if k.startswith(f"{split}_") and all(r.get(k) is not None for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(rows) + 3), 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(max(5, 0.5 * len(rows) + 3), _inches(PAGE_WIDTH_PX)), 4), layout="constrained")
     folds = [r["fold"] for r in rows]
     for name in names:
         values = [r[name] for r in rows]
@@ -187,7 +219,7 @@ def plot_folds(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="fold", ylabel=f"{split} metric", title=f"Cross-validation: {split} metrics per fold",
            xticks=folds)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL_PT, loc="best")
     _save(fig, path)
 
 
@@ -231,8 +263,8 @@ def save_overlay(explanation, classes: list[str], path: Path) -> None:
     gray = e.image.shape[2] == 1
     axes[0].imshow(e.image[..., 0] if gray else e.image, cmap="gray" if gray else None)
     axes[1].imshow(overlay(e.image, e.heatmap))
-    axes[0].set_title(Path(e.path).name, fontsize=8)
-    axes[1].set_title(f"Grad-CAM: {classes[e.target]} ({e.probs[e.target]:.2f})", fontsize=8)
+    axes[0].set_title(Path(e.path).name, fontsize=SMALL_PT)
+    axes[1].set_title(f"Grad-CAM: {classes[e.target]} ({e.probs[e.target]:.2f})", fontsize=SMALL_PT)
     for ax in axes:
         ax.axis("off")
     _save(fig, path)

@@ -1,0 +1,63 @@
+"""How the report pages write numbers and tables: one rule for every page, so 0.985 never sits next to 0.9848.
+
+The rule: an integer is written as an integer (counts, epochs, seeds, folds); every other number is written with
+3 decimals, whatever it measures (metrics in [0, 1], interval ends, losses, seconds, thresholds). Numbers read
+back from a CSV file as text follow the same rule ("0.8333" and "1.0" become 0.833 and 1.000). A setting is not
+a measurement: a grid's ``param_*`` columns are shown exactly as written, so a learning rate of 0.0001 stays.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import re
+from pathlib import Path
+
+DECIMALS = 3
+INTEGER = re.compile(r"[-+]?\d+")
+DECIMAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
+VERBATIM_PREFIXES = ("param_",)  # settings, not measurements
+
+
+def fmt(value) -> str:
+    """``value`` by the page's number rule; text that is not a number as it is; missing as ``n/a``."""
+    if value is None or value == "":
+        return "n/a"
+    if isinstance(value, bool | int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{DECIMALS}f}" if math.isfinite(value) else "n/a"
+    text = str(value).strip()
+    if INTEGER.fullmatch(text):
+        return text
+    return fmt(float(text)) if DECIMAL.fullmatch(text) else str(value)
+
+
+def with_ci(value, interval) -> str:
+    """A value with its 95% interval, all three by the page's rule."""
+    return fmt(value) + (f" ({fmt(float(interval[0]))}-{fmt(float(interval[1]))})" if interval else "")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def table(rows: list[dict]) -> str:
+    """An HTML table in a container that scrolls sideways when it is wider than the page."""
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th>{esc(k).replace('_', '_<wbr>')}</th>" for k in rows[0])  # val_<wbr>f1_<wbr>macro may wrap
+    body = "".join("<tr>" + "".join(f"<td>{esc(cell(k, v))}</td>" for k, v in row.items()) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def cell(column: str, value) -> str:
+    if str(column).startswith(VERBATIM_PREFIXES) and value not in (None, ""):
+        return str(value)
+    return fmt(value)
+
+
+def esc(text) -> str:
+    return html.escape(str(text))
