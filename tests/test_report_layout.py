@@ -102,7 +102,7 @@ def test_one_number_format_on_the_whole_page(run_copy):
     assert [fmt(v) for v in (0.98483, 1.0, "0.8333", "1.0", 18, "155315271", None, float("nan"), "resnet")] == \
         ["0.985", "1.000", "0.833", "1.000", "18", "155315271", "n/a", "n/a", "resnet"]
     page = write_report(run_copy).read_text()
-    cells = re.findall(r"<td>([^<]*)</td>", page) + re.findall(r"<li>([^<]*)</li>", page)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page) + re.findall(r"<li>([^<]*)</li>", page)
     decimals = {len(d) for cell in cells for d in re.findall(r"\d\.(\d+)", cell)}
     assert decimals == {3}, decimals  # 0.985 never next to 0.9848
 
@@ -172,7 +172,7 @@ def test_the_report_and_the_console_put_the_run_next_to_its_baselines(run_copy):
     assert "<h2>This model vs baselines</h2>" in section and sentence in section
     assert "simple_cnn candidate" not in section  # the model beats it: no sentence for it
     assert section.index(sentence) < section.index("<table>")  # the sentence sits above the table
-    names = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td>", section)
+    names = re.findall(r"<tr><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>", section)
     assert [role for _, role in names] == ["this run", "baseline", "candidate"]  # the run's row first
     head = re.findall(r"<th>([^<]*(?:<wbr>[^<]*)*)</th>", section)
     assert [h for h in head if h.startswith(("val", "test"))] == [

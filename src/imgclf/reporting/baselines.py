@@ -37,7 +37,8 @@ def comparison_rows(metrics: dict, rows: list[dict], name: str, seconds: float |
                     short: bool = False) -> list[dict]:
     """Table rows: the run first, then each baseline or candidate, on the run's splits and metrics."""
     splits = [s for s in SPLITS if s in metrics]
-    run = {"name": name, "role": RUN_ROLE, **{s: metrics[s] for s in splits}, "seconds": seconds, "note": ""}
+    run = {"name": name, "role": RUN_ROLE, **{s: metrics[s] for s in splits}, "seconds": seconds,
+           "note": "the model this report describes"}
     return [{"model": row["name"], "role": row["role"],
              **{f"{split} {short_label if short else label}": (row.get(split) or {}).get(key)
                 for split in splits for key, label, short_label in METRICS},

@@ -49,8 +49,14 @@ def table(rows: list[dict]) -> str:
     if not rows:
         return "<p>None.</p>"
     head = "".join(f"<th>{esc(k).replace('_', '_<wbr>')}</th>" for k in rows[0])  # val_<wbr>f1_<wbr>macro may wrap
-    body = "".join("<tr>" + "".join(f"<td>{esc(cell(k, v))}</td>" for k, v in row.items()) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(td(cell(k, v)) for k, v in row.items()) + "</tr>" for row in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def td(text: str) -> str:
+    """A cell: numbers right-aligned so their decimals line up, words left-aligned."""
+    numeric = text == "n/a" or re.match(r"[-+]?\d", text)
+    return f"<td>{esc(text)}</td>" if numeric else f'<td class="text">{esc(text)}</td>'
 
 
 def cell(column: str, value) -> str:

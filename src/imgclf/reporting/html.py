@@ -30,7 +30,7 @@ __all__ = ["esc", "fmt", "image", "read_rows", "render_page", "table", "write_re
 CSS = (f"body{{font:15px/1.45 system-ui,sans-serif;max-width:{PAGE_WIDTH_PX}px;margin:2em auto;padding:0 1em;"
        + """color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.25em .6em;
-text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.scroll{overflow-x:auto}
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child,td.text{text-align:left}.scroll{overflow-x:auto}
 img{max-width:100%;height:auto}.figure img{display:block}.plots{display:flex;flex-wrap:wrap;gap:20px;
 align-items:flex-start}.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em}
 .verdict{background:#eef7ee;border-left:4px solid #3a9a3a;padding:.4em .8em}

@@ -120,7 +120,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -
                              figsize=(panel[0] * (2 if side_by_side else 1), panel[1] * (1 if side_by_side else 2)))
     text_pt = float(np.clip(cell_in * 17, SMALL_PT, 10))  # "0.333" fits a cell
     for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "share of each true class", ".3f")):
-        image = ax.imshow(data, cmap="Blues", vmin=0)
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is norm else None)  # shares on one scale
         fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=9)
         ticks = range(n)
         ax.set_xticks(ticks, classes, rotation=45, ha="right", fontsize=9)
@@ -128,7 +128,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -
         ax.set_xlabel("predicted", fontsize=9)
         ax.set_ylabel("true", fontsize=9)
         ax.set_title(f"Confusion matrix ({split})\n{title}", fontsize=11)
-        threshold = data.max() / 2 if data.size else 0
+        threshold = (1 if data is norm else data.max()) / 2
         for (r, c), value in np.ndenumerate(data):
             ax.text(c, r, format(value, fmt), ha="center", va="center",
                     color="white" if value > threshold else "black", fontsize=text_pt)
