@@ -42,7 +42,7 @@ def comparison_rows(metrics: dict, rows: list[dict], name: str, seconds: float |
     return [{"model": row["name"], "role": row["role"],
              **{f"{split} {short_label if short else label}": (row.get(split) or {}).get(key)
                 for split in splits for key, label, short_label in METRICS},
-             "seconds": row.get("seconds"), "note": row.get("note", "")}
+             "seconds": row.get("seconds"), "note": row.get("note") or "—"}
             for row in [run, *rows]]
 
 
