@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from imgclf.cli.flags import config_from_args, format_metrics
 from imgclf.config import EvaluateConfig
 from imgclf.data.audit import audit_dataset, format_report
 from imgclf.errors import ConfigError, ImgclfError
-from imgclf.logs import get_logger
+from imgclf.logs import get_logger, is_main_process
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import describe_model
 from imgclf.models.weights import offline_weights_file
@@ -24,9 +25,12 @@ from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
+from imgclf.training.ddp import DistSettings
+from imgclf.training.distributed import DistContext
 from imgclf.training.stages import resolve_stages
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
+from imgclf.workflows.distributed import evaluate_on_ranks, launch
 from imgclf.workflows.embeddings import write_features
 from imgclf.workflows.ensemble import create_ensemble
 from imgclf.workflows.grid import grid_search, parse_params
@@ -37,13 +41,18 @@ DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc is not None and (args.nproc != 1 or "WORLD_SIZE" in os.environ):
+        return launch(args.nproc, without_nproc(args.argv))
+    dist = DistSettings(args.dist_backend, args.dist_timeout)
     if args.resume:
-        run = resume_training(args.resume)
+        run = resume_training(args.resume, dist)
     else:
         if args.data_dir:
             args.cfg__data__path = args.data_dir
         config = config_from_args(args)  # validated before torch is imported: config errors answer at once
-        run = train(config)
+        run = train(config, dist=dist)
+    if not is_main_process():  # rank 0 speaks for the job
+        return 0
     for split in ("val", "test"):  # as demo ends: the numbers first, then where they are
         if split in run.metrics:
             print(format_metrics(split, run.metrics[split]))
@@ -99,7 +108,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if args.strict and problems else 0
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` / ``--nproc=N``: what each process started by torchrun runs."""
+    kept, skip = [], False
+    for word in argv:
+        if skip or word.startswith("--nproc="):
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        else:
+            kept.append(word)
+    return kept
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if DistContext.from_env().distributed:
+        return _evaluate_on_ranks(args)
     run = load_run(args.run)
     if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
         EvaluateConfig.check_threshold(args.threshold)
@@ -113,6 +137,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics(args.split, metrics))
     print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
           f"and {write_report(run.path)}")
+    return 0
+
+
+def _evaluate_on_ranks(args: argparse.Namespace) -> int:
+    """``evaluate`` under torchrun: every rank predicts its shard; rank 0 writes and prints."""
+    if args.threshold:
+        EvaluateConfig.check_threshold(args.threshold)
+    run, chosen, metrics = evaluate_on_ranks(args.run, args.split, args.data, args.tta, args.threshold,
+                                             DistSettings(args.dist_backend, args.dist_timeout))
+    if is_main_process():
+        if args.threshold:
+            print("threshold: argmax" if chosen is None else f"threshold ({args.threshold}, on val): {chosen:.4f}")
+        print(format_metrics(args.split, metrics))
+        print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
+              f"and {run.path / 'report.html'}")
     return 0
 
 

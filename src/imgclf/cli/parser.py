@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -27,9 +28,13 @@ from imgclf.cli.commands import (
 from imgclf.cli.flags import add_config_flags
 from imgclf.cli.serving import add_serving_parsers
 from imgclf.cli.usage import CommandParser, parse
-from imgclf.errors import ImgclfError
+from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import setup_logging
+from imgclf.training.ddp import PeerError
+from imgclf.training.distributed import BACKENDS, DEFAULT_TIMEOUT_S
 from imgclf.versions import version
+
+RANKED_COMMANDS = ("train", "evaluate")  # the commands torchrun may start on several processes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on a folder or CSV of images")
     p.add_argument("data_dir", nargs="?", help="dataset folder or CSV (or set data.path in --config)")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N local processes: starts this command through torchrun "
+                        "(torch.distributed.run --standalone --nproc-per-node N)")
+    add_dist_flags(p)
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -82,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
     p.add_argument("--threshold", metavar="RULE",
                    help="re-choose the binary threshold on val: argmax, max_f1, youden, sensitivity:0.95")
+    add_dist_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="write report.html for a run, cv or grid directory")
@@ -160,12 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_dist_flags(parser: argparse.ArgumentParser) -> None:
+    """How ranks started by torchrun (or --nproc) join; ignored by one process."""
+    parser.add_argument("--dist-backend", default="auto", choices=list(BACKENDS),
+                        help="under torchrun: how the processes talk; auto is nccl on CUDA GPUs, gloo on the CPU")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others to join (and for any one "
+                             "exchange) before it ends with an error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(build_parser(), argv)
+    args.argv = argv  # `train --nproc N` starts the same command line on N processes
     setup_logging(args.verbose)
+    if not _rank_zero():  # rank 0 alone logs; the others say only their own errors
+        logging.getLogger("imgclf").setLevel(logging.ERROR)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command not in RANKED_COMMANDS:
+            _one_process(args.command)
         return handler(args)
+    except PeerError:  # another rank's error; that rank says it
+        return 2
     except ImgclfError as err:
         print(f"imgclf: error: {err}", file=sys.stderr)
         return 2
@@ -181,3 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf: error: {line}", file=sys.stderr)
         return 2
+
+
+def _rank_zero() -> bool:
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _one_process(command: str) -> None:
+    """Commands other than train and evaluate would repeat their work and writes on every rank."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return
+    message = (f"{command} runs on one process; start it without torchrun (only "
+               f"{' and '.join(RANKED_COMMANDS)} run on several)")
+    raise ConfigError(message) if _rank_zero() else PeerError(message)

@@ -30,7 +30,8 @@ AUTO_VIEWS = 5  # augmented views cached per image when a frozen backbone meets 
 class TrainConfig(_Section):
     PATH_FIELDS = ("init_from",)
     epochs: int = Field(30, ge=1, description="maximum number of epochs")
-    batch_size: int = Field(32, ge=1, description="images per batch")
+    batch_size: int = Field(32, ge=1, description="images per training step; with several processes the global "
+                            "batch, split evenly over them")
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "adadelta", "adagrad"] = Field(
         "adamw", description="optimizer")
     lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
@@ -59,6 +60,8 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")
     channels_last: bool | None = Field(None, description="channels-last memory format (default: on)")
     compile: bool = Field(False, description="torch.compile the model for training (slow start, faster epochs)")
+    sync_bn: bool = Field(False, description="several processes (torchrun, --nproc): BatchNorm statistics over the "
+                          "global batch, not each process's share (SyncBatchNorm; CUDA only)")
     freeze: str = Field("none", description="what trains: none (all), backbone (head only), last:N, regex:PAT")
     freeze_bn: bool = Field(False, description="keep BatchNorm layers frozen and in eval mode")
     backbone_lr_mult: float = Field(1.0, gt=0, le=10, description="backbone lr = lr x this (discriminative lr)")

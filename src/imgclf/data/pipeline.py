@@ -14,6 +14,7 @@ from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.datasets import AugmentedBatches, CachedImages, make_loader
 from imgclf.data.images import BadImage
 from imgclf.data.index import DatasetIndex
+from imgclf.data.samplers import ShardView
 from imgclf.data.transforms import BatchAugment, build_eval_transform
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
@@ -72,8 +73,8 @@ def train_loader(prepared: PreparedData, aug: AugmentConfig, preprocess: Preproc
                  workers: int | None = None) -> AugmentedBatches:
     """Shuffled training batches, augmented batch by batch on ``device``."""
     dataset = prepared.dataset("train", None)
-    # drop_last avoids a 1-image batch, which BatchNorm cannot train on.
-    drop_last = len(dataset) % batch_size == 1
+    # drop_last avoids a 1-image batch, which BatchNorm cannot train on (a rank's sampler: its own share).
+    drop_last = (len(sampler) if sampler is not None else len(dataset)) % batch_size == 1
     loader = make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator,
                          workers=workers, drop_last=drop_last)
     return AugmentedBatches(loader, BatchAugment(aug, preprocess.mean, preprocess.std), device)
@@ -83,3 +84,14 @@ def eval_loader(prepared: PreparedData, split: str, preprocess: Preprocess, batc
                 workers: int | None = None, shuffle: bool = False, generator: torch.Generator | None = None):
     dataset = prepared.dataset(split, build_eval_transform(preprocess.mean, preprocess.std))
     return make_loader(dataset, batch_size, shuffle=shuffle, generator=generator, workers=workers)
+
+
+def shard_loader(prepared: PreparedData, split: str, indices: np.ndarray, preprocess: Preprocess, batch_size: int,
+                 augment: AugmentConfig | None, device: torch.device, workers: int | None = None):
+    """Items ``indices`` of ``split``, in that order: augmented batch by batch on ``device`` (``augment``), or
+    as evaluation sees them. Positions are local to ``indices`` (``ShardView``)."""
+    if augment is None:
+        dataset = prepared.dataset(split, build_eval_transform(preprocess.mean, preprocess.std))
+        return make_loader(ShardView(dataset, indices), batch_size, workers=workers)
+    loader = make_loader(ShardView(prepared.dataset(split, None), indices), batch_size, workers=workers)
+    return AugmentedBatches(loader, BatchAugment(augment, preprocess.mean, preprocess.std), device)

@@ -138,6 +138,8 @@ def place_rows(pieces: list[tuple[np.ndarray, np.ndarray]], total: int) -> np.nd
     out = np.zeros((total, *template.shape[1:]), dtype=template.dtype)
     filled = np.zeros(total, dtype=bool)
     for idx, rows in pieces:
+        if not len(idx):  # a rank with an empty shard; its rows may not even have the others' width
+            continue
         idx, first = np.unique(idx, return_index=True)
         new = ~filled[idx]
         out[idx[new]] = rows[first[new]]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.logs import get_logger
+from imgclf.logs import get_logger, is_main_process
 from imgclf.models.checkpoint import save_weights
 
 log = get_logger("averaging")
@@ -45,7 +45,8 @@ class BestWeights:
 
 
 def average_if_better(model: nn.Module, bests: BestWeights, runner, meta: dict, weights_path: Path) -> bool:
-    """Load the average of ``bests`` into ``model`` and save it if validation is no worse; else keep the best."""
+    """Load the average of ``bests`` into ``model`` and save it if validation is no worse; else keep the best.
+    With several processes every rank validates (exactly, so all decide alike) and rank 0 saves."""
     monitor = runner.config.train.monitor
     sign = 1 if monitor.endswith("loss") else -1  # lower is better for a loss
     best_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -53,7 +54,9 @@ def average_if_better(model: nn.Module, bests: BestWeights, runner, meta: dict, 
     model.load_state_dict(bests.average())
     after = runner.validate()[monitor]
     if sign * after <= sign * before:
-        save_weights(model, weights_path, {**meta, "epoch": bests.epochs[-1], "averaged_epochs": bests.epochs})
+        if is_main_process():
+            save_weights(model, weights_path, {**meta, "epoch": bests.epochs[-1],
+                                               "averaged_epochs": bests.epochs})
         log.info("averaged the weights of epochs %s: %s %.4f (best epoch alone %.4f)", bests.epochs, monitor,
                  after, before)
         return True

@@ -1,7 +1,9 @@
 """The training loop: train_one_epoch, then evaluate, early-stop and checkpoint, epoch by epoch.
 
 ``fit`` knows nothing about files or datasets: validation and checkpointing come in as
-callables, so staged fine-tuning, k-fold CV and distributed runs reuse it unchanged.
+callables, so staged fine-tuning, k-fold CV and distributed runs reuse it unchanged. With several
+processes (``ctx``) each rank trains on its shard, the epoch's train loss and accuracy are gathered
+over every rank, and rank 0's row (hence every early-stopping and best-epoch decision) is broadcast.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgclf.config import TrainConfig
+from imgclf.data.samplers import set_sampler_epoch
 from imgclf.errors import ImgclfError
 from imgclf.evaluation.metrics import macro_scores
 from imgclf.models.freeze import param_groups, set_frozen_norms_eval
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute, get_logger, is_main_process
+from imgclf.training.distributed import DistContext, GradScaling, broadcast_decision, gather_objects, unwrap
 from imgclf.training.optim import build_optimizer, build_schedule, step_schedule
 
 log = get_logger("train")
@@ -58,7 +63,10 @@ class EarlyStopping:
 
 
 def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    compute: Compute, desc: str) -> dict[str, float]:
+                    compute: Compute, desc: str, scaling: GradScaling | None = None,
+                    ctx: DistContext | None = None) -> dict[str, float]:
+    """One pass over ``loader``; fp16 losses are scaled (``scaling``); the row counts every rank's images."""
+    scaling = scaling or GradScaling(compute.device, compute.precision)
     model.train()
     set_frozen_norms_eval(model)
     total_loss, correct, seen = 0.0, 0, 0
@@ -73,8 +81,8 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
             raise ImgclfError(f"training diverged: loss is {loss.item()} in {desc}; lower --lr "
                               f"(now {optimizer.param_groups[0]['lr']:g}) or check the images")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaling.backward(loss)  # fp32 and bf16: loss.backward() and optimizer.step(), exactly
+        scaling.step(optimizer)
         n = targets.shape[0]
         total_loss += loss.item() * n
         pred = objective.probabilities(logits.detach()).argmax(1)
@@ -83,8 +91,19 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
         truth.append(targets.cpu())
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    scores = macro_scores(torch.cat(truth).numpy(), torch.cat(decided).numpy(), objective.num_classes) \
-        if seen else {}
+    tally = (total_loss, correct, seen, torch.cat(truth).numpy() if truth else np.zeros(0, dtype=np.int64),
+             torch.cat(decided).numpy() if decided else np.zeros(0, dtype=np.int64))
+    return _epoch_row(gather_objects(ctx or DistContext(), tally), objective.num_classes)
+
+
+def _epoch_row(tallies: list[tuple], num_classes: int) -> dict[str, float]:
+    """The train columns of history.csv from every rank's (loss sum, correct, seen, truth, decided)."""
+    if len(tallies) == 1:
+        total_loss, correct, seen, truth, decided = tallies[0]
+    else:
+        total_loss, correct, seen = (sum(t[i] for t in tallies) for i in range(3))
+        truth, decided = (np.concatenate([t[i] for t in tallies]) for i in (3, 4))
+    scores = macro_scores(truth, decided, num_classes) if seen else {}
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             **{f"train_{name}": value for name, value in scores.items()}}
 
@@ -93,19 +112,23 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         validate: Callable[[], dict[str, float]] | None, on_best: Callable[[int], None],
         on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
         history: list[dict] | None = None, stage: str = "train",
-        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[dict]:
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+        ctx: DistContext | None = None) -> list[dict]:
     """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
 
     ``stopper`` carries the best value from earlier stages, so a stage only counts as better when it
     beats everything before it; ``history`` continues their epoch numbering. Without ``validate``
     every epoch counts as the best (the last weights are kept). ``checkpoint(state)`` receives the
     optimizer and schedule state after each epoch; ``resume`` is such a state to continue from.
+    ``model`` may be DDP-wrapped (``ctx``: several processes); the loader's sampler gets the epoch number.
     """
-    groups = param_groups(model, cfg.backbone_lr_mult)
+    ctx = ctx or DistContext()
+    groups = param_groups(unwrap(model), cfg.backbone_lr_mult)
     for group in groups:
         group["lr"] = cfg.lr * group.pop("lr_mult")
     optimizer = build_optimizer(groups, cfg)
     schedule = build_schedule(optimizer, cfg)
+    scaling = GradScaling(compute.device, compute.precision)
     stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
     stopper.patience, stopper.bad_epochs = cfg.effective_patience, 0
     history = history if history is not None else []
@@ -114,16 +137,20 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         optimizer.load_state_dict(resume["optimizer"])
         if schedule is not None:
             schedule.load_state_dict(resume["schedule"])
+        if resume.get("scaler"):
+            scaling.load_state_dict(resume["scaler"])
         stopper.bad_epochs, first = resume["bad_epochs"], resume["stage_epoch"] + 1
     for stage_epoch in range(first, cfg.epochs + 1):
         epoch = len(history) + 1
         start = time.perf_counter()
         desc = f"{stage} {stage_epoch}/{cfg.epochs}"
+        set_sampler_epoch(train_loader, epoch)  # several processes: a new seeded shuffle; one: no-op
         row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
-               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc),
+               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc, scaling, ctx),
                "train_seconds": round(time.perf_counter() - start, 3)}  # training alone: throughput
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)
+        row = broadcast_decision(ctx, row)  # rank 0's row and decisions on every rank: nobody stops alone
         monitored = row.get(cfg.monitor)
         if validate and monitored is None:
             raise ImgclfError(f"monitor {cfg.monitor!r} is not a validation metric; use one of "
@@ -138,6 +165,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         stop = bool(validate and cfg.early_stopping and stopper.should_stop)
         if checkpoint:
             checkpoint({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                        **({"scaler": scaling.state_dict()} if scaling.enabled else {}),
                         "stage_epoch": stage_epoch, "stage_done": stop or stage_epoch == cfg.epochs})
         if stop:
             if stage_epoch < cfg.epochs:  # stopping on the budget's last epoch is no early stop

@@ -6,7 +6,9 @@ at least one complete epoch directory, never a mix of epochs. Each holds:
 ``weights.safetensors``; ``best.safetensors`` + ``best.json`` (the best weights as of that epoch,
 since the live best file may be newer when the run dies); ``state.pt`` (optimizer and schedule
 state dicts and torch RNG states: tensors and numbers only, read with ``weights_only=True``); and
-``state.json`` (stage, epoch, early stopping, history, numpy/python RNG states).
+``state.json`` (stage, epoch, early stopping, history, numpy/python RNG states). A run of several
+processes adds ``ranks.pt``: every rank's RNG states (rank 0's are also those above), and
+``world_size`` in state.json, so each rank resumes its own augmentation and dropout streams.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from safetensors.torch import save_file
 
 from imgclf import atomic
 from imgclf.errors import RunDirError
+from imgclf.logs import get_logger
 from imgclf.models.checkpoint import load_weights
 
 STATE_DIR = "resume"
+RANKS_FILE = "ranks.pt"
+log = get_logger("resume")
 
 
 class _Stopper(BaseModel):
@@ -47,6 +52,7 @@ class ResumeInfo(BaseModel):
     stopper: _Stopper
     numpy_rng: tuple[str, list[int], int, int, float]
     python_rng: tuple[int, list[int], float | None]
+    world_size: int = Field(1, ge=1, le=1 << 20)  # processes that trained it (several: ranks.pt)
 
 
 def capture_rng(generator: torch.Generator) -> tuple[dict, dict]:
@@ -72,8 +78,9 @@ def restore_rng(generator: torch.Generator, tensors: dict, plain: dict) -> None:
 
 
 def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fit_state: dict, info: dict,
-               best_file: Path) -> None:
-    """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history."""
+               best_file: Path, rank_states: list[tuple[dict, dict]] | None = None) -> None:
+    """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history;
+    ``rank_states``: every rank's ``capture_rng`` when several processes train."""
     folder = out / STATE_DIR
     final, tmp = folder / f"epoch_{info['epoch']:05d}", folder / f".epoch_{info['epoch']:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,6 +92,9 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
         shutil.copyfile(best_file, tmp / "best.safetensors")
         shutil.copyfile(best_file.with_suffix(".json"), tmp / "best.json")
     torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
+    if rank_states:
+        torch.save([{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states], tmp / RANKS_FILE)
+        info = {**info, "world_size": len(rank_states)}
     (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
     for name in os.listdir(tmp):
         with open(tmp / name, "rb") as fh:
@@ -133,3 +143,40 @@ def restore_best_file(out: Path, best_file: Path) -> None:
         if source.exists():
             with atomic.atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
+
+
+def for_rank(out: Path, resume: tuple[dict, dict], rank: int, world_size: int,
+             generator: torch.Generator) -> tuple[dict, dict]:
+    """``load_state``'s answer with this rank's own RNG states in place of rank 0's.
+
+    A rank the saved run did not have (it resumes on more processes) keeps its freshly seeded streams.
+    """
+    tensors, info = resume
+    saved = info.get("world_size", 1)
+    if saved != world_size:
+        log.warning("warning: %s trained on %d process(es) and resumes on %d: from here on the batches and "
+                    "augmentation differ from an uninterrupted %d-process run", out, saved, world_size, saved)
+    if rank == 0:
+        return resume
+    states = _rank_states(latest_state(out)) if saved > 1 else []
+    if rank < len(states):
+        state = states[rank]
+        return ({**tensors, "torch_rng": state["torch_rng"], "data_rng": state["data_rng"]},
+                {**info, "numpy_rng": state["numpy_rng"], "python_rng": state["python_rng"]})
+    fresh_tensors, fresh_plain = capture_rng(generator)
+    return {**tensors, **fresh_tensors}, {**info, **fresh_plain}
+
+
+def _rank_states(folder: Path) -> list[dict]:
+    """ranks.pt, checked: a list of RNG-state dicts (the values are checked by ``restore_rng``)."""
+    path = folder / RANKS_FILE
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+        keys = ("torch_rng", "data_rng", "numpy_rng", "python_rng")
+        if not isinstance(states, list) or not all(isinstance(s, dict) and all(k in s for k in keys)
+                                                   for s in states):
+            raise ValueError("not a list of per-rank RNG states")
+    except Exception as err:
+        raise RunDirError(f"{path} is damaged or missing ({str(err).splitlines()[0][:120]}); start the run again") \
+            from None
+    return states

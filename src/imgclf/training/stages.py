@@ -7,13 +7,15 @@ counts as a new best when it beats every earlier stage, so with ``restore_best``
 never end below the head it started from; where a stage never beats the earlier ones, the log
 says so (a separate Keras training would keep that stage's own best). A stage whose backbone is
 frozen trains the head on cached features (of augmented views when augmentation is on), or
-uncached; the log says which.
+uncached; the log says which. With several processes (``ctx``) each stage wraps the model in DDP
+after its freeze, trains on per-rank shards of the global batch, extracts features shard by shard,
+validates exactly (``exact_probs``), and rank 0 alone writes the end-of-epoch state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +23,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from imgclf.config import Config, StageConfig, TrainConfig, one_line
-from imgclf.data.datasets import weighted_sampler
-from imgclf.data.pipeline import PreparedData, eval_loader, train_loader
+from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader, train_loader
 from imgclf.errors import ConfigError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import compute_metrics, validation_row
@@ -32,9 +33,11 @@ from imgclf.models.freeze import apply_freeze, backbone_is_frozen
 from imgclf.models.networks import Classifier, Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute
+from imgclf.training.ddp import rank_batch, shard_features, train_sampler
+from imgclf.training.distributed import DistContext, exact_probs, gather_objects, main_first, wrap
 from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
 from imgclf.training.fit import EarlyStopping, fit
-from imgclf.training.resume import restore_rng, save_state
+from imgclf.training.resume import capture_rng, restore_rng, save_state
 
 log = get_logger("stages")
 
@@ -102,6 +105,7 @@ class StageRunner:
     on_epoch: Callable[[list[dict]], None]
     out: Path | None = None  # where the end-of-epoch state goes (None: not resumable)
     best_file: Path | None = None  # the best-weights file that save_best writes
+    ctx: DistContext = field(default_factory=DistContext)  # one process unless torchrun started several
 
     def run(self, resume: tuple[dict, dict] | None = None) -> list[dict]:
         """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run."""
@@ -134,7 +138,7 @@ class StageRunner:
                 resume = None
             fit(model, self.objective, loader, cfg, self.compute, validate if has_val else None,
                 self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
-                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume)
+                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume, ctx=self.ctx)
             if has_val:
                 self._hand_on(name, cfg, stopper, best_before)
         return history
@@ -163,54 +167,92 @@ class StageRunner:
         return stopper
 
     def _checkpointer(self, stage_index: int, stopper: EarlyStopping, history: list[dict]):
-        if self.out is None or not is_main_process():
+        """Rank 0 saves the epoch's state (with every rank's RNG states when there are several)."""
+        if self.out is None or not (self.ctx.distributed or is_main_process()):
             return None
 
         def checkpoint(fit_state: dict) -> None:
             info = {"epoch": len(history), "stage_index": stage_index, "stage_epoch": fit_state.pop("stage_epoch"),
                     "stage_done": fit_state.pop("stage_done"), "history": history,
                     "stopper": {"best": stopper.best, "best_epoch": stopper.best_epoch, "bad": stopper.bad_epochs}}
-            save_state(self.out, self.model, self.generator, fit_state, info, self.best_file)
+            if not self.ctx.distributed:
+                save_state(self.out, self.model, self.generator, fit_state, info, self.best_file)
+                return
+            rank_states = gather_objects(self.ctx, capture_rng(self.generator))
+            with main_first(self.ctx):
+                if self.ctx.is_main:
+                    save_state(self.out, self.model, self.generator, fit_state, info, self.best_file, rank_states)
 
         return checkpoint
 
     def _images(self, cfg: TrainConfig):
         sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
-        loader = train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size, self.generator,
-                              self.compute.device, sampler, self.config.data.workers)
+        loader = train_loader(self.prepared, self.config.augment, self.preprocess, rank_batch(self.ctx, cfg.batch_size),
+                              self.generator, self.compute.device, sampler, self.config.data.workers)
         val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
-        # torch.compile wraps the same parameters: weights are still saved from the plain module.
-        model = torch.compile(self.model) if cfg.compile else self.model
+        pre = self.preprocess
+        model = self._trainable(self.model, cfg, lambda: self.compute.batch(torch.zeros(2, pre.channels, pre.size,
+                                                                                         pre.size)))
         return model, loader, self._validator(model, val)
+
+    def _trainable(self, model: nn.Module, cfg: TrainConfig, sample: Callable[[], torch.Tensor]) -> nn.Module:
+        """``model`` as this stage trains it: in DDP for several processes (built after the stage's freeze),
+        compiled with ``compile``; weights are still saved from the plain module."""
+        if self.ctx.distributed:
+            model = wrap(model, self.ctx, self.compute.device, cfg.sync_bn, sample())
+        return torch.compile(model) if cfg.compile else model
 
     def _cached(self, cfg: TrainConfig, views: int):
         """The head over features cached once: ``views`` augmented views per image, or the plain images."""
         backbone = self.model.backbone
-        train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
-                                     self.generator, self.compute.device, workers=self.config.data.workers)
-                        if views > 1
-                        else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
-                                         self.config.data.workers))
-        train_feats = extract_features(backbone, train_images, self.compute, views)
-        loader = feature_loader(train_feats, cfg.batch_size, shuffle=True, generator=self.generator,
-                                sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
+        if self.ctx.distributed:
+            train_feats = self._shard_features("train", views, cfg)
+        else:
+            train_images = (train_loader(self.prepared, self.config.augment, self.preprocess, cfg.batch_size,
+                                         self.generator, self.compute.device, workers=self.config.data.workers)
+                            if views > 1
+                            else eval_loader(self.prepared, "train", self.preprocess, cfg.batch_size,
+                                             self.config.data.workers))
+            train_feats = extract_features(backbone, train_images, self.compute, views)
+        loader = feature_loader(train_feats, rank_batch(self.ctx, cfg.batch_size), shuffle=True,
+                                generator=self.generator, sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
         head = HeadOnly(self.model.head)
+        if self.ctx.distributed:
+            sample = torch.zeros(2, *train_feats.tensors[0].shape[1:], device=self.compute.device)
+            head = wrap(head, self.ctx, self.compute.device, cfg.sync_bn, sample)
         validate = None
         if "val" in self.prepared.index.splits:
-            val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
-            val_feats = extract_features(backbone, val_images, self.compute)
+            if self.ctx.distributed:
+                val_feats = self._shard_features("val", 1, cfg)
+            else:
+                val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size,
+                                         self.config.data.workers)
+                val_feats = extract_features(backbone, val_images, self.compute)
             validate = self._validator(head, feature_loader(val_feats, cfg.batch_size, shuffle=False))
         return head, loader, validate
 
+    def _shard_features(self, split: str, views: int, cfg: TrainConfig):
+        """Several processes: each rank extracts its shard of ``split`` (augmented when ``views`` > 1), all get all."""
+        augment = self.config.augment if views > 1 else None
+
+        def loader(indices):
+            return shard_loader(self.prepared, split, indices, self.preprocess, cfg.batch_size, augment,
+                                self.compute.device, self.config.data.workers)
+
+        return shard_features(self.ctx, self.model.backbone, self.prepared.dataset(split), loader, self.compute,
+                              views, cfg.batch_size)
+
     def _sampler(self, targets, cfg: TrainConfig):
-        return weighted_sampler(targets, self.generator) if cfg.sampler == "weighted" else None
+        return train_sampler(self.ctx, targets, cfg.sampler == "weighted", self.config.train.seed, self.generator)
 
     def _validator(self, model: nn.Module, loader) -> Callable[[], dict[str, float]]:
         """Validation metrics for the loop, computed like the final report: from Predictions."""
         val = self.prepared.index.subset("val")
 
         def validate() -> dict[str, float]:
-            probs = predict_probs(model, self.objective, loader, self.compute)
+            probs = exact_probs(model, self.objective, loader.dataset, loader.batch_size, self.compute, self.ctx,
+                                workers=loader.num_workers) if self.ctx.distributed \
+                else predict_probs(model, self.objective, loader, self.compute)
             return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
                                                               probs), self.config.data.positive_class))
 

@@ -1,12 +1,17 @@
 """A run's life: check the config against the data, create (or reopen) the run directory, write
-its files; at the end evaluate, seal and report. Shared by every kind of training."""
+its files; at the end evaluate, seal and report. Shared by every kind of training.
+
+With several processes (torchrun) every rank joins, checks and decodes (the decode cache once per
+machine); rank 0 alone creates and writes the run directory and tells the others its path; at the
+end every rank predicts its shard of val and test and rank 0 writes the results.
+"""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from imgclf.config import Config, config_to_yaml
 from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
 from imgclf.data.pipeline import PreparedData, prepare, write_skipped
+from imgclf.data.samplers import rank_seed
 from imgclf.errors import ConfigError, DataError
 from imgclf.models.networks import (
     Preprocess,
@@ -32,8 +38,11 @@ from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.runs.saved_split import load_saved_split
 from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
+from imgclf.training.ddp import DistSettings, check_world, main_only, one_voice
+from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.stages import recipe_overrides, resolve_stages
 from imgclf.versions import library_versions
+from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
 
 log = get_logger("lifecycle")
@@ -60,6 +69,7 @@ class RunSetup:
     compute: Compute
     generator: torch.Generator
     init_weights: Path | None = None  # --init-from: the trained run's weights file, checked against this model
+    ctx: DistContext = field(default_factory=DistContext)  # this process's place among torchrun's ranks
 
     @property
     def index(self) -> DatasetIndex:
@@ -72,12 +82,37 @@ class RunSetup:
                 "preprocess": self.preprocess.to_dict(), "output_units": output_units(self.config.model, n)}
 
 
-def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
+def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext | None = None,
+              dist: DistSettings | None = None) -> RunSetup:
     """Check the config against the data, decode the images, and create (or reopen) the run directory.
 
     Everything that can be refused is refused before the run directory is made: model and device
-    settings first (no data read), then the data. A resume reads its saved split, never a new one.
+    settings first (no data read), then the world size (joining the other ranks), then the data. A
+    resume reads its saved split, never a new one. Errors every rank meets alike are said by rank 0.
     """
+    ctx, dist = ctx or DistContext(), dist or DistSettings()
+    compute, preprocess = one_voice(ctx, lambda: _check_settings(config))
+    if ctx.distributed:
+        compute = replace(compute, device=ctx.init(compute.device, dist.backend, dist.timeout_s))
+    else:
+        ctx.init(compute.device, dist.backend, dist.timeout_s)  # checks the flags; joins nobody
+    check_world(ctx, [cfg.batch_size for _, cfg in resolve_stages(config)], compute.device, config.train.sync_bn)
+    generator = seed_everything(rank_seed(config.train.seed, ctx.rank))  # rank 0 keeps the run's seed
+    index, warnings = one_voice(ctx, lambda: _dataset_index(config, resume_dir))
+    start = one_voice(ctx, lambda: init_weights(config, index.classes, preprocess)) if resume_dir is None else None
+    with local_main_first(ctx):  # one rank per machine decodes; the others then read its cache entry
+        prepared = one_voice(ctx, lambda: prepare(index, preprocess, config.data))
+    if resume_dir is None:
+        out = Path(main_only(ctx, lambda: str(_create_run(config, prepared, warnings))))
+        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+    else:
+        out = resume_dir
+    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
+    return RunSetup(config, out, prepared, preprocess, compute, generator, start, ctx)
+
+
+def _check_settings(config: Config) -> tuple[Compute, Preprocess]:
+    """Model, device and stage settings, checked before any data is read."""
     check_model_name(config.model.name)
     check_weights_file(config)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
@@ -86,18 +121,14 @@ def setup_run(config: Config, resume_dir: Path | None = None) -> RunSetup:
     preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
                                     config.data.interpolation)
     check_input_size(config.model, preprocess)  # before seeding: the probe model draws no seeded numbers
-    generator = seed_everything(config.train.seed)
-    index, warnings = _dataset_index(config, resume_dir)
-    start = init_weights(config, index.classes, preprocess) if resume_dir is None else None
-    prepared = prepare(index, preprocess, config.data)
-    if resume_dir is None:
-        out = _new_run_dir(config.out)
-        config = config.model_copy(update={"out": str(out), "versions": library_versions()})
-        _write_run_files(out, config, prepared, warnings)
-    else:
-        out = resume_dir
-    log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
-    return RunSetup(config, out, prepared, preprocess, compute, generator, start)
+    return compute, preprocess
+
+
+def _create_run(config: Config, prepared: PreparedData, warnings: list[str]) -> Path:
+    out = _new_run_dir(config.out)
+    config = config.model_copy(update={"out": str(out), "versions": library_versions()})
+    _write_run_files(out, config, prepared, warnings)
+    return out
 
 
 def _warn_recipe_overrides(config: Config) -> None:
@@ -133,11 +164,30 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
 def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
     """Evaluate val, choose the threshold on it, evaluate test once; write the summary, seal, report."""
     run = open_run(s.out)  # not load_run: the run is sealed only at the end of this function
+    if s.ctx.distributed:
+        return _finish_on_ranks(s, run, evaluate_test, best_epoch)
     if "val" in s.index.splits:
         # scored once, at the threshold chosen on it, before test is read
         run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
+    _conclude(s, run, best_epoch)
+    return run
+
+
+def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int | None) -> Run:
+    """``finish_run`` on several processes: every rank predicts its shards, rank 0 scores and writes."""
+    if "val" in s.index.splits:
+        val = exact_predictions(run, "val", s.prepared, s.ctx, s.compute)
+        main_only(s.ctx, lambda: run.choose_threshold(s.config.evaluate.threshold, val))
+    if evaluate_test and "test" in s.index.splits:
+        test = exact_predictions(run, "test", s.prepared, s.ctx, s.compute)
+        main_only(s.ctx, lambda: run.score(test, "test"))
+    main_only(s.ctx, lambda: _conclude(s, run, best_epoch))
+    return run
+
+
+def _conclude(s: RunSetup, run: Run, best_epoch: int | None) -> None:
     write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
     draw_evaluations(run, ("val", "test"))
     if is_main_process():
@@ -146,7 +196,6 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
     if s.config.evaluate.report and is_main_process():
         write_report(s.out)
     log.info("run written to %s", s.out)
-    return run
 
 
 

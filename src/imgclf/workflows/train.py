@@ -1,4 +1,9 @@
-"""``train(config) -> Run``: the one function behind ``imgclf train`` and ``imgclf demo``."""
+"""``train(config) -> Run``: the one function behind ``imgclf train`` and ``imgclf demo``.
+
+Under torchrun (``imgclf train --nproc N`` starts it) every rank calls ``train``: it joins the
+others, trains its shard of each global batch in DDP, and rank 0 writes the run. One process
+trains exactly as it always has.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import torch
 
 from imgclf.config import Config
+from imgclf.errors import ConfigError
 from imgclf.models.checkpoint import load_weights, save_weights
 from imgclf.models.networks import (
     build_model,
@@ -18,8 +24,10 @@ from imgclf.runs.base import Run, open_run
 from imgclf.runs.network import MODEL_FILE
 from imgclf.runtime import get_logger, is_main_process
 from imgclf.training.averaging import BestWeights, average_if_better
+from imgclf.training.ddp import DistSettings, broadcast_module, main_only, one_voice
+from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.fit import count
-from imgclf.training.resume import load_state, restore_best_file
+from imgclf.training.resume import for_rank, load_state, restore_best_file
 from imgclf.training.stages import StageRunner, resolve_stages
 from imgclf.workflows.classical import train_classical
 from imgclf.workflows.lifecycle import RunSetup, finish_run, naming_path, setup_run
@@ -29,37 +37,51 @@ log = get_logger("train")
 # What imgclf writes into a run directory: replaced when an unfinished run's --out is reused.
 
 
-def resume_training(run_dir: str | Path) -> Run:
+def resume_training(run_dir: str | Path, dist: DistSettings | None = None) -> Run:
     """Continue a killed ``train`` from its last completed epoch (``imgclf train --resume RUN``)."""
     run_dir = Path(run_dir)
     config = open_run(run_dir).config
-    return train(config, resume_dir=run_dir)
+    return train(config, resume_dir=run_dir, dist=dist)
 
 
 
 
-def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None) -> Run:
+def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None,
+          dist: DistSettings | None = None) -> Run:
     """Scan, split, decode, train with early stopping, then evaluate val and test once; return the Run.
 
     ``evaluate_test=False`` leaves the test split untouched (model selection: grid trials). A
     scikit-learn head (``model.head`` svm, logreg, knn, rf) is fitted on frozen backbone features.
+    ``dist``: how the ranks join when torchrun started several (RANK, WORLD_SIZE in the environment).
     """
+    ctx = DistContext.from_env()
     if config.model.head != "linear":
+        if ctx.distributed:
+            one_voice(ctx, lambda: _refuse_head(config.model.head))
         return train_classical(config, evaluate_test)
-    s = setup_run(config, resume_dir)
-    with naming_path(s.out):
-        return _fit_and_finish(s, evaluate_test, resume_dir)
+    try:
+        s = setup_run(config, resume_dir, ctx, dist)
+        with naming_path(s.out):
+            return _fit_and_finish(s, evaluate_test, resume_dir)
+    finally:
+        ctx.destroy()
+
+
+def _refuse_head(head: str) -> None:
+    raise ConfigError(f"--head {head} fits a scikit-learn model in one process; run it without torchrun or --nproc")
 
 
 def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -> Run:
-    config, out, index = s.config, s.out, s.index
+    config, out, index, ctx = s.config, s.out, s.index, s.ctx
     # A resumed run takes its weights from the saved state, an --init-from run from its source run:
     # no pretrained download first.
-    model = build_model(config.model, len(index.classes), s.preprocess,
-                        load_pretrained=resume_dir is None and s.init_weights is None)
+    with local_main_first(ctx):  # a download once per machine
+        model = one_voice(ctx, lambda: build_model(config.model, len(index.classes), s.preprocess,
+                                                   load_pretrained=resume_dir is None and s.init_weights is None))
     if resume_dir is None and s.init_weights is not None:
         load_weights(model, s.init_weights)
     model = s.compute.prepare(model)
+    broadcast_module(ctx, model)  # several processes: every rank starts from rank 0's weights
     objective = Objective(len(index.classes), sigmoid=s.meta["output_units"] == 1,
                           class_weights=_class_weights(config, index.subset("train").targets, index.classes),
                           label_smoothing=config.train.label_smoothing)
@@ -76,23 +98,33 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
 
 
     start = time.perf_counter()
+    def load_best() -> None:
+        ctx.barrier()  # rank 0 has written the file
+        load_weights(model, weights_path)
+
+    def on_epoch(history: list[dict]) -> None:
+        if ctx.is_main:
+            write_history(history, out / "history.csv")
+
     runner = StageRunner(model, objective, s.prepared, config, s.preprocess, s.compute, s.generator, save_best,
-                         load_best=lambda: load_weights(model, weights_path),
-                         on_epoch=lambda h: write_history(h, out / "history.csv"), out=out,
-                         best_file=weights_path)
+                         load_best=load_best, on_epoch=on_epoch, out=out, best_file=weights_path, ctx=ctx)
     resume = None
     if resume_dir is not None:
-        resume = load_state(out, model)
-        restore_best_file(out, weights_path)
+        resume = for_rank(out, load_state(out, model), ctx.rank, ctx.world_size, s.generator)
+        main_only(ctx, lambda: restore_best_file(out, weights_path))
         best["epoch"] = resume[1]["stopper"]["best_epoch"]
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)
     log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
-    if not keep_best:
-        save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
-    elif len(recent_bests) > 1 and is_main_process():
+    if keep_best and len(recent_bests) > 1:  # every rank validates; rank 0 saves
         average_if_better(model, recent_bests, runner, s.meta, weights_path)
-    plot_curves(history, out / "plots" / "curves.png", best["epoch"])
+
+    def write_final() -> None:
+        if not keep_best:
+            save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
+        plot_curves(history, out / "plots" / "curves.png", best["epoch"])
+
+    main_only(ctx, write_final)
     return finish_run(s, evaluate_test, best["epoch"])
 
 
