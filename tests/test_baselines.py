@@ -12,7 +12,6 @@ from imgclf.workflows.baselines import (
     MAJORITY_NAME,
     PROBE_NAME,
     baseline_rows,
-    beaten_by,
     majority_row,
     write_baselines,
 )
@@ -66,7 +65,6 @@ def test_baselines_live_beside_the_splits_of_metrics_json(tmp_path):
     write_baselines(tmp_path, rows)
     assert read_metrics(tmp_path / "metrics.json") == {"val": {"n": 4, "accuracy": 0.5, "f1_macro": 0.4}}
     assert read_baselines(tmp_path / "metrics.json") == rows
-    assert beaten_by(read_metrics(tmp_path / "metrics.json"), rows) == [MAJORITY_NAME]  # 0.4 does not beat 0.5
 
 
 @pytest.mark.parametrize("tampered", [[{"name": "x", "role": "oracle"}], {"not": "a list"},

@@ -124,11 +124,3 @@ def write_baselines(run_dir, rows: list[dict]) -> None:
     path = run_dir / "metrics.json"
     data = read_json(path) if path.exists() else {}
     atomic.write_json(path, {**data, BASELINES_KEY: rows})
-
-
-def beaten_by(metrics: dict, rows: list[dict], metric: str = "f1_macro") -> list[str]:
-    """Names of the baselines whose val ``metric`` is at least the run's: the run does not beat them."""
-    own = metrics.get("val", {}).get(metric)
-    if own is None:
-        return []
-    return [r["name"] for r in rows if r.get("val", {}).get(metric) is not None and r["val"][metric] >= own]

@@ -1,0 +1,86 @@
+"""The default `imgclf train DATA` against each of its candidates alone, on real offline image sets.
+
+For each set (benchmarks/realsets.py) it prints, in one run: the default (candidates chosen on
+validation within the budget), each candidate trained alone, and the linear baseline, with test
+macro-F1, test accuracy and wall time. Targets on a 2-core CPU: the default within 1 point of
+macro-F1 of the best single candidate on every set, never below the linear baseline, and at most
+120 s for a few hundred images.
+
+    python benchmarks/default_recipe.py [--sets fashion,textures,faces] [--seeds 0] [--only-candidates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import realsets
+
+import imgclf
+from imgclf.workflows.candidates import CANDIDATES, candidate_config
+
+
+def run_alone(data: Path, out: Path, name: str, seed: int) -> dict:
+    base = imgclf.build_config({"data": {"path": str(data)}, "train": {"seed": seed}, "out": str(out),
+                                "evaluate": {"report": False, "baseline": False}})
+    start = time.perf_counter()
+    run = imgclf.train(candidate_config(base, name, out))
+    return {"seconds": time.perf_counter() - start, **_scores(run.metrics)}
+
+
+def run_default(data: Path, out: Path, seed: int, budget: float) -> dict:
+    base = imgclf.build_config({"data": {"path": str(data)}, "train": {"seed": seed}, "out": str(out),
+                                "evaluate": {"report": False}})
+    start = time.perf_counter()
+    run = imgclf.train_auto(base, budget)
+    return {"seconds": time.perf_counter() - start, **_scores(run.metrics), "chosen": run.config.model.name}
+
+
+def _scores(metrics: dict) -> dict:
+    return {f"{split}_{m}": metrics.get(split, {}).get(m, float("nan")) for split in ("val", "test")
+            for m in ("f1_macro", "accuracy")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="fashion,textures,faces")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--budget", type=float, default=120.0)
+    parser.add_argument("--only-candidates", action="store_true", help="skip the default (auto) rows")
+    args = parser.parse_args()
+    logging.getLogger("imgclf").setLevel(logging.WARNING)
+    print(f"{os.cpu_count()} CPU cores; test macro-F1 / test accuracy / seconds (val macro-F1 chooses)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp / "cache"))
+        for set_name in args.sets.split(","):
+            data = realsets.SETS[set_name](tmp / set_name)
+            for seed in (int(s) for s in args.seeds.split(",")):
+                rows = {name: run_alone(data, tmp / f"{set_name}-{seed}-{i}", name, seed)
+                        for i, name in enumerate(CANDIDATES)}
+                if not args.only_candidates:
+                    rows["default (auto)"] = run_default(data, tmp / f"{set_name}-{seed}-auto", seed, args.budget)
+                _print(set_name, seed, rows)
+
+
+def _print(set_name: str, seed: int, rows: dict) -> None:
+    print(f"\n{set_name}, seed {seed}")
+    best = max(r["test_f1_macro"] for name, r in rows.items() if name in CANDIDATES)
+    for name, r in rows.items():
+        chosen = f"  chose {r['chosen']}" if "chosen" in r else ""
+        print(f"  {name:<34} test F1 {r['test_f1_macro']:.3f}  acc {r['test_accuracy']:.3f}  "
+              f"val F1 {r['val_f1_macro']:.3f}  {r['seconds']:6.1f} s{chosen}")
+    if "default (auto)" in rows:
+        gap = best - rows["default (auto)"]["test_f1_macro"]
+        print(f"  default vs best single candidate: {-gap:+.3f} macro-F1 (target >= -0.010)")
+
+
+if __name__ == "__main__":
+    main()
