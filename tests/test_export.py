@@ -3,7 +3,10 @@
 import csv
 import hashlib
 import json
+import re
 import shutil
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,18 +21,20 @@ from imgclf.cli import main
 from imgclf.data.images import load_image
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
+from imgclf.evaluation.predictions import Predictions
 from imgclf.models.networks import Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.serving import parity
 from imgclf.serving.engine import OnnxEngine, predict_with_onnx
 from imgclf.serving.export import export_run, to_onnx
-from imgclf.serving.graph import CPU_FP32, InputSpec, NetworkGraph, array_loader
+from imgclf.serving.graph import CPU_FP32, InputSpec, NetworkGraph, array_loader, engine_probs, input_spec
 from imgclf.workflows.ensemble import create_ensemble
 
 from conftest import tiny_config
 from imagefactory import make_class_folders
 
+ROOT = Path(__file__).resolve().parent.parent
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
@@ -106,6 +111,30 @@ def test_predict_engine_onnx_writes_the_torch_engines_csv(gray_binary, tmp_path,
     assert main(["predict", str(gray_binary.path), str(folder), "--out", str(tmp_path / "x.csv"),
                  "--engine", "onnx", "--tta", "flip"]) == 2
     assert "computes test-time augmentation 'none'" in capsys.readouterr().err
+
+
+def test_evaluation_predict_and_the_parity_gate_decode_alike(gray_binary):
+    """One resize (load_image) behind the cached evaluation, predict and the export's parity images:
+    the torch engine answers the same for a validation image whichever way it came in."""
+    root = gray_binary.index().root
+    evaluated = Predictions.from_csv(gray_binary.path / "predictions_val.csv")  # training's final evaluation
+    predicted = gray_binary.predict([root / p for p in evaluated.paths])
+    np.testing.assert_allclose(predicted.probs, evaluated.probs, rtol=0, atol=1e-6)
+    images, source = parity.parity_images(gray_binary, input_spec(gray_binary))
+    assert source["split"] == "val" and source["run_images"] == len(evaluated.paths)
+    np.testing.assert_allclose(engine_probs(gray_binary, images[:len(evaluated.paths)]), evaluated.probs,
+                               rtol=0, atol=1e-6)
+
+
+def test_the_export_and_serve_extras_are_in_dev():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[;\s]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert names(extras["export"]) == {"onnx", "onnxruntime", "onnxscript"}
+    assert names(extras["serve"]) == {"fastapi", "uvicorn", "python-multipart"}
+    assert names(extras["export"]) | names(extras["serve"]) <= names(extras["dev"])
 
 
 def test_python_predict_with_onnx_writes_the_same_csv_as_run_predict(gray_binary, tmp_path):

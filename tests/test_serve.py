@@ -26,9 +26,13 @@ import imgclf
 from clitools import assert_clean_error
 from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
+from imgclf.errors import ConfigError
+from imgclf.runs.base import load_run
+from imgclf.serving import server as server_module
+from imgclf.serving import service as service_module
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
-from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket
+from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket, serve
 from imgclf.serving.service import Service
 
 from conftest import tiny_config
@@ -114,6 +118,48 @@ def test_readyz_is_503_until_the_model_is_loaded(binary_run):
         release.set()
         wait_until_ready(client.get)
         assert client.get("/readyz").json()["engine"] == "torch"
+
+
+def test_without_an_export_the_torch_engine_is_loaded_once_and_warmed_up(binary_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(binary_run.path, copy, ignore=shutil.ignore_patterns("export"))
+    opened, batches = [], []
+    real_open = service_module.open_engine
+
+    def counting_open(*args, **kwargs):
+        engine = real_open(*args, **kwargs)
+        real_predict = engine.predict
+        engine.predict = lambda images: (batches.append(len(images)), real_predict(images))[1]
+        opened.append(engine.name)
+        return engine
+
+    monkeypatch.setattr(service_module, "open_engine", counting_open)
+    with client_for(load_run(copy)) as client:  # --engine auto
+        assert client.get("/readyz").json() == {"status": "ready", "engine": "torch"}
+        assert batches == [1]  # the warm-up image, before the first request
+        for _ in range(2):
+            assert client.post("/v1/predict", files={"file": ("a.png", png_bytes())}).status_code == 200
+    assert opened == ["torch"] and batches == [1, 1, 1]
+
+
+def test_serve_warns_before_listening_beyond_this_machine_without_a_token(binary_run, monkeypatch):
+    """serve() itself, stopped where it would bind (nothing listens on 0.0.0.0 in a test)."""
+    def stop(host, port):
+        raise ConfigError(f"stopped before listening on {host}:{port}")
+
+    monkeypatch.setattr(server_module, "listening_socket", stop)
+    logger, collect = logging.getLogger("imgclf.serve"), Collect()
+    logger.addHandler(collect)
+    try:
+        for token in (None, TOKEN):
+            with pytest.raises(ConfigError, match="stopped before listening on 0.0.0.0:8000"):
+                serve(binary_run, ServeOptions(host="0.0.0.0", token=token))
+        with pytest.raises(ConfigError, match="stopped before listening on 127.0.0.1:8000"):
+            serve(binary_run, ServeOptions())  # the default binds this machine only
+    finally:
+        logger.removeHandler(collect)
+    assert [line for line in collect.lines if "without --token" in line] == [exposure_warning(
+        ServeOptions(host="0.0.0.0"))]
 
 
 @pytest.mark.parametrize("engine", ["onnx", "torch"])
@@ -376,6 +422,9 @@ def test_the_page_classifies_a_dropped_image_in_chromium(live_server, binary_run
             _drop(page, image.name, image.read_bytes())
             page.wait_for_selector(".card .label", timeout=10_000)
             assert page.inner_text(".card .label") == expected
+            assert page.locator(".card img[alt^='preview of']").count() == 1  # the dropped image itself
+            assert page.locator(".card .bar").count() == 2  # top-k bars (k = 2 classes)
+            assert page.locator(".card img.gradcam").get_attribute("src").startswith("data:image/png;base64,")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             _drop(page, "huge.png", os.urandom(1_500_000))  # over the server's 1 MB
             page.wait_for_selector("#error", state="visible", timeout=10_000)
