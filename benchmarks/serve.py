@@ -5,10 +5,10 @@ weights) and exported. Each engine is then served by a real uvicorn on a free po
 and a client posts one 640x480 JPEG per request to /v1/predict:
 - single: one client, requests one after another;
 - 8 clients: eight concurrent clients (one asyncio httpx client), each sending one after another.
-It prints p50/p95 latency (ms) and images per second for each. Engines: ``onnx`` (the export, fp32),
-``torch`` (the run as trained: bf16 autocast where the CPU has it) and ``torch-fp32`` (a twin run
-trained with --precision fp32, the eager baseline at the export's precision). The server is
-``imgclf serve`` in its own process; the client shares the machine's cores with it.
+It prints p50/p95 latency (ms) and images per second for each. Engines: ``onnx`` (the export) and
+``torch`` (the run's own model, eager). The run trains with ``--precision auto`` (bf16 autocast on a
+CPU that has it); both engines predict in fp32, as every saved prediction of a run does. The server
+is ``imgclf serve`` in its own process; the client shares the machine's cores with it.
 
     python benchmarks/serve.py [--models simple_cnn,efficientnet_b0] [--requests 240] [--rounds 3]
 """
@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 import imgclf
+from imgclf.runtime import resolve_precision
 from imgclf.serving.export import export_run
 
 SETTINGS = {"simple_cnn": {"size": 128, "model": {"conv_filters": [32, 64, 128], "dense_layers": [256]}},
@@ -133,11 +134,10 @@ async def measure(url: str, image: bytes, clients: int, requests: int, tally: Ta
 def bench_model(name: str, data: Path, out: Path, image: bytes, requests: int, rounds: int) -> list[tuple]:
     """Every engine setting of one model, all servers up at once and measured in turns, round after round,
     so load from elsewhere on the machine falls on every setting alike."""
-    run, twin = train(data, out / name, name, "auto"), train(data, out / f"{name}-fp32", name, "fp32")
+    run = train(data, out / name, name, "auto")
     export_run(run)
-    settings = [(f"{label} ({'fp32' if engine == 'onnx' else target.compute.precision})", target, engine)
-                for label, target, engine in (("onnx", run, "onnx"), ("torch", run, "torch"),
-                                              ("torch-fp32", twin, "torch"))]
+    trained = resolve_precision(run.config.train.precision, run.compute.device)
+    settings = [(f"{engine} (fp32; trained {trained})", run, engine) for engine in ("onnx", "torch")]
     tallies = [(Tally(), Tally()) for _ in settings]
     with contextlib.ExitStack() as stack:
         urls = []
