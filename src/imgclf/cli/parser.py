@@ -30,7 +30,7 @@ from imgclf.cli.serving import add_serving_parsers
 from imgclf.cli.usage import CommandParser, parse
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import setup_logging
-from imgclf.training.ddp import PeerError
+from imgclf.training.ddp import PeerError, lost_peer
 from imgclf.training.distributed import BACKENDS, DEFAULT_TIMEOUT_S
 from imgclf.versions import version
 
@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # under torchrun: another rank died or hung; torchrun ends the job and says which
+        if not lost_peer(err):
+            raise
+        print(f"imgclf: rank {os.environ.get('RANK')} stopped: it lost contact with another rank "
+              f"({' '.join(str(err).split())[:160]})", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `imgclf model-info X | head`: the reader left, not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0

@@ -6,6 +6,7 @@ without torchrun trains exactly as it always has.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,6 +44,16 @@ class DistSettings:
 
 class PeerError(ImgclfError):
     """Another rank's error, mirrored so this rank stops too; the CLI leaves the saying to that rank."""
+
+
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "NCCL", "Broken pipe")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died or hung (several processes only)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return False
+    return isinstance(err, dist.DistError) or any(sign in str(err) for sign in PEER_SIGNS)
 
 
 def one_voice(ctx: DistContext, check: Callable[[], T]) -> T:
@@ -90,10 +101,10 @@ def check_world(ctx: DistContext, batch_sizes: list[int], device: torch.device, 
     one_voice(ctx, check)
     if sync_bn and not ctx.distributed:
         log.warning("warning: --sync-bn has no effect with one process; its BatchNorm already sees the whole batch")
-    if ctx.distributed:
-        log.info("%d processes (%s): every --batch-size is the global batch, %s per process", ctx.world_size,
-                 dist.get_backend() if dist.is_initialized() else "not joined",
-                 ", ".join(str(per_rank_batch(b, ctx.world_size)) for b in batch_sizes))
+
+
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_initialized() else "not joined"
 
 
 def broadcast_module(ctx: DistContext, model: nn.Module) -> None:

@@ -125,8 +125,9 @@ class StageRunner:
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             views, how = cache_plan(cfg, self.config.augment) if backbone_is_frozen(self.model) else (None, "")
-            log.info("stage %s: freeze=%s, %s trainable parameters, batch size %d%s", name, cfg.freeze,
-                     f"{trainable:,}", cfg.batch_size, f"; {how}" if how else "")
+            share = f" ({rank_batch(self.ctx, cfg.batch_size)} per process)" if self.ctx.distributed else ""
+            log.info("stage %s: freeze=%s, %s trainable parameters, batch size %d%s%s", name, cfg.freeze,
+                     f"{trainable:,}", cfg.batch_size, share, f"; {how}" if how else "")
             stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
             model, loader, validate = self._cached(cfg, views) if views else self._images(cfg)
             best_before = stopper.best_epoch

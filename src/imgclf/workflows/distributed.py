@@ -13,6 +13,7 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
@@ -24,27 +25,29 @@ from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import load_run
-from imgclf.runs.network import NetworkRun
-from imgclf.runtime import Compute
+from imgclf.runs.network import NetworkRun, exact_fp32
 from imgclf.training.ddp import DistSettings, main_only, one_voice
 from imgclf.training.distributed import DistContext, exact_probs, local_main_first
 
 log = get_logger("distributed")
 
 
-def exact_predictions(run: NetworkRun, split: str, prepared: PreparedData, ctx: DistContext, compute: Compute,
-                      tta: str | None = None) -> Predictions:
-    """``run.probabilities(split)`` with every rank predicting its unpadded shard; every rank gets them all.
+def exact_predictions(run: NetworkRun, split: str, prepared: PreparedData, ctx: DistContext,
+                      device: torch.device, tta: str | None = None) -> Predictions:
+    """``run.probabilities(split)`` with every rank predicting its unpadded shard on ``device``; all get all.
 
-    The same batches as one process (the run's batch size, in dataset order), so the same digits.
+    The same batches as one process (the run's batch size, in dataset order) and the run's own
+    prediction settings (fp32), so the same digits.
     """
     if split not in prepared.index.splits:
         raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
     pre = run.preprocess
     dataset = prepared.dataset(split, build_eval_transform(pre.mean, pre.std))
-    model = run.model.to(compute.device)
-    probs = exact_probs(model, run.objective, dataset, run.config.train.batch_size, compute, ctx,
-                        tta or run.config.evaluate.tta, run.config.data.workers)
+    compute = replace(run.compute, device=device)
+    model = run.model.to(device)
+    with exact_fp32(device):
+        probs = exact_probs(model, run.objective, dataset, run.config.train.batch_size, compute, ctx,
+                            tta or run.config.evaluate.tta, run.config.data.workers)
     subset = prepared.index.subset(split)
     return Predictions(list(subset.paths), run.classes, subset.targets, probs)
 
@@ -60,17 +63,17 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
         run = one_voice(ctx, lambda: load_run(run_dir))
         if not isinstance(run, NetworkRun):
             one_voice(ctx, _refuse_kind)
-        compute = replace(run.compute, device=ctx.init(run.compute.device, dist.backend, dist.timeout_s))
+        device = ctx.init(run.compute.device, dist.backend, dist.timeout_s)
         with local_main_first(ctx):
             prepared = one_voice(ctx, lambda: prepare(run.index(data_root), run.preprocess, run.config.data))
         chosen = None
         if threshold:
-            val = exact_predictions(run, "val", prepared, ctx, compute, tta)
+            val = exact_predictions(run, "val", prepared, ctx, device, tta)
             chosen = main_only(ctx, lambda: run.choose_threshold(threshold, val))
         if threshold and split == "val":
             metrics = main_only(ctx, lambda: run.metrics["val"])
         else:
-            preds = exact_predictions(run, split, prepared, ctx, compute, tta)
+            preds = exact_predictions(run, split, prepared, ctx, device, tta)
             metrics = main_only(ctx, lambda: run.score(preds, split))
         main_only(ctx, lambda: _draw_and_report(run, {"val", split} if threshold else {split}))
         return run, chosen, metrics
@@ -104,9 +107,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode
+        # a signal first, and another than the SIGTERM with which torchrun stops the others
+        killed = sorted((failure.exitcode == -signal.SIGTERM, rank) for rank, failure in err.failures.items()
+                        if failure.exitcode < 0)
+        if not killed:
+            return err.get_first_failure()[1].exitcode
+        rank = killed[0][1]
+        failure = err.failures[rank]
         raise ImgclfError(f"rank {rank} of {nproc} (pid {failure.pid}) was killed by "
                           f"{_signal_name(-failure.exitcode)}, so torchrun stopped the others; continue from the "
                           "last complete epoch with imgclf train --resume RUN") from None

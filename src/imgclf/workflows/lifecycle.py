@@ -38,7 +38,7 @@ from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.runs.saved_split import load_saved_split
 from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
-from imgclf.training.ddp import DistSettings, check_world, main_only, one_voice
+from imgclf.training.ddp import DistSettings, backend_name, check_world, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.stages import recipe_overrides, resolve_stages
 from imgclf.versions import library_versions
@@ -92,11 +92,12 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     """
     ctx, dist = ctx or DistContext(), dist or DistSettings()
     compute, preprocess = one_voice(ctx, lambda: _check_settings(config))
-    if ctx.distributed:
+    check_world(ctx, [cfg.batch_size for _, cfg in resolve_stages(config)], compute.device, config.train.sync_bn)
+    if ctx.distributed:  # after the checks that need no other rank: a wrong setting never waits for peers
         compute = replace(compute, device=ctx.init(compute.device, dist.backend, dist.timeout_s))
+        log.info("%d processes (%s): the global batch is split evenly over them", ctx.world_size, backend_name())
     else:
         ctx.init(compute.device, dist.backend, dist.timeout_s)  # checks the flags; joins nobody
-    check_world(ctx, [cfg.batch_size for _, cfg in resolve_stages(config)], compute.device, config.train.sync_bn)
     generator = seed_everything(rank_seed(config.train.seed, ctx.rank))  # rank 0 keeps the run's seed
     index, warnings = one_voice(ctx, lambda: _dataset_index(config, resume_dir))
     start = one_voice(ctx, lambda: init_weights(config, index.classes, preprocess)) if resume_dir is None else None
@@ -178,10 +179,10 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
 def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int | None) -> Run:
     """``finish_run`` on several processes: every rank predicts its shards, rank 0 scores and writes."""
     if "val" in s.index.splits:
-        val = exact_predictions(run, "val", s.prepared, s.ctx, s.compute)
+        val = exact_predictions(run, "val", s.prepared, s.ctx, s.compute.device)
         main_only(s.ctx, lambda: run.choose_threshold(s.config.evaluate.threshold, val))
     if evaluate_test and "test" in s.index.splits:
-        test = exact_predictions(run, "test", s.prepared, s.ctx, s.compute)
+        test = exact_predictions(run, "test", s.prepared, s.ctx, s.compute.device)
         main_only(s.ctx, lambda: run.score(test, "test"))
     main_only(s.ctx, lambda: _conclude(s, run, best_epoch))
     return run
