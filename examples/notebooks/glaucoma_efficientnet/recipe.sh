@@ -30,5 +30,8 @@ model2="$(best_trial "$out/model2_grid")"
 imgclf train "$data" --config "$here/model3.yaml" --init-from "$model2" --out "$out/model3" "$@"
 
 # notebook: Fold0..Fold9 of the final chain, then pd.DataFrame(results).describe() (time included)
-cat "$out/model1_grid/best.json" "$out/model2_grid/best.json"  # the winners chain_cv.yaml's stages should hold
+for grid in model1_grid model2_grid; do  # the winners, which chain_cv.yaml's stages should hold
+  python3 -c 'import json, sys; print(sys.argv[1], "winner:", json.load(open(sys.argv[2]))["params"])' \
+    "$grid" "$out/$grid/best.json"
+done
 imgclf cv "$folds" --config "$here/chain_cv.yaml" --out "$out/cv" "$@"
