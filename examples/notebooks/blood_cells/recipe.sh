@@ -22,7 +22,8 @@ best_cnn="$out/cnn_optimizers/trials/$(python3 -c 'import json, sys; print(json.
 imgclf ensemble "${cnns[@]}" --method soft --out "$out/cnn_ensemble"
 
 # notebook: features = Model(cnn.input, cnn.layers[-2].output).predict(...); SVC().fit(features, labels)
-# (imgclf: standardises the features and picks C among 0.1, 1, 10 on validation; the notebook's SVC() is C=1)
+# not yet expressible: SVC() with C=1 on raw features (imgclf standardises them and picks C among 0.1, 1, 10
+# on validation)
 imgclf train "$data" --config "$here/cnn.yaml" --head svm --init-from "$best_cnn" --out "$out/cnn_svm" "$@"
 
 # notebook: the hybrid CNN trained, then its 100-unit dense layer's output fed to an SVC
