@@ -1,18 +1,29 @@
-"""Memory and time as the dataset grows: one training epoch at N = 2.5k, 5k, 10k, 20k images.
+"""Scaling: memory and time as the dataset grows, and training speed as processes are added.
 
-Memory should be O(batch): the decoded images live in a memory-mapped cache file, so private
-(anonymous) memory stays flat while N grows 8x; the mapped file's pages show up as file-backed
-RSS, which the OS can drop under pressure. Epoch time should grow linearly with N.
-Each size runs in a fresh process, so peaks do not carry over.
+Memory and time (default): one training epoch at N = 2.5k, 5k, 10k, 20k images. Memory should be
+O(batch): the decoded images live in a memory-mapped cache file, so private (anonymous) memory
+stays flat while N grows 8x; the mapped file's pages show up as file-backed RSS, which the OS can
+drop under pressure. Epoch time should grow linearly with N. Each size runs in a fresh process,
+so peaks do not carry over.
+
+Processes (``--processes 1,2``): the same training (global batch 64, so the same steps per
+epoch) on 1 process, then through ``imgclf train --nproc P``; training images per second from
+history.csv's ``train_seconds`` (the epoch's training alone, rank 0), median over the epochs after
+the first, best of ``--rounds`` interleaved rounds; scaling efficiency = (speed at P / speed at 1) / P.
+On the CPU the P processes share the same cores (``--nproc`` gives each cores / P threads); with
+``--device cuda`` each process drives one GPU.
 
     python benchmarks/scaling.py [--sizes 2500,5000,10000,20000] [--px 64]
+    python benchmarks/scaling.py --processes 1,2 [--images 2000] [--px 64] [--device cpu] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,14 +86,53 @@ def child(data: str, n: int, px: int, cache: str) -> None:
     print(json.dumps({"n": n, "epoch_seconds": seconds, **peaks}))
 
 
+def train_speed(data: Path, processes: int, px: int, device: str, epochs: int, out: Path, cache: Path) -> float:
+    """Training images per second of one ``imgclf train`` on ``processes`` processes."""
+    command = [sys.executable, "-m", "imgclf", "train", str(data), "--image-size", str(px), "--channels", "1",
+               "--model", "simple_cnn", "--conv-filters", "16,32,64", "--augment", "light", "--epochs", str(epochs),
+               "--batch-size", "64", "--no-early-stopping", "--no-restore-best", "--no-report", "--bootstrap", "0",
+               "--val-fraction", "0.05", "--test-fraction", "0.05", "--device", device, "--out", str(out)]
+    if processes > 1:
+        command += ["--nproc", str(processes)]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "IMGCLF_CACHE_DIR": str(cache)})
+    train_images = sum(json.loads((out / "dataset.json").read_text())["counts"]["train"].values())
+    with open(out / "history.csv", encoding="utf-8") as fh:
+        seconds = [float(row["train_seconds"]) for row in csv.DictReader(fh)][1:]  # the first epoch warms up
+    return train_images / statistics.median(seconds)
+
+
+def process_scaling(counts: list[int], n: int, px: int, device: str, rounds: int, epochs: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_pngs(tmp / "data", n, px)
+        speeds: dict[int, list[float]] = {p: [] for p in counts}
+        for r in range(rounds):  # interleaved, so a busy moment on a shared machine hits every count
+            for p in counts:
+                speeds[p].append(train_speed(data, p, px, device, epochs, tmp / f"run_{r}_{p}", tmp / "cache"))
+    base = max(speeds[counts[0]]) / counts[0]
+    print(f"{'processes':>9} {'images/s':>9} {'speed-up':>9} {'efficiency':>10}   ({n} images, {px} px, {device})")
+    for p in counts:
+        best = max(speeds[p])
+        print(f"{p:>9} {best:>9.0f} {best / base:>9.2f} {best / base / p:>10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2500,5000,10000,20000", help="dataset sizes")
     parser.add_argument("--px", type=int, default=64, help="image size")
+    parser.add_argument("--processes", help="process counts to compare, e.g. 1,2 (CPU) or 1,2,4,8 (GPUs)")
+    parser.add_argument("--images", type=int, default=2000, help="--processes: dataset size")
+    parser.add_argument("--device", default="cpu", help="--processes: cpu, or cuda (one GPU per process)")
+    parser.add_argument("--rounds", type=int, default=2, help="--processes: interleaved rounds, best kept")
+    parser.add_argument("--epochs", type=int, default=3, help="--processes: epochs per training (>= 2)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
+        return
+    if args.processes:
+        process_scaling([int(p) for p in args.processes.split(",")], args.images, args.px, args.device,
+                        args.rounds, max(2, args.epochs))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

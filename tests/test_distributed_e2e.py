@@ -292,7 +292,6 @@ def _as_rank(rank: int, world: int, port: int | None = None) -> dict:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free)}
 
 
-@pytest.mark.slow
 def test_a_rank_whose_peers_never_join_ends_within_the_dist_timeout_with_one_line(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=4)
     result = imgclf("train", data, *TINY, "--batch-size", "4", "--dist-timeout", "3", "--out", tmp_path / "run",
@@ -301,6 +300,7 @@ def test_a_rank_whose_peers_never_join_ends_within_the_dist_timeout_with_one_lin
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_batch_the_world_size_cannot_split_is_refused_before_joining_or_any_run_dir(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=4)
     result = imgclf("train", data, *TINY, "--batch-size", "4", "--out", tmp_path / "run", env=_as_rank(0, 3))
@@ -313,6 +313,7 @@ def test_a_batch_the_world_size_cannot_split_is_refused_before_joining_or_any_ru
     assert_clean_error(on_cpu, "--sync-bn needs CUDA")
 
 
+@pytest.mark.slow
 def test_commands_that_run_on_one_process_refuse_torchrun_in_one_line(tmp_path):
     result = imgclf("predict", tmp_path, tmp_path, env=_as_rank(0, 2))
     assert_clean_error(result, "predict runs on one process", "train and evaluate")
