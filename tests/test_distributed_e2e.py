@@ -308,6 +308,8 @@ def test_a_batch_the_world_size_cannot_split_is_refused_before_joining_or_any_ru
     assert not (tmp_path / "run").exists()
     quiet = imgclf("train", data, *TINY, "--batch-size", "4", "--out", tmp_path / "run", env=_as_rank(1, 3))
     assert quiet.returncode == 2 and "imgclf: error" not in quiet.stderr  # rank 0 says it, once
+    launcher = imgclf("train", data, *TINY, "--batch-size", "5", "--nproc", "2", "--out", tmp_path / "run")
+    assert_clean_error(launcher, "--batch-size 5 is the global batch", "2 processes")  # before torchrun starts
     on_cpu = imgclf("train", data, *TINY, "--batch-size", "4", "--sync-bn", "--device", "cpu",
                     "--out", tmp_path / "run", env=_as_rank(0, 2))
     assert_clean_error(on_cpu, "--sync-bn needs CUDA")

@@ -42,15 +42,11 @@ DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and (args.nproc != 1 or "WORLD_SIZE" in os.environ):
-        return launch(args.nproc, without_nproc(args.argv))
+        # settings are checked here, before any process starts; a resumed run's were checked when it began
+        batches = [] if args.resume else [cfg.batch_size for _, cfg in resolve_stages(_train_config(args))]
+        return launch(args.nproc, without_nproc(args.argv), batches)
     dist = DistSettings(args.dist_backend, args.dist_timeout)
-    if args.resume:
-        run = resume_training(args.resume, dist)
-    else:
-        if args.data_dir:
-            args.cfg__data__path = args.data_dir
-        config = config_from_args(args)  # validated before torch is imported: config errors answer at once
-        run = train(config, dist=dist)
+    run = resume_training(args.resume, dist) if args.resume else train(_train_config(args), dist=dist)
     if not is_main_process():  # rank 0 speaks for the job
         return 0
     for split in ("val", "test"):  # as demo ends: the numbers first, then where they are
@@ -106,6 +102,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
         + len(report["near_duplicates_across_splits"]) + len(report.get("test_overlap_across_folds", []))
     return 1 if args.strict and problems else 0
+
+
+def _train_config(args: argparse.Namespace):
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    return config_from_args(args)  # validated before torch is imported: config errors answer at once
 
 
 def without_nproc(argv: list[str]) -> list[str]:
