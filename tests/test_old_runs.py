@@ -29,7 +29,9 @@ def test_a_run_from_version_0_1_evaluates_predicts_and_reports(tmp_path, capsys)
     assert main(["evaluate", str(run), "--data", str(data)]) == 0
     again = Predictions.from_csv(run / "predictions_test.csv")
     assert again.paths == saved.paths
-    np.testing.assert_allclose(again.probs, saved.probs, atol=1e-5)  # same weights, same images, same answers
+    # same weights, same images, same answers: 0.1 predicted under bf16 autocast, runs now predict in fp32
+    np.testing.assert_allclose(again.probs, saved.probs, atol=2e-3)
+    assert (again.probs.argmax(axis=1) == saved.probs.argmax(axis=1)).all()
     assert main(["predict", str(run), str(data), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(Predictions.from_csv(tmp_path / "p.csv").paths) == 12
     assert main(["report", str(run)]) == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from imgclf.logs import get_logger, get_rank, is_main_process, setup_logging
 __all__ = [
     "autocast",
     "derive_seed",
+    "exact_fp32",
     "get_logger",
     "get_rank",
     "is_main_process",
@@ -116,6 +119,27 @@ class Compute:
 
     def autocast(self):
         return autocast(self.device, self.precision)
+
+    def inference(self) -> Compute:
+        """The same device and memory format in fp32: how every prediction that is scored or saved computes
+        (per-epoch validation included), so the best epoch's numbers equal metrics.json's and the torch
+        engine equals the fp32 ONNX graph."""
+        return replace(self, precision="fp32")
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """Full fp32 on CUDA while predicting: TF32 (on for training, and cuDNN's default) moves probabilities
+    by ~1e-3; restored afterwards. Nothing to do on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def autocast(device: torch.device, precision: str):

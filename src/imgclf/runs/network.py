@@ -7,8 +7,6 @@ model.safetensors + model.json. The images themselves stay where the dataset is.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from imgclf.runs import files as runfiles
 from imgclf.runs import manifest
 from imgclf.runs.base import register
 from imgclf.runs.predict import predict_files
-from imgclf.runtime import Compute, resolve_device
+from imgclf.runtime import Compute, exact_fp32, resolve_device
 
 MODEL_FILE = "model.safetensors"
 THRESHOLD_FILE = "threshold.json"
@@ -221,18 +219,3 @@ class NetworkRun:
         if out:
             preds.to_csv(Path(out))
         return preds
-
-
-@contextmanager
-def exact_fp32(device: torch.device) -> Iterator[None]:
-    """Full fp32 on CUDA while predicting: TF32 (on for training, and cuDNN's default) moves probabilities
-    by ~1e-3; restored afterwards. Nothing to do on other devices."""
-    if device.type != "cuda":
-        yield
-        return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -32,7 +32,7 @@ from imgclf.logs import get_logger, is_main_process
 from imgclf.models.freeze import apply_freeze, backbone_is_frozen
 from imgclf.models.networks import Classifier, Preprocess
 from imgclf.models.objective import Objective
-from imgclf.runtime import Compute
+from imgclf.runtime import Compute, exact_fp32
 from imgclf.training.ddp import rank_batch, shard_features, train_sampler
 from imgclf.training.distributed import DistContext, exact_probs, gather_objects, main_first, wrap
 from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
@@ -228,7 +228,8 @@ class StageRunner:
             else:
                 val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size,
                                          self.config.data.workers)
-                val_feats = extract_features(backbone, val_images, self.compute)
+                with exact_fp32(self.compute.device):  # scored: fp32, as the final evaluation computes it
+                    val_feats = extract_features(backbone, val_images, self.compute.inference())
             validate = self._validator(head, feature_loader(val_feats, cfg.batch_size, shuffle=False))
         return head, loader, validate
 
@@ -251,9 +252,11 @@ class StageRunner:
         val = self.prepared.index.subset("val")
 
         def validate() -> dict[str, float]:
-            probs = exact_probs(model, self.objective, loader.dataset, loader.batch_size, self.compute, self.ctx,
-                                workers=loader.num_workers) if self.ctx.distributed \
-                else predict_probs(model, self.objective, loader, self.compute)
+            compute = self.compute.inference()  # fp32, as metrics.json: the best epoch's numbers are the run's
+            with exact_fp32(compute.device):
+                probs = exact_probs(model, self.objective, loader.dataset, loader.batch_size, compute, self.ctx,
+                                    workers=loader.num_workers) if self.ctx.distributed \
+                    else predict_probs(model, self.objective, loader, compute)
             return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
                                                               probs), self.config.data.positive_class))
 

@@ -26,7 +26,8 @@ from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import load_run
-from imgclf.runs.network import NetworkRun, exact_fp32
+from imgclf.runs.network import NetworkRun
+from imgclf.runtime import exact_fp32
 from imgclf.training.ddp import DistSettings, main_only, one_voice
 from imgclf.training.distributed import DistContext, exact_probs, local_main_first
 
