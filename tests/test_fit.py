@@ -5,7 +5,7 @@ import pytest
 
 import imgclf
 from imgclf import atomic
-from imgclf.training.fit import EarlyStopping
+from imgclf.training.fit import EarlyStopping, out_of_time_after
 
 from conftest import tiny_config
 
@@ -23,6 +23,42 @@ def test_early_stopping_maximises_non_loss_metrics():
     stopper = EarlyStopping("val_accuracy", patience=1)
     stopper.update(0.5, 1)
     assert stopper.update(0.6, 2) and not stopper.update(0.55, 3) and stopper.should_stop
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement_as_keras_does():
+    stopper = EarlyStopping("val_loss", patience=0)
+    assert stopper.update(1.0, 1) and not stopper.should_stop  # a first epoch is always an improvement
+    assert stopper.update(0.9, 2) and not stopper.should_stop
+    assert not stopper.update(0.95, 3) and stopper.should_stop
+
+
+def test_out_of_time_when_another_epoch_as_long_would_end_after_the_deadline(monkeypatch):
+    monkeypatch.setattr("imgclf.training.fit.time.perf_counter", lambda: 100.0)
+    assert not out_of_time_after(90.0, None)  # no limit
+    assert not out_of_time_after(90.0, 111.0)  # 10 s epoch, 11 s left
+    assert out_of_time_after(90.0, 109.0)  # 10 s epoch, 9 s left
+
+
+def test_max_seconds_ends_the_stage_after_an_epoch_and_skips_later_stages(pool_dataset, tmp_path, caplog,
+                                                                          monkeypatch):
+    calls = []
+
+    def out_after_second_epoch(start, deadline):
+        calls.append(deadline)
+        return len(calls) >= 2
+
+    monkeypatch.setattr("imgclf.training.fit.out_of_time_after", out_after_second_epoch)
+    monkeypatch.setattr("imgclf.training.stages.time.perf_counter", lambda: 1e9 if calls else 0.0)
+    caplog.set_level(logging.INFO)
+    config = tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 6, "max_seconds": 25,
+                                                              "early_stopping": False},
+                         stages=[{"name": "warm", "epochs": 5}, {"name": "tune", "epochs": 3}])
+    imgclf.train(config)
+    assert all(d is not None for d in calls)  # the run's deadline reached fit
+    rows = (tmp_path / "r" / "history.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == ["warm", "warm"]
+    assert "time limit: warm ends after 2 epochs of 5 (--max-seconds 25;" in caplog.text
+    assert "time limit: stage tune skipped (--max-seconds 25 spent)" in caplog.text
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):

@@ -191,5 +191,7 @@ def test_early_stop_message_words():
         "(best val_accuracy 0.5000 at epoch 1)")
     zero = EarlyStopping("val_loss", 0)
     zero.update(1.0, 1)
-    assert "patience is 0" in early_stop_message("head", 1, TrainConfig(epochs=4, patience=0), zero)
+    zero.update(1.1, 2)
+    assert early_stop_message("head", 2, TrainConfig(epochs=4, patience=0), zero).endswith(
+        "val_loss has not improved for 1 epoch (best val_loss 1.0000 at epoch 1)")
     assert (count(1, "epoch"), count(2, "epoch"), count(0, "epoch")) == ("1 epoch", "2 epochs", "0 epochs")

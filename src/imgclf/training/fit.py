@@ -59,7 +59,8 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
+        """Keras's rule: stop at the ``patience``-th epoch in a row without improvement (patience 0: the first)."""
+        return self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
 
 def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -113,7 +114,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         on_epoch: Callable[[list[dict]], None], *, stopper: EarlyStopping | None = None,
         history: list[dict] | None = None, stage: str = "train",
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-        ctx: DistContext | None = None) -> list[dict]:
+        ctx: DistContext | None = None, deadline: float | None = None) -> list[dict]:
     """Train for up to ``cfg.epochs``; call ``on_best(epoch)`` on each new best, ``on_epoch(history)`` after each.
 
     ``stopper`` carries the best value from earlier stages, so a stage only counts as better when it
@@ -121,6 +122,8 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     every epoch counts as the best (the last weights are kept). ``checkpoint(state)`` receives the
     optimizer and schedule state after each epoch; ``resume`` is such a state to continue from.
     ``model`` may be DDP-wrapped (``ctx``: several processes); the loader's sampler gets the epoch number.
+    ``deadline`` (a ``time.perf_counter`` value, from ``--max-seconds``) ends training after the epoch
+    when another one of the same length would not finish before it.
     """
     ctx = ctx or DistContext()
     groups = param_groups(unwrap(model), cfg.backbone_lr_mult)
@@ -163,15 +166,28 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         log.info("%s  %s%s", desc, _format_row(row), "  *" if improved else "")
         step_schedule(schedule, monitored)
         stop = bool(validate and cfg.early_stopping and stopper.should_stop)
+        out_of_time = broadcast_decision(ctx, out_of_time_after(start, deadline)) and stage_epoch < cfg.epochs
         if checkpoint:
             checkpoint({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
                         **({"scaler": scaling.state_dict()} if scaling.enabled else {}),
-                        "stage_epoch": stage_epoch, "stage_done": stop or stage_epoch == cfg.epochs})
+                        "stage_epoch": stage_epoch, "stage_done": stop or out_of_time or stage_epoch == cfg.epochs})
+        if out_of_time and not stop:
+            log.info("time limit: %s ends after %s of %d (--max-seconds %g; another epoch would not finish in "
+                     "time)", stage, count(stage_epoch, "epoch"), cfg.epochs, cfg.max_seconds)
+            break
         if stop:
             if stage_epoch < cfg.epochs:  # stopping on the budget's last epoch is no early stop
                 log.info("%s", early_stop_message(stage, stage_epoch, cfg, stopper))
             break
     return history
+
+
+def out_of_time_after(epoch_start: float, deadline: float | None) -> bool:
+    """Whether an epoch as long as the one that began at ``epoch_start`` would end after ``deadline``."""
+    if deadline is None:
+        return False
+    now = time.perf_counter()
+    return now + (now - epoch_start) > deadline
 
 
 def count(n: int, noun: str) -> str:
@@ -183,8 +199,6 @@ def early_stop_message(stage: str, stage_epoch: int, cfg: TrainConfig, stopper: 
     """Why a stage ended before its epoch budget, in the numbers that made it stop."""
     ran = f"early stopping {stage} after {count(stage_epoch, 'epoch')} of {cfg.epochs}"
     best = f"best {cfg.monitor} {stopper.best:.4f} at epoch {stopper.best_epoch}"
-    if stopper.bad_epochs == 0:  # patience 0: stop after the first epoch whatever it scored
-        return f"{ran}: patience is 0 ({best})"
     return f"{ran}: {cfg.monitor} has not improved for {count(stopper.bad_epochs, 'epoch')} ({best})"
 
 

@@ -14,6 +14,7 @@ validates exactly (``exact_probs``), and rank 0 alone writes the end-of-epoch st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,14 @@ from imgclf.models.networks import Classifier, Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute, exact_fp32
 from imgclf.training.ddp import rank_batch, shard_features, train_sampler
-from imgclf.training.distributed import DistContext, exact_probs, gather_objects, main_first, wrap
+from imgclf.training.distributed import (
+    DistContext,
+    broadcast_decision,
+    exact_probs,
+    gather_objects,
+    main_first,
+    wrap,
+)
 from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
 from imgclf.training.fit import EarlyStopping, fit
 from imgclf.training.resume import capture_rng, restore_rng, save_state
@@ -113,6 +121,8 @@ class StageRunner:
         history: list[dict] = info.get("history", [])
         stopper: EarlyStopping | None = None
         has_val = "val" in self.prepared.index.splits
+        limit = self.config.train.max_seconds
+        deadline = time.perf_counter() + limit if limit else None
         for index, (name, cfg) in enumerate(resolve_stages(self.config)):
             if resume and (index < info["stage_index"] or (index == info["stage_index"] and info["stage_done"])):
                 if index == info["stage_index"]:  # killed between stages: hand on as the stage end would
@@ -121,6 +131,9 @@ class StageRunner:
                     stopper = self._restored_stopper(cfg, info)
                     restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
                     resume = None
+                continue
+            if history and broadcast_decision(self.ctx, deadline is not None and time.perf_counter() >= deadline):
+                log.info("time limit: stage %s skipped (--max-seconds %g spent)", name, limit)
                 continue
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -139,7 +152,8 @@ class StageRunner:
                 resume = None
             fit(model, self.objective, loader, cfg, self.compute, validate if has_val else None,
                 self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
-                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume, ctx=self.ctx)
+                checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume, ctx=self.ctx,
+                deadline=deadline)
             if has_val:
                 self._hand_on(name, cfg, stopper, best_before)
         return history
