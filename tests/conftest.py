@@ -37,7 +37,7 @@ def tiny_config(data_path: Path | str, out: Path | str, **sections) -> imgclf.Co
         "model": {"name": "simple_cnn", "conv_filters": [8, 16], "dropout": 0.0},
         "augment": {"preset": "none"},
         "train": {"epochs": 10, "batch_size": 8, "lr": 0.01},
-        "evaluate": {"report": False, "bootstrap": 100},  # test_report.py turns the report on
+        "evaluate": {"report": False, "bootstrap": 100, "baseline": False},  # test_report.py: report on
         "out": str(out),
     }
     for section, fields in sections.items():

@@ -18,16 +18,20 @@ from imgclf.logs import get_logger, is_main_process
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import describe_model
 from imgclf.models.weights import offline_weights_file
+from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.compare import compare_runs, format_side_by_side
 from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import check_and_seal, load_run
+from imgclf.runs.files import read_baselines
 from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.training.ddp import DistSettings
 from imgclf.training.distributed import DistContext
 from imgclf.training.stages import resolve_stages
+from imgclf.workflows.autoselect import DEFAULT_BUDGET_S, train_auto
+from imgclf.workflows.candidates import is_default_request
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.distributed import evaluate_on_ranks, launch
@@ -41,17 +45,30 @@ DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = None if args.resume else _train_config(args)
+    default = config is not None and is_default_request(config)
+    if args.budget is not None and not default:
+        raise ConfigError("--budget applies only when no model setting is given (the default tries its candidates); "
+                          "drop --budget, or drop the model settings and --config")
+    if default and (args.nproc not in (None, 1) or "WORLD_SIZE" in os.environ):
+        raise ConfigError("the default (no --model) tries its candidates on one process; pass --model "
+                          "(e.g. --model tf_efficientnet_lite0 --pretrained) to train on several")
     if args.nproc is not None and (args.nproc != 1 or "WORLD_SIZE" in os.environ):
         # settings are checked here, before any process starts; a resumed run's were checked when it began
-        batches = [] if args.resume else [cfg.batch_size for _, cfg in resolve_stages(_train_config(args))]
+        batches = [] if args.resume else [cfg.batch_size for _, cfg in resolve_stages(config)]
         return launch(args.nproc, without_nproc(args.argv), batches)
     dist = DistSettings(args.dist_backend, args.dist_timeout)
-    run = resume_training(args.resume, dist) if args.resume else train(_train_config(args), dist=dist)
+    if args.resume:
+        run = resume_training(args.resume, dist)
+    else:
+        run = train_auto(config, args.budget or DEFAULT_BUDGET_S) if default else train(config, dist=dist)
     if not is_main_process():  # rank 0 speaks for the job
         return 0
     for split in ("val", "test"):  # as demo ends: the numbers first, then where they are
         if split in run.metrics:
             print(format_metrics(split, run.metrics[split]))
+    for line in baseline_lines(run.metrics, read_baselines(run.path / "metrics.json")):
+        print(line)
     print(f"run: {run.path}")
     return 0
 

@@ -33,6 +33,7 @@ from imgclf.logs import setup_logging
 from imgclf.training.ddp import PeerError, lost_peer
 from imgclf.training.distributed import BACKENDS, DEFAULT_TIMEOUT_S
 from imgclf.versions import version
+from imgclf.workflows.autoselect import DEFAULT_BUDGET_S
 
 RANKED_COMMANDS = ("train", "evaluate")  # the commands torchrun may start on several processes
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train on N local processes: starts this command through torchrun "
                         "(torch.distributed.run --standalone --nproc-per-node N)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="with no --model: the time the default may spend trying its candidates (linear probe, "
+                        f"small CNN, fine-tuned EfficientNet-Lite0) before keeping the best (default: "
+                        f"{DEFAULT_BUDGET_S:g})")
     add_dist_flags(p)
     add_config_flags(p)
     p.set_defaults(func=cmd_train)

@@ -190,7 +190,9 @@ class NetworkRun:
         metrics["threshold"] = self.threshold
         metrics["intervals"] = confidence_intervals(saved, self.config.data.positive_class,
                                                     self.config.evaluate.bootstrap, self.config.train.seed)
-        atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics})
+        baselines = runfiles.read_baselines(self.path / "metrics.json")  # kept beside the splits
+        atomic.write_json(self.path / "metrics.json", {**self.metrics, split: metrics,
+                                                       **({runfiles.BASELINES_KEY: baselines} if baselines else {})})
         return metrics
 
     def choose_threshold(self, rule: str, val: Predictions | None = None) -> float | None:

@@ -62,22 +62,28 @@ DEFAULT_TRANSFER_STAGES = (
 def default_stages(config: Config) -> list[StageConfig]:
     """The default transfer recipe when a pretrained or --weights start gives no stages.
 
-    A start from a whole trained run (``init_from``) has a trained head already: it trains as
-    one stage with the train settings, as a separate Keras training of the loaded model would.
+    ``--epochs N`` bounds the total: the fine-tune gets min(8, N // 2) epochs and the head the rest
+    (the default 30: 22 + 8; ``--epochs 2``: 1 + 1; ``--epochs 1``: the head alone). A start from a
+    whole trained run (``init_from``) has a trained head already: it trains as one stage with the
+    train settings, as a separate Keras training of the loaded model would.
     """
     if config.stages or config.train.init_from or not (config.model.pretrained or config.model.weights):
         return []
-    epochs = min(DEFAULT_TRANSFER_STAGES[1].epochs, config.train.epochs)  # --epochs caps the fine-tune
-    finetune = DEFAULT_TRANSFER_STAGES[1].model_copy(
-        update={"epochs": epochs, "patience": min(DEFAULT_TRANSFER_STAGES[1].patience, epochs)})
-    return [DEFAULT_TRANSFER_STAGES[0], finetune]
+    head, finetune = DEFAULT_TRANSFER_STAGES
+    tune_epochs = min(finetune.epochs, config.train.epochs // 2)
+    head_epochs = config.train.epochs - tune_epochs
+    stages = [head.model_copy(update={"epochs": head_epochs, "patience": min(head.patience, head_epochs)})]
+    if tune_epochs:
+        stages.append(finetune.model_copy(update={"epochs": tune_epochs,
+                                                  "patience": min(finetune.patience, tune_epochs)}))
+    return stages
 
 
 def recipe_overrides(config: Config) -> list[str]:
     """Train settings the user changed that the default transfer recipe's stages replace (for a warning)."""
     defaults, replaced = TrainConfig(), []
     for stage in default_stages(config):
-        for name in stage.model_dump(exclude={"name", "epochs"}, exclude_none=True):  # --epochs caps, so applies
+        for name in stage.model_dump(exclude={"name", "epochs"}, exclude_none=True):  # --epochs bounds the total
             if getattr(config.train, name) != getattr(defaults, name) and name not in replaced:
                 replaced.append(name)
     return replaced

@@ -10,13 +10,22 @@
 Each candidate is the user's config (data, augmentation, seed, epochs...) with only the model
 changed, so every explicit setting applies to all of them. Lite0's weights ship offline with
 imgclf, so no candidate needs the network.
+
+Input size, unless ``--image-size`` is given: the small CNN keeps its 64 px; the two pretrained
+candidates read the images near their own resolution, between 96 px (below that ImageNet features
+fade) and Lite0's native 224 px: the median short side of up to 64 training images, rounded up to a
+multiple of 32. A 28 px Fashion-MNIST set trains at 96 px, about 5x faster than at 224 px.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from imgclf.config import Config, build_config
+from imgclf.data.images import BadImage, open_image, require_regular_file
 
 PRETRAINED = "tf_efficientnet_lite0"
 CANDIDATES: dict[str, dict] = {
@@ -27,12 +36,34 @@ CANDIDATES: dict[str, dict] = {
 SLUGS = {"linear probe": "probe", "small CNN": "small_cnn", "fine-tuned EfficientNet-Lite0": "finetune"}
 
 
-def candidate_config(base: Config, name: str, out: Path) -> Config:
-    """``base`` with the model of candidate ``name``, writing to ``out``."""
+MIN_PRETRAINED_SIZE, MAX_PRETRAINED_SIZE, SIZE_SAMPLE = 96, 224, 64
+
+
+def candidate_config(base: Config, name: str, out: Path, pretrained_size: int | None = None) -> Config:
+    """``base`` with the model of candidate ``name``, writing to ``out``; ``pretrained_size`` is the
+    pretrained candidates' input size when the user gave none."""
     values = base.model_dump()
     values["model"] = dict(CANDIDATES[name])
     values["out"] = str(out)
+    if CANDIDATES[name] and base.data.image_size is None and pretrained_size:
+        values["data"]["image_size"] = pretrained_size
     return build_config(values)
+
+
+def pretrained_input_size(paths: list[Path]) -> int:
+    """The pretrained candidates' input size for these images (see the module docstring)."""
+    sides = []
+    for path in paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
+        try:
+            require_regular_file(path)
+            with open_image(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, BadImage, Image.DecompressionBombError):
+            continue  # the decode reports unreadable images, with their names
+    if not sides:
+        return MAX_PRETRAINED_SIZE
+    side = int(np.median(sides))
+    return int(min(MAX_PRETRAINED_SIZE, max(MIN_PRETRAINED_SIZE, -(-side // 32) * 32)))
 
 
 def is_default_request(config: Config) -> bool:

@@ -42,8 +42,10 @@ from imgclf.training.ddp import DistSettings, backend_name, check_world, main_on
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.stages import recipe_overrides, resolve_stages
 from imgclf.versions import library_versions
+from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
+from imgclf.workflows.plan import plan_lines
 
 log = get_logger("lifecycle")
 
@@ -55,7 +57,7 @@ INCOMPLETE_NOTE = ("This imgclf run has not finished (it is running, failed or w
 RUN_ENTRIES = (INCOMPLETE, KIND_FILE, "config.yaml", "classes.json", "dataset.json", "split.csv", "skipped_images.csv",
                "history.csv", "metrics.json", "threshold.json", "model.safetensors", "model.json",
                "best.safetensors", "best.json", "head.skops", "summary.md", "result.json", "manifest.json",
-               "report.html", "predictions_*.csv", "plots", "resume", ".*.tmp")
+               "report.html", "predictions_*.csv", "plots", "resume", ".*.tmp", "candidates", "selection.json")
 
 
 @dataclass
@@ -109,6 +111,8 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     else:
         out = resume_dir
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
+    for line in plan_lines(config, preprocess, resolve_stages(config), config.train.init_from):
+        log.info("%s", line)
     return RunSetup(config, out, prepared, preprocess, compute, generator, start, ctx)
 
 
@@ -126,7 +130,7 @@ def _check_settings(config: Config) -> tuple[Compute, Preprocess]:
 
 
 def _create_run(config: Config, prepared: PreparedData, warnings: list[str]) -> Path:
-    out = _new_run_dir(config.out)
+    out = new_run_dir(config.out)
     config = config.model_copy(update={"out": str(out), "versions": library_versions()})
     _write_run_files(out, config, prepared, warnings)
     return out
@@ -172,7 +176,7 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
         run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
-    _conclude(s, run, best_epoch)
+    _conclude(s, run, best_epoch, evaluate_test)
     return run
 
 
@@ -184,11 +188,17 @@ def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int
     if evaluate_test and "test" in s.index.splits:
         test = exact_predictions(run, "test", s.prepared, s.ctx, s.compute.device)
         main_only(s.ctx, lambda: run.score(test, "test"))
-    main_only(s.ctx, lambda: _conclude(s, run, best_epoch))
+    main_only(s.ctx, lambda: _conclude(s, run, best_epoch, evaluate_test))
     return run
 
 
-def _conclude(s: RunSetup, run: Run, best_epoch: int | None) -> None:
+def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool) -> None:
+    # Baselines on the same images; the probe only for a final model (trials choose on val: seconds each)
+    config = s.config if evaluate_test else s.config.model_copy(
+        update={"evaluate": s.config.evaluate.model_copy(update={"baseline": False})})
+    if "val" in run.metrics or "test" in run.metrics:
+        splits = [split for split in ("val", "test") if split in run.metrics]
+        write_baselines(s.out, baseline_rows(s.prepared, s.preprocess, s.compute, config, splits))
     write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
     draw_evaluations(run, ("val", "test"))
     if is_main_process():
@@ -210,7 +220,7 @@ def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
         raise ConfigError(f"--threshold {rule} needs a binary task; {len(classes)} classes found, use argmax")
 
 
-def _new_run_dir(out: str | None) -> Path:
+def new_run_dir(out: str | None) -> Path:
     """An empty run directory marked INCOMPLETE until finish_run ends; an unfinished one is reused."""
     path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if path.exists() and not path.is_dir():

@@ -1,0 +1,119 @@
+"""`imgclf train DATA` with no model chosen: candidates on validation, the best kept, the others as baselines."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from imgclf.cli.parser import main
+from imgclf.config import build_config
+from imgclf.evaluation.predictions import Predictions
+from imgclf.runs.base import load_run
+from imgclf.runs.files import read_baselines
+from imgclf.workflows.autoselect import SELECTION_FILE, train_auto
+from imgclf.workflows.candidates import (
+    CANDIDATES,
+    candidate_config,
+    is_default_request,
+    pretrained_input_size,
+)
+
+from imagefactory import make_class_folders
+
+pytestmark = pytest.mark.slow
+
+
+def noisy_folders(root, per_class=12, swaps=4):
+    """Class folders where ``swaps`` images of each class carry another class's picture: nothing is perfect."""
+    make_class_folders(root, per_class)
+    classes = sorted(p.name for p in root.iterdir())
+    for i, name in enumerate(classes):
+        other = root / classes[(i + 1) % len(classes)]
+        for image in sorted((root / name).iterdir())[:swaps]:
+            shutil.move(image, other / f"swapped from {name} {image.name}")
+    return root
+
+
+def auto_config(data, out, **train):
+    return build_config({"data": {"path": str(data), "image_size": 16, "val_fraction": 0.25, "test_fraction": 0.2},
+                         "train": {"epochs": 2, "batch_size": 8, **train}, "out": str(out),
+                         "evaluate": {"report": False, "bootstrap": 0}})
+
+
+def test_every_candidate_trains_the_best_on_val_is_the_run_and_only_it_reads_test(tmp_path):
+    data = noisy_folders(tmp_path / "data")
+    run = train_auto(auto_config(data, tmp_path / "run"), budget_s=600)
+    selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
+    tried = selection["candidates"]
+    assert list(tried) == list(CANDIDATES)  # nothing perfect, the budget ample: all three, in order
+    best = max(tried, key=lambda n: (tried[n]["val"]["f1_macro"], -tried[n]["val"]["log_loss"]))
+    assert selection["chosen"] == best
+    assert run.path == tmp_path / "run" and load_run(run.path).metrics["test"]["n"] > 0  # sealed, test read once
+    assert run.metrics["val"]["f1_macro"] == pytest.approx(tried[best]["val"]["f1_macro"])
+    losers = sorted(p.name for p in (tmp_path / "run" / "candidates").iterdir())
+    assert len(losers) == 2
+    for loser in losers:
+        path = tmp_path / "run" / "candidates" / loser
+        assert load_run(path).metrics.keys() == {"val"} and not (path / "predictions_test.csv").exists()
+    rows = read_baselines(tmp_path / "run" / "metrics.json")
+    assert [r["role"] for r in rows].count("candidate") == 2 and rows[0]["name"] == "majority class"
+    assert all("test" in r for r in rows if r["role"] == "baseline")  # baselines scored on the same test images
+    assert (tmp_path / "run" / "plots" / "confusion_test.png").is_file()
+
+
+def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_comparison(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", 14)  # clean bars: the probe is perfect on validation
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "2",
+                 "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "This model vs baselines, on the same images:" in out and "majority class (baseline)" in out
+    selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
+    assert selection["chosen"] == "linear probe" and list(selection["candidates"]) == ["linear probe"]
+    assert not (tmp_path / "run" / "candidates").exists()  # nothing else ran
+    assert main(["predict", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(Predictions.from_csv(tmp_path / "p.csv").paths) == 42
+
+
+def test_a_later_candidate_is_skipped_with_a_line_when_the_budget_is_spent(tmp_path, caplog):
+    data = noisy_folders(tmp_path / "data")
+    caplog.set_level("INFO")
+    train_auto(auto_config(data, tmp_path / "run"), budget_s=0.01)
+    selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
+    assert list(selection["candidates"]) == ["linear probe"]  # the first always runs
+    assert "skipped small CNN: 0 s of the budget left (raise --budget to try it)" in caplog.text
+
+
+def test_any_model_setting_trains_that_model_alone(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", 4)
+    plain = build_config({"data": {"path": str(data)}, "train": {"epochs": 3}})
+    assert is_default_request(plain)  # training settings apply to every candidate
+    for chosen in ({"model": {"name": "simple_cnn"}}, {"model": {"dropout": 0.1}},
+                   {"stages": [{"name": "a", "epochs": 1}]}):
+        assert not is_default_request(build_config({"data": {"path": str(data)}, **chosen}))
+    assert main(["train", str(data), "--model", "simple_cnn", "--budget", "30"]) != 0
+    assert "--budget applies only when no model setting is given" in capsys.readouterr().err
+
+
+def test_the_default_refuses_several_processes_in_one_line(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", 4)
+    assert main(["train", str(data), "--nproc", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "tries its candidates on one process; pass --model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_candidates_keep_every_training_setting_and_size_pretrained_inputs_from_the_images(tmp_path):
+    data = make_class_folders(tmp_path / "data", 4, sizes=(40,))
+    base = build_config({"data": {"path": str(data)}, "train": {"epochs": 7, "seed": 3}})
+    for name in CANDIDATES:
+        cfg = candidate_config(base, name, tmp_path / name, pretrained_size=96)
+        assert (cfg.train.epochs, cfg.train.seed) == (7, 3)
+        assert cfg.data.image_size == (None if name == "small CNN" else 96)
+    given = build_config({"data": {"path": str(data), "image_size": 48}})
+    assert candidate_config(given, "linear probe", tmp_path / "x", pretrained_size=96).data.image_size == 48
+    paths = sorted(data.rglob("*.*"))
+    assert pretrained_input_size(paths) == 96  # 40 px images: ImageNet features need at least 96
+    big = make_class_folders(tmp_path / "big", 2, sizes=(150,))
+    assert pretrained_input_size(sorted(big.rglob("*.*"))) == 160  # rounded up to a multiple of 32
+    assert pretrained_input_size([tmp_path / "missing.png"]) == 224
+    assert np.isfinite(pretrained_input_size(paths))
