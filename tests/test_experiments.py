@@ -235,3 +235,34 @@ def test_cv_summary_has_a_time_row_per_fold(tmp_path, pool_dataset):
     for name, row in summary.items():
         if name != "seconds" and not name.endswith("loss"):
             assert 0 <= float(row["ci95_low"]) <= float(row["ci95_high"]) <= 1, name
+
+
+def test_rank_by_several_metrics_breaks_ties_in_order():
+    from imgclf.workflows.grid import rank_keys, rank_results
+
+    assert rank_keys("f1_macro, val_accuracy") == ["val_f1_macro", "val_accuracy"]
+    results = [{"run": f"t{i}", "val_f1_macro": f1, "val_accuracy": acc, "val_loss": loss}
+               for i, (f1, acc, loss) in enumerate(((0.8, 0.70, 0.5), (0.9, 0.60, 0.4), (0.8, 0.75, 0.3),
+                                                    (None, 0.99, 0.1), (0.8, 0.75, 0.2)))]
+    by_f1 = [r["run"] for r in rank_results(results, ["val_f1_macro"])]
+    assert by_f1 == ["t1", "t0", "t2", "t4", "t3"]  # one metric: ties keep trial order, missing last
+    by_f1_acc = [r["run"] for r in rank_results(results, rank_keys("f1_macro,accuracy"))]
+    assert by_f1_acc == ["t1", "t2", "t4", "t0", "t3"]  # the 0.8 tie broken by accuracy, then trial order
+    by_three = [r["run"] for r in rank_results(results, rank_keys("f1_macro,accuracy,loss"))]
+    assert by_three == ["t1", "t4", "t2", "t0", "t3"]  # a loss breaks ties lowest first
+    with pytest.raises(ConfigError, match="each once"):
+        rank_keys("f1_macro,val_f1_macro")
+    with pytest.raises(ConfigError, match="'val_recall_weird' is not a validation metric"):
+        rank_results(results, ["val_f1_macro", "val_recall_weird"])
+
+
+def test_grid_ranked_by_two_metrics_records_the_list(tmp_path, pool_dataset):
+    result = grid_search(tiny_config(pool_dataset, tmp_path / "g", train={"epochs": 1}),
+                         parse_params(["lr=0.01,0.001"]), rank_by="f1_macro,accuracy")
+    board = read(tmp_path / "g" / "leaderboard.csv")
+    assert list(board[0])[:4] == ["rank", "trial", "val_f1_macro", "val_accuracy"]
+    keys = [(-float(r["val_f1_macro"]), -float(r["val_accuracy"])) for r in board]
+    assert keys == sorted(keys)
+    best = json.loads((tmp_path / "g" / "best.json").read_text())
+    assert best["rank_by"] == ["val_f1_macro", "val_accuracy"] == result["rank_by"]
+    assert best["best_trial"] == board[0]["trial"] and best["val_accuracy"] == float(board[0]["val_accuracy"])

@@ -93,11 +93,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
                          args.ray_address)
     for row in result["leaderboard"][:10]:
         params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))
-        print(f"#{row['rank']:<3} {row['trial']}  {args.rank_by}={row[args.rank_by]:.4f}  {params}")
+        scores = "  ".join(f"{k}={_number(row[k])}" for k in result["rank_by"])
+        print(f"#{row['rank']:<3} {row['trial']}  {scores}  {params}")
     if result["test"]:
         print(format_metrics(f"best ({result['best_trial']}) on test", result["test"]))
     print(f"wrote {config.out}/leaderboard.csv and best.json")
     return 0
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _experiment_config(args: argparse.Namespace, default_out: str):

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--param", action="append", metavar="NAME=V1,V2",
                            help="a setting to vary (repeat); lists as [a,b];[c], a stage's field as stages.N.FIELD")
             p.add_argument("--grid", help="YAML mapping of settings to lists of values")
-            p.add_argument("--rank-by", default="val_f1_macro", help="validation metric that ranks trials")
+            p.add_argument("--rank-by", default="val_f1_macro", metavar="METRIC[,METRIC...]",
+                           help="validation metric that ranks trials; more, comma-separated, break ties in order "
+                                "(f1_macro,accuracy: by F1, then accuracy); the val_ prefix is optional")
             p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("audit", help="class counts, image stats, unreadable files, duplicates and leakage")

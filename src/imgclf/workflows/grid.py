@@ -57,22 +57,23 @@ def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tupl
     return trials
 
 
-def grid_search(config: Config, grid: dict[str, list], rank_by: str = "val_f1_macro", backend: str = "sequential",
-                n_jobs: int = 1, ray_address: str | None = None) -> dict[str, Any]:
-    """Run every trial, write leaderboard.csv, then evaluate the best trial on test once."""
+def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] = "val_f1_macro",
+                backend: str = "sequential", n_jobs: int = 1, ray_address: str | None = None) -> dict[str, Any]:
+    """Run every trial, write leaderboard.csv, then evaluate the best trial on test once.
+
+    ``rank_by`` is one validation metric or several (``"f1_macro,accuracy"``): trials are ranked by
+    the first, ties broken by the next; trials tied on all keep their trial order.
+    """
     out = Path(config.out or "grid")
+    keys = rank_keys(rank_by)
     trials = trial_configs(config, grid, out)
-    log.info("grid: %d trials over %s, backend %s", len(trials), ", ".join(grid), backend)
+    log.info("grid: %d trials over %s, backend %s, ranked by %s", len(trials), ", ".join(grid), backend,
+             " then ".join(keys))
     jobs = [(c.model_dump(), False, {"params": p}) for _, p, c in trials]  # trials never read test
     results = run_jobs(train_job, jobs, backend, n_jobs, ray_address)
-    if rank_by not in results[0]:
-        raise ConfigError(f"--rank-by {rank_by!r} is not a validation metric; use one of "
-                          f"{', '.join(k for k in results[0] if k.startswith('val_'))}")
-    descending = not rank_by.endswith("loss")
-    ranked = sorted(results, key=lambda r: (r[rank_by] is None, -(r[rank_by] or 0) if descending
-                                            else r[rank_by]))
-    rows = [{"rank": i + 1, "trial": Path(r["run"]).name, rank_by: r[rank_by],
-             **{k: v for k, v in r.items() if k.startswith("val_") and k != rank_by},
+    ranked = rank_results(results, keys)
+    rows = [{"rank": i + 1, "trial": Path(r["run"]).name, **{k: r[k] for k in keys},
+             **{k: v for k, v in r.items() if k.startswith("val_") and k not in keys},
              "seconds": r["seconds"], "seed": r["seed"], **{f"param_{k}": v for k, v in r["params"].items()}}
             for i, r in enumerate(ranked)]
     atomic.write_rows(out / "leaderboard.csv", rows)
@@ -80,10 +81,38 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str = "val_f1_ma
     best = open_run(ranked[0]["run"])
     test = best.evaluate("test") if "test" in best.index().splits else None  # the only time test is read
     draw_evaluations(best, ("test",))
-    summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], rank_by: ranked[0][rank_by],
-               "test": test}
+    summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], "rank_by": keys,
+               **{k: ranked[0][k] for k in keys}, "test": test}
     atomic.write_json(out / "best.json", summary)
     if config.evaluate.report:
         write_report(best.path)  # now with its test split
         write_report(out)
     return {"leaderboard": rows, **summary}
+
+
+def rank_keys(rank_by: str | list[str]) -> list[str]:
+    """``"f1_macro,accuracy"`` (or a list) -> ``["val_f1_macro", "val_accuracy"]``: validation metrics, in order."""
+    names = rank_by.split(",") if isinstance(rank_by, str) else list(rank_by)
+    keys = [name if name.startswith("val_") else f"val_{name}" for name in (n.strip() for n in names) if name]
+    if not keys or len(set(keys)) != len(keys):
+        raise ConfigError(f"--rank-by {rank_by!r}: give validation metrics, each once, e.g. f1_macro,accuracy")
+    return keys
+
+
+def rank_results(results: list[dict], keys: list[str]) -> list[dict]:
+    """Best first: by the first key (losses ascending, scores descending), ties by the next; missing values last."""
+    unknown = [k for k in keys if k not in results[0]]
+    if unknown:
+        raise ConfigError(f"--rank-by {unknown[0]!r} is not a validation metric; use one of "
+                          f"{', '.join(k for k in results[0] if k.startswith('val_'))}")
+
+    def order(result: dict) -> tuple:
+        return tuple(part for k in keys for part in (result[k] is None, _ascending(k, result[k])))
+
+    return sorted(results, key=order)  # stable: trials tied on every key keep their order
+
+
+def _ascending(key: str, value: float | None) -> float:
+    if value is None:
+        return 0.0
+    return value if key.endswith("loss") else -value
