@@ -24,6 +24,11 @@ from imgclf.errors import ConfigError
 
 SCHEDULES = Literal["none", "cosine", "step", "plateau", "keras_decay"]
 KERAS_RHO, TORCH_ALPHA = 0.9, 0.99  # RMSprop's squared-gradient decay: Keras's default, torch's default
+TORCH_ADADELTA_RHO = 0.9  # what Adadelta had before rho reached it (Keras's is 0.95)
+# Optimizer constants that default to None (torch's value) -> the optimizers that use them; any other
+# optimizer with one of them set is an error, never a silently ignored setting.
+OPTIMIZER_CONSTANTS = {"eps": ("adam", "adamw", "rmsprop", "adadelta", "adagrad"),
+                       "initial_accumulator_value": ("adagrad",)}
 AUTO_VIEWS = 5  # augmented views cached per image when a frozen backbone meets augmentation (feature_views unset)
 
 
@@ -37,8 +42,14 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop (Keras's default is 0)")
-    rho: float = Field(KERAS_RHO, ge=0, lt=1, description=f"rmsprop: decay of the squared-gradient average (Keras "
-                       f"rho, torch alpha); default {KERAS_RHO} as Keras (torch's {TORCH_ALPHA}: runs before 0.2)")
+    rho: float = Field(KERAS_RHO, ge=0, lt=1, description=f"rmsprop and adadelta: decay of the squared-gradient "
+                       f"average (Keras rho; torch's RMSprop alpha, Adadelta rho); default {KERAS_RHO}: Keras's "
+                       f"RMSprop and torch's Adadelta (Keras's Adadelta: 0.95; torch's RMSprop: {TORCH_ALPHA})")
+    eps: float | None = Field(None, gt=0, lt=1, description="adam, adamw, rmsprop, adadelta, adagrad: the epsilon "
+                              "added to the denominator; default torch's (1e-8; adadelta 1e-6, adagrad 1e-10); "
+                              "Keras uses 1e-7")
+    initial_accumulator_value: float | None = Field(None, ge=0, description="adagrad: starting value of the "
+                                                    "squared-gradient sums; default torch's 0 (Keras: 0.1)")
     nesterov: bool = Field(False, description="Nesterov momentum for sgd")
     schedule: SCHEDULES = Field("cosine", description="learning-rate schedule; keras_decay: Keras's decay "
                                 "argument, lr / (1 + decay * step) per batch")
@@ -97,6 +108,11 @@ class TrainConfig(_Section):
         if self.decay and self.schedule != "keras_decay":
             raise ValueError(f"decay={self.decay:g} is used only by schedule=keras_decay (now {self.schedule}); "
                              "pass --schedule keras_decay, or drop --decay")
+        for name in OPTIMIZER_CONSTANTS:
+            if getattr(self, name) is not None and self.optimizer not in OPTIMIZER_CONSTANTS[name]:
+                raise ValueError(f"{name}={getattr(self, name):g} does not apply to {self.optimizer} (used by "
+                                 f"{', '.join(OPTIMIZER_CONSTANTS[name])}); drop --{name.replace('_', '-')} "
+                                 "(in a grid, set it to null for those trials), or pick an optimizer that uses it")
         return self
 
 
@@ -113,6 +129,8 @@ class StageConfig(_Section):
     weight_decay: float | None = Field(None, ge=0)
     momentum: float | None = Field(None, ge=0, lt=1)
     rho: float | None = Field(None, ge=0, lt=1)
+    eps: float | None = Field(None, gt=0, lt=1)
+    initial_accumulator_value: float | None = Field(None, ge=0)
     schedule: SCHEDULES | None = None
     decay: float | None = Field(None, ge=0)
     patience: int | None = Field(None, ge=0)
@@ -128,6 +146,9 @@ class StageConfig(_Section):
         changes = self.model_dump(exclude={"name"}, exclude_none=True)
         if self.schedule not in (None, "keras_decay") and self.decay is None:
             changes["decay"] = 0.0  # the inherited decay belongs to the keras_decay schedule this stage replaces
+        for name, users in OPTIMIZER_CONSTANTS.items():  # likewise an inherited constant of the replaced optimizer
+            if self.optimizer not in (None, *users) and getattr(self, name) is None:
+                changes[name] = None
         return TrainConfig.model_validate({**train.model_dump(), **changes})
 
 
@@ -153,10 +174,14 @@ class Config(_Section):
         if not isinstance(values, dict) or not values.get("versions"):
             return values
         values = dict(values)
+        train = values.get("train")
+        rho_was_rmsprop_only = isinstance(train, dict) and "rho" not in train
         for (section, name), old in cls.OLD_RUN_VALUES.items():
             fields = values.get(section)
             if isinstance(fields, dict) and name not in fields:
                 values[section] = {**fields, name: old}
+        if rho_was_rmsprop_only:
+            _old_adadelta_rho(values)
         return values
 
     @model_validator(mode="after")
@@ -169,3 +194,17 @@ class Config(_Section):
             raise ValueError("init_from and weights are both set: --init-from loads a whole trained run, which "
                              "would replace the --weights file; pass one of them")
         return self
+
+
+def _old_adadelta_rho(values: dict) -> None:
+    """A run from before rho reached adadelta trained Adadelta with torch's rho and RMSprop with torch's alpha."""
+    old = {"adadelta": TORCH_ADADELTA_RHO, "rmsprop": TORCH_ALPHA}
+    train = values["train"]
+    values["train"] = {**train, "rho": old.get(train.get("optimizer"), TORCH_ALPHA)}
+    stages = values.get("stages")
+    if not isinstance(stages, list):
+        return
+    optimizers = [(stage.get("optimizer") or train.get("optimizer")) if isinstance(stage, dict) else None
+                  for stage in stages]
+    values["stages"] = [{**stage, "rho": old[optimizer]} if optimizer in old and stage.get("rho") is None else stage
+                        for stage, optimizer in zip(stages, optimizers, strict=True)]

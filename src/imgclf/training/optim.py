@@ -1,8 +1,10 @@
 """Optimizer and learning-rate schedule registries (name -> factory), as named in the config.
 
 Keras names are kept where a notebook's setting has no torch twin: RMSprop's ``rho`` is torch's
-``alpha``, and Keras's ``decay`` argument (inverse-time decay, ``lr / (1 + decay * iterations)``,
-applied before every batch) is the ``keras_decay`` schedule, stepped after each optimizer step.
+``alpha`` (Adadelta's ``rho`` is ``rho`` in both); ``eps`` and Adagrad's ``initial_accumulator_value``
+stay torch's unless set (Keras: 1e-7 and 0.1); and Keras's ``decay`` argument (inverse-time decay,
+``lr / (1 + decay * iterations)``, applied before every batch) is the ``keras_decay`` schedule,
+stepped after each optimizer step.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ from torch.optim import lr_scheduler
 from imgclf.config import TrainConfig
 
 OPTIMIZERS: dict[str, Callable[[Iterable, TrainConfig], torch.optim.Optimizer]] = {
-    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
-    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay, **_eps(c)),
+    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay, **_eps(c)),
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
                                         weight_decay=c.weight_decay),
     "rmsprop": lambda p, c: torch.optim.RMSprop(p, lr=c.lr, alpha=c.rho, momentum=c.momentum,
-                                                weight_decay=c.weight_decay),
-    "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
-    "adagrad": lambda p, c: torch.optim.Adagrad(p, lr=c.lr, weight_decay=c.weight_decay),
+                                                weight_decay=c.weight_decay, **_eps(c)),
+    "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, rho=c.rho, weight_decay=c.weight_decay, **_eps(c)),
+    "adagrad": lambda p, c: torch.optim.Adagrad(p, lr=c.lr, weight_decay=c.weight_decay, **_eps(c),
+                                                initial_accumulator_value=c.initial_accumulator_value or 0.0),
 }
+
+
+def _eps(cfg: TrainConfig) -> dict:
+    """The configured epsilon, or nothing: the optimizer keeps torch's own default."""
+    return {} if cfg.eps is None else {"eps": cfg.eps}
 
 
 class KerasDecay(lr_scheduler.LambdaLR):
