@@ -1,7 +1,9 @@
+import pytest
 import torch
 
-from imgclf.config import AugmentConfig
+from imgclf.config import AugmentConfig, build_config
 from imgclf.data.transforms import BatchAugment, build_eval_transform, resolve_augment
+from imgclf.errors import ConfigError
 
 
 def test_medium_preset_holds_the_notebook_values_and_flags_override():
@@ -90,3 +92,40 @@ def test_augmentation_runs_on_the_batch_device():
     batches = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.zeros(4), torch.arange(4))]
     images, _, _ = next(iter(AugmentedBatches(batches, strong, torch.device("meta"))))
     assert images.device.type == "meta" and images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+
+
+def zoom_factors(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x and y zoom of zoom-only matrices (theta maps output to input: its diagonal is 1 / zoom)."""
+    return 1 / theta[:, 0, 0].double(), 1 / theta[:, 1, 1].double()
+
+
+def test_keras_zoom_draws_the_x_and_y_factors_apart():
+    torch.manual_seed(0)
+    zx, zy = zoom_factors(augment(zoom_range=0.3, zoom_axes="independent").random_theta(64))
+    assert bool(((zx >= 0.7 - 1e-6) & (zx <= 1.3 + 1e-6) & (zy >= 0.7 - 1e-6) & (zy <= 1.3 + 1e-6)).all())
+    assert (zx - zy).abs().min() > 0 and (zx - zy).abs().max() > 0.2  # every image its own aspect change
+    torch.manual_seed(0)
+    same_x, same_y = zoom_factors(augment(zoom_range=0.3).random_theta(64))
+    torch.testing.assert_close(same_x, same_y)  # the default: one factor for both axes
+    torch.manual_seed(0)
+    u = torch.rand(64, 7, dtype=torch.float64) * 2 - 1  # what the default drew before zoom_axes existed
+    torch.testing.assert_close(same_x, 1 + u[:, 2] * 0.3, rtol=1e-6, atol=1e-6)
+
+
+def test_keras_zoom_stretches_a_square_into_rectangles():
+    image = torch.zeros(1, 1, 41, 41, dtype=torch.uint8)
+    image[..., 10:31, 10:31] = 255
+    torch.manual_seed(1)
+    out = augment(zoom_range=0.5, zoom_axes="independent", fill_mode="constant")(image.repeat(16, 1, 1, 1))
+    widths = (out[:, 0, 20, :] > 0.5).sum(1)  # the bright square's extent along the middle row and column
+    heights = (out[:, 0, :, 20] > 0.5).sum(1)
+    assert (widths != heights).sum() >= 8
+    torch.manual_seed(1)
+    same = augment(zoom_range=0.5, fill_mode="constant")(image.repeat(16, 1, 1, 1))
+    assert torch.equal((same[:, 0, 20, :] > 0.5).sum(1), (same[:, 0, :, 20] > 0.5).sum(1))
+
+
+def test_independent_zoom_without_a_zoom_is_an_error():
+    with pytest.raises(ConfigError, match="zoom_axes=independent needs a zoom"):
+        build_config({"augment": {"preset": "none", "zoom_axes": "independent"}})
+    assert build_config({"augment": {"zoom_axes": "independent"}}).augment.zoom_axes == "independent"  # light zooms

@@ -89,6 +89,9 @@ class AugmentConfig(_Section):
     preset: Literal["none", "light", "medium", "strong"] = Field("light", description="augmentation preset")
     rotation_range: float | None = Field(None, ge=0, le=180, description="max rotation in degrees")
     zoom_range: float | None = Field(None, ge=0, lt=1, description="zoom in [1-z, 1+z]")
+    zoom_axes: Literal["same", "independent"] = Field(
+        "same", description="same: one zoom factor for both axes; independent: x and y factors drawn apart, "
+                            "as Keras's zoom_range")
     shear_range: float | None = Field(None, ge=0, lt=90, description="max shear angle in degrees (as Keras)")
     width_shift_range: float | None = Field(None, ge=0, lt=1, description="max horizontal shift, fraction")
     height_shift_range: float | None = Field(None, ge=0, lt=1, description="max vertical shift, fraction")
@@ -99,6 +102,13 @@ class AugmentConfig(_Section):
     cval: int = Field(0, ge=0, le=255, description="fill value for fill_mode=constant")
     brightness_range: list[float] | None = Field(
         None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2")
+
+    @model_validator(mode="after")
+    def _zoom_axes_need_zoom(self) -> AugmentConfig:
+        if self.zoom_axes != "same" and (self.zoom_range == 0 or (self.zoom_range is None and self.preset == "none")):
+            raise ValueError(f"zoom_axes={self.zoom_axes} needs a zoom: set --zoom-range (e.g. 0.2) or a preset "
+                             "that zooms, or drop --zoom-axes")
+        return self
 
 
 # The model section lives in its own module; imported here, after the helpers it builds on.

@@ -9,7 +9,8 @@ and on a GPU it no longer runs on the CPU at all. Random values come from torch'
 and normalises with the model's mean/std.
 
 Keras semantics kept: ``rotation_range`` and ``shear_range`` are degrees, ``zoom_range=z`` zooms
-in [1-z, 1+z], shifts are fractions of width/height, ``fill_mode`` fills what the transform
+in [1-z, 1+z] (one factor for both axes, or with ``zoom_axes: independent`` an x and a y factor drawn
+apart, as Keras's ImageDataGenerator does), shifts are fractions of width/height, ``fill_mode`` fills what the transform
 uncovers: ``nearest`` repeats the edge, ``reflect`` mirrors, ``constant`` fills with ``cval``.
 """
 
@@ -44,7 +45,7 @@ def resolve_augment(cfg: AugmentConfig) -> dict:
               "fill_mode": "nearest", "brightness_range": None}
     values.update(PRESETS[cfg.preset])
     values.update({k: v for k, v in cfg.model_dump().items() if k in values and v is not None})
-    values["cval"] = cfg.cval
+    values["cval"], values["zoom_axes"] = cfg.cval, cfg.zoom_axes
     return values
 
 
@@ -72,16 +73,18 @@ class BatchAugment:
     def random_theta(self, n: int) -> torch.Tensor:
         """``n x 2 x 3`` matrices mapping output to input coordinates (``affine_grid``'s convention)."""
         a = self.a
-        u = torch.rand(n, 7, dtype=torch.float64) * 2 - 1  # one uniform(-1, 1) column per parameter
+        independent = a["zoom_axes"] == "independent"
+        # one uniform(-1, 1) column per parameter; the y zoom's column comes last, so "same" draws as before
+        u = torch.rand(n, 8 if independent else 7, dtype=torch.float64) * 2 - 1
         angle = torch.deg2rad(u[:, 0] * a["rotation_range"])
         shear = torch.deg2rad(u[:, 1] * a["shear_range"])
-        zoom = 1 + u[:, 2] * a["zoom_range"]
+        zoom = 1 + u[:, [2, 7] if independent else [2, 2]] * a["zoom_range"]  # n x 2: the x and y factors
         shift = torch.stack([u[:, 3] * a["width_shift_range"], u[:, 4] * a["height_shift_range"]], 1) * 2
         cos, sin = torch.cos(angle), torch.sin(angle)
         rotate = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
         shear_m = torch.zeros(n, 2, 2, dtype=torch.float64)
         shear_m[:, 0, 0], shear_m[:, 0, 1], shear_m[:, 1, 1] = 1, -torch.sin(shear), torch.cos(shear)
-        forward = rotate @ shear_m * zoom.view(-1, 1, 1)
+        forward = rotate @ shear_m @ torch.diag_embed(zoom)
         inverse = torch.linalg.inv(forward)
         theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(2))], 2)
         for column, flip in ((0, "horizontal_flip"), (1, "vertical_flip")):
