@@ -84,6 +84,11 @@ class TrainConfig(_Section):
                                        "views with augmentation on, else 1; 1 with augmentation on trains uncached")
     average_best: int = Field(0, ge=0, le=50, description="average the weights of the last K best epochs "
                                                           "(kept if no worse on validation; 0: off)")
+    head_param: float | None = Field(None, gt=0, description="--head svm|logreg|knn|rf: the head's parameter (svm, "
+                                     "logreg: C; knn: n_neighbors; rf: n_estimators), fixed; default: chosen on "
+                                     "validation among a few")
+    head_scale: bool = Field(True, description="--head svm|logreg|knn|rf: standardise the features first (off: raw "
+                             "features, as a plain SVC() on them)")
     init_from: AbsolutePath = Field(None, description="start from a trained run's whole model (head included); "
                                                       "same model settings and classes")
     init_from_as_typed: str | None = Field(None, description="train.init_from as typed (informational)")
@@ -193,7 +198,19 @@ class Config(_Section):
         if self.train.init_from and self.model.weights:
             raise ValueError("init_from and weights are both set: --init-from loads a whole trained run, which "
                              "would replace the --weights file; pass one of them")
+        self._check_classical_head()
         return self
+
+    def _check_classical_head(self) -> None:
+        """head_param and head_scale belong to a scikit-learn head; an integer parameter must be whole."""
+        train, head = self.train, self.model.head
+        if head == "linear" and (train.head_param is not None or not train.head_scale):
+            name = "head_param" if train.head_param is not None else "head_scale"
+            raise ValueError(f"{name} applies only to --head svm, logreg, knn or rf (now linear); drop "
+                             f"--{name.replace('_', '-')}, or pick such a head")
+        if head in ("knn", "rf") and train.head_param is not None and not float(train.head_param).is_integer():
+            what = "n_neighbors" if head == "knn" else "n_estimators"
+            raise ValueError(f"head_param={train.head_param:g} is the {head} head's {what}: give a whole number")
 
 
 def _old_adadelta_rho(values: dict) -> None:

@@ -50,13 +50,15 @@ class Embedder(nn.Module):
         return self.model.embed(x)
 
 
-def make_head(kind: str, value, seed: int, balanced: bool, targets: np.ndarray):
-    """Standardised features into the scikit-learn classifier ``kind`` with its searched parameter.
+def make_head(kind: str, value, seed: int, balanced: bool, targets: np.ndarray, scale: bool = True):
+    """Standardised (``scale``) or raw features into the scikit-learn classifier ``kind`` with its parameter.
 
     The SVM's probabilities come from Platt scaling fitted on cross-validated decision values
     (scikit-learn's CalibratedClassifierCV, which replaces the deprecated ``probability=True``).
     """
     weight = "balanced" if balanced else None
+    if kind in ("knn", "rf"):
+        value = int(value)  # n_neighbors, n_estimators: whole numbers (the config checks head_param is one)
     folds = int(max(2, min(5, np.bincount(targets).min())))
     n_train = len(targets)
     estimator = {"svm": lambda: CalibratedClassifierCV(SVC(C=value, class_weight=weight, random_state=seed),
@@ -65,7 +67,7 @@ def make_head(kind: str, value, seed: int, balanced: bool, targets: np.ndarray):
                  "knn": lambda: KNeighborsClassifier(n_neighbors=min(value, n_train), algorithm="brute"),
                  "rf": lambda: RandomForestClassifier(n_estimators=value, class_weight=weight, random_state=seed,
                                                       n_jobs=1)}[kind]()
-    return make_pipeline(StandardScaler(), estimator)
+    return make_pipeline(StandardScaler(), estimator) if scale else make_pipeline(estimator)
 
 
 @torch.no_grad()
@@ -83,10 +85,6 @@ def embed(model: nn.Module, loader, compute, views: list | None = None) -> list[
                 out[v] = np.zeros((len(loader.dataset), feats.shape[1]), dtype=np.float32)
             out[v][positions.numpy()] = feats
     return [o if o is not None else np.zeros((0, 0), np.float32) for o in out]
-
-
-
-
 
 
 def save_head(head, path: Path) -> None:
@@ -107,7 +105,8 @@ class ClassicalRun(NetworkRun):
         with torch.no_grad():
             probe = torch.zeros(1, channels, size, size, device=self.compute.device)
             width = Embedder(self.model)(probe).shape[1]
-        return load_head(self.path / HEAD_FILE, self.config.model.head, width, len(self.classes))
+        return load_head(self.path / HEAD_FILE, self.config.model.head, width, len(self.classes),
+                         scaled=self.config.train.head_scale)
 
     def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
         """The head on the features of each ``tta`` view, averaged."""

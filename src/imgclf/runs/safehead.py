@@ -1,11 +1,11 @@
 """Load a scikit-learn head (``head.skops``) without trusting the file.
 
 skops loads only types it is told to trust, so the question is what to trust. imgclf writes four
-heads, each ``Pipeline(StandardScaler, estimator)``; for each kind the exact node types
-(module.class and skops loader) that such a file holds are listed below, built from the classes
-themselves. Before anything is constructed, every node of the file's schema must be on the list for
-the run's head kind: no prefix rule, so a callable such as ``numpy.testing...runstring`` reached
-through a reduce node is refused, and nothing in the file runs.
+heads, each ``Pipeline(StandardScaler, estimator)`` (or ``Pipeline(estimator)`` with ``head_scale:
+false``); for each kind the exact node types (module.class and skops loader) that such a file holds
+are listed below, built from the classes themselves. Before anything is constructed, every node of
+the file's schema must be on the list for the run's head kind: no prefix rule, so a callable such as
+``numpy.testing...runstring`` reached through a reduce node is refused, and nothing in the file runs.
 
 Trusted types are not enough on their own: scikit-learn indexes a decision tree's arrays and
 libsvm its support vectors without bounds checks, so a crafted file could crash the process at
@@ -62,8 +62,10 @@ def allowed_nodes(kind: str) -> dict[str, set[str]]:
     return nodes
 
 
-def load_head(path: Path, kind: str, n_features: int | None = None, n_classes: int | None = None):
-    """The head saved at ``path`` for a run trained with ``--head kind``; refuses anything else.
+def load_head(path: Path, kind: str, n_features: int | None = None, n_classes: int | None = None,
+              scaled: bool = True):
+    """The head saved at ``path`` for a run trained with ``--head kind`` (``scaled``: with its
+    StandardScaler, else the estimator alone, ``head_scale: false``); refuses anything else.
 
     With ``n_features`` (the backbone's embedding width) and ``n_classes``, the head's arrays must
     fit them: a head that would fail or read out of bounds at inference is refused here.
@@ -82,7 +84,7 @@ def load_head(path: Path, kind: str, n_features: int | None = None, n_classes: i
         head = load(path, trusted=sorted({t for t, _ in types}))
     except Exception as err:  # skops raises many kinds on a malformed file; none may escape as a traceback
         raise RunDirError(f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}); re-train") from None
-    return check_head(head, kind, path, n_features, n_classes)
+    return check_head(head, kind, path, n_features, n_classes, scaled)
 
 
 def schema_types(path: Path) -> set[tuple[str, str]]:
@@ -112,15 +114,19 @@ def schema_types(path: Path) -> set[tuple[str, str]]:
     return found
 
 
-def check_head(head, kind: str, path: Path, n_features: int | None = None, n_classes: int | None = None):
+def check_head(head, kind: str, path: Path, n_features: int | None = None, n_classes: int | None = None,
+               scaled: bool = True):
     """The loaded pipeline has imgclf's shape, internally consistent arrays, and fits the run's model."""
     steps = getattr(head, "steps", None)
-    if not (isinstance(head, Pipeline) and isinstance(steps, list) and len(steps) == 2
-            and type(steps[0][1]) is StandardScaler and type(steps[1][1]) is ESTIMATORS[kind]):
-        raise RunDirError(f"{path} is not the StandardScaler + {kind} pipeline imgclf writes; re-train")
-    scaler, estimator = steps[0][1], steps[1][1]
+    expected = (StandardScaler, ESTIMATORS[kind]) if scaled else (ESTIMATORS[kind],)
+    if not (isinstance(head, Pipeline) and isinstance(steps, list) and len(steps) == len(expected)
+            and all(isinstance(step, tuple) and len(step) == 2 and type(step[1]) is cls
+                    for step, cls in zip(steps, expected, strict=True))):
+        what = "StandardScaler + " if scaled else "unscaled (head_scale: false) "
+        raise RunDirError(f"{path} is not the {what}{kind} pipeline imgclf writes; re-train")
+    estimator = steps[-1][1]
     try:
-        n_features = _check_scaler(scaler, n_features)
+        n_features = _check_scaler(steps[0][1], n_features) if scaled else _width(estimator, n_features)
         if n_classes is not None and not np.array_equal(np.asarray(estimator.classes_), np.arange(n_classes)):
             raise ValueError(f"classes_ is not 0..{n_classes - 1}")
         if kind == "logreg":
@@ -181,6 +187,16 @@ def _check_scaler(scaler, n_features: int | None) -> int:
     if mean.ndim != 1 or mean.shape != scale.shape or (n_features is not None and len(mean) != n_features):
         raise ValueError(f"the scaler takes {mean.shape} features, the backbone gives {n_features}")
     return len(mean)
+
+
+def _width(estimator, n_features: int | None) -> int:
+    """An unscaled head's width: the count the estimator was fitted on, equal to the backbone's if known."""
+    width = getattr(estimator, "n_features_in_", None)
+    if not isinstance(width, int | np.integer) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"n_features_in_ {width!r} is not a feature count")
+    if n_features is not None and width != n_features:
+        raise ValueError(f"the head takes {width} features, the backbone gives {n_features}")
+    return int(width)
 
 
 def _check_linear(logreg, n_features: int) -> None:

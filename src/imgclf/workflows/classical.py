@@ -1,5 +1,6 @@
 """Train a classical head: a scikit-learn classifier on a frozen backbone's features, its parameter
-chosen on validation (``--head svm|logreg|knn|rf``), written as a run of the ``classical`` kind.
+chosen on validation (``--head svm|logreg|knn|rf``) or fixed (``head_param``), on standardised or
+(``head_scale: false``) raw features, written as a run of the ``classical`` kind.
 
 The features are the network's penultimate layer. With ``--init-from RUN`` they come from that
 trained run (the notebook's "SVM on a trained CNN's features"); without it, any dense layer of
@@ -43,13 +44,14 @@ def train_classical(config: Config, evaluate_test: bool = True):
                                                           cfg.data.workers), s.compute)[0]
                 for split in ("train", "val")}
     train, val = index.subset("train"), index.subset("val")
-    name, values = GRIDS[kind]
-    balanced = cfg.train.class_weight == "balanced"
+    name, values = head_candidates(cfg)
+    balanced, scale = cfg.train.class_weight == "balanced", cfg.train.head_scale
     sign = 1 if cfg.train.monitor.endswith("loss") else -1
     history, best = [], None
     for epoch, value in enumerate(values, 1):
         start = time.perf_counter()
-        head = make_head(kind, value, cfg.train.seed, balanced, train.targets).fit(features["train"], train.targets)
+        head = make_head(kind, value, cfg.train.seed, balanced, train.targets, scale).fit(features["train"],
+                                                                                         train.targets)
         row = validation_row(compute_metrics(Predictions(list(val.paths), list(index.classes), val.targets,
                                                          head.predict_proba(features["val"])),
                                              cfg.data.positive_class))
@@ -68,6 +70,18 @@ def train_classical(config: Config, evaluate_test: bool = True):
         save_head(best[2], s.out / HEAD_FILE)
         write_history(history, s.out / "history.csv")
     return finish_run(s, evaluate_test, best[1])
+
+
+def head_candidates(cfg: Config) -> tuple[str, list]:
+    """(the head's parameter, the values to try): the fixed ``head_param``, or the kind's small grid."""
+    kind, fixed = cfg.model.head, cfg.train.head_param
+    name, values = GRIDS[kind]
+    if fixed is not None:
+        values = [int(fixed) if kind in ("knn", "rf") else fixed]
+        log.info("%s: %s=%s fixed by head_param (no search on validation)", kind, name, values[0])
+    if not cfg.train.head_scale:
+        log.info("%s: on raw features (head_scale off: no standardisation)", kind)
+    return name, values
 
 
 def _warn_untrained(model: Classifier, cfg: Config, kind: str) -> None:

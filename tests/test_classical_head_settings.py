@@ -1,0 +1,61 @@
+"""A classical head as a notebook calls it: a fixed parameter (head_param, no search) on raw features
+(head_scale: false), e.g. the blood-cell notebook's plain SVC(). Issue 16 follow-ups, item 4."""
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+
+import imgclf
+from imgclf.config import build_config
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.runs.base import load_run
+from imgclf.runs.heads import HEAD_FILE, make_head, save_head
+from imgclf.runs.safehead import load_head
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("kind,value", [("svm", 1.0), ("logreg", 1.0), ("knn", 3), ("rf", 20)])
+def test_an_unscaled_head_round_trips_and_only_as_the_config_says(tmp_path, kind, value):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(5, 3, size=(40, 6)), np.arange(40) % 3
+    head = make_head(kind, value, 0, False, y, scale=False).fit(x, y)
+    assert [type(step).__name__ for _, step in head.steps] == [type(head.steps[-1][1]).__name__]
+    save_head(head, tmp_path / HEAD_FILE)
+    loaded = load_head(tmp_path / HEAD_FILE, kind, 6, 3, scaled=False)
+    np.testing.assert_array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    assert load_head(tmp_path / HEAD_FILE, kind, scaled=False) is not None  # width from the estimator itself
+    with pytest.raises(RunDirError, match=f"not the StandardScaler \\+ {kind} pipeline"):
+        load_head(tmp_path / HEAD_FILE, kind, 6, 3)  # the config says scaled: a file without it is refused
+    with pytest.raises(RunDirError, match="inconsistent"):
+        load_head(tmp_path / HEAD_FILE, kind, 7, 3, scaled=False)  # a head for another backbone width
+    save_head(make_head(kind, value, 0, False, y).fit(x, y), tmp_path / "scaled.skops")
+    with pytest.raises(RunDirError, match=f"not the unscaled \\(head_scale: false\\) {kind} pipeline"):
+        load_head(tmp_path / "scaled.skops", kind, 6, 3, scaled=False)
+
+
+def test_head_settings_without_a_classical_head_are_errors():
+    with pytest.raises(ConfigError, match="head_param applies only to --head svm, logreg, knn or rf"):
+        build_config({"train": {"head_param": 1.0}})
+    with pytest.raises(ConfigError, match="head_scale applies only to"):
+        build_config({"train": {"head_scale": False}})
+    with pytest.raises(ConfigError, match="head_param=2.5 is the knn head's n_neighbors: give a whole number"):
+        build_config({"model": {"head": "knn"}, "train": {"head_param": 2.5}})
+
+
+def test_a_plain_svc_on_raw_features_trains_once_and_is_recorded(tmp_path, pool_dataset):
+    config = tiny_config(pool_dataset, tmp_path / "svc", model={"head": "svm"},
+                         train={"head_param": 1.0, "head_scale": False})
+    run = imgclf.train(config)
+    with open(run.path / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["param"] for r in rows] == ["C=1.0"]  # no search: the one given value
+    recorded = yaml.safe_load((run.path / "config.yaml").read_text())["train"]
+    assert (recorded["head_param"], recorded["head_scale"]) == (1.0, False)
+    reloaded = load_run(run.path)
+    steps = reloaded.head.steps
+    assert len(steps) == 1 and steps[0][1].estimator.C == 1.0  # Platt-calibrated SVC(C=1), no StandardScaler
+    preds = reloaded.predict([pool_dataset])
+    assert preds.probs.shape == (42, 3) and np.allclose(preds.probs.sum(1), 1)
