@@ -266,3 +266,74 @@ def test_grid_ranked_by_two_metrics_records_the_list(tmp_path, pool_dataset):
     best = json.loads((tmp_path / "g" / "best.json").read_text())
     assert best["rank_by"] == ["val_f1_macro", "val_accuracy"] == result["rank_by"]
     assert best["best_trial"] == board[0]["trial"] and best["val_accuracy"] == float(board[0]["val_accuracy"])
+
+
+def write_best(grid_dir, params, trial="trial_001"):
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    (grid_dir / "best.json").write_text(json.dumps({"best_trial": trial, "params": params, "test": None}))
+    return grid_dir
+
+
+CHAIN = [{"name": "model1", "freeze": "backbone"}, {"name": "model2", "epochs": 1}]
+
+
+def test_cv_takes_a_chains_settings_from_its_grids_winners(tmp_path):
+    from imgclf.workflows.cv import with_grid_winners
+
+    config = tiny_config(tmp_path, tmp_path / "cv", train={"optimizer": "adam", "eps": 1e-7}, stages=CHAIN)
+    one = write_best(tmp_path / "g1", {"optimizer": "adagrad", "initial_accumulator_value": 0.1, "lr": 0.001,
+                                       "batch_size": 16, "epochs": 3, "augment": "light"})
+    two = write_best(tmp_path / "g2", {"optimizer": "sgd", "eps": None, "lr": 0.01})
+    chained = with_grid_winners(config, [f"model1={one}", f"1={two}"])
+    first, second = chained.stages
+    assert (first.optimizer, first.initial_accumulator_value, first.lr, first.batch_size, first.epochs) == \
+        ("adagrad", 0.1, 0.001, 16, 3)
+    assert (second.optimizer, second.eps, second.lr, second.epochs) == ("sgd", None, 0.01, 1)
+    assert chained.augment.preset == "light" and chained.train.lr == config.train.lr  # not a stage field: the chain's
+    plain = with_grid_winners(tiny_config(tmp_path, tmp_path / "cv"), [str(write_best(tmp_path / "g3", {"lr": 0.5}))])
+    assert plain.train.lr == 0.5
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "best.json is damaged"),
+    ('{"best_trial": "t", "params": [1]}', "params"),
+    ('{"best_trial": "t", "params": {"__class__": 1}}', "best.json: params: --param '__class__' is not a config"),
+    ('{"best_trial": "t", "params": {"lr": "fast"}}', "lr"),
+    ('{"best_trial": "t", "params": {"stages.0.lr": 0.1}}', "varied stages.0.lr, a stage of its own config"),
+])
+def test_a_tampered_best_json_is_a_one_line_error(tmp_path, content, message):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "best.json").write_text(content)
+    config = tiny_config(tmp_path, tmp_path / "cv", stages=CHAIN)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config.model_dump()))
+    result = run_cli("cv", tmp_path, "--config", path, "--from-grid", f"model1={tmp_path / 'g'}", timeout=60)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "cv" / "fold_0").exists()
+
+
+def test_two_grids_that_disagree_on_a_shared_setting_are_an_error(tmp_path):
+    from imgclf.workflows.cv import with_grid_winners
+
+    config = tiny_config(tmp_path, tmp_path / "cv", stages=CHAIN)
+    one, two = write_best(tmp_path / "a", {"augment": "none"}), write_best(tmp_path / "b", {"augment": "light"})
+    with pytest.raises(ConfigError, match="augment is 'none' in .* but 'light' in"):
+        with_grid_winners(config, [f"model1={one}", f"model2={two}"])
+    with pytest.raises(ConfigError, match="no such stage"):
+        with_grid_winners(config, [f"model9={one}"])
+
+
+@pytest.mark.slow
+def test_grid_then_cv_from_its_winner_on_the_command_line(tmp_path, pool_dataset):
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(tiny_config(pool_dataset, tmp_path / "x", train={"epochs": 1}).model_dump()))
+    grid = run_cli("grid", pool_dataset, "--config", path, "--param", "lr=0.01,0.002", "--rank-by",
+                   "f1_macro,accuracy", "--out", tmp_path / "g", timeout=300)
+    assert grid.returncode == 0, grid.stderr
+    assert "val_f1_macro=" in grid.stdout and "val_accuracy=" in grid.stdout
+    best = json.loads((tmp_path / "g" / "best.json").read_text())
+    cv = run_cli("cv", pool_dataset, "--config", path, "--folds", "2", "--from-grid", tmp_path / "g",
+                 "--out", tmp_path / "cv", timeout=300)
+    assert cv.returncode == 0, cv.stderr
+    for fold in ("fold_0", "fold_1"):
+        assert Run(tmp_path / "cv" / fold).config.train.lr == best["params"]["lr"]

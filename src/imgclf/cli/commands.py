@@ -32,7 +32,7 @@ from imgclf.training.distributed import DistContext
 from imgclf.training.stages import resolve_stages
 from imgclf.workflows.autoselect import DEFAULT_BUDGET_S, train_auto
 from imgclf.workflows.candidates import is_default_request
-from imgclf.workflows.cv import cross_validate
+from imgclf.workflows.cv import cross_validate, with_grid_winners
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.distributed import evaluate_on_ranks, launch
 from imgclf.workflows.embeddings import write_features
@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     config = _experiment_config(args, "cv")
+    if args.from_grid:
+        config = with_grid_winners(config, args.from_grid)
 
     result = cross_validate(config, args.folds, args.group_column, args.backend, args.jobs, args.ray_address)
     for row in result["summary"]:

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cv":
             p.add_argument("--folds", type=int, default=5, help="k for stratified k-fold (ignored for Fold0..K)")
             p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
+            p.add_argument("--from-grid", action="append", metavar="[STAGE=]GRID_DIR",
+                           help="cross-validate a grid's winning settings (its best.json); STAGE= puts its train "
+                                "settings into that stage of the config (repeat for a chain: model1=DIR1 ...)")
             p.set_defaults(func=cmd_cv)
         else:
             p.add_argument("--param", action="append", metavar="NAME=V1,V2",

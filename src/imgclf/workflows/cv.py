@@ -5,18 +5,20 @@ stratified k-fold over a folder pool or CSV (``--folds K``, seeded); or stratifi
 k-fold when a CSV has a group column (e.g. patient id), so one patient never sits in two folds.
 Outputs: ``fold_<i>/`` runs, ``folds.csv``, ``summary.csv`` (describe() + 95% CI of the mean),
 ``plots/folds.png`` and pooled out-of-fold predictions with their own metrics.
+``with_grid_winners`` takes the settings to cross-validate from grids' ``best.json`` (``--from-grid``).
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from imgclf import atomic
-from imgclf.config import Config, build_config
+from imgclf.config import Config, StageConfig, build_config
 from imgclf.data.audit import predefined_folds
 from imgclf.data.index import detect_layout, scan_rows
 from imgclf.errors import ConfigError, DataError
@@ -25,8 +27,10 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import plot_folds
+from imgclf.runs.files import read_grid_best
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.gridparams import apply_params, check_reaches_stages, setting
 from imgclf.workflows.summary import describe, train_job
 
 log = get_logger("cv")
@@ -131,3 +135,65 @@ def pooled_predictions(runs: list[Path]) -> Predictions:
         raise DataError("folds have different classes; every fold's train split must hold every class")
     return Predictions([p for part in parts for p in part.paths], classes,
                        np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]))
+
+
+def with_grid_winners(config: Config, sources: list[str]) -> Config:
+    """``config`` with each grid's winning settings (``GRID_DIR/best.json``'s params) applied.
+
+    ``STAGE=GRID_DIR`` puts that grid's train settings into the stage ``STAGE`` (a name or a position),
+    as a stage chain's CV needs (model 1's grid -> stage model1); settings a stage cannot hold apply
+    to the whole config. A setting two grids set differently is an error, and so is anything best.json holds that is
+    not a valid setting: the file is read through the validated reader, then every value is validated.
+    """
+    values = config.model_dump()
+    chosen: dict[str, tuple[Any, Path]] = {}
+    for source in sources:
+        stage, path = _grid_source(source)
+        _check_stage(config, stage, source)
+        best = read_grid_best(path)
+        params = {_winner_key(key, stage, path): value for key, value in best["params"].items()}
+        for key, value in params.items():
+            if key in chosen and chosen[key][0] != value:
+                raise ConfigError(f"--from-grid: {key} is {chosen[key][0]!r} in {chosen[key][1]} but {value!r} in "
+                                  f"{path}; cross-validate one of them (give that grid alone, or pass the value)")
+            chosen[key] = (value, path)
+        try:
+            apply_params(values, params)
+            merged = build_config(values)
+            check_reaches_stages(merged, {k: v for k, v in params.items() if not k.startswith("stages.")})
+        except ConfigError as err:
+            raise ConfigError(f"--from-grid {source}: {path}'s params {params}: {err}") from None
+        log.info("from %s (%s): %s", path, best["best_trial"], ", ".join(f"{k}={v}" for k, v in params.items()))
+    return build_config(values)
+
+
+def _grid_source(source: str) -> tuple[str | None, Path]:
+    """``[STAGE=]GRID_DIR`` -> (the stage or None, the grid's best.json)."""
+    stage, sep, rest = source.partition("=")
+    if sep and rest and not Path(source).expanduser().exists():
+        return stage.strip(), Path(rest).expanduser() / "best.json"
+    return None, Path(source).expanduser() / "best.json"
+
+
+def _check_stage(config: Config, stage: str | None, source: str) -> None:
+    names = [s.name for s in config.stages]
+    if stage is None or stage in names or (stage.isdigit() and int(stage) < len(names)):
+        return
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names)) or "none"
+    raise ConfigError(f"--from-grid {source}: no such stage {stage!r}; the config's stages are: {listed} (give "
+                      "them in the config, stages:, or with --stage)")
+
+
+def _winner_key(key: str, stage: str | None, path: Path) -> str:
+    """Where a grid's setting lands in the CV's config: as varied, or as a field of ``stage``."""
+    try:
+        target = setting(key)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: params: {err}; run the grid again") from None
+    if stage is None or target.section not in ("train", "stages"):
+        return key
+    if target.section == "stages":
+        raise ConfigError(f"{path}: its grid varied {target.describe()}, a stage of its own config; give "
+                          f"--from-grid {path.parent} without {stage}=")
+    # a train setting that stages cannot override (seed, class_weight ...) is the whole chain's
+    return f"stages.{stage}.{target.name}" if target.name in StageConfig.model_fields else key
