@@ -1,13 +1,25 @@
-"""Training and prediction throughput: imgclf against a plain PyTorch loop and its own model-only limit.
+"""Training throughput on the networks users train: imgclf against a plain PyTorch loop on the same model.
 
-One run builds a synthetic JPEG dataset and measures, per model, images per second for:
-- imgclf train: the full pipeline (decode-once cache, 'medium' augmentation, default precision);
-- a plain torchvision ImageFolder + DataLoader loop, fp32, same model and augmentation (the baseline);
-- model-only: the same training step on pre-loaded tensors with imgclf's precision (the ceiling);
-and for prediction, imgclf predict against the plain loop. Targets on a 2-core CPU: imgclf >= 1.8x
-the plain loop, and >= 0.9x its own model-only limit.
+One run builds a synthetic JPEG dataset per workload and measures, in interleaved rounds (imgclf,
+plain, imgclf, plain, ...; medians reported, so a busy moment on a shared machine hits both sides):
+- imgclf train: images/s of an epoch's training alone (history.csv ``train_seconds``; the first
+  epoch of each training warms up and is left out): cached uint8 images, 'medium' augmentation on
+  each batch, imgclf's default precision and memory format;
+- plain loop: the model-only limit, the same model, optimizer and loss on tensors already in memory,
+  with the same precision and memory format (no data path, no augmentation);
+- their ratio (target >= 0.9), and how much of imgclf's whole call is not training (validation,
+  test evaluation, report, start-up).
 
-    python benchmarks/throughput.py [--images 600] [--models simple_cnn,efficientnet_b0]
+Workloads (batch 32, Adam, 'medium' = the COVID notebook's rotation 45, zoom/shear/shifts 0.2, both flips):
+- notebook_cnn: the bears notebook's CNN exactly, 150 px: conv 32/64/128 3x3 'valid' relu, each
+  followed by max-pool 2, no BatchNorm, flatten, dense 512 relu, softmax (18.9M-parameter dense layer);
+- vgg16_head: VGG16 frozen (no pretrained weights: speed only), head flatten -> dense 512 relu,
+  150 px, the backbone run every epoch (feature_cache off: what a Keras head stage does);
+- efficientnet_b0: full fine-tune at 224 px (no pretrained weights: speed only);
+- simple_cnn: imgclf's shorthand simple CNN (BatchNorm, 'same' convolutions, flatten, dense 512), 150 px.
+``--predict`` also times prediction: imgclf predict against a plain fp32 ImageFolder loop.
+
+    python benchmarks/throughput.py [--workloads notebook_cnn,vgg16_head,efficientnet_b0] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import argparse
 import csv
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,41 +41,55 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 import imgclf
-from imgclf.config import AugmentConfig, ModelConfig
-from imgclf.data.transforms import resolve_augment
+from imgclf.config import ModelConfig
+from imgclf.models.freeze import apply_freeze
 from imgclf.models.networks import build_model, resolve_preprocess
 from imgclf.runtime import Compute
 
-SETTINGS = {"simple_cnn": {"size": 150, "model": {"conv_filters": [32, 64, 128], "dense_layers": [512],
-                                                   "pool": "flatten"}, "epochs": 2, "per_class": None},
-            "efficientnet_b0": {"size": 224, "model": {}, "epochs": 1, "per_class": 80}}
+NOTEBOOK_CONV = ["conv 32 3 valid relu", "pool max 2", "conv 64 3 valid relu", "pool max 2",
+                 "conv 128 3 valid relu", "pool max 2"]
+WORKLOADS = {
+    "notebook_cnn": {"size": 150, "images": 300, "model": {"name": "simple_cnn", "conv_layers": NOTEBOOK_CONV,
+                                                           "head_layers": ["flatten", "dense 512 relu"]}},
+    "vgg16_head": {"size": 150, "images": 120, "model": {"name": "vgg16", "pretrained": False,
+                                                         "head_layers": ["flatten", "dense 512 relu"]},
+                   "train": {"freeze": "backbone", "feature_cache": False}},
+    "efficientnet_b0": {"size": 224, "images": 100, "model": {"name": "efficientnet_b0", "pretrained": False}},
+    "simple_cnn": {"size": 150, "images": 300, "model": {"name": "simple_cnn", "conv_filters": [32, 64, 128],
+                                                         "dense_layers": [512], "pool": "flatten"}},
+}
+BATCH = 32
 
 
-def make_jpegs(root: Path, per_class: int, size: int = 256) -> Path:
+def make_jpegs(root: Path, n: int, size: int = 256) -> Path:
     rng = np.random.default_rng(0)
-    for label in range(3):
+    for i in range(n):
+        label = i % 3
         folder = root / f"class_{label}"
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            pixels[:, label * size // 3:(label + 1) * size // 3] //= 3
-            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        pixels[:, label * size // 3:(label + 1) * size // 3] //= 3
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
     return root
 
 
-def imgclf_train(data: Path, out: Path, name: str, s: dict, workers: int | None) -> float:
-    config = imgclf.build_config({"data": {"path": str(data), "image_size": s["size"], "val_fraction": 0.05,
-                                           "test_fraction": 0.05, "workers": workers},
-                                  "model": {"name": name, **s["model"]}, "augment": {"preset": "medium"},
-                                  "train": {"epochs": s["epochs"], "batch_size": 32, "early_stopping": False,
-                                            "restore_best": False},
-                                  "out": str(out)})
-    imgclf.train(config)  # the first run decodes into the cache: not timed
-    timed = out.with_name(out.name + "_timed")
-    run = imgclf.train(config.model_copy(update={"out": str(timed)}))
+def imgclf_config(data: Path, out: Path, w: dict, epochs: int):
+    return imgclf.build_config({
+        "data": {"path": str(data), "image_size": w["size"], "val_fraction": 0.1, "test_fraction": 0.1},
+        "model": w["model"], "augment": {"preset": "medium"},
+        "train": {"epochs": epochs, "batch_size": BATCH, "optimizer": "adam", "early_stopping": False,
+                  "restore_best": False, **w.get("train", {})},
+        "out": str(out)})
+
+
+def imgclf_train(config) -> tuple[float, float]:
+    """(training images/s, median over the epochs after the first; share of the call that is not training)."""
+    start = time.perf_counter()
+    run = imgclf.train(config)
+    wall = time.perf_counter() - start
     n_train = sum(1 for r in read_csv(run.path / "split.csv") if r["split"] == "train")
-    rows = read_csv(run.path / "history.csv")
-    return n_train * len(rows) / sum(float(r["train_seconds"]) for r in rows)
+    seconds = [float(r["train_seconds"]) for r in read_csv(run.path / "history.csv")]
+    return n_train / statistics.median(seconds[1:]), 1 - sum(seconds) / wall
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -70,52 +97,37 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def plain_transform(size: int, train: bool):
-    a = resolve_augment(AugmentConfig(preset="medium"))
-    steps = [v2.PILToTensor(), v2.Resize((size, size), antialias=True)]
-    if train:
-        steps += [v2.RandomAffine(a["rotation_range"], (a["width_shift_range"], a["height_shift_range"]),
-                                  (1 - a["zoom_range"], 1 + a["zoom_range"]), a["shear_range"]),
-                  v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+class PlainLoop:
+    """The model-only limit: imgclf's model, Adam and cross-entropy on in-memory tensors, imgclf's precision
+    and memory format, the frozen part (if any) frozen with requires_grad off."""
 
+    def __init__(self, w: dict):
+        self.compute = Compute.resolve("auto", "auto", None)
+        cfg = ModelConfig(**w["model"])
+        model = build_model(cfg, 3, resolve_preprocess(cfg, w["size"], 3))
+        if w.get("train", {}).get("freeze") == "backbone":
+            apply_freeze(model, "backbone")
+        self.model = self.compute.prepare(model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+        self.images = self.compute.batch(torch.randn(BATCH, 3, w["size"], w["size"]))
+        self.targets = torch.randint(0, 3, (BATCH,))
+        self.step()  # warm-up: oneDNN primitives, optimizer state
 
-def plain_train(data: Path, name: str, s: dict, workers: int) -> float:
-    """The baseline users write: ImageFolder, DataLoader, fp32, decode every epoch."""
-    dataset = datasets.ImageFolder(str(data), transform=plain_transform(s["size"], True))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers)
-    cfg = ModelConfig(name=name, **s["model"])
-    model = build_model(cfg, 3, resolve_preprocess(cfg, s["size"], 3))
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    model.train()
-    start, seen = time.perf_counter(), 0
-    for images, targets in loader:
-        loss = torch.nn.functional.cross_entropy(model(images), targets)
-        optimizer.zero_grad()
+    def step(self) -> None:
+        self.model.train()
+        with self.compute.autocast():
+            out = self.model(self.images)
+        loss = torch.nn.functional.cross_entropy(out.float(), self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        seen += len(targets)
-    return seen / (time.perf_counter() - start)
+        self.optimizer.step()
 
-
-def model_only(name: str, s: dict, steps: int) -> float:
-    """The same training step on tensors already in memory, with imgclf's default compute settings."""
-    compute = Compute.resolve("auto", "auto", None)
-    cfg = ModelConfig(name=name, **s["model"])
-    model = compute.prepare(build_model(cfg, 3, resolve_preprocess(cfg, s["size"], 3)))
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    images, targets = torch.randn(32, 3, s["size"], s["size"]), torch.randint(0, 3, (32,))
-    model.train()
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
-        with compute.autocast():
-            out = model(compute.batch(images))
-        loss = torch.nn.functional.cross_entropy(out.float(), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return 32 * steps / (time.perf_counter() - start)
+    def rate(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return BATCH * steps / (time.perf_counter() - start)
 
 
 def predict_rates(run_dir: Path, data: Path, size: int) -> tuple[float, float]:
@@ -124,42 +136,75 @@ def predict_rates(run_dir: Path, data: Path, size: int) -> tuple[float, float]:
     start = time.perf_counter()
     run.predict(paths)
     ours = len(paths) / (time.perf_counter() - start)
-    dataset = datasets.ImageFolder(str(data), transform=plain_transform(size, False))
+    transform = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True),
+                            v2.ToDtype(torch.float32, scale=True)])
+    dataset = datasets.ImageFolder(str(data), transform=transform)
     model = run.model.float().to(memory_format=torch.contiguous_format).eval()
     start = time.perf_counter()
     with torch.no_grad():
-        for images, _ in torch.utils.data.DataLoader(dataset, batch_size=32):
+        for images, _ in torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=2):
             model(images).softmax(1)
     return ours, len(dataset) / (time.perf_counter() - start)
 
 
+def measure(name: str, tmp: Path, rounds: int, epochs: int, predict: bool) -> dict:
+    w = WORKLOADS[name]
+    data = make_jpegs(tmp / f"data_{name}", w["images"])
+    config = imgclf_config(data, tmp / f"run_{name}", w, epochs)
+    imgclf.train(config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})}))  # decode
+    plain = PlainLoop(w)
+    steps = max(3, int(w["images"] * 0.8) // BATCH)  # as many steps as one imgclf epoch
+    ours, theirs, outside = [], [], []
+    for r in range(rounds):
+        rate, share = imgclf_train(config.model_copy(update={"out": str(tmp / f"run_{name}_{r}")}))
+        ours.append(rate)
+        outside.append(share)
+        theirs.append(plain.rate(steps))
+    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    result = {"imgclf": statistics.median(ours), "plain": statistics.median(theirs),
+              "outside": statistics.median(outside), "n": w["images"], "steps": steps,
+              "spread": (min(ratios), max(ratios))}
+    if predict:
+        result["predict"] = predict_rates(tmp / f"run_{name}_0", data, w["size"])
+    return result
+
+
+def report(name: str, r: dict, rounds: int, epochs: int) -> None:
+    w = WORKLOADS[name]
+    print(f"\n{name} at {w['size']} px: {r['n']} images (80% train), {rounds} rounds of imgclf ({epochs} epochs, "
+          f"first left out) and plain ({r['steps']} steps)")
+    low, high = r["spread"]
+    print(f"  train  imgclf {r['imgclf']:7.1f} img/s | plain model-only {r['plain']:7.1f} img/s  ->  "
+          f"{r['imgclf'] / r['plain']:.2f}x (rounds {low:.2f}-{high:.2f}); not training: "
+          f"{100 * r['outside']:.0f}% of imgclf's call")
+    if "predict" in r:
+        ours, plain = r["predict"]
+        print(f"  predict imgclf {ours:6.1f} img/s | plain fp32 ImageFolder loop {plain:6.1f}  ->  "
+              f"{ours / plain:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=600, help="JPEGs per class (3 classes, 256x256)")
-    parser.add_argument("--models", default="simple_cnn,efficientnet_b0", help="comma-separated")
-    parser.add_argument("--plain-workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="DataLoader workers for the plain loop")
-    parser.add_argument("--workers", type=int, help="imgclf loader workers (default: automatic)")
+    parser.add_argument("--workloads", default="notebook_cnn,vgg16_head,efficientnet_b0",
+                        help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per imgclf training (>= 2)")
+    parser.add_argument("--predict", action="store_true", help="also time prediction against a plain loop")
     args = parser.parse_args()
+    names = args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {unknown[0]!r}; use {', '.join(WORKLOADS)}")
     logging.getLogger("imgclf").setLevel(logging.WARNING)
-    print(f"CPU cores: {os.cpu_count()}, torch {torch.__version__}, {Compute.resolve('auto', 'auto', None)}")
+    print(f"CPU cores: {os.cpu_count()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{Compute.resolve('auto', 'auto', None)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp / "cache"))
-        for name in args.models.split(","):
-            s = SETTINGS[name]
-            data = make_jpegs(tmp / f"data_{name}", s["per_class"] or args.images)
-            ours = imgclf_train(data, tmp / f"run_{name}", name, s, args.workers)
-            plain = plain_train(data, name, s, args.plain_workers)
-            limit = model_only(name, s, steps=8 if name == "simple_cnn" else 3)
-            pred_ours, pred_plain = predict_rates(tmp / f"run_{name}_timed", data, s["size"])
-            print(f"\n{name} at {s['size']}px, batch 32, 'medium' augmentation ({3 * (s['per_class'] or args.images)} "
-                  f"images)")
-            print(f"  train  imgclf {ours:7.1f} img/s | plain loop fp32 {plain:7.1f} | model-only {limit:7.1f}"
-                  f"  ->  {ours / plain:.2f}x plain, {ours / limit:.2f}x model-only")
-            print(f"  predict imgclf {pred_ours:6.1f} img/s | plain loop fp32 {pred_plain:7.1f}"
-                  f"  ->  {pred_ours / pred_plain:.2f}x plain")
-    sys.stdout.flush()
+        for name in names:
+            report(name, measure(name, tmp, args.rounds, max(2, args.epochs), args.predict), args.rounds,
+                   max(2, args.epochs))
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
