@@ -32,6 +32,7 @@ from imgclf.models.freeze import apply_freeze
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import Counts, keras_counts, keras_layers
 from imgclf.training.stages import resolve_stages
+from imgclf.workflows.grid import parse_params, trial_configs
 from test_layers import (
     bn,
     conv2d,
@@ -127,7 +128,8 @@ def test_covid_densenet169_is_the_keras_network():
                       "augment.zoom_range": 0.2, "augment.shear_range": 0.2, "augment.width_shift_range": 0.2,
                       "augment.height_shift_range": 0.2, "augment.horizontal_flip": True,
                       "augment.vertical_flip": True, "augment.fill_mode": "nearest", "train.class_weight": "balanced",
-                      "train.optimizer": "adam", "train.lr": 1e-4, "train.weight_decay": 0, "train.schedule": "none",
+                      "augment.zoom_axes": "independent", "train.optimizer": "adam", "train.lr": 1e-4,
+                      "train.eps": 1e-7, "train.weight_decay": 0, "train.schedule": "none",
                       "train.monitor": "val_loss", "train.patience": 10, "train.restore_best": True,
                       "stages.0.freeze": "regex:denseblock4"})
     net, shape = build(config, 3)
@@ -158,8 +160,9 @@ def binary_cnn_count(blocks: int, units: int) -> int:
 def test_covid_binary_cnn_and_each_variant_is_the_keras_network():
     config = config_of("covid_binary_cnn", "cnn.yaml")
     settings(config, {"data.image_size": 256, "data.channels": 1, "model.binary_head": "sigmoid",
-                      "model.normalize": "rescale", "train.optimizer": "adam", "train.weight_decay": 0,
-                      "train.min_delta": 0.01, "train.monitor": "val_loss", "train.restore_best": False})
+                      "model.normalize": "rescale", "train.optimizer": "adam", "train.eps": 1e-7,
+                      "train.weight_decay": 0, "train.min_delta": 0.01, "train.monitor": "val_loss",
+                      "train.restore_best": False})
     net, shape = build(config, 2)
     assert keras_layers(net, shape) == ["Conv2D(relu)", "Dropout", "MaxPooling2D"] * 4 + [
         "Flatten", "Dense(relu)", "Dropout", "Dense"]
@@ -185,7 +188,7 @@ def test_covid_binary_cnn_and_each_variant_is_the_keras_network():
 def test_blood_cell_cnn_and_hybrid_are_the_keras_networks():
     cnn = config_of("blood_cells", "cnn.yaml")
     settings(cnn, {"data.image_size": 150, "train.optimizer": "rmsprop", "train.lr": 1e-3, "train.rho": 0.9,
-                   "train.momentum": 0.0, "train.weight_decay": 0})
+                   "train.eps": 1e-7, "train.momentum": 0.0, "train.weight_decay": 0})
     net, shape = build(cnn, 4)
     assert keras_layers(net, shape) == ["Conv2D(relu)", "MaxPooling2D"] * 5 + [
         "Flatten", "Dropout", "Dense(relu)", "Dense(relu)", "Dense"]
@@ -208,7 +211,12 @@ def test_blood_cell_optimizer_pairs_are_the_notebooks():
     grid = yaml.safe_load((RECIPES / "blood_cells" / "optimizers.yaml").read_text())
     assert grid == {"optimizer_lr": [{"optimizer": "rmsprop", "lr": 1e-3},
                                      {"optimizer": "adam", "lr": 1e-4, "schedule": "keras_decay", "decay": 1e-6},
-                                     {"optimizer": "sgd", "lr": 1e-4, "schedule": "keras_decay", "decay": 1e-6}]}
+                                     {"optimizer": "sgd", "lr": 1e-4, "schedule": "keras_decay", "decay": 1e-6,
+                                      "eps": None}]}
+    trials = trial_configs(config_of("blood_cells", "cnn.yaml"), parse_params([], str(RECIPES / "blood_cells" /
+                                                                                "optimizers.yaml")), Path("/g"))
+    assert [(c.train.optimizer, c.train.eps) for _, _, c in trials] == [("rmsprop", 1e-7), ("adam", 1e-7),
+                                                                        ("sgd", None)]  # Keras's epsilons
 
 
 @pytest.mark.slow
@@ -269,12 +277,25 @@ def sum_bn_channels() -> int:
     return channels + 1280  # top_bn
 
 
-def test_glaucoma_grids_are_the_notebooks():
-    one = yaml.safe_load((RECIPES / "glaucoma_efficientnet" / "grid_model1.yaml").read_text())
-    assert one == {"optimizer": ["adam", "sgd", "adadelta", "adagrad"], "lr": [1e-4, 1e-3], "batch_size": [16, 32],
-                   "epochs": [10, 50]}
-    two = yaml.safe_load((RECIPES / "glaucoma_efficientnet" / "grid_model2.yaml").read_text())
-    assert two["batch_size"] == [16, 32, 64]
+KERAS_OPTIMIZERS = {  # (eps, rho, initial_accumulator_value) of Keras's optimizers with their defaults
+    "adam": (1e-7, 0.9, None), "sgd": (None, 0.9, None), "adadelta": (1e-7, 0.95, None), "adagrad": (1e-7, 0.9, 0.1)}
+
+
+@pytest.mark.parametrize("model,grid", [("model1.yaml", "grid_model1.yaml"), ("model2.yaml", "grid_model2.yaml")])
+def test_glaucoma_grids_are_the_notebooks_with_kerass_optimizer_constants(model, grid):
+    axes = yaml.safe_load((RECIPES / "glaucoma_efficientnet" / grid).read_text())
+    assert [point["optimizer"] for point in axes["optimizer"]] == ["adam", "sgd", "adadelta", "adagrad"]
+    assert (axes["lr"], axes["epochs"]) == ([1e-4, 1e-3], [10, 50])
+    assert axes["batch_size"] == ([16, 32] if model == "model1.yaml" else [16, 32, 64])
+    config = config_of("glaucoma_efficientnet", model)
+    if model == "model2.yaml":  # recipe.sh runs it --init-from model 1's winner: one stage, the train settings
+        config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": "/model"})})
+    trials = trial_configs(config, parse_params([], str(RECIPES / "glaucoma_efficientnet" / grid)), Path("/g"))
+    assert len(trials) == 4 * 2 * 2 * len(axes["batch_size"])
+    for _, _, trial in trials:
+        train = trial.train
+        assert (train.eps, train.rho, train.initial_accumulator_value) == KERAS_OPTIMIZERS[train.optimizer]
+        assert train.momentum == 0.0
 
 
 # --- Bears, 5 classes, 150 px ----------------------------------------------------------------------------------
@@ -396,6 +417,10 @@ def test_blood_cells_recipe_runs(tmp_path):
     members = json.loads((out / "cnn_ensemble" / "ensemble.json").read_text())
     assert len(members["members"]) == 3
     assert (out / "cnn_svm" / "head.skops").is_file() and (out / "hybrid_svm" / "head.skops").is_file()
+    for svm in ("cnn_svm", "hybrid_svm"):  # SVC(): C=1 on raw features, no search
+        recorded = yaml.safe_load((out / svm / "config.yaml").read_text())["train"]
+        assert (recorded["head_param"], recorded["head_scale"]) == (1.0, False)
+        assert [r["param"] for r in rows(out / svm / "history.csv")] == ["C=1.0"]
     assert [r["stage"] for r in rows(out / "vgg16" / "history.csv")] == ["frozen", "block5"]
     assert "block1_conv1 is features.1 " in log and "block3_conv1 is features.11 " in log
     assert any(p.name.endswith("_features.png") for p in (out / "vgg16_maps").iterdir())
@@ -423,6 +448,12 @@ def test_glaucoma_chain_recipe_runs(tmp_path):
     summary = {r[next(iter(r))]: r for r in rows(out / "cv" / "summary.csv")}
     assert "seconds" in summary
     assert [r["stage"] for r in rows(out / "cv" / "fold_0" / "history.csv")] == ["model1", "model2", "model3"]
+    fold = yaml.safe_load((out / "cv" / "fold_0" / "config.yaml").read_text())["stages"]
+    for position, grid in enumerate(("model1_grid", "model2_grid")):  # cv --from-grid: each stage its winner
+        best = json.loads((out / grid / "best.json").read_text())
+        assert best["rank_by"] == ["val_f1_macro", "val_accuracy"]
+        assert {k: fold[position][k] for k in best["params"]} == best["params"]
+    assert list(rows(out / "model1_grid" / "leaderboard.csv")[0])[2:4] == ["val_f1_macro", "val_accuracy"]
 
 
 @pytest.mark.slow

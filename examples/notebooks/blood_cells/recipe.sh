@@ -22,13 +22,15 @@ best_cnn="$out/cnn_optimizers/trials/$(python3 -c 'import json, sys; print(json.
 imgclf ensemble "${cnns[@]}" --method soft --out "$out/cnn_ensemble"
 
 # notebook: features = Model(cnn.input, cnn.layers[-2].output).predict(...); SVC().fit(features, labels)
-# not yet expressible: SVC() with C=1 on raw features (imgclf standardises them and picks C among 0.1, 1, 10
-# on validation)
-imgclf train "$data" --config "$here/cnn.yaml" --head svm --init-from "$best_cnn" --out "$out/cnn_svm" "$@"
+# (SVC(): C=1 on the raw features, so --head-param 1 --no-head-scale; imgclf: its probabilities come from
+# Platt scaling on cross-validated decision values, which SVC() without probability=True does not have)
+imgclf train "$data" --config "$here/cnn.yaml" --head svm --head-param 1 --no-head-scale --init-from "$best_cnn" \
+  --out "$out/cnn_svm" "$@"
 
 # notebook: the hybrid CNN trained, then its 100-unit dense layer's output fed to an SVC
 imgclf train "$data" --config "$here/hybrid.yaml" --out "$out/hybrid" "$@"
-imgclf train "$data" --config "$here/hybrid.yaml" --head svm --init-from "$out/hybrid" --out "$out/hybrid_svm" "$@"
+imgclf train "$data" --config "$here/hybrid.yaml" --head svm --head-param 1 --no-head-scale --init-from "$out/hybrid" \
+  --out "$out/hybrid_svm" "$@"
 
 # notebook: VGG16 frozen, then block5 unfrozen at RMSprop 1e-5
 imgclf train "$data" --config "$here/vgg16.yaml" --out "$out/vgg16" "$@"
