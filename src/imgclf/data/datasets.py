@@ -1,7 +1,9 @@
 """torch Datasets over the decode-once cache (training, evaluation) or over files (predict).
 
 Each item is ``(image, target, position)``: the position lets evaluation put every prediction
-back on its own row, whatever order the loader used.
+back on its own row, whatever order the loader used. The cache hands a loader whole batches
+(``__getitems__``: one indexed read, the transform once per batch): stacking 32 images one by one
+and transforming each costs a torch parallel region per image, ms each when the cores are busy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, default_collate
 
 from imgclf.data.images import load_image
 
@@ -20,7 +22,8 @@ from imgclf.data.images import load_image
 class CachedImages(Dataset):
     """Images from the cache file; the memory map is opened lazily so workers each open their own.
 
-    Without a ``transform`` items stay uint8, for augmentation batch by batch on the device.
+    Without a ``transform`` items stay uint8, for augmentation batch by batch on the device. A
+    ``transform`` works element by element, so it takes one ``C x H x W`` image or an ``N x C x H x W`` batch.
     """
 
     def __init__(self, cache_file: Path, rows: np.ndarray, targets: np.ndarray, transform: Callable | None):
@@ -30,14 +33,33 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def _images(self) -> np.ndarray:
         if self._array is None:
             self._array = np.load(self.cache_file, mmap_mode="r")
-        image = torch.from_numpy(np.array(self._array[self.rows[i]]))
+        return self._array
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(np.array(self._images()[self.rows[i]]))
         return (self.transform(image) if self.transform else image), int(self.targets[i]), i
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """Items ``indices`` already collated: what ``default_collate`` makes of them, read in one go."""
+        positions = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(np.ascontiguousarray(self._images()[self.rows[positions]]))
+        targets = torch.from_numpy(self.targets[positions].astype(np.int64))
+        return Batch([self.transform(images) if self.transform else images, targets, torch.from_numpy(positions)])
 
     def __getstate__(self):  # never pickle an open memory map into a worker
         return {**self.__dict__, "_array": None}
+
+
+class Batch(list):
+    """A batch its dataset collated itself (``__getitems__``); ``collate`` passes it through."""
+
+
+def collate(items):
+    """The loader's collate: a ``Batch`` as it is, anything else as torch's ``default_collate`` makes it."""
+    return list(items) if isinstance(items, Batch) else default_collate(items)
 
 
 class ImageFiles(Dataset):
@@ -104,5 +126,5 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, sam
     if generator is not None:
         worker_seeds = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      generator=worker_seeds, num_workers=n_workers, drop_last=drop_last,
+                      generator=worker_seeds, num_workers=n_workers, drop_last=drop_last, collate_fn=collate,
                       persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available())
