@@ -2,10 +2,13 @@ import json
 import logging
 
 import pytest
+import torch
 
 import imgclf
 from imgclf import atomic
+from imgclf.config import TrainConfig
 from imgclf.training.fit import EarlyStopping, out_of_time_after
+from imgclf.training.optim import build_optimizer
 
 from conftest import tiny_config
 
@@ -107,3 +110,19 @@ def test_results_do_not_depend_on_the_number_of_loader_processes(tmp_path, pool_
                                        augment={"preset": "medium"}, data={"workers": 2}))
     assert workers.metrics["test"]["n"] == single.metrics["test"]["n"]
     assert workers.metrics == single.metrics
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_steps_fused_and_updates_as_the_per_tensor_adam_does(name):
+    torch.manual_seed(0)
+    start, grads = torch.randn(5, 7), [torch.randn(5, 7) for _ in range(3)]
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    fused = build_optimizer([ours], TrainConfig(optimizer=name, lr=0.01, weight_decay=0.1))
+    reference = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)([theirs], lr=0.01, weight_decay=0.1,
+                                                                             foreach=False)
+    assert fused.defaults["fused"] is True
+    for grad in grads:
+        for param, optimizer in ((ours, fused), (theirs, reference)):
+            param.grad = grad.clone()
+            optimizer.step()
+    assert torch.allclose(ours, theirs, atol=1e-6) and not torch.equal(ours, start)
