@@ -68,6 +68,7 @@ def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_compari
                  "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "This model vs baselines, on the same images:" in out and "majority class (baseline)" in out
+    assert "linear probe (EfficientNet-Lite0 features) (baseline)" not in out  # the chosen probe is the model
     selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
     assert selection["chosen"] == "linear probe" and list(selection["candidates"]) == ["linear probe"]
     assert not (tmp_path / "run" / "candidates").exists()  # nothing else ran

@@ -171,7 +171,7 @@ def test_log_reports_early_stopping_only_before_the_budget(data, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="imgclf"):
         run = api.train(config)
     lines = [record.getMessage() for record in caplog.records]
-    stops = sorted({line for line in lines if "early stopping" in line})  # caplog may see a record twice
+    stops = sorted({line for line in lines if line.startswith("early stopping")})  # caplog may see a record twice
     assert len(stops) == 1, lines
     assert stops[0].startswith("early stopping tune after 1 epoch of 3: val_loss has not improved for 1 epoch ")
     assert "best val_loss" in stops[0] and "at epoch 1" in stops[0]

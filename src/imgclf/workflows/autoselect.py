@@ -30,7 +30,13 @@ from imgclf.reporting.plots import draw_evaluations, write_summary
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, open_run
 from imgclf.workflows.baselines import baseline_rows, row_metrics, write_baselines
-from imgclf.workflows.candidates import CANDIDATES, SLUGS, candidate_config, pretrained_input_size
+from imgclf.workflows.candidates import (
+    CANDIDATES,
+    PROBE_CANDIDATE,
+    SLUGS,
+    candidate_config,
+    pretrained_input_size,
+)
 from imgclf.workflows.lifecycle import mark_finished, new_run_dir
 from imgclf.workflows.train import train
 
@@ -137,7 +143,10 @@ def _promote(out: Path, source: Path, config: Config) -> Run:
 def _rows(run: Run, tried: dict[str, dict], chosen: str, evaluate_test: bool) -> list[dict]:
     splits = ["val", "test"] if evaluate_test and "test" in run.metrics else ["val"]
     prepared = prepare(run.index(), run.preprocess, run.config.data)
-    rows = baseline_rows(prepared, run.preprocess, run.compute, run.config, splits)
+    config = run.config
+    if chosen == PROBE_CANDIDATE:  # the chosen model is the linear probe: not shown as its own baseline
+        config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"baseline": False})})
+    rows = baseline_rows(prepared, run.preprocess, run.compute, config, splits)
     for name, t in tried.items():
         if name != chosen:
             rows.append({"name": name, "role": "candidate", "val": t["val"],

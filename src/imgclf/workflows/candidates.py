@@ -28,8 +28,9 @@ from imgclf.config import Config, build_config
 from imgclf.data.images import BadImage, open_image, require_regular_file
 
 PRETRAINED = "tf_efficientnet_lite0"
+PROBE_CANDIDATE = "linear probe"
 CANDIDATES: dict[str, dict] = {
-    "linear probe": {"name": PRETRAINED, "pretrained": True, "head": "logreg"},
+    PROBE_CANDIDATE: {"name": PRETRAINED, "pretrained": True, "head": "logreg"},
     "small CNN": {},
     "fine-tuned EfficientNet-Lite0": {"name": PRETRAINED, "pretrained": True},
 }
