@@ -5,7 +5,8 @@
 2. ``small CNN``: ``simple_cnn`` trained from scratch at 64 px (wins on small, uniform images
    such as cell crops, where ImageNet features carry little).
 3. ``fine-tuned EfficientNet-Lite0``: the pretrained backbone with the staged transfer recipe (a
-   head on frozen features, then a low-lr fine-tune with BatchNorm frozen).
+   head on frozen features, then a low-lr fine-tune with BatchNorm frozen); its head stage caches
+   2 augmented views per image, not 5, unless ``--feature-views`` says otherwise.
 
 Each candidate is the user's config (data, augmentation, seed, epochs...) with only the model
 changed, so every explicit setting applies to all of them. Lite0's weights ship offline with
@@ -34,6 +35,8 @@ CANDIDATES: dict[str, dict] = {
     "small CNN": {},
     "fine-tuned EfficientNet-Lite0": {"name": PRETRAINED, "pretrained": True},
 }
+FINETUNE_CANDIDATE = "fine-tuned EfficientNet-Lite0"
+FINETUNE_VIEWS = 2  # augmented views its head stage caches (not 5): extracting them is most of its cost
 SLUGS = {"linear probe": "probe", "small CNN": "small_cnn", "fine-tuned EfficientNet-Lite0": "finetune"}
 
 
@@ -48,6 +51,8 @@ def candidate_config(base: Config, name: str, out: Path, pretrained_size: int | 
     values["out"] = str(out)
     if CANDIDATES[name] and base.data.image_size is None and pretrained_size:
         values["data"]["image_size"] = pretrained_size
+    if name == FINETUNE_CANDIDATE and base.train.feature_views is None:
+        values["train"]["feature_views"] = FINETUNE_VIEWS
     return build_config(values)
 
 
