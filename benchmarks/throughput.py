@@ -5,8 +5,8 @@ plain, imgclf, plain, ...; medians reported, so a busy moment on a shared machin
 - imgclf train: images/s of an epoch's training alone (history.csv ``train_seconds``; the first
   epoch of each training warms up and is left out): cached uint8 images, 'medium' augmentation on
   each batch, imgclf's default precision and memory format;
-- plain loop: the model-only limit, the same model, optimizer and loss on tensors already in memory,
-  with the same precision and memory format (no data path, no augmentation);
+- plain loop: the model-only limit, the same model, optimizer (fused Adam, as imgclf's) and loss on
+  tensors already in memory, with the same precision and memory format (no data path, no augmentation);
 - their ratio (target >= 0.9), and how much of imgclf's whole call is not training (validation,
   test evaluation, report, start-up).
 
@@ -109,7 +109,7 @@ class PlainLoop:
             apply_freeze(model, "backbone")
         self.model = self.compute.prepare(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+        self.optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4, fused=True)  # as imgclf's
         self.images = self.compute.batch(torch.randn(BATCH, 3, w["size"], w["size"]))
         self.targets = torch.randint(0, 3, (BATCH,))
         self.step()  # warm-up: oneDNN primitives, optimizer state
