@@ -1,8 +1,8 @@
 """Scaling: memory and time as the dataset grows, and training speed as processes are added.
 
-Memory and time (default): one training epoch at N = 2.5k, 5k, 10k, 20k images. Memory should be
+Memory and time (default): one training epoch at N = 1k, 2.5k, 5k, 10k images. Memory should be
 O(batch): the decoded images live in a memory-mapped cache file, so private (anonymous) memory
-stays flat while N grows 8x; the mapped file's pages show up as file-backed RSS, which the OS can
+stays flat while N grows 10x; the mapped file's pages show up as file-backed RSS, which the OS can
 drop under pressure. Epoch time should grow linearly with N. Each size runs in a fresh process,
 so peaks do not carry over.
 
@@ -13,7 +13,7 @@ the first, best of ``--rounds`` interleaved rounds; scaling efficiency = (speed 
 On the CPU the P processes share the same cores (``--nproc`` gives each cores / P threads); with
 ``--device cuda`` each process drives one GPU.
 
-    python benchmarks/scaling.py [--sizes 2500,5000,10000,20000] [--px 64]
+    python benchmarks/scaling.py [--sizes 1000,2500,5000,10000] [--px 64]
     python benchmarks/scaling.py --processes 1,2 [--images 2000] [--px 64] [--device cpu] [--rounds 2]
 """
 
@@ -118,7 +118,7 @@ def process_scaling(counts: list[int], n: int, px: int, device: str, rounds: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2500,5000,10000,20000", help="dataset sizes")
+    parser.add_argument("--sizes", default="1000,2500,5000,10000", help="dataset sizes")
     parser.add_argument("--px", type=int, default=64, help="image size")
     parser.add_argument("--processes", help="process counts to compare, e.g. 1,2 (CPU) or 1,2,4,8 (GPUs)")
     parser.add_argument("--images", type=int, default=2000, help="--processes: dataset size")
