@@ -96,6 +96,14 @@ def test_any_model_setting_trains_that_model_alone(tmp_path, capsys):
     assert "--budget applies only when no model setting is given" in capsys.readouterr().err
 
 
+def test_the_default_without_validation_images_is_one_line_and_makes_no_run(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", 4)
+    assert main(["train", str(data), "--val-fraction", "0", "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "no validation images: the default chooses among its candidates" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_default_refuses_several_processes_in_one_line(tmp_path, capsys):
     data = make_class_folders(tmp_path / "data", 4)
     assert main(["train", str(data), "--nproc", "2"]) != 0

@@ -81,7 +81,11 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
 def _pretrained_size(config: Config) -> int:
     """The pretrained candidates' input size from the training images (``candidates.pretrained_input_size``)."""
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
-    train_part = build_index(config.data, split_seed).subset("train")
+    index = build_index(config.data, split_seed)
+    if "val" not in index.splits:
+        raise ConfigError("no validation images: the default chooses among its candidates on them; raise "
+                          "--val-fraction, or pass --model to train one model")
+    train_part = index.subset("train")
     return pretrained_input_size([train_part.abspath(i) for i in range(len(train_part))])
 
 
