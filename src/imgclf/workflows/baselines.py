@@ -13,9 +13,13 @@ test only when the run itself reads test. The rows go to metrics.json's ``baseli
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from imgclf import atomic
 from imgclf.config import Config, ModelConfig
@@ -26,7 +30,7 @@ from imgclf.logs import get_logger
 from imgclf.models.networks import Preprocess, build_model, resolve_preprocess
 from imgclf.models.weights import offline_weights_file
 from imgclf.runs.files import BASELINES_KEY, read_json
-from imgclf.runs.heads import GRIDS, Embedder, embed, make_head
+from imgclf.runs.heads import GRIDS, Embedder, embed
 from imgclf.runtime import Compute
 
 log = get_logger("baselines")
@@ -79,22 +83,31 @@ def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, 
     start = time.perf_counter()
     features = probe_features(prepared, preprocess, compute, config.train.batch_size, splits)
     index, cfg = prepared.index, config
-    train_targets = index.subset("train").targets
-    balanced = cfg.train.class_weight == "balanced"
+    value, head = _fit_probe(features, index, cfg)
+    row.update(_score(head, features, index, splits, cfg.data.positive_class))
+    row["note"] = f"logistic regression, C={value} chosen on val macro-F1"
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    log.info("baseline %s: val macro-F1 %.3f in %.1f s", PROBE_NAME, row["val"]["f1_macro"], row["seconds"])
+    return row
+
+
+def _fit_probe(features: dict[str, np.ndarray], index, cfg: Config):
+    """(C, head): standardised features, then each C of the logreg grid in ascending order, each fit
+    warm-started from the last (about 3x faster than cold fits); the best on val macro-F1, then loss."""
+    targets = index.subset("train").targets
+    scaler = StandardScaler().fit(features["train"])
+    scaled = scaler.transform(features["train"])
+    model = LogisticRegression(max_iter=5000, warm_start=True,
+                               class_weight="balanced" if cfg.train.class_weight == "balanced" else None)
     best = None
-    name, values = GRIDS["logreg"]
-    for value in values:
-        head = make_head("logreg", value, cfg.train.seed, balanced, train_targets).fit(features["train"], train_targets)
+    for value in sorted(GRIDS["logreg"][1]):
+        model.set_params(C=value).fit(scaled, targets)
+        head = make_pipeline(scaler, copy.deepcopy(model))
         scored = _score(head, features, index, ["val"], cfg.data.positive_class)
         key = (scored["val"]["f1_macro"], -scored["val"]["log_loss"])
         if best is None or key > best[0]:
             best = (key, value, head)
-    _, value, head = best
-    row.update(_score(head, features, index, splits, cfg.data.positive_class))
-    row["note"] = f"logistic regression, {name}={value} chosen on val macro-F1"
-    row["seconds"] = round(time.perf_counter() - start, 3)
-    log.info("baseline %s: val macro-F1 %.3f in %.1f s", PROBE_NAME, row["val"]["f1_macro"], row["seconds"])
-    return row
+    return best[1], best[2]
 
 
 def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
