@@ -48,9 +48,17 @@ def test_batches_come_in_the_samplers_order_with_repeats(cache_file):
     array = np.load(cache_file)
     rows = np.array([4, 2, 8])
     dataset = CachedImages(cache_file, rows, np.array([0, 1, 0]), None)
-    images, targets, positions = dataset.__getitems__([2, 0, 2])
+    images, targets, positions = dataset.__getitems__([2, 0, 2]).stacked
     assert torch.equal(images, torch.from_numpy(array[[8, 4, 8]]))
     assert targets.tolist() == [0, 0, 0] and positions.tolist() == [2, 0, 2]
+
+
+def test_a_plain_dataloader_over_the_cache_still_collates_items(cache_file):
+    """torch's own DataLoader (default_collate) sees the batch as a list of items, as it always did."""
+    dataset = CachedImages(cache_file, np.arange(5), np.arange(5) % 2, None)
+    images, targets, positions = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert torch.equal(images, torch.from_numpy(np.load(cache_file)[:4]))
+    assert targets.tolist() == [0, 1, 0, 1] and positions.tolist() == [0, 1, 2, 3]
 
 
 def test_a_shard_view_still_reads_image_by_image(cache_file):

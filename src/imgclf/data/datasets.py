@@ -43,23 +43,29 @@ class CachedImages(Dataset):
         return (self.transform(image) if self.transform else image), int(self.targets[i]), i
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        """Items ``indices`` already collated: what ``default_collate`` makes of them, read in one go."""
+        """Items ``indices``, read in one go (see ``Batch``)."""
         positions = np.asarray(indices, dtype=np.int64)
         images = torch.from_numpy(np.ascontiguousarray(self._images()[self.rows[positions]]))
         targets = torch.from_numpy(self.targets[positions].astype(np.int64))
-        return Batch([self.transform(images) if self.transform else images, targets, torch.from_numpy(positions)])
+        return Batch(self.transform(images) if self.transform else images, targets, torch.from_numpy(positions))
 
     def __getstate__(self):  # never pickle an open memory map into a worker
         return {**self.__dict__, "_array": None}
 
 
 class Batch(list):
-    """A batch its dataset collated itself (``__getitems__``); ``collate`` passes it through."""
+    """Items a dataset read in one go (``__getitems__``). To any collate it is the usual list of
+    ``(image, target, position)`` items (views into the batch, so a plain ``DataLoader`` works as
+    ever); imgclf's ``collate`` hands on the stacked tensors it was made from, with no copy."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor):
+        super().__init__(zip(images, targets.tolist(), positions.tolist(), strict=True))
+        self.stacked = [images, targets, positions]
 
 
 def collate(items):
-    """The loader's collate: a ``Batch`` as it is, anything else as torch's ``default_collate`` makes it."""
-    return list(items) if isinstance(items, Batch) else default_collate(items)
+    """The loader's collate: a ``Batch``'s stacked tensors, anything else as torch's ``default_collate`` makes it."""
+    return items.stacked if isinstance(items, Batch) else default_collate(items)
 
 
 class ImageFiles(Dataset):
