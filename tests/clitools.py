@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,3 +24,10 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in error_lines[0], error_lines[0]
     return error_lines[0]
+
+
+def reproducible_metrics(path) -> dict:
+    """metrics.json without its baselines' timings, the one part of it a rerun does not reproduce."""
+    metrics = json.loads(path.read_text())
+    metrics["baselines"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics.get("baselines", [])]
+    return metrics

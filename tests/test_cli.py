@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from clitools import assert_clean_error, imgclf
+from clitools import assert_clean_error, imgclf, reproducible_metrics
 from imgclf.cli import main
 
 from imagefactory import make_class_folders, make_csv, make_split_folders
@@ -45,18 +45,12 @@ def test_train_evaluate_predict_on_every_layout(tmp_path, capsys, layout):
     assert len(rows) == expected and all(float(r["confidence"]) > 0 for r in rows)
 
 
-def _without_seconds(path):
-    """metrics.json with its baselines' timings dropped: everything else reproduces exactly."""
-    metrics = json.loads(path.read_text())
-    metrics["baselines"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["baselines"]]
-    return metrics
-
-
 def test_config_file_reproduces_a_run_and_flags_override_it(tmp_path, capsys):
     data = make_class_folders(tmp_path / "d", 14)
     assert cli(capsys, "train", data, *TINY, "--epochs", "3", "--out", tmp_path / "a")[0] == 0
     assert cli(capsys, "train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b")[0] == 0
-    assert _without_seconds(tmp_path / "a" / "metrics.json") == _without_seconds(tmp_path / "b" / "metrics.json")
+    a, b = (reproducible_metrics(tmp_path / name / "metrics.json") for name in "ab")
+    assert a == b
     assert cli(capsys, "train", "--config", tmp_path / "a" / "config.yaml", "--epochs", "2",
                "--out", tmp_path / "c")[0] == 0
     assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["train"]["epochs"] == 2

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import imgclf
+from clitools import reproducible_metrics
 from imgclf.cli import main
 from imgclf.errors import RunDirError
 
@@ -21,10 +22,7 @@ FLAGS = ["--image-size", "24", "--conv-filters", "16,32", "--augment", "light", 
 
 
 def metrics(run_dir):
-    """metrics.json without its baselines' timings, the one part a rerun does not reproduce."""
-    data = json.loads((run_dir / "metrics.json").read_text())
-    data["baselines"] = [{k: v for k, v in row.items() if k != "seconds"} for row in data.get("baselines", [])]
-    return data
+    return reproducible_metrics(run_dir / "metrics.json")
 
 
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):

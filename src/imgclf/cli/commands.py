@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.budget is not None and not default:
         raise ConfigError("--budget applies only when no model setting is given (the default tries its candidates); "
                           "drop --budget, or drop the model settings and --config")
-    if default and (args.nproc not in (None, 1) or "WORLD_SIZE" in os.environ):
+    if default and _several_processes(args):
         raise ConfigError("the default (no --model) tries its candidates on one process; pass --model "
                           "(e.g. --model tf_efficientnet_lite0 --pretrained) to train on several")
     if args.nproc is not None and (args.nproc != 1 or "WORLD_SIZE" in os.environ):
@@ -126,6 +126,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
         + len(report["near_duplicates_across_splits"]) + len(report.get("test_overlap_across_folds", []))
     return 1 if args.strict and problems else 0
+
+
+def _several_processes(args: argparse.Namespace) -> bool:
+    """Whether train runs on several processes; a wrong --nproc is left to ``launch`` to name."""
+    if "WORLD_SIZE" in os.environ:
+        return args.nproc is None  # under torchrun; with --nproc as well, launch says to drop it
+    return args.nproc is not None and args.nproc > 1
 
 
 def _train_config(args: argparse.Namespace):
