@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from clitools import assert_clean_error, imgclf
 from imgclf.cli.parser import main
 from imgclf.config import build_config
 from imgclf.evaluation.predictions import Predictions
@@ -85,30 +86,27 @@ def test_a_later_candidate_is_skipped_with_a_line_when_the_budget_is_spent(tmp_p
     assert "skipped small CNN: 0 s of the budget left (raise --budget to try it)" in caplog.text
 
 
-def test_any_model_setting_trains_that_model_alone(tmp_path, capsys):
+def test_any_model_setting_trains_that_model_alone(tmp_path):
     data = make_class_folders(tmp_path / "data", 4)
     plain = build_config({"data": {"path": str(data)}, "train": {"epochs": 3}})
     assert is_default_request(plain)  # training settings apply to every candidate
     for chosen in ({"model": {"name": "simple_cnn"}}, {"model": {"dropout": 0.1}},
                    {"stages": [{"name": "a", "epochs": 1}]}):
         assert not is_default_request(build_config({"data": {"path": str(data)}, **chosen}))
-    assert main(["train", str(data), "--model", "simple_cnn", "--budget", "30"]) != 0
-    assert "--budget applies only when no model setting is given" in capsys.readouterr().err
+    assert_clean_error(imgclf("train", data, "--model", "simple_cnn", "--budget", "30"),
+                       "--budget applies only when no model setting is given")
 
 
-def test_the_default_without_validation_images_is_one_line_and_makes_no_run(tmp_path, capsys):
+def test_the_default_without_validation_images_is_one_line_and_makes_no_run(tmp_path):
     data = make_class_folders(tmp_path / "data", 4)
-    assert main(["train", str(data), "--val-fraction", "0", "--out", str(tmp_path / "run")]) != 0
-    err = capsys.readouterr().err
-    assert "no validation images: the default chooses among its candidates" in err and "Traceback" not in err
+    result = imgclf("train", data, "--val-fraction", "0", "--out", tmp_path / "run")
+    assert_clean_error(result, "no validation images: the default chooses among its candidates", "--val-fraction")
     assert not (tmp_path / "run").exists()
 
 
-def test_the_default_refuses_several_processes_in_one_line(tmp_path, capsys):
+def test_the_default_refuses_several_processes_in_one_line(tmp_path):
     data = make_class_folders(tmp_path / "data", 4)
-    assert main(["train", str(data), "--nproc", "2"]) != 0
-    err = capsys.readouterr().err
-    assert "tries its candidates on one process; pass --model" in err and len(err.strip().splitlines()) == 1
+    assert_clean_error(imgclf("train", data, "--nproc", "2"), "tries its candidates on one process; pass --model")
 
 
 def test_candidates_keep_every_training_setting_and_size_pretrained_inputs_from_the_images(tmp_path):
