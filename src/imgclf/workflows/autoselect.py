@@ -22,7 +22,7 @@ from pathlib import Path
 from imgclf import atomic
 from imgclf.config import Config, config_to_yaml
 from imgclf.data.index import build_index
-from imgclf.data.pipeline import prepare
+from imgclf.data.pipeline import PreparedData, prepare
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
@@ -62,11 +62,12 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
     run = _promote(out, winner["path"], config)
-    if evaluate_test and "test" in run.index().splits:
-        run.evaluate("test", prepared=prepare(run.index(), run.preprocess, run.config.data))
-    rows = _rows(run, tried, name, evaluate_test)
+    prepared = prepare(run.index(), run.preprocess, run.config.data)  # the chosen run's images, read once
+    if evaluate_test and "test" in prepared.index.splits:
+        run.evaluate("test", prepared=prepared)
+    rows = _rows(run, prepared, tried, name, evaluate_test)
     write_baselines(out, rows)
-    write_summary(out, run.config.model_dump(mode="json"), run.index().counts(), run.metrics, run.meta.epoch)
+    write_summary(out, run.config.model_dump(mode="json"), prepared.index.counts(), run.metrics, run.meta.epoch)
     draw_evaluations(run, ("val", "test"))
     atomic.write_json(out / SELECTION_FILE, {"chosen": name, "budget_s": budget_s,
                                              "seconds": round(time.perf_counter() - start, 1),
@@ -144,9 +145,8 @@ def _promote(out: Path, source: Path, config: Config) -> Run:
     return open_run(out)
 
 
-def _rows(run: Run, tried: dict[str, dict], chosen: str, evaluate_test: bool) -> list[dict]:
+def _rows(run: Run, prepared: PreparedData, tried: dict[str, dict], chosen: str, evaluate_test: bool) -> list[dict]:
     splits = ["val", "test"] if evaluate_test and "test" in run.metrics else ["val"]
-    prepared = prepare(run.index(), run.preprocess, run.config.data)
     config = run.config
     if chosen == PROBE_CANDIDATE:  # the chosen model is the linear probe: not shown as its own baseline
         config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"baseline": False})})
