@@ -59,3 +59,10 @@ def test_a_plain_svc_on_raw_features_trains_once_and_is_recorded(tmp_path, pool_
     assert len(steps) == 1 and steps[0][1].estimator.C == 1.0  # Platt-calibrated SVC(C=1), no StandardScaler
     preds = reloaded.predict([pool_dataset])
     assert preds.probs.shape == (42, 3) and np.allclose(preds.probs.sum(1), 1)
+
+
+def test_max_seconds_with_a_scikit_learn_head_says_it_has_no_effect(tmp_path, pool_dataset, caplog):
+    caplog.set_level("INFO")
+    config = tiny_config(pool_dataset, tmp_path / "r", model={"head": "logreg"}, train={"max_seconds": 30})
+    imgclf.train(config)
+    assert "--max-seconds 30 has no effect with --head logreg" in caplog.text

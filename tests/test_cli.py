@@ -85,17 +85,12 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo_reaches_its_accuracy_target(tmp_path):
-    """`imgclf demo` with no arguments: real digits, held-out test accuracy >= 0.90 in under 3 minutes."""
-    import time
-
-    start = time.perf_counter()
+    """`imgclf demo` with no arguments: real digits, held-out test accuracy >= 0.90 (its time: benchmarks/demo.py)."""
     result = imgclf("demo", cwd=tmp_path)
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "imgclf-demo" / "runs").iterdir())
     test = json.loads((runs[0] / "metrics.json").read_text())["test"]
     assert test["accuracy"] >= 0.90 and test["n"] > 200
-    assert elapsed < 180, f"demo took {elapsed:.0f} s"
     assert sum(1 for _ in (tmp_path / "imgclf-demo" / "digits").rglob("*.png")) == 1797
     page = (runs[0] / "report.html").read_text()
     assert 'id="gallery"' in page and "Grad-CAM" in page and "Wilson" in page

@@ -12,7 +12,7 @@ from imgclf.config import build_config
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
-from imgclf.workflows.autoselect import SELECTION_FILE, train_auto
+from imgclf.workflows.autoselect import CLOSING_S, SELECTION_FILE, Pace, train_auto
 from imgclf.workflows.candidates import (
     CANDIDATES,
     candidate_config,
@@ -84,6 +84,27 @@ def test_a_later_candidate_is_skipped_with_a_line_when_the_budget_is_spent(tmp_p
     selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
     assert list(selection["candidates"]) == ["linear probe"]  # the first always runs
     assert "skipped small CNN: 0 s of the budget left (raise --budget to try it)" in caplog.text
+
+
+def test_the_probes_pace_prices_the_closing_work_and_the_fine_tunes_minimum(monkeypatch):
+    pace = Pace(deadline=100.0, counts={"train": 60, "val": 20, "test": 20})
+    monkeypatch.setattr("imgclf.workflows.autoselect.time.perf_counter", lambda: 10.0)
+    assert pace.closing() == 0.0 and pace.left() == 90.0  # before the probe nothing is known
+    pace.learn(probe_seconds=8.0)  # 80 train+val images: 0.1 s each
+    assert pace.closing() == pytest.approx(CLOSING_S + 0.1 * 2 * 40)  # test + baselines over val and test
+    assert pace.left() == pytest.approx(90.0 - CLOSING_S - 8.0)
+    assert pace.finetune_minimum(views=2) == pytest.approx(0.1 * (5 * 60 + 2 * 20))
+
+
+def test_the_fine_tune_is_skipped_with_a_line_when_its_minimum_does_not_fit(tmp_path, caplog, monkeypatch):
+    data = noisy_folders(tmp_path / "data")
+    monkeypatch.setattr(Pace, "finetune_minimum", lambda self, views: 1e6)
+    caplog.set_level("INFO")
+    train_auto(auto_config(data, tmp_path / "run"), budget_s=600)
+    selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
+    assert list(selection["candidates"]) == ["linear probe", "small CNN"]
+    assert "skipped fine-tuned EfficientNet-Lite0: at the linear probe's pace, caching its features and one " \
+           "fine-tuning epoch need about 1000000 s" in caplog.text
 
 
 def test_any_model_setting_trains_that_model_alone(tmp_path):

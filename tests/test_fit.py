@@ -7,7 +7,7 @@ import torch
 import imgclf
 from imgclf import atomic
 from imgclf.config import TrainConfig
-from imgclf.training.fit import EarlyStopping, out_of_time_after
+from imgclf.training.fit import EarlyStopping, EpochClock, OutOfTime, out_of_time_after
 from imgclf.training.optim import build_optimizer
 
 from conftest import tiny_config
@@ -51,6 +51,7 @@ def test_max_seconds_ends_the_stage_after_an_epoch_and_skips_later_stages(pool_d
         return len(calls) >= 2
 
     monkeypatch.setattr("imgclf.training.fit.out_of_time_after", out_after_second_epoch)
+    monkeypatch.setattr(EpochClock, "check", lambda self, done, total: None)  # the clock below is fake
     monkeypatch.setattr("imgclf.training.stages.time.perf_counter", lambda: 1e9 if calls else 0.0)
     caplog.set_level(logging.INFO)
     config = tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 6, "max_seconds": 25,
@@ -62,6 +63,38 @@ def test_max_seconds_ends_the_stage_after_an_epoch_and_skips_later_stages(pool_d
     assert [r.split(",")[1] for r in rows] == ["warm", "warm"]
     assert "time limit: warm ends after 2 epochs of 5 (--max-seconds 25;" in caplog.text
     assert "time limit: stage tune skipped (--max-seconds 25 spent)" in caplog.text
+
+
+def test_epoch_clock_projects_the_end_from_the_batches_after_the_first(monkeypatch):
+    now = iter([10.0, 11.0, 12.0, 13.0])  # first batch ends at 10 s, then 1 s a batch
+    monkeypatch.setattr("imgclf.training.fit.time.perf_counter", lambda: next(now))
+    clock = EpochClock(deadline=20.0, extra=0.5)
+    clock.check(1, 10)  # the warm-up batch: nothing to project from
+    clock.check(2, 10)  # 11 + 8 batches * 1 s + 0.5 = 19.5: in time
+    with pytest.raises(OutOfTime) as late:
+        EpochClock(deadline=20.0, extra=1.5, first_batch_end=10.0).check(3, 10)  # 12 + 7 + 1.5 = 20.5
+    assert (late.value.done, late.value.total, late.value.overrun) == (3, 10, pytest.approx(0.5))
+    EpochClock(deadline=0.0, first_batch_end=10.0).check(10, 10)  # the last batch: nothing left to give up
+
+
+def test_an_epoch_that_would_overrun_the_time_limit_is_given_up_and_the_best_weights_kept(
+        pool_dataset, tmp_path, caplog, monkeypatch):
+    def always_late(self, done, total):
+        raise OutOfTime(done, total, 7.0)
+
+    monkeypatch.setattr(EpochClock, "check", always_late)
+    caplog.set_level(logging.INFO)
+    config = tiny_config(pool_dataset, tmp_path / "r", train={"epochs": 5, "max_seconds": 1000,
+                                                              "early_stopping": False},
+                         stages=[{"name": "warm", "epochs": 3}, {"name": "tune", "epochs": 2}])
+    run = imgclf.train(config)
+    rows = (tmp_path / "r" / "history.csv").read_text().splitlines()
+    header, first = rows[0].split(","), rows[1].split(",")
+    assert [r.split(",")[1] for r in rows[1:]] == ["warm"]  # epoch 1 has no best to go back to: never given up
+    assert run.metrics["val"]["accuracy"] == pytest.approx(float(first[header.index("val_accuracy")]))
+    assert "time limit: warm 2/3 given up after" in caplog.text
+    assert "time limit: tune 1/2 given up after" in caplog.text
+    assert "going back to the best epoch (1)" in caplog.text
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):

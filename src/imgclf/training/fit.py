@@ -63,10 +63,45 @@ class EarlyStopping:
         return self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
 
+class OutOfTime(Exception):
+    """An epoch given up part-way: at its pace it would end after the time limit (``EpochClock``)."""
+
+    def __init__(self, done: int, total: int, overrun: float):
+        super().__init__(f"{done} of {total} batches")
+        self.done, self.total, self.overrun = done, total, overrun
+
+
+@dataclass
+class EpochClock:
+    """Projects an epoch's end from its batches so far (the first, warm-up batch left out).
+
+    ``extra`` is the seconds expected after the last batch (the previous epoch's validation).
+    """
+
+    deadline: float
+    extra: float = 0.0
+    first_batch_end: float | None = None
+
+    def check(self, done: int, total: int) -> None:
+        """Raise ``OutOfTime`` when the epoch, going on at its pace, would end after the deadline."""
+        now = time.perf_counter()
+        if done == 1:
+            self.first_batch_end = now
+            return
+        if self.first_batch_end is None or done >= total:
+            return
+        projected = now + (now - self.first_batch_end) / (done - 1) * (total - done) + self.extra
+        if projected > self.deadline:
+            raise OutOfTime(done, total, projected - self.deadline)
+
+
 def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     compute: Compute, desc: str, scaling: GradScaling | None = None,
-                    ctx: DistContext | None = None) -> dict[str, float]:
-    """One pass over ``loader``; fp16 losses are scaled (``scaling``); the row counts every rank's images."""
+                    ctx: DistContext | None = None, clock: EpochClock | None = None) -> dict[str, float]:
+    """One pass over ``loader``; fp16 losses are scaled (``scaling``); the row counts every rank's images.
+
+    With ``clock`` the pass raises ``OutOfTime`` as soon as it would end after the clock's deadline.
+    """
     scaling = scaling or GradScaling(compute.device, compute.precision)
     model.train()
     set_frozen_norms_eval(model)
@@ -92,6 +127,8 @@ def train_one_epoch(model: nn.Module, objective: Objective, loader: DataLoader, 
         truth.append(targets.cpu())
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if clock is not None:
+            clock.check(len(truth), len(loader))
     tally = (total_loss, correct, seen, torch.cat(truth).numpy() if truth else np.zeros(0, dtype=np.int64),
              torch.cat(decided).numpy() if decided else np.zeros(0, dtype=np.int64))
     return _epoch_row(gather_objects(ctx or DistContext(), tally), objective.num_classes)
@@ -123,7 +160,9 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     optimizer and schedule state after each epoch; ``resume`` is such a state to continue from.
     ``model`` may be DDP-wrapped (``ctx``: several processes); the loader's sampler gets the epoch number.
     ``deadline`` (a ``time.perf_counter`` value, from ``--max-seconds``) ends training after the epoch
-    when another one of the same length would not finish before it.
+    when another one of the same length would not finish before it; and, when an earlier best epoch
+    exists to go back to (validation, ``restore_best``, one process), gives up an epoch part-way once
+    its pace shows it would end after the deadline: ``--max-seconds`` then holds to within a few batches.
     """
     ctx = ctx or DistContext()
     groups = param_groups(unwrap(model), cfg.backbone_lr_mult)
@@ -148,9 +187,16 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
         start = time.perf_counter()
         desc = f"{stage} {stage_epoch}/{cfg.epochs}"
         set_sampler_epoch(train_loader, epoch)  # several processes: a new seeded shuffle; one: no-op
-        row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
-               **train_one_epoch(model, objective, train_loader, optimizer, compute, desc, scaling, ctx),
-               "train_seconds": round(time.perf_counter() - start, 3)}  # training alone: throughput
+        clock = _clock(deadline, history, stopper, cfg, validate, ctx)
+        try:
+            row = {"epoch": epoch, "stage": stage, "lr": optimizer.param_groups[0]["lr"],
+                   **train_one_epoch(model, objective, train_loader, optimizer, compute, desc, scaling, ctx, clock),
+                   "train_seconds": round(time.perf_counter() - start, 3)}  # training alone: throughput
+        except OutOfTime as late:
+            log.info("time limit: %s %d/%d given up after %d of %d batches: at its pace it would end %.0f s after "
+                     "--max-seconds %g; going back to the best epoch (%d)", stage, stage_epoch, cfg.epochs,
+                     late.done, late.total, late.overrun, cfg.max_seconds, stopper.best_epoch)
+            break
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)
         row = broadcast_decision(ctx, row)  # rank 0's row and decisions on every rank: nobody stops alone
@@ -180,6 +226,15 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
                 log.info("%s", early_stop_message(stage, stage_epoch, cfg, stopper))
             break
     return history
+
+
+def _clock(deadline: float | None, history: list[dict], stopper: EarlyStopping, cfg: TrainConfig,
+           validate: Callable | None, ctx: DistContext) -> EpochClock | None:
+    """An ``EpochClock`` when an epoch may be given up: a limit, and a best epoch to go back to."""
+    if deadline is None or validate is None or not cfg.restore_best or stopper.best_epoch < 1 or ctx.distributed:
+        return None
+    last = history[-1] if history else {}
+    return EpochClock(deadline, max(0.0, last.get("seconds", 0.0) - last.get("train_seconds", 0.0)))
 
 
 def out_of_time_after(epoch_start: float, deadline: float | None) -> bool:

@@ -6,10 +6,14 @@ validation macro-F1 (ties: lower validation log loss) is moved up into ``OUT`` a
 only it reads the test split, once. The others stay under ``OUT/candidates/`` and appear in
 metrics.json's ``baselines`` and the report, next to the majority class and the linear probe.
 
-Time: each candidate gets a share of what is left of ``--budget`` (its ``max_seconds``;
-training stops at an epoch's end and keeps its best epoch). The first, cheapest candidate always
-runs; a later one is skipped, with a line saying so, when too little is left, or when validation
-is already perfect (nothing can beat it). The selection is recorded in ``OUT/selection.json``.
+Time: ``--budget`` bounds the whole command after start-up. The first, cheapest candidate (the
+linear probe) always runs, and its pace (seconds per image through the frozen backbone) prices the
+rest: the closing work (test evaluation, baselines, report) is set aside from the budget, and the
+fine-tune is skipped, with a line, when its feature caching and one fine-tuning epoch would not fit
+in what is left. Each later candidate gets a share of the rest as its ``max_seconds``: training
+ends at an epoch's end, or gives up an epoch part-way that would overrun, keeping its best epoch.
+A candidate is also skipped when validation is already perfect (nothing can beat it). The
+selection is recorded in ``OUT/selection.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import atomic
@@ -32,6 +37,7 @@ from imgclf.runs.base import Run, load_run, open_run
 from imgclf.workflows.baselines import baseline_rows, row_metrics, write_baselines
 from imgclf.workflows.candidates import (
     CANDIDATES,
+    FINETUNE_CANDIDATE,
     PROBE_CANDIDATE,
     SLUGS,
     candidate_config,
@@ -44,6 +50,7 @@ log = get_logger("auto")
 
 DEFAULT_BUDGET_S = 120.0
 MIN_CANDIDATE_S = 10.0  # less than this left: a candidate could not train an epoch that counts
+CLOSING_S = 5.0  # the closing work that does not scale with images: files, figures, report
 # Share of the remaining budget each candidate may use; the last one takes what is left.
 SHARES = {"linear probe": 1.0, "small CNN": 0.4, "fine-tuned EfficientNet-Lite0": 1.0}
 SELECTION_FILE = "selection.json"
@@ -54,11 +61,11 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     if not budget_s > 0:
         raise ConfigError(f"--budget {budget_s:g}: give the seconds the default may spend, e.g. --budget 120")
     start = time.perf_counter()
-    size = _pretrained_size(config)  # scans the data first: a missing or empty folder makes no run directory
+    size, counts = _scan(config)  # scans the data first: a missing or empty folder makes no run directory
     out = new_run_dir(config.out)
     log.info("no --model given: trying %s within %.0f s, chosen on validation macro-F1 (--model X trains one model)",
              ", then ".join(CANDIDATES), budget_s)
-    tried = _train_candidates(config, out, start + budget_s, size)
+    tried = _train_candidates(config, out, Pace(start + budget_s, counts), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
     run = _promote(out, winner["path"], config)
@@ -79,46 +86,81 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     return load_run(out)
 
 
-def _pretrained_size(config: Config) -> int:
-    """The pretrained candidates' input size from the training images (``candidates.pretrained_input_size``)."""
+def _scan(config: Config) -> tuple[int, dict[str, int]]:
+    """The pretrained candidates' input size (``candidates.pretrained_input_size``) and the images per split."""
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     index = build_index(config.data, split_seed)
     if "val" not in index.splits:
         raise ConfigError("no validation images: the default chooses among its candidates on them; raise "
                           "--val-fraction, or pass --model to train one model")
     train_part = index.subset("train")
-    return pretrained_input_size([train_part.abspath(i) for i in range(len(train_part))])
+    size = pretrained_input_size([train_part.abspath(i) for i in range(len(train_part))])
+    return size, {split: len(index.subset(split)) for split in ("train", "val", "test") if split in index.splits}
 
 
-def _train_candidates(config: Config, out: Path, deadline: float, pretrained_size: int) -> dict[str, dict]:
+@dataclass
+class Pace:
+    """The budget's deadline, and the seconds per image through the frozen backbone once the probe ran."""
+
+    deadline: float
+    counts: dict[str, int]
+    per_image: float | None = None
+
+    def learn(self, probe_seconds: float) -> None:
+        """The probe read train and val once through the backbone: its time prices every later pass."""
+        self.per_image = probe_seconds / max(1, self.counts["train"] + self.counts["val"])
+
+    def left(self) -> float:
+        """Seconds left for candidates: the closing work (test and baselines' passes, report) set aside."""
+        return self.deadline - time.perf_counter() - self.closing()
+
+    def closing(self) -> float:
+        if self.per_image is None:
+            return 0.0
+        return CLOSING_S + self.per_image * 2 * (self.counts["val"] + self.counts.get("test", 0))
+
+    def finetune_minimum(self, views: int) -> float:
+        """Caching ``views`` augmented views and val, then one fine-tuning epoch (backward ~ 2 forwards)."""
+        n_train, n_val = self.counts["train"], self.counts["val"]
+        return (self.per_image or 0.0) * ((views + 3) * n_train + 2 * n_val)
+
+
+def _train_candidates(config: Config, out: Path, pace: Pace, pretrained_size: int) -> dict[str, dict]:
     tried: dict[str, dict] = {}
     for name in CANDIDATES:
-        left = deadline - time.perf_counter()
-        reason = _skip_reason(tried, left)
+        cfg = candidate_config(config, name, out / "candidates" / SLUGS[name], pretrained_size)
+        left = pace.left()
+        reason = _skip_reason(name, cfg, tried, left, pace)
         if reason:
             log.info("skipped %s: %s", name, reason)
             continue
-        cfg = candidate_config(config, name, out / "candidates" / SLUGS[name], pretrained_size)
-        cfg = _limited(cfg, left * SHARES[name])
         began = time.perf_counter()
-        run = train(cfg, evaluate_test=False)
+        run = train(_limited(cfg, left * SHARES[name]), evaluate_test=False)
         seconds = time.perf_counter() - began
         tried[name] = {"path": run.path, "val": row_metrics(run.metrics["val"]), "seconds": seconds}
         log.info("candidate %s: val macro-F1 %.3f in %.0f s", name, tried[name]["val"]["f1_macro"], seconds)
+        if name == PROBE_CANDIDATE:
+            pace.learn(seconds)
     return tried
 
 
-def _skip_reason(tried: dict[str, dict], left: float) -> str | None:
+def _skip_reason(name: str, cfg: Config, tried: dict[str, dict], left: float, pace: Pace) -> str | None:
     if any(t["val"]["f1_macro"] >= 1.0 for t in tried.values()):
         return "an earlier candidate is already perfect on validation, so no candidate can beat it"
     if tried and left < MIN_CANDIDATE_S:  # the first, cheapest candidate always runs
         return f"{max(left, 0):.0f} s of the budget left (raise --budget to try it)"
+    if name == FINETUNE_CANDIDATE and pace.per_image is not None:
+        need = pace.finetune_minimum(cfg.train.feature_views or 1)
+        if need > left:
+            return (f"at the linear probe's pace, caching its features and one fine-tuning epoch need about "
+                    f"{need:.0f} s, and {max(left, 0):.0f} s of the budget are left (raise --budget to try it)")
     return None
 
 
 def _limited(cfg: Config, seconds: float) -> Config:
     """The candidate with its time limit; report and baselines are written once, for the chosen run."""
-    train_cfg = cfg.train.model_copy(update={"max_seconds": max(1.0, round(seconds, 1))})
+    limit = None if cfg.model.head != "linear" else max(1.0, round(seconds, 1))  # scikit-learn: no epochs
+    train_cfg = cfg.train.model_copy(update={"max_seconds": limit})
     evaluate = cfg.evaluate.model_copy(update={"report": False, "baseline": False})
     return cfg.model_copy(update={"train": train_cfg, "evaluate": evaluate})
 

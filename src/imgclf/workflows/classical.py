@@ -39,6 +39,9 @@ def train_classical(config: Config, evaluate_test: bool = True):
         load_weights(model, s.init_weights)
     else:
         _warn_untrained(model, cfg, kind)
+    if cfg.train.max_seconds:
+        log.warning("warning: --max-seconds %g has no effect with --head %s: a scikit-learn head has no epochs "
+                    "to stop after, so it fits all its candidates", cfg.train.max_seconds, kind)
     model = s.compute.prepare(model)
     features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
                                                           cfg.data.workers), s.compute)[0]
