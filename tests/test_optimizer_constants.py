@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+import imgclf
 from clitools import assert_clean_error
 from clitools import imgclf as run_cli
 from imgclf.config import TrainConfig, build_config, load_config
@@ -13,6 +14,7 @@ from imgclf.errors import ConfigError
 from imgclf.training.optim import build_optimizer
 from imgclf.training.stages import resolve_stages
 from imgclf.workflows.grid import parse_params, trial_configs
+from imgclf.workflows.plan import unused_settings
 
 from conftest import tiny_config
 
@@ -91,3 +93,18 @@ def test_a_grid_couples_each_optimizer_with_its_keras_constants(tmp_path):
                     ("adagrad", 1e-7, 0.9, 0.1)]
     with pytest.raises(ConfigError, match=r"trial_001 \{'optimizer': 'sgd'\}: .*eps=1e-07 does not apply to sgd"):
         trial_configs(config, parse_params(["optimizer=adam,sgd"]), tmp_path / "g")
+
+
+def test_settings_an_optimizer_never_reads_are_said_not_ignored(tmp_path, pool_dataset, caplog):
+    stages = [("head", TrainConfig(optimizer="adam", momentum=0.5)),
+              ("tune", TrainConfig(optimizer="sgd", momentum=0.5)),
+              ("last", TrainConfig(optimizer="sgd", momentum=0.0, nesterov=True, rho=0.5))]
+    lines = unused_settings(stages)
+    assert lines == ["warning: momentum=0.5 has no effect with adam (read by sgd, rmsprop only), in stage(s) head",
+                     "warning: rho=0.5 has no effect with sgd (read by rmsprop, adadelta only), in stage(s) last",
+                     "warning: nesterov has no effect with momentum=0 (Nesterov needs momentum), in stage(s) last"]
+    assert unused_settings([("train", TrainConfig(optimizer="adam"))]) == []  # defaults are not choices
+    caplog.set_level("INFO")
+    run_cfg = tiny_config(pool_dataset, tmp_path / "r", train={"optimizer": "adamw", "momentum": 0.0, "epochs": 1})
+    imgclf.train(run_cfg)
+    assert "momentum=0.0 has no effect with adamw" in caplog.text

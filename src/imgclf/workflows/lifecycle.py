@@ -45,7 +45,7 @@ from imgclf.versions import library_versions
 from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
-from imgclf.workflows.plan import plan_lines
+from imgclf.workflows.plan import plan_lines, unused_settings
 
 log = get_logger("lifecycle")
 
@@ -111,8 +111,11 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     else:
         out = resume_dir
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
-    for line in plan_lines(config, preprocess, resolve_stages(config), config.train.init_from):
+    stages = resolve_stages(config)
+    for line in plan_lines(config, preprocess, stages, config.train.init_from):
         log.info("%s", line)
+    for line in unused_settings(stages) if config.model.head == "linear" else []:
+        log.warning("%s", line)
     return RunSetup(config, out, prepared, preprocess, compute, generator, start, ctx)
 
 
