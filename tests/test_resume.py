@@ -10,7 +10,8 @@ import time
 import pytest
 
 import imgclf
-from clitools import reproducible_metrics
+from clitools import assert_clean_error, reproducible_metrics
+from clitools import imgclf as run_cli
 from imgclf.cli import main
 from imgclf.errors import RunDirError
 
@@ -83,3 +84,8 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
     shutil.rmtree(folders[0])
     with pytest.raises(RunDirError, match="never finished an epoch"):
         imgclf.workflows.train.resume_training(run)
+
+
+def test_settings_given_with_resume_are_refused_in_one_line_not_dropped(tmp_path):
+    result = run_cli("train", "--resume", tmp_path / "run", "--epochs", "50", "--lr", "0.1")
+    assert_clean_error(result, "continues the run with its saved settings, so --epochs, --lr would not apply")
