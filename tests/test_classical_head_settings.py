@@ -61,8 +61,10 @@ def test_a_plain_svc_on_raw_features_trains_once_and_is_recorded(tmp_path, pool_
     assert preds.probs.shape == (42, 3) and np.allclose(preds.probs.sum(1), 1)
 
 
-def test_max_seconds_with_a_scikit_learn_head_says_it_has_no_effect(tmp_path, pool_dataset, caplog):
+def test_max_seconds_or_a_sampler_with_a_scikit_learn_head_says_it_has_no_effect(tmp_path, pool_dataset, caplog):
     caplog.set_level("INFO")
-    config = tiny_config(pool_dataset, tmp_path / "r", model={"head": "logreg"}, train={"max_seconds": 30})
+    config = tiny_config(pool_dataset, tmp_path / "r", model={"head": "logreg"},
+                         train={"max_seconds": 30, "sampler": "weighted"})
     imgclf.train(config)
     assert "--max-seconds 30 has no effect with --head logreg" in caplog.text
+    assert "--sampler weighted has no effect with --head logreg" in caplog.text

@@ -39,9 +39,7 @@ def train_classical(config: Config, evaluate_test: bool = True):
         load_weights(model, s.init_weights)
     else:
         _warn_untrained(model, cfg, kind)
-    if cfg.train.max_seconds:
-        log.warning("warning: --max-seconds %g has no effect with --head %s: a scikit-learn head has no epochs "
-                    "to stop after, so it fits all its candidates", cfg.train.max_seconds, kind)
+    _warn_unused(cfg, kind)
     model = s.compute.prepare(model)
     features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
                                                           cfg.data.workers), s.compute)[0]
@@ -85,6 +83,16 @@ def head_candidates(cfg: Config) -> tuple[str, list]:
     if not cfg.train.head_scale:
         log.info("%s: on raw features (head_scale off: no standardisation)", kind)
     return name, values
+
+
+def _warn_unused(cfg: Config, kind: str) -> None:
+    """Training settings a scikit-learn head has no use for are said, not dropped in silence."""
+    if cfg.train.max_seconds:
+        log.warning("warning: --max-seconds %g has no effect with --head %s: a scikit-learn head has no epochs "
+                    "to stop after, so it fits all its candidates", cfg.train.max_seconds, kind)
+    if cfg.train.sampler != "none":
+        log.warning("warning: --sampler %s has no effect with --head %s: the head is fitted on every training "
+                    "image's features at once; --class-weight balanced weights its classes", cfg.train.sampler, kind)
 
 
 def _warn_untrained(model: Classifier, cfg: Config, kind: str) -> None:
