@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ __all__ = [
     "get_logger",
     "get_rank",
     "is_main_process",
+    "keep_freed_memory",
     "resolve_device",
     "resolve_precision",
     "seed_everything",
@@ -91,6 +93,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the OS.
+
+    By default every tensor over 32 MB is its own ``mmap``, unmapped when freed: a training step that
+    makes and frees the same large tensors (the notebook CNN's 76 MB dense-layer gradient, its first
+    feature map) then page-faults and zero-fills ~300 MB afresh, ~80k page faults a step. With mmap off
+    and no trimming, the heap reuses those pages; the process's memory stays at its peak rather than
+    falling back between steps. Measured on the notebook CNN, one thread: 80-87 -> 128-138 img/s.
+    Returns whether it applied (False where the C library is not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 @dataclass(frozen=True)
 class Compute:
     """Where and how tensors are computed: device, autocast precision, memory format."""
@@ -105,6 +127,8 @@ class Compute:
         if dev.type == "cuda":  # TF32 matmuls/convolutions: fp32 accuracy for training, much faster
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        elif dev.type == "cpu":  # its large tensors come from malloc, step after step
+            keep_freed_memory()
         return cls(dev, resolve_precision(precision, dev), True if channels_last is None else channels_last)
 
     def batch(self, images: torch.Tensor) -> torch.Tensor:

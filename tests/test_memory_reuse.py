@@ -1,0 +1,33 @@
+"""A CPU training process reuses the memory of freed large tensors instead of faulting it in afresh."""
+
+import subprocess
+import sys
+
+import pytest
+
+FAULTS_OF_A_REPEATED_TENSOR = """
+import resource, sys
+import torch
+from imgclf.runtime import Compute
+
+def faults_of_a_repeated_tensor():
+    for _ in range(8):  # the heap settles into reusing the freed block after a few rounds
+        torch.ones(16 * 2**20)  # 64 MB, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+plain = faults_of_a_repeated_tensor()
+Compute.resolve("cpu", "fp32", None)
+print(plain, faults_of_a_repeated_tensor())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_freed_large_tensor_is_reused_without_page_faults():
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REPEATED_TENSOR], capture_output=True, text=True,
+                         check=True).stdout.split()
+    plain, reused = int(out[0]), int(out[1])
+    pages = 64 * 2**20 // 4096
+    assert plain > pages // 2  # glibc's default: a fresh mmap, every page faulted in again
+    assert reused < pages // 20
