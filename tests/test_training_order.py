@@ -54,7 +54,7 @@ def test_only_a_relu_right_before_a_max_pool_moves():
 def test_the_moved_relu_gives_the_same_outputs_and_gradients_exactly(dtype):
     model = notebook_cnn().train()
     keras = copy.deepcopy(model)
-    keras.backbone.forward = keras.backbone.features  # the layers as written, in training mode too
+    keras.backbone.forward = lambda x: keras.backbone.features(x)  # the layers as written, in training too
     x = images_with_ties()
     target = torch.tensor([0, 1, 2, 0])
     outputs = []
@@ -63,6 +63,7 @@ def test_the_moved_relu_gives_the_same_outputs_and_gradients_exactly(dtype):
             logits = net(x)
         nn.functional.cross_entropy(logits.float(), target).backward()
         outputs.append(logits)
+    assert order_of_calls(keras, x)[1] == "ReLU"  # the reference does run the written order
     assert torch.equal(outputs[0], outputs[1])
     for (name, ours), theirs in zip(model.named_parameters(), keras.parameters(), strict=True):
         assert torch.equal(ours.grad, theirs.grad), name
