@@ -17,9 +17,13 @@ Workloads (batch 32, Adam, 'medium' = the COVID notebook's rotation 45, zoom/she
   150 px, the backbone run every epoch (feature_cache off: what a Keras head stage does);
 - efficientnet_b0: full fine-tune at 224 px (no pretrained weights: speed only);
 - simple_cnn: imgclf's shorthand simple CNN (BatchNorm, 'same' convolutions, flatten, dense 512), 150 px.
-``--predict`` also times prediction: imgclf predict against a plain fp32 ImageFolder loop.
+``--predict`` also times prediction: imgclf predict against a plain fp32 ImageFolder loop. Each result
+line ends with the load average (1 minute) it was measured under: on a 2-core machine another busy
+process costs torch's two threads far more than its share (measured: 140 img/s on one thread against
+52 on two, at load 4.5), so a number without its load says little. ``--threads N`` sets torch's
+intra-op threads for both sides.
 
-    python benchmarks/throughput.py [--workloads notebook_cnn,vgg16_head,efficientnet_b0] [--rounds 3]
+    python benchmarks/throughput.py [--workloads notebook_cnn,vgg16_head,efficientnet_b0] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def report(name: str, r: dict, rounds: int, epochs: int) -> None:
     low, high = r["spread"]
     print(f"  train  imgclf {r['imgclf']:7.1f} img/s | plain model-only {r['plain']:7.1f} img/s  ->  "
           f"{r['imgclf'] / r['plain']:.2f}x (rounds {low:.2f}-{high:.2f}); not training: "
-          f"{100 * r['outside']:.0f}% of imgclf's call")
+          f"{100 * r['outside']:.0f}% of imgclf's call; load {os.getloadavg()[0]:.1f}")
     if "predict" in r:
         ours, plain = r["predict"]
         print(f"  predict imgclf {ours:6.1f} img/s | plain fp32 ImageFolder loop {plain:6.1f}  ->  "
@@ -190,14 +194,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per imgclf training (>= 2)")
     parser.add_argument("--predict", action="store_true", help="also time prediction against a plain loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: use 1 or more")
+        torch.set_num_threads(args.threads)
     names = args.workloads.split(",")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload {unknown[0]!r}; use {', '.join(WORKLOADS)}")
     logging.getLogger("imgclf").setLevel(logging.WARNING)
     print(f"CPU cores: {os.cpu_count()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{Compute.resolve('auto', 'auto', None)}")
+          f"{Compute.resolve('auto', 'auto', None)}, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp / "cache"))
