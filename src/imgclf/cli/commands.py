@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imgclf import atomic
 from imgclf.cli import flags as cliflags
-from imgclf.cli.flags import config_from_args, format_metrics
+from imgclf.cli.flags import config_from_args, format_metrics, refuse_settings_with_resume
 from imgclf.config import EvaluateConfig
 from imgclf.data.audit import audit_dataset, format_report
 from imgclf.errors import ConfigError, ImgclfError
@@ -46,7 +46,7 @@ DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        _refuse_settings_with_resume(args)
+        refuse_settings_with_resume(args)
     config = None if args.resume else _train_config(args)
     default = config is not None and is_default_request(config)
     if args.budget is not None and not default:
@@ -73,16 +73,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(line)
     print(f"run: {run.path}")
     return 0
-
-
-def _refuse_settings_with_resume(args: argparse.Namespace) -> None:
-    """``--resume RUN`` continues with the run's own saved settings: any other setting would be dropped."""
-    given = [f"--{key.split('__', 2)[2].replace('_', '-')}" for key in vars(args) if key.startswith("cfg__")]
-    given += [flag for flag, value in (("--config", getattr(args, "config", None)), ("--stage", args.stages),
-                                       ("DATA", args.data_dir), ("--budget", args.budget)) if value]
-    if given:
-        raise ConfigError(f"--resume {args.resume} continues the run with its saved settings, so {', '.join(given)} "
-                          "would not apply; drop them, or start a new run with them")
 
 
 def cmd_cv(args: argparse.Namespace) -> int:

@@ -170,3 +170,13 @@ def format_metrics(split: str, m: dict) -> str:
                  f"specificity={value('specificity', m['specificity'])}"
                  + (f" at threshold {m['threshold']:.4f}" if m.get("threshold") is not None else ""))
     return line
+
+
+def refuse_settings_with_resume(args: argparse.Namespace) -> None:
+    """``--resume RUN`` continues with the run's own saved settings: any other setting would be dropped."""
+    given = [f"--{key.split('__', 2)[2].replace('_', '-')}" for key in vars(args) if key.startswith("cfg__")]
+    given += [flag for flag, value in (("--config", getattr(args, "config", None)), ("--stage", args.stages),
+                                       ("DATA", args.data_dir), ("--budget", args.budget)) if value]
+    if given:
+        raise ConfigError(f"--resume {args.resume} continues the run with its saved settings, so {', '.join(given)} "
+                          "would not apply; drop them, or start a new run with them")
