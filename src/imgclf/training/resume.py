@@ -89,8 +89,8 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "weights.safetensors"))
     if best_file.exists():
-        shutil.copyfile(best_file, tmp / "best.safetensors")
-        shutil.copyfile(best_file.with_suffix(".json"), tmp / "best.json")
+        _snapshot(best_file, tmp / "best.safetensors")
+        _snapshot(best_file.with_suffix(".json"), tmp / "best.json")
     torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
     if rank_states:
         torch.save([{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states], tmp / RANKS_FILE)
@@ -104,6 +104,15 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
     for old in folder.glob("epoch_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _snapshot(source: Path, target: Path) -> None:
+    """``source`` as it is now: a hard link (the best file is only ever replaced whole, by an atomic
+    rename, so the link keeps this version), or a copy where the file system has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def latest_state(out: Path) -> Path:
