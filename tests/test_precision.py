@@ -48,7 +48,8 @@ def test_bf16_and_fp32_reach_the_same_demo_accuracy(tmp_path):
     write_digits(tmp_path / "digits")
     accuracy = {}
     for precision in ("fp32", "bf16"):
-        config = demo_config(tmp_path, epochs=15, overrides={"train": {"precision": precision}})
+        config = demo_config(tmp_path, epochs=8, overrides={"train": {"precision": precision},
+                                                            "evaluate": {"report": False, "baseline": False}})
         config = config.model_copy(update={"out": str(tmp_path / precision)})
         accuracy[precision] = imgclf.train(config).metrics["test"]["accuracy"]
     assert accuracy["fp32"] >= 0.9 and abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.03, accuracy

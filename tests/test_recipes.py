@@ -342,7 +342,7 @@ def test_model_info_summarises_each_recipe_config(path, capsys):
 # --- every recipe, end to end on tiny images -------------------------------------------------------------------
 
 FAST = ["--epochs", "1", "--patience", "1", "--no-pretrained", "--no-report", "--precision", "fp32",
-        "--workers", "0", "--bootstrap", "0"]
+        "--workers", "0", "--bootstrap", "0", "--no-baseline"]
 
 
 def shrunk_copy(recipe: str, tmp_path: Path) -> Path:
