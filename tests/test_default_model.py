@@ -137,6 +137,11 @@ def test_candidates_keep_every_training_setting_and_size_pretrained_inputs_from_
         cfg = candidate_config(base, name, tmp_path / name, pretrained_size=96)
         assert (cfg.train.epochs, cfg.train.seed) == (7, 3)
         assert cfg.data.image_size == (None if name == "small CNN" else 96)
+        assert (cfg.train.class_weight, cfg.train.sampler) == ("balanced", "none")  # measured: imbalance.py
+    for chosen in ({"class_weight": "none"}, {"sampler": "weighted"}):  # the user's imbalance choice is kept
+        cfg = candidate_config(build_config({"data": {"path": str(data)}, "train": chosen}), "small CNN", tmp_path)
+        assert (cfg.train.class_weight, cfg.train.sampler) == (chosen.get("class_weight", "none"),
+                                                               chosen.get("sampler", "none"))
     given = build_config({"data": {"path": str(data), "image_size": 48}})
     assert candidate_config(given, "linear probe", tmp_path / "x", pretrained_size=96).data.image_size == 48
     paths = sorted(data.rglob("*.*"))

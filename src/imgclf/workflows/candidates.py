@@ -9,7 +9,13 @@
    2 augmented views per image, not 5, unless ``--feature-views`` says otherwise.
 
 Each candidate is the user's config (data, augmentation, seed, epochs...) with only the model
-changed, so every explicit setting applies to all of them. Lite0's weights ship offline with
+changed, so every explicit setting applies to all of them. One default differs: unless
+``--class-weight`` or ``--sampler`` is given, the candidates weigh classes 'balanced'. Measured by
+``benchmarks/imbalance.py`` (imbalanced Fashion-MNIST, 150/60/30/12/4 training images, 3 seeds),
+test macro-F1 without -> with balanced weights: linear probe 0.611 -> 0.697, small CNN 0.555 ->
+0.715, fine-tuned Lite0 0.657 -> 0.718, and the 4-image class went from never predicted (recall 0)
+to recall 0.33-0.67; class-balanced sampling was no better (0.709, 0.646). On balanced classes
+the weights are all 1, so nothing changes. Lite0's weights ship offline with
 imgclf, so no candidate needs the network.
 
 Input size, unless ``--image-size`` is given: the small CNN keeps its 64 px; the two pretrained
@@ -51,6 +57,8 @@ def candidate_config(base: Config, name: str, out: Path, pretrained_size: int | 
     values["out"] = str(out)
     if CANDIDATES[name] and base.data.image_size is None and pretrained_size:
         values["data"]["image_size"] = pretrained_size
+    if not {"class_weight", "sampler"} & base.train.model_fields_set:
+        values["train"]["class_weight"] = "balanced"
     if name == FINETUNE_CANDIDATE and base.train.feature_views is None:
         values["train"]["feature_views"] = FINETUNE_VIEWS
     return build_config(values)
