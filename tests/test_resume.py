@@ -89,3 +89,11 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
 def test_settings_given_with_resume_are_refused_in_one_line_not_dropped(tmp_path):
     result = run_cli("train", "--resume", tmp_path / "run", "--epochs", "50", "--lr", "0.1")
     assert_clean_error(result, "continues the run with its saved settings, so --epochs, --lr would not apply")
+
+
+def test_a_default_run_stopped_among_its_candidates_says_to_start_it_again(tmp_path):
+    out = tmp_path / "run"
+    (out / "candidates" / "probe").mkdir(parents=True)  # what a default run killed mid-candidates leaves
+    (out / "INCOMPLETE").write_text("x")
+    assert_clean_error(run_cli("train", "--resume", out), "stopped while it tried its candidates",
+                       f"`imgclf train DATA --out {out}` again")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from imgclf.config import Config
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.models.checkpoint import load_weights, save_weights
 from imgclf.models.networks import (
     build_model,
@@ -40,10 +40,12 @@ log = get_logger("train")
 def resume_training(run_dir: str | Path, dist: DistSettings | None = None) -> Run:
     """Continue a killed ``train`` from its last completed epoch (``imgclf train --resume RUN``)."""
     run_dir = Path(run_dir)
+    if (run_dir / "candidates").is_dir() and not (run_dir / "config.yaml").exists():
+        raise RunDirError(f"{run_dir} is a default run (no --model) stopped while it tried its candidates, which "
+                          f"cannot be resumed; run the same `imgclf train DATA --out {run_dir}` again: it starts over "
+                          "in that folder")
     config = open_run(run_dir).config
     return train(config, resume_dir=run_dir, dist=dist)
-
-
 
 
 def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = None,
