@@ -4,6 +4,8 @@
   28 px grayscale photos of clothes), one class with only 4 training images.
 - ``textures``: random 64 px crops of scikit-image's brick, grass, gravel and moon-surface photos.
 - ``faces``: scikit-image's LFW subset, 100 faces against 100 non-faces, 25 px grayscale.
+- ``digits``: scikit-learn's handwritten digits (8 px, upscaled to 32 px), 20/8/8 per class: small
+  uniform images where ImageNet features carry little.
 
 Each set is drawn with a fixed seed, so every benchmark that names it trains on the same images.
 """
@@ -67,7 +69,19 @@ def faces(root: Path, seed: int = 0) -> Path:
     return root
 
 
-SETS = {"fashion": fashion, "textures": textures, "faces": faces}
+def digits(root: Path, per_class: tuple[int, int, int] = (20, 8, 8), seed: int = 0) -> Path:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        picks = rng.permutation(np.flatnonzero(data.target == label))[:sum(per_class)]
+        images = [np.kron(data.images[i] * (255 / 16), np.ones((4, 4))).round().astype(np.uint8) for i in picks]
+        _write_splits(root, str(label), images, per_class)
+    return root
+
+
+SETS = {"fashion": fashion, "textures": textures, "faces": faces, "digits": digits}
 
 
 def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
