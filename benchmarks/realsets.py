@@ -27,8 +27,11 @@ TEXTURES = ("brick", "grass", "gravel", "moon")
 SPLITS = ("train", "val", "test")
 
 
-def fashion(root: Path, seed: int = 0) -> Path:
-    """The imbalanced Fashion-MNIST subsample; an error naming the apt package when it is missing."""
+def fashion(root: Path, seed: int = 0, test_per_class: int | None = None) -> Path:
+    """The imbalanced Fashion-MNIST subsample; an error naming the apt package when it is missing.
+
+    ``test_per_class``: that many test images of every class instead of the imbalanced few (3 bags),
+    so that a test macro-F1 can resolve a 1-point difference; train and val stay imbalanced."""
     images_file, labels_file = FASHION_DIR / "train-images-idx3-ubyte.gz", FASHION_DIR / "train-labels-idx1-ubyte.gz"
     if not images_file.exists():
         raise SystemExit(f"{images_file} is missing: apt install dataset-fashion-mnist")
@@ -38,6 +41,7 @@ def fashion(root: Path, seed: int = 0) -> Path:
         labels = np.frombuffer(fh.read(), np.uint8, offset=8)
     rng = np.random.default_rng(seed)
     for name, counts in FASHION_CLASSES.items():
+        counts = counts if test_per_class is None else (*counts[:2], test_per_class)
         chosen = rng.permutation(np.flatnonzero(labels == FASHION_LABELS[name]))[:sum(counts)]
         _write_splits(root, name, [images[i] for i in chosen], counts)
     return root
