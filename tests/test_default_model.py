@@ -12,7 +12,7 @@ from imgclf.config import build_config
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
-from imgclf.workflows.autoselect import CLOSING_S, SELECTION_FILE, Pace, train_auto
+from imgclf.workflows.autoselect import CLOSING_S, SELECTION_FILE, Pace, _limited, train_auto
 from imgclf.workflows.candidates import (
     CANDIDATES,
     candidate_config,
@@ -91,8 +91,9 @@ def test_the_probes_pace_prices_the_closing_work_and_the_fine_tunes_minimum(monk
     monkeypatch.setattr("imgclf.workflows.autoselect.time.perf_counter", lambda: 10.0)
     assert pace.closing() == 0.0 and pace.left() == 90.0  # before the probe nothing is known
     pace.learn(probe_seconds=8.0)  # 80 train+val images: 0.1 s each
-    assert pace.closing() == pytest.approx(CLOSING_S + 0.1 * 2 * 40)  # test + baselines over val and test
-    assert pace.left() == pytest.approx(90.0 - CLOSING_S - 8.0)
+    assert pace.closing() == pytest.approx(CLOSING_S + 0.1 * (20 + 100))  # the test pass + the probe's over all
+    assert pace.left() == pytest.approx(90.0 - CLOSING_S - 12.0)
+    assert Pace(100.0, pace.counts, baseline=False, per_image=0.1).closing() == pytest.approx(CLOSING_S + 2.0)
     assert pace.finetune_minimum(views=2) == pytest.approx(0.1 * (5 * 60 + 2 * 20))
 
 
@@ -105,6 +106,15 @@ def test_the_fine_tune_is_skipped_with_a_line_when_its_minimum_does_not_fit(tmp_
     assert list(selection["candidates"]) == ["linear probe", "small CNN"]
     assert "skipped fine-tuned EfficientNet-Lite0: at the linear probe's pace, caching its features and one " \
            "fine-tuning epoch need about 1000000 s" in caplog.text
+
+
+def test_the_users_max_seconds_bounds_each_candidate_and_a_zero_budget_is_refused(tmp_path):
+    data = make_class_folders(tmp_path / "data", 4)
+    given = build_config({"data": {"path": str(data)}, "train": {"max_seconds": 20}})
+    small = candidate_config(given, "small CNN", tmp_path / "c")
+    assert _limited(small, 50.0).train.max_seconds == 20  # the user's limit, smaller than the share
+    assert _limited(small, 12.0).train.max_seconds == 12.0  # the share, smaller than the user's limit
+    assert_clean_error(imgclf("train", data, "--budget", "0"), "--budget 0: give the seconds")
 
 
 def test_any_model_setting_trains_that_model_alone(tmp_path):

@@ -89,6 +89,9 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
 def test_settings_given_with_resume_are_refused_in_one_line_not_dropped(tmp_path):
     result = run_cli("train", "--resume", tmp_path / "run", "--epochs", "50", "--lr", "0.1")
     assert_clean_error(result, "continues the run with its saved settings, so --epochs, --lr would not apply")
+    result = run_cli("train", "--resume", tmp_path / "run", "--model", "resnet18", "--no-pretrained",
+                     "--augment", "light", "--budget", "0")
+    assert_clean_error(result, "--model", "--no-pretrained", "--augment", "--budget")  # the flags as typed
 
 
 def test_a_default_run_stopped_among_its_candidates_says_to_start_it_again(tmp_path):

@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run = resume_training(args.resume, dist)
     else:
-        run = train_auto(config, args.budget or DEFAULT_BUDGET_S) if default else train(config, dist=dist)
+        budget = DEFAULT_BUDGET_S if args.budget is None else args.budget  # --budget 0 is an error, not 120 s
+        run = train_auto(config, budget) if default else train(config, dist=dist)
     if not is_main_process():  # rank 0 speaks for the job
         return 0
     for split in ("val", "test"):  # as demo ends: the numbers first, then where they are

@@ -174,9 +174,16 @@ def format_metrics(split: str, m: dict) -> str:
 
 def refuse_settings_with_resume(args: argparse.Namespace) -> None:
     """``--resume RUN`` continues with the run's own saved settings: any other setting would be dropped."""
-    given = [f"--{key.split('__', 2)[2].replace('_', '-')}" for key in vars(args) if key.startswith("cfg__")]
+    given = [_typed_flag(key, value) for key, value in vars(args).items() if key.startswith("cfg__")]
     given += [flag for flag, value in (("--config", getattr(args, "config", None)), ("--stage", args.stages),
-                                       ("DATA", args.data_dir), ("--budget", args.budget)) if value]
+                                       ("DATA", args.data_dir), ("--budget", args.budget)) if value is not None]
     if given:
         raise ConfigError(f"--resume {args.resume} continues the run with its saved settings, so {', '.join(given)} "
                           "would not apply; drop them, or start a new run with them")
+
+
+def _typed_flag(key: str, value: Any) -> str:
+    """The flag as the user typed it, from its ``cfg__SECTION__NAME`` destination (``--no-X`` when off)."""
+    _, section, name = key.split("__", 2)
+    flag = flag_name(section or None, name).replace("_", "-")
+    return f"--no-{flag}" if value is False else f"--{flag}"

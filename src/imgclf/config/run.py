@@ -217,7 +217,8 @@ def _old_adadelta_rho(values: dict) -> None:
     """A run from before rho reached adadelta trained Adadelta with torch's rho and RMSprop with torch's alpha."""
     old = {"adadelta": TORCH_ADADELTA_RHO, "rmsprop": TORCH_ALPHA}
     train = values["train"]
-    values["train"] = {**train, "rho": old.get(train.get("optimizer"), TORCH_ALPHA)}
+    if train.get("optimizer") in old:  # any other optimizer never read rho: keep the default, and no warning
+        values["train"] = {**train, "rho": old[train["optimizer"]]}
     stages = values.get("stages")
     if not isinstance(stages, list):
         return

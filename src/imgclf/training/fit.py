@@ -43,6 +43,7 @@ class EarlyStopping:
     best: float = field(init=False)
     best_epoch: int = -1
     bad_epochs: int = 0
+    out_of_time: bool = False  # an epoch was given up part-way for the time limit: no later stage starts
 
     def __post_init__(self) -> None:
         self.mode = "min" if self.monitor.endswith("loss") else "max"
@@ -196,6 +197,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
             log.info("time limit: %s %d/%d given up after %d of %d batches: at its pace it would end %.0f s after "
                      "--max-seconds %g; going back to the best epoch (%d)", stage, stage_epoch, cfg.epochs,
                      late.done, late.total, late.overrun, cfg.max_seconds, stopper.best_epoch)
+            stopper.out_of_time = True
             break
         row.update(validate() if validate else {})
         row["seconds"] = round(time.perf_counter() - start, 3)

@@ -138,8 +138,11 @@ class StageRunner:
                     restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
                     resume = None
                 continue
-            if history and broadcast_decision(self.ctx, deadline is not None and time.perf_counter() >= deadline):
-                log.info("time limit: stage %s skipped (--max-seconds %g spent)", name, limit)
+            gave_up = stopper is not None and stopper.out_of_time
+            if history and broadcast_decision(self.ctx, gave_up or (deadline is not None
+                                                                    and time.perf_counter() >= deadline)):
+                log.info("time limit: stage %s skipped (--max-seconds %g %s)", name, limit,
+                         "would be overrun: an epoch was given up" if gave_up else "spent")
                 continue
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -68,7 +68,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     if not {"class_weight", "sampler"} & config.train.model_fields_set:
         log.info("the candidates weigh classes 'balanced' (best on imbalanced data in benchmarks/imbalance.py; "
                  "all weights are 1 when classes are balanced); --class-weight none to turn it off")
-    tried = _train_candidates(config, out, Pace(start + budget_s, counts), size)
+    tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
     run = _promote(out, winner["path"], config)
@@ -107,6 +107,7 @@ class Pace:
 
     deadline: float
     counts: dict[str, int]
+    baseline: bool = True  # the linear-probe baseline runs at the close (--no-baseline: it does not)
     per_image: float | None = None
 
     def learn(self, probe_seconds: float) -> None:
@@ -118,9 +119,11 @@ class Pace:
         return self.deadline - time.perf_counter() - self.closing()
 
     def closing(self) -> float:
+        """The chosen model's test pass, and the probe baseline's pass over every split."""
         if self.per_image is None:
             return 0.0
-        return CLOSING_S + self.per_image * 2 * (self.counts["val"] + self.counts.get("test", 0))
+        passes = self.counts.get("test", 0) + (sum(self.counts.values()) if self.baseline else 0)
+        return CLOSING_S + self.per_image * passes
 
     def finetune_minimum(self, views: int) -> float:
         """Caching ``views`` augmented views and val, then one fine-tuning epoch (backward ~ 2 forwards)."""
@@ -161,8 +164,10 @@ def _skip_reason(name: str, cfg: Config, tried: dict[str, dict], left: float, pa
 
 
 def _limited(cfg: Config, seconds: float) -> Config:
-    """The candidate with its time limit; report and baselines are written once, for the chosen run."""
-    limit = None if cfg.model.head != "linear" else max(1.0, round(seconds, 1))  # scikit-learn: no epochs
+    """The candidate with its time limit (its share, or the user's --max-seconds when smaller); report
+    and baselines are written once, for the chosen run."""
+    share = max(1.0, round(seconds, 1))
+    limit = None if cfg.model.head != "linear" else min(share, cfg.train.max_seconds or share)  # sklearn: no epochs
     train_cfg = cfg.train.model_copy(update={"max_seconds": limit})
     evaluate = cfg.evaluate.model_copy(update={"report": False, "baseline": False})
     return cfg.model_copy(update={"train": train_cfg, "evaluate": evaluate})
