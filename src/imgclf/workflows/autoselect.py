@@ -42,6 +42,7 @@ from imgclf.workflows.candidates import (
     SLUGS,
     candidate_config,
     pretrained_input_size,
+    weighs_balanced,
 )
 from imgclf.workflows.lifecycle import mark_finished, new_run_dir
 from imgclf.workflows.train import train
@@ -65,7 +66,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     out = new_run_dir(config.out)
     log.info("no --model given: trying %s within %.0f s, chosen on validation macro-F1 (--model X trains one model)",
              ", then ".join(CANDIDATES), budget_s)
-    if not {"class_weight", "sampler"} & config.train.model_fields_set:
+    if weighs_balanced(config):
         log.info("the candidates weigh classes 'balanced' (best on imbalanced data in benchmarks/imbalance.py; "
                  "all weights are 1 when classes are balanced); --class-weight none to turn it off")
     tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)

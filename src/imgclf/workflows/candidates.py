@@ -57,11 +57,16 @@ def candidate_config(base: Config, name: str, out: Path, pretrained_size: int | 
     values["out"] = str(out)
     if CANDIDATES[name] and base.data.image_size is None and pretrained_size:
         values["data"]["image_size"] = pretrained_size
-    if not {"class_weight", "sampler"} & base.train.model_fields_set:
+    if weighs_balanced(base):
         values["train"]["class_weight"] = "balanced"
     if name == FINETUNE_CANDIDATE and base.train.feature_views is None:
         values["train"]["feature_views"] = FINETUNE_VIEWS
     return build_config(values)
+
+
+def weighs_balanced(config: Config) -> bool:
+    """Whether the candidates take the measured 'balanced' class weights: the user chose no imbalance handling."""
+    return not {"class_weight", "sampler"} & config.train.model_fields_set
 
 
 def pretrained_input_size(paths: list[Path]) -> int:
