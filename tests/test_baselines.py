@@ -1,6 +1,8 @@
 """Baselines on the run's own validation and test images: the majority class and the linear probe."""
 
 import json
+import logging
+import os
 
 import numpy as np
 import pytest
@@ -8,11 +10,13 @@ import pytest
 from imgclf.config import build_config
 from imgclf.errors import RunDirError
 from imgclf.runs.files import read_baselines, read_metrics
+from imgclf.workflows import baselines
 from imgclf.workflows.baselines import (
     MAJORITY_NAME,
     PROBE_NAME,
     baseline_rows,
     majority_row,
+    stratified_sample,
     write_baselines,
 )
 from imgclf.workflows.lifecycle import setup_run
@@ -50,6 +54,28 @@ def test_the_linear_probe_learns_what_the_majority_cannot(setup):
     assert probe["test"]["n"] == len(setup.index.subset("test")) and probe["seconds"] > 0
 
 
+def test_the_probe_fits_on_a_stratified_sample_beyond_its_limit_and_says_so(setup, monkeypatch):
+    monkeypatch.setattr(baselines, "PROBE_MAX_TRAIN", 6)
+    monkeypatch.setattr(baselines, "PROBE_MIN_PER_CLASS", 2)
+    targets = setup.index.subset("train").targets
+    sample = stratified_sample(targets, 6, seed=0)
+    assert len(sample) < len(targets) and np.all(np.diff(sample) > 0)
+    assert set(np.bincount(targets[sample])) >= {2} and np.bincount(targets[sample]).argmax() == np.bincount(
+        targets).argmax()  # each class at least 2, the largest class still the largest
+    np.testing.assert_array_equal(sample, stratified_sample(targets, 6, seed=0))
+    probe = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])[1]
+    assert f"fitted on a stratified {len(sample)} of the {len(targets)} training images" in probe["note"]
+    assert probe["val"]["n"] == len(setup.index.subset("val"))  # val is scored in full
+
+
+def test_a_small_class_keeps_all_its_images_in_the_sample():
+    targets = np.array([0] * 1000 + [1] * 5 + [2] * 300)
+    sample = stratified_sample(targets, 200, seed=1)
+    counts = np.bincount(targets[sample])
+    assert counts[1] == 5 and counts[0] > counts[2] > 20 and len(sample) <= 200 + 3 + 20
+    assert np.array_equal(stratified_sample(targets[:50], 200, seed=1), np.arange(50))  # under the limit: all
+
+
 def test_no_baseline_skips_the_probe_and_no_val_skips_it_with_a_reason(setup):
     config = setup.config.model_copy(update={"evaluate": setup.config.evaluate.model_copy(update={"baseline": False})})
     rows = baseline_rows(setup.prepared, setup.preprocess, setup.compute, config, ["val"])
@@ -77,3 +103,49 @@ def test_a_tampered_baselines_entry_is_one_line_naming_the_file(tmp_path, tamper
         with pytest.raises(RunDirError, match=r"metrics\.json: baselines") as err:
             read(path)
         assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def logs(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # the CLI turns it off
+    caplog.set_level("INFO")
+    return caplog
+
+
+def _newest_probe_entry(setup):
+    return max(setup.prepared.decoded.file.parent.glob("*.probe.npy"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_a_rerun_reads_the_probe_features_from_the_cache(setup, monkeypatch, logs):
+    first = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val", "test"])[1]
+    entry = _newest_probe_entry(setup)
+    assert np.load(entry).shape[1] == baselines.PROBE_FEATURES
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran again")
+
+    monkeypatch.setattr(baselines, "probe_features", no_backbone)
+    again = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val", "test"])[1]
+    assert again["val"] == first["val"] and again["test"] == first["test"]
+    assert "features read from the cache" in logs.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan", "fifo", "garbage"])
+def test_a_damaged_probe_cache_entry_is_computed_again_with_a_warning(setup, damage, logs):
+    baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])
+    entry = _newest_probe_entry(setup)
+    good = np.load(entry)
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:-100])
+    elif damage == "nan":
+        bad = good.copy()
+        bad[0, 0] = np.nan
+        np.save(entry, bad)
+    elif damage == "fifo":
+        entry.unlink()
+        os.mkfifo(entry)
+    else:
+        entry.write_bytes(b"\x93NUMPY garbage" * 50)
+    row = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])[1]
+    assert "feature cache entry" in logs.text and "damaged" in logs.text
+    assert row["val"]["f1_macro"] >= 0 and np.array_equal(np.load(entry), good)  # rewritten whole

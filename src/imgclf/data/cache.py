@@ -18,6 +18,10 @@ same key waits, then re-checks and reuses the entry. Holding the lock, the build
 files a killed builder left for this key (no live writer can own them). A finished entry is read
 without the lock: the .npy is renamed into place before the sidecar, so a sidecar vouches for a
 complete array.
+
+Feature entries (``read_features``/``write_features``) hold a frozen backbone's features of cached
+images, keyed by their caller (the decode entry, the rows, the model and its settings): a ``.npy`` of
+``rows x D`` float32, checked the same way (header, exact length) and for finite values.
 """
 
 from __future__ import annotations
@@ -147,22 +151,48 @@ def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadIma
     return bad
 
 
-def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
-    """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
+def check_npy(npy: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
+    """The .npy header must say ``shape`` of ``dtype`` in C order and the file must hold exactly that many bytes."""
     try:
         with open(npy, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
-            found, fortran_order, dtype = read_header(fh)
+            found, fortran_order, found_dtype = read_header(fh)
             header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
     except (OSError, ValueError) as err:
         raise DamagedEntry(f"{npy.name} has no valid .npy header: {err}") from None
-    if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran_order:
-        raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} uint8")
-    expected = header_end + int(np.prod(shape))
+    if tuple(found) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran_order:
+        raise DamagedEntry(f"{npy.name} holds {found} {found_dtype}, expected {shape} {np.dtype(dtype)}")
+    expected = header_end + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if length != expected:
         raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
+
+
+def read_features(npy: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The float32 features of ``shape`` that ``write_features`` saved, or None: absent, or damaged (a warning)."""
+    if not os.path.lexists(npy):
+        return None
+    try:
+        if not npy.is_file():  # a FIFO would block the read, a dangling link cannot be read
+            raise DamagedEntry(f"{npy.name} is not a regular file")
+        check_npy(npy, shape, np.float32)
+        features = np.load(npy, allow_pickle=False)
+        if not np.isfinite(features).all():
+            raise DamagedEntry(f"{npy.name} holds values that are not finite")
+        return features
+    except (OSError, ValueError, DamagedEntry) as err:
+        log.warning("warning: feature cache entry %s is damaged (%s); computing the features again", npy, err)
+        return None
+
+
+def write_features(npy: Path, features: np.ndarray) -> None:
+    """Save ``features`` as float32, atomically; a folder that cannot be written costs a warning, not the run."""
+    try:
+        with atomic.atomic_path(npy) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+    except OSError as err:
+        log.warning("warning: could not keep features in the cache (%s); they will be computed again next time", err)
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import draw_evaluations, write_summary
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, open_run
-from imgclf.workflows.baselines import baseline_rows, row_metrics, write_baselines
+from imgclf.workflows.baselines import PROBE_MAX_TRAIN, baseline_rows, row_metrics, write_baselines
 from imgclf.workflows.candidates import (
     CANDIDATES,
     FINETUNE_CANDIDATE,
@@ -123,7 +123,8 @@ class Pace:
         """The chosen model's test pass, and the probe baseline's pass over every split."""
         if self.per_image is None:
             return 0.0
-        passes = self.counts.get("test", 0) + (sum(self.counts.values()) if self.baseline else 0)
+        probe = min(self.counts["train"], PROBE_MAX_TRAIN) + self.counts["val"] + self.counts.get("test", 0)
+        passes = self.counts.get("test", 0) + (probe if self.baseline else 0)
         return CLOSING_S + self.per_image * passes
 
     def finetune_minimum(self, views: int) -> float:
