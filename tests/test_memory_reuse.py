@@ -31,3 +31,30 @@ def test_a_freed_large_tensor_is_reused_without_page_faults():
     pages = 64 * 2**20 // 4096
     assert plain > pages // 2  # glibc's default: a fresh mmap, every page faulted in again
     assert reused < pages // 20
+
+
+KEPT_THEN_RELEASED = """
+import torch
+from imgclf.runtime import Compute, release_freed_memory
+
+def anon_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) // 1024
+
+Compute.resolve("cpu", "fp32", None)
+base = anon_mib()
+torch.ones(64 * 2**20)  # 256 MB, freed at once: kept by the process
+kept = anon_mib()
+release_freed_memory()
+print(base, kept, anon_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_memory_kept_for_training_is_handed_back_when_training_ends():
+    out = subprocess.run([sys.executable, "-c", KEPT_THEN_RELEASED], capture_output=True, text=True,
+                         check=True).stdout.split()
+    base, kept, released = (int(v) for v in out)
+    assert kept - base > 200  # kept after the tensor was freed
+    assert released - base < 50  # handed back

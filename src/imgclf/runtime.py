@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import random
 from collections.abc import Iterator
@@ -111,6 +112,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):  # no C library by that name (TypeError: Windows)
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> None:
+    """Hand the memory ``keep_freed_memory`` kept back to the OS (glibc's ``malloc_trim``) when training is
+    over, so that the closing work (evaluation, baselines, report) does not add its peak on top of it."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: it kept nothing
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @dataclass(frozen=True)
