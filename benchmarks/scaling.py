@@ -13,7 +13,7 @@ the first, best of ``--rounds`` interleaved rounds; scaling efficiency = (speed 
 On the CPU the P processes share the same cores (``--nproc`` gives each cores / P threads); with
 ``--device cuda`` each process drives one GPU.
 
-    python benchmarks/scaling.py [--sizes 1000,2500,5000,10000] [--px 64]
+    python benchmarks/scaling.py [--sizes 1000,2500,5000,10000] [--px 64] [--repeats 3]
     python benchmarks/scaling.py --processes 1,2 [--images 2000] [--px 64] [--device cpu] [--rounds 2]
 """
 
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="--processes: cpu, or cuda (one GPU per process)")
     parser.add_argument("--rounds", type=int, default=2, help="--processes: interleaved rounds, best kept")
     parser.add_argument("--epochs", type=int, default=3, help="--processes: epochs per training (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per size; medians reported (the peak "
+                        "of one run varies by ~100 MiB with how glibc's arenas happen to fill)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,16 +142,18 @@ def main() -> None:
         rows = []
         for n in sizes:
             data = make_pngs(tmp / f"data_{n}", n, args.px)
-            subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(args.px),
-                            str(tmp / "cache")], check=True)  # first run: decode into the cache
-            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(args.px),
-                                  str(tmp / "cache")], check=True, capture_output=True, text=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            command = [sys.executable, __file__, "--child", str(data), str(n), str(args.px), str(tmp / "cache")]
+            subprocess.run(command, check=True)  # first run: decode into the cache
+            repeats = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
+                                  .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
+            medians = {k: statistics.median(r[k] for r in repeats) for k in ("epoch_seconds", "RssAnon", "RssFile")}
+            rows.append({"n": n, "spread": [r["RssAnon"] for r in repeats], **medians})
     base = rows[0]
-    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'peak file MiB':>14}")
+    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'(runs)':>16} {'peak file MiB':>14}")
     for r in rows:
+        spread = "-".join(f"{v / 1024:.0f}" for v in (min(r["spread"]), max(r["spread"])))
         print(f"{r['n']:>8} {r['epoch_seconds']:>8.1f} {1000 * r['epoch_seconds'] / r['n']:>10.2f} "
-              f"{r['RssAnon'] / 1024:>14.0f} {r['RssFile'] / 1024:>14.0f}")
+              f"{r['RssAnon'] / 1024:>14.0f} {spread:>16} {r['RssFile'] / 1024:>14.0f}")
     last = rows[-1]
     time_ratio = last["epoch_seconds"] / base["epoch_seconds"]
     print(f"\n{last['n'] / base['n']:.0f}x the images: epoch time x{time_ratio:.2f}, "
