@@ -136,6 +136,8 @@ def main() -> None:
         process_scaling([int(p) for p in args.processes.split(",")], args.images, args.px, args.device,
                         args.rounds, max(2, args.epochs))
         return
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: use 1 or more")
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

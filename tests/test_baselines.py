@@ -11,6 +11,7 @@ from imgclf.config import build_config
 from imgclf.errors import RunDirError
 from imgclf.runs.files import read_baselines, read_metrics
 from imgclf.workflows import baselines
+from imgclf.workflows.autoselect import CLOSING_S, Pace
 from imgclf.workflows.baselines import (
     MAJORITY_NAME,
     PROBE_NAME,
@@ -60,8 +61,8 @@ def test_the_probe_fits_on_a_stratified_sample_beyond_its_limit_and_says_so(setu
     targets = setup.index.subset("train").targets
     sample = stratified_sample(targets, 6, seed=0)
     assert len(sample) < len(targets) and np.all(np.diff(sample) > 0)
-    assert set(np.bincount(targets[sample])) >= {2} and np.bincount(targets[sample]).argmax() == np.bincount(
-        targets).argmax()  # each class at least 2, the largest class still the largest
+    kept = np.bincount(targets[sample], minlength=len(setup.index.classes))
+    assert kept.min() >= 2 and kept.argmax() == np.bincount(targets).argmax()  # each class 2+, the largest largest
     np.testing.assert_array_equal(sample, stratified_sample(targets, 6, seed=0))
     probe = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])[1]
     assert f"fitted on a stratified {len(sample)} of the {len(targets)} training images" in probe["note"]
@@ -112,40 +113,77 @@ def logs(caplog, monkeypatch):
     return caplog
 
 
-def _newest_probe_entry(setup):
-    return max(setup.prepared.decoded.file.parent.glob("*.probe.npy"), key=lambda p: p.stat().st_mtime_ns)
+def _entry(setup, splits, sample):
+    return baselines.probe_cache_entry(setup.prepared, setup.preprocess, setup.compute, splits, sample)[0]
+
+
+def _features(setup, splits, sample):
+    return baselines.cached_probe_features(setup.prepared, setup.preprocess, setup.compute, 8, splits, sample)
 
 
 def test_a_rerun_reads_the_probe_features_from_the_cache(setup, monkeypatch, logs):
-    first = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val", "test"])[1]
-    entry = _newest_probe_entry(setup)
-    assert np.load(entry).shape[1] == baselines.PROBE_FEATURES
+    targets = setup.index.subset("train").targets
+    sample = stratified_sample(targets, 6, seed=3)[1:]  # a sample, not the whole split, and not in order 0..n
+    _entry(setup, ["val", "test"], sample).unlink(missing_ok=True)
+    computed = _features(setup, ["val", "test"], sample)
+    entry = _entry(setup, ["val", "test"], sample)
+    assert entry.is_file() and computed["train"].shape == (len(sample), baselines.PROBE_FEATURES)
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran again")
 
     monkeypatch.setattr(baselines, "probe_features", no_backbone)
-    again = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val", "test"])[1]
-    assert again["val"] == first["val"] and again["test"] == first["test"]
-    assert "features read from the cache" in logs.text
+    cached = _features(setup, ["val", "test"], sample)
+    assert list(cached) == ["train", "val", "test"] and "features read from the cache" in logs.text
+    for split, values in computed.items():
+        np.testing.assert_array_equal(cached[split], values)
+    assert _entry(setup, ["val", "test"], sample[1:]) != entry  # another sample: another entry
 
 
-@pytest.mark.parametrize("damage", ["truncate", "nan", "fifo", "garbage"])
-def test_a_damaged_probe_cache_entry_is_computed_again_with_a_warning(setup, damage, logs):
-    baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])
-    entry = _newest_probe_entry(setup)
-    good = np.load(entry)
+@pytest.mark.parametrize("damage", ["truncate", "nan", "out of range", "float64", "fifo", "symlink", "folder",
+                                    "garbage", "huge header"])
+def test_a_damaged_probe_cache_entry_is_computed_again_with_a_one_line_warning(setup, damage, logs, tmp_path):
+    sample = np.arange(len(setup.index.subset("train")))
+    entry = _entry(setup, ["val"], sample)
+    entry.unlink(missing_ok=True)
+    good = _features(setup, ["val"], sample)
+    stored = np.load(entry)
+    entry.unlink()
     if damage == "truncate":
+        np.save(entry, stored)
         entry.write_bytes(entry.read_bytes()[:-100])
-    elif damage == "nan":
-        bad = good.copy()
-        bad[0, 0] = np.nan
+    elif damage in ("nan", "out of range"):
+        bad = stored.copy()
+        bad[0, 0] = np.nan if damage == "nan" else 100.0
         np.save(entry, bad)
+    elif damage == "float64":
+        np.save(entry, stored.astype(np.float64))
     elif damage == "fifo":
-        entry.unlink()
         os.mkfifo(entry)
-    else:
+    elif damage == "symlink":
+        np.save(tmp_path / "elsewhere.npy", stored)
+        entry.symlink_to(tmp_path / "elsewhere.npy")
+    elif damage == "folder":
+        entry.mkdir()
+    elif damage == "garbage":
         entry.write_bytes(b"\x93NUMPY garbage" * 50)
-    row = baseline_rows(setup.prepared, setup.preprocess, setup.compute, setup.config, ["val"])[1]
-    assert "feature cache entry" in logs.text and "damaged" in logs.text
-    assert row["val"]["f1_macro"] >= 0 and np.array_equal(np.load(entry), good)  # rewritten whole
+    else:
+        entry.write_bytes(b"\x93NUMPY\x02\x00" + b"\xff\xff\xff\x7f" + b" " * 5_000_000)
+    logs.clear()
+    again = _features(setup, ["val"], sample)
+    warnings = [r.getMessage() for r in logs.records if "feature cache entry" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and str(entry) in warnings[0]
+    for split, values in good.items():
+        np.testing.assert_array_equal(again[split], values)
+    if damage != "folder":  # a folder in the way stays; the features are computed each time
+        assert entry.is_file() and not entry.is_symlink()
+        np.testing.assert_array_equal(np.load(entry), stored)  # rewritten whole
+    else:
+        entry.rmdir()
+
+
+def test_the_budget_sets_aside_the_probe_s_sample_not_every_training_image():
+    many = Pace(deadline=0.0, counts={"train": 50_000, "val": 100, "test": 100}, per_image=0.01)
+    few = Pace(deadline=0.0, counts={"train": 500, "val": 100, "test": 100}, per_image=0.01)
+    assert few.closing() == pytest.approx(CLOSING_S + 0.01 * (100 + 700))
+    assert many.closing() == pytest.approx(CLOSING_S + 0.01 * (100 + 2 * baselines.PROBE_MAX_TRAIN + 200))

@@ -21,7 +21,9 @@ complete array.
 
 Feature entries (``read_features``/``write_features``) hold a frozen backbone's features of cached
 images, keyed by their caller (the decode entry, the rows, the model and its settings): a ``.npy`` of
-``rows x D`` float32, checked the same way (header, exact length) and for finite values.
+``rows x D`` float32, opened once as a regular file (no link, no FIFO), its size bounded before its
+header is parsed, its header and exact length checked, and its values finite and within the range
+the backbone can output.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from imgclf.logs import get_logger
 
 CACHE_VERSION = 2
 SAMPLE_BYTES = 64 * 1024
+MAX_NPY_HEADER = 64 * 1024  # bytes a feature entry's .npy header may take
 log = get_logger("cache")
 
 
@@ -151,39 +154,61 @@ def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadIma
     return bad
 
 
-def check_npy(npy: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
-    """The .npy header must say ``shape`` of ``dtype`` in C order and the file must hold exactly that many bytes."""
+def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
+    """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
     try:
         with open(npy, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
-            found, fortran_order, found_dtype = read_header(fh)
+            found, fortran_order, dtype = read_header(fh)
             header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
-    except (OSError, ValueError) as err:
-        raise DamagedEntry(f"{npy.name} has no valid .npy header: {err}") from None
-    if tuple(found) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran_order:
-        raise DamagedEntry(f"{npy.name} holds {found} {found_dtype}, expected {shape} {np.dtype(dtype)}")
-    expected = header_end + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    except (OSError, ValueError) as err:  # numpy's messages run over several lines: the first says what
+        raise DamagedEntry(f"{npy.name} has no valid .npy header: {str(err).splitlines()[0]}") from None
+    if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran_order:
+        raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} uint8")
+    expected = header_end + int(np.prod(shape))
     if length != expected:
         raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
 
 
-def read_features(npy: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """The float32 features of ``shape`` that ``write_features`` saved, or None: absent, or damaged (a warning)."""
+def read_features(npy: Path, shape: tuple[int, int], value_range: tuple[float, float]) -> np.ndarray | None:
+    """The float32 features of ``shape`` that ``write_features`` saved, each within ``value_range``; None
+    when absent, or damaged (a one-line warning). The file is opened once, without following a link or
+    blocking on a FIFO, and read only after its size has matched its header exactly."""
     if not os.path.lexists(npy):
         return None
     try:
-        if not npy.is_file():  # a FIFO would block the read, a dangling link cannot be read
-            raise DamagedEntry(f"{npy.name} is not a regular file")
-        check_npy(npy, shape, np.float32)
-        features = np.load(npy, allow_pickle=False)
-        if not np.isfinite(features).all():
-            raise DamagedEntry(f"{npy.name} holds values that are not finite")
-        return features
+        features = _read_float32(npy, shape)
     except (OSError, ValueError, DamagedEntry) as err:
-        log.warning("warning: feature cache entry %s is damaged (%s); computing the features again", npy, err)
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        log.warning("warning: feature cache entry %s is damaged (%s); computing the features again", npy, reason)
         return None
+    low, high = value_range
+    if not (np.isfinite(features).all() and features.min(initial=low) >= low and features.max(initial=high) <= high):
+        log.warning("warning: feature cache entry %s holds values outside [%g, %g]; computing the features again",
+                    npy, low, high)
+        return None
+    return features
+
+
+def _read_float32(npy: Path, shape: tuple[int, int]) -> np.ndarray:
+    data_bytes = int(np.prod(shape)) * 4
+    with os.fdopen(os.open(npy, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)), "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > data_bytes + MAX_NPY_HEADER:
+            raise DamagedEntry(f"{npy.name} is not a regular file of {data_bytes:,} bytes plus a header")
+        version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0)):
+            raise DamagedEntry(f"{npy.name} has .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        found, fortran_order, dtype = read_header(fh)
+        if tuple(found) != tuple(shape) or dtype != np.dtype("<f4") or fortran_order:
+            raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} float32")
+        if info.st_size != fh.tell() + data_bytes:
+            raise DamagedEntry(f"{npy.name} is {info.st_size} bytes, expected {fh.tell() + data_bytes}")
+        return np.frombuffer(fh.read(data_bytes), dtype="<f4").reshape(shape)
 
 
 def write_features(npy: Path, features: np.ndarray) -> None:

@@ -123,7 +123,8 @@ class Pace:
         """The chosen model's test pass, and the probe baseline's pass over every split."""
         if self.per_image is None:
             return 0.0
-        probe = min(self.counts["train"], PROBE_MAX_TRAIN) + self.counts["val"] + self.counts.get("test", 0)
+        sample = min(self.counts["train"], 2 * PROBE_MAX_TRAIN)  # the probe's sample: at most about twice its limit
+        probe = sample + self.counts["val"] + self.counts.get("test", 0)
         passes = self.counts.get("test", 0) + (probe if self.baseline else 0)
         return CLOSING_S + self.per_image * passes
 

@@ -9,10 +9,10 @@
   on about ``PROBE_MAX_TRAIN`` training images, a stratified sample in which every class keeps its
   share and at least ``PROBE_MIN_PER_CLASS`` images (all it has, if fewer), so that its memory and
   time stay flat as the data grows (at 10,000 images, its features and their standardised copies
-  were the run's peak memory); its note says when it sampled. Its features are kept in the decode
-  cache's folder, so a run on the same images, split and seed (a rerun, a grid trial's final model)
-  reads them instead of running Lite0 again (9 of the 43 s of a 3-epoch notebook-CNN run on 1,800
-  images).
+  were the run's peak memory; the small classes' minimum can take the sample up to twice that);
+  its note says when it sampled. Its features are kept in the decode cache's folder, so a
+  run on the same images, split and seed, on the same kind of device and precision, reads them
+  instead of running Lite0 again (9 of the 43 s of a 3-epoch notebook-CNN run on 1,800 images).
 
 Neither baseline chooses anything on test: each is fitted on train, tuned on val, and scored on
 test only when the run itself reads test. The rows go to metrics.json's ``baselines``.
@@ -23,8 +23,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
+import timm
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -46,6 +48,8 @@ log = get_logger("baselines")
 
 PROBE_MODEL = "tf_efficientnet_lite0"
 PROBE_FEATURES = 1280  # Lite0's pooled features per image (what a probe cache entry must hold)
+PROBE_RANGE = (-1e-3, 6 + 1e-3)  # they are means of ReLU6 outputs: in [0, 6]
+PROBE_CACHE_VERSION = 1  # raised when probe_features computes its features another way
 PROBE_NAME = "linear probe (EfficientNet-Lite0 features)"
 MAJORITY_NAME = "majority class"
 PROBE_MAX_TRAIN = 2000  # training images the probe is fitted on, about (a stratified sample beyond)
@@ -107,14 +111,16 @@ def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, 
 
 
 def stratified_sample(targets: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Sorted positions of about ``limit`` of ``targets``: every class keeps its share (rounded up) and at
-    least ``PROBE_MIN_PER_CLASS`` (all it has, if fewer); all positions when there are no more than ``limit``."""
+    """Sorted positions of ``limit`` to ``2 x limit`` (plus one per class) of ``targets``: every class keeps
+    its share, rounded up, and at least ``PROBE_MIN_PER_CLASS`` (fewer when that many per class would pass
+    ``limit``; all it has, if fewer); all positions when there are no more than ``limit``."""
     if len(targets) <= limit:
         return np.arange(len(targets))
     rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(targets == c), min(n, max(PROBE_MIN_PER_CLASS, -(-limit * n // len(targets)))),
-                       replace=False)
-            for c, n in zip(*np.unique(targets, return_counts=True), strict=True)]
+    classes, counts = np.unique(targets, return_counts=True)
+    floor = min(PROBE_MIN_PER_CLASS, limit // len(classes))
+    keep = [rng.choice(np.flatnonzero(targets == c), min(n, max(floor, -(-limit * n // len(targets)))), replace=False)
+            for c, n in zip(classes, counts, strict=True)]
     return np.sort(np.concatenate(keep))
 
 
@@ -139,14 +145,8 @@ def _fit_probe(features: dict[str, np.ndarray], targets: np.ndarray, index, cfg:
 def cached_probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
                           splits: list[str], train_sample: np.ndarray) -> dict[str, np.ndarray]:
     """``probe_features``, read from the cache when the same images were embedded the same way before."""
-    positions = {"train": _positions(prepared, "train")[train_sample],
-                 **{split: _positions(prepared, split) for split in splits}}
-    rows = np.concatenate([prepared.cache_rows[p] for p in positions.values()])
-    settings = f"{PROBE_MODEL} {offline_weights_file(PROBE_MODEL).name} {compute} {run_preprocess.interpolation}"
-    key = hashlib.blake2b(prepared.decoded.file.name.encode() + settings.encode() + rows.tobytes(),
-                          digest_size=12).hexdigest()
-    npy = prepared.decoded.file.parent / f"{key}.probe.npy"
-    cached = read_features(npy, (len(rows), PROBE_FEATURES))
+    npy, positions = probe_cache_entry(prepared, run_preprocess, compute, splits, train_sample)
+    cached = read_features(npy, (sum(len(p) for p in positions.values()), PROBE_FEATURES), PROBE_RANGE)
     if cached is not None:
         log.info("baseline %s: features read from the cache (%s)", PROBE_NAME, npy.name)
         bounds = np.cumsum([len(p) for p in positions.values()])[:-1]
@@ -154,6 +154,19 @@ def cached_probe_features(prepared: PreparedData, run_preprocess: Preprocess, co
     features = probe_features(prepared, run_preprocess, compute, batch_size, splits, train_sample)
     write_features(npy, np.concatenate([features[split] for split in positions]))
     return features
+
+
+def probe_cache_entry(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, splits: list[str],
+                      train_sample: np.ndarray) -> tuple[Path, dict[str, np.ndarray]]:
+    """(the cache file of these features, each split's index positions in the order the file holds them).
+    Its key: the decode entry (the images, size, channels), the rows, and how they are embedded."""
+    positions = {"train": _positions(prepared, "train")[train_sample],
+                 **{split: _positions(prepared, split) for split in splits}}
+    rows = np.concatenate([prepared.cache_rows[p] for p in positions.values()])
+    settings = (f"{PROBE_CACHE_VERSION} {PROBE_MODEL} {offline_weights_file(PROBE_MODEL).name} timm {timm.__version__} "
+                f"{compute} {run_preprocess.interpolation} {prepared.decoded.file.name}")
+    key = hashlib.blake2b(settings.encode() + rows.astype(np.int64).tobytes(), digest_size=12).hexdigest()
+    return prepared.decoded.file.parent / f"{key}.probe.npy", positions
 
 
 def _positions(prepared: PreparedData, split: str) -> np.ndarray:
