@@ -84,6 +84,11 @@ def test_a_later_candidate_is_skipped_with_a_line_when_the_budget_is_spent(tmp_p
     selection = json.loads((tmp_path / "run" / SELECTION_FILE).read_text())
     assert list(selection["candidates"]) == ["linear probe"]  # the first always runs
     assert "skipped small CNN: 0 s of the budget left (raise --budget to try it)" in caplog.text
+    assert "the candidates weigh classes 'balanced'" in caplog.text
+    caplog.clear()
+    train_auto(auto_config(data, tmp_path / "given", sampler="none"), budget_s=0.01)  # an explicit choice is said
+    assert "the candidates use --class-weight none and --sampler none as given" in caplog.text
+    assert "weigh classes 'balanced'" not in caplog.text
 
 
 def test_the_probes_pace_prices_the_closing_work_and_the_fine_tunes_minimum(monkeypatch):

@@ -69,6 +69,9 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     if weighs_balanced(config):
         log.info("the candidates weigh classes 'balanced' (best on imbalanced data in benchmarks/imbalance.py; "
                  "all weights are 1 when classes are balanced); --class-weight none to turn it off")
+    else:
+        log.info("the candidates use --class-weight %s and --sampler %s as given, not the default's 'balanced' "
+                 "class weights", config.train.class_weight, config.train.sampler)
     tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
