@@ -151,7 +151,8 @@ def test_torchrun_trains_a_run_rank_0_alone_writes_and_it_evaluates_and_predicts
     assert ranks[0]["writes"], "the audit hook saw no write at all: it is not watching"
     assert ranks[1]["writes"] == [], "rank 1 wrote into the run or the cache"
     assert ranks[0]["digests"] == ranks[1]["digests"] and ranks[0]["digests"][0]["agree"]
-    assert len(list(cache.glob("*.npy"))) == 1 and not list(cache.glob(".*tmp*"))
+    probe = list(cache.glob("*.probe.npy"))  # rank 0's linear-probe baseline keeps its features beside the images
+    assert len(probe) == 1 and len(list(cache.glob("*.npy"))) == 2 and not list(cache.glob(".*tmp*"))
 
     rank0, rank1 = _rank_log(logs, 0, "stderr"), _rank_log(logs, 1, "stderr")
     assert "2 processes (gloo)" in rank0 and "stage head" in rank0 and "stage all" in rank0
