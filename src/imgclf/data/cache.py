@@ -158,10 +158,7 @@ def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
     """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
     try:
         with open(npy, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            found, fortran_order, dtype = read_header(fh)
+            _, (found, fortran_order, dtype) = _read_header(fh)
             header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
     except (OSError, ValueError) as err:  # numpy's messages run over several lines: the first says what
         raise DamagedEntry(f"{npy.name} has no valid .npy header: {str(err).splitlines()[0]}") from None
@@ -170,6 +167,13 @@ def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
     expected = header_end + int(np.prod(shape))
     if length != expected:
         raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
+
+
+def _read_header(fh) -> tuple[tuple[int, int], tuple]:
+    """(version, (shape, fortran_order, dtype)) of the .npy file ``fh``, read from its start."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return version, read(fh)
 
 
 def read_features(npy: Path, shape: tuple[int, int], value_range: tuple[float, float]) -> np.ndarray | None:
@@ -198,12 +202,9 @@ def _read_float32(npy: Path, shape: tuple[int, int]) -> np.ndarray:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > data_bytes + MAX_NPY_HEADER:
             raise DamagedEntry(f"{npy.name} is not a regular file of {data_bytes:,} bytes plus a header")
-        version = np.lib.format.read_magic(fh)
+        version, (found, fortran_order, dtype) = _read_header(fh)
         if version not in ((1, 0), (2, 0)):
             raise DamagedEntry(f"{npy.name} has .npy version {version}")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        found, fortran_order, dtype = read_header(fh)
         if tuple(found) != tuple(shape) or dtype != np.dtype("<f4") or fortran_order:
             raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} float32")
         if info.st_size != fh.tell() + data_bytes:

@@ -32,8 +32,12 @@ class PreparedData:
     cache_rows: np.ndarray
     skipped: tuple[BadImage, ...]
 
+    def positions(self, split: str) -> np.ndarray:
+        """The index positions of ``split``'s images, in index order (the order its dataset reads them)."""
+        return np.flatnonzero(np.asarray(self.index.splits) == split).astype(np.int64)
+
     def dataset(self, split: str, transform=None) -> CachedImages:
-        positions = np.array([i for i, s in enumerate(self.index.splits) if s == split], dtype=np.int64)
+        positions = self.positions(split)
         targets = self.index.targets[positions] if len(positions) else np.zeros(0, dtype=np.int64)
         return CachedImages(self.decoded.file, self.cache_rows[positions], targets, transform)
 

@@ -160,17 +160,13 @@ def probe_cache_entry(prepared: PreparedData, run_preprocess: Preprocess, comput
                       train_sample: np.ndarray) -> tuple[Path, dict[str, np.ndarray]]:
     """(the cache file of these features, each split's index positions in the order the file holds them).
     Its key: the decode entry (the images, size, channels), the rows, and how they are embedded."""
-    positions = {"train": _positions(prepared, "train")[train_sample],
-                 **{split: _positions(prepared, split) for split in splits}}
+    positions = {"train": prepared.positions("train")[train_sample],
+                 **{split: prepared.positions(split) for split in splits}}
     rows = np.concatenate([prepared.cache_rows[p] for p in positions.values()])
     settings = (f"{PROBE_CACHE_VERSION} {PROBE_MODEL} {offline_weights_file(PROBE_MODEL).name} timm {timm.__version__} "
                 f"{compute} {run_preprocess.interpolation} {prepared.decoded.file.name}")
     key = hashlib.blake2b(settings.encode() + rows.astype(np.int64).tobytes(), digest_size=12).hexdigest()
     return prepared.decoded.file.parent / f"{key}.probe.npy", positions
-
-
-def _positions(prepared: PreparedData, split: str) -> np.ndarray:
-    return np.flatnonzero(np.asarray(prepared.index.splits) == split)
 
 
 def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
