@@ -3,7 +3,10 @@
 Memory and time (default): one training epoch at N = 1k, 2.5k, 5k, 10k images. Memory should be
 O(batch): the decoded images live in a memory-mapped cache file, so private (anonymous) memory
 stays flat while N grows 10x; the mapped file's pages show up as file-backed RSS, which the OS can
-drop under pressure. Epoch time should grow linearly with N. Each size runs in a fresh process,
+drop under pressure. Private memory is printed twice: the process's (RssAnon), and the part of it
+that glibc's malloc has handed out and not yet been given back (mallinfo2: the working set). The
+difference is freed memory malloc keeps in its heap, whose fragmentation grows with the number of
+steps until it levels off, whatever N is. Epoch time should grow linearly with N. Each size runs in a fresh process,
 so peaks do not carry over.
 
 Processes (``--processes 1,2``): the same training (global batch 64, so the same steps per
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import json
 import os
 import statistics
@@ -56,6 +60,22 @@ def rss_kib() -> dict[str, int]:
     return fields
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def heap_in_use_kib() -> int:
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2), in KiB; 0 without glibc >= 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) // 1024
+
+
 def child(data: str, n: int, px: int, cache: str) -> None:
     """Decode (cached), then time one epoch and sample RSS every 50 ms."""
     import logging
@@ -69,12 +89,12 @@ def child(data: str, n: int, px: int, cache: str) -> None:
         "model": {"name": "simple_cnn", "conv_filters": [16, 32, 64]}, "augment": {"preset": "light"},
         "train": {"epochs": 1, "batch_size": 64, "early_stopping": False, "restore_best": False},
         "out": tempfile.mkdtemp()})
-    peaks = {"RssAnon": 0, "RssFile": 0}
+    peaks = {"RssAnon": 0, "RssFile": 0, "HeapInUse": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            for key, value in rss_kib().items():
+            for key, value in {**rss_kib(), "HeapInUse": heap_in_use_kib()}.items():
                 peaks[key] = max(peaks[key], value)
             time.sleep(0.05)
 
@@ -148,18 +168,18 @@ def main() -> None:
             subprocess.run(command, check=True)  # first run: decode into the cache
             repeats = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                                   .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
-            medians = {k: statistics.median(r[k] for r in repeats) for k in ("epoch_seconds", "RssAnon", "RssFile")}
+            medians = {k: statistics.median(r[k] for r in repeats) for k in ("epoch_seconds", "RssAnon", "RssFile", "HeapInUse")}
             rows.append({"n": n, "spread": [r["RssAnon"] for r in repeats], **medians})
     base = rows[0]
-    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'(runs)':>16} {'peak file MiB':>14}")
+    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'(runs)':>16} {'peak file MiB':>14} {'heap in use MiB':>16}")
     for r in rows:
         spread = "-".join(f"{v / 1024:.0f}" for v in (min(r["spread"]), max(r["spread"])))
         print(f"{r['n']:>8} {r['epoch_seconds']:>8.1f} {1000 * r['epoch_seconds'] / r['n']:>10.2f} "
-              f"{r['RssAnon'] / 1024:>14.0f} {spread:>16} {r['RssFile'] / 1024:>14.0f}")
+              f"{r['RssAnon'] / 1024:>14.0f} {spread:>16} {r['RssFile'] / 1024:>14.0f} {r['HeapInUse'] / 1024:>16.0f}")
     last = rows[-1]
     time_ratio = last["epoch_seconds"] / base["epoch_seconds"]
     print(f"\n{last['n'] / base['n']:.0f}x the images: epoch time x{time_ratio:.2f}, "
-          f"private memory x{last['RssAnon'] / base['RssAnon']:.2f}")
+          f"private memory x{last['RssAnon'] / base['RssAnon']:.2f}, heap in use x{last['HeapInUse'] / max(1, base['HeapInUse']):.2f}")
 
 
 if __name__ == "__main__":

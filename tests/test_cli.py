@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -113,3 +115,43 @@ def test_an_abbreviated_or_misspelt_flag_is_refused_with_the_nearest_and_the_com
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "usage: imgclf train" in err and "did you mean --epochs?" in err
+
+
+LIGHT_CHECK = """
+import json, os, sys
+from imgclf.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        codes.append(main(argv))
+    except SystemExit as stop:  # --help
+        codes.append(stop.code)
+heavy = sorted(m for m in ("torch", "timm", "torchvision", "sklearn", "matplotlib", "onnx") if m in sys.modules)
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_help_and_refused_arguments_answer_before_torch_loads(tmp_path):
+    """They answer from the parser and the commands' own checks (cli/checks.py); the command's module, and
+    torch with it, loads only once they pass. The answers are the usual one-line errors."""
+    data = make_class_folders(tmp_path / "d", 4)
+    (tmp_path / "mine.csv").write_text("kept\n")
+    (tmp_path / "shown").mkdir()
+    (tmp_path / "shown" / "mine.png").write_bytes(b"x")
+    refused = [["train", data, "--epochs", "0"], ["train", "--resume", tmp_path, "--epochs", "3"],
+               ["train", data, "--model", "simple_cnn", "--budget", "10"], ["grid", data, "--lr", "-1"],
+               ["predict", tmp_path, data, "--out", tmp_path / "mine.csv"],
+               ["explain", tmp_path, data, "--out", tmp_path / "shown"],
+               ["audit", data, "--json", tmp_path / "mine.csv"]]
+    argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused)]
+    result = imgclf_python(LIGHT_CHECK, json.dumps(argvs))
+    assert result["codes"] == [0, 0] + [2] * len(refused)
+    assert result["heavy"] == []
+    assert (tmp_path / "mine.csv").read_text() == "kept\n"
+
+
+def imgclf_python(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and read the JSON line it prints last."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -197,7 +197,7 @@ def test_a_full_disk_keeps_the_old_file_whole(tmp_path, monkeypatch, capsys, tra
 
 
 def test_other_os_errors_are_not_hidden(monkeypatch):
-    import imgclf.cli.parser as cli  # where main finds the command functions
+    import imgclf.cli.runtools as cli  # where main finds the command functions, when the command runs
 
     def broken(args):
         raise OSError(errno.EIO, "Input/output error")

@@ -18,3 +18,7 @@ class ConfigError(ImgclfError):
 
 class RunDirError(ImgclfError):
     """A run directory is missing a file or holds a damaged one."""
+
+
+class PeerError(ImgclfError):
+    """Another rank's error, mirrored so this rank stops too; the CLI leaves the saying to that rank."""

@@ -1,5 +1,6 @@
-"""The command line: ``parser`` holds the grammar and ``main``, ``commands`` one function per subcommand,
-``flags`` the flags derived from the config's fields. It parses and dispatches; no logic lives here."""
+"""The command line: ``parser`` holds the grammar and ``main``; ``commands`` and ``runtools`` one function per
+subcommand, imported only when it runs; ``checks`` what each checks first, without torch; ``flags`` the flags
+derived from the config's fields. It parses and dispatches; no logic lives here."""
 
 from imgclf.cli.parser import build_parser, main
 

@@ -8,32 +8,15 @@ import os
 import sys
 from collections.abc import Callable
 
+from imgclf.cli import checks
 from imgclf.cli import flags as cliflags
-from imgclf.cli.commands import (
-    cmd_audit,
-    cmd_compare,
-    cmd_cv,
-    cmd_demo,
-    cmd_ensemble,
-    cmd_evaluate,
-    cmd_explain,
-    cmd_features,
-    cmd_grid,
-    cmd_model_info,
-    cmd_predict,
-    cmd_report,
-    cmd_seal,
-    cmd_train,
-)
 from imgclf.cli.flags import add_config_flags
 from imgclf.cli.serving import add_serving_parsers
-from imgclf.cli.usage import CommandParser, parse
-from imgclf.errors import ConfigError, ImgclfError
+from imgclf.cli.usage import CommandParser, lazy, parse
+from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S, DIST_BACKENDS
+from imgclf.errors import ConfigError, ImgclfError, PeerError
 from imgclf.logs import setup_logging
-from imgclf.training.ddp import PeerError, lost_peer
-from imgclf.training.distributed import BACKENDS, DEFAULT_TIMEOUT_S
 from imgclf.versions import version
-from imgclf.workflows.autoselect import DEFAULT_BUDGET_S
 
 RANKED_COMMANDS = ("train", "evaluate")  # the commands torchrun may start on several processes
 
@@ -57,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_BUDGET_S:g})")
     add_dist_flags(p)
     add_config_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=lazy("commands", "cmd_train", checks.check_train))
 
     for name, helptext in (("cv", "k-fold cross-validation; every fold is a run"),
                            ("grid", "grid search ranked on validation; test read once, for the best")):
@@ -74,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from-grid", action="append", metavar="[STAGE=]GRID_DIR",
                            help="cross-validate a grid's winning settings (its best.json); STAGE= puts its train "
                                 "settings into that stage of the config (repeat for a chain: model1=DIR1 ...)")
-            p.set_defaults(func=cmd_cv)
+            p.set_defaults(func=lazy("commands", "cmd_cv", checks.check_experiment))
         else:
             p.add_argument("--param", action="append", metavar="NAME=V1,V2",
                            help="a setting to vary (repeat); lists as [a,b];[c], a stage's field as stages.N.FIELD")
@@ -82,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rank-by", default="val_f1_macro", metavar="METRIC[,METRIC...]",
                            help="validation metric that ranks trials; more, comma-separated, break ties in order "
                                 "(f1_macro,accuracy: by F1, then accuracy); the val_ prefix is optional")
-            p.set_defaults(func=cmd_grid)
+            p.set_defaults(func=lazy("commands", "cmd_grid", checks.check_experiment))
 
     p = sub.add_parser("audit", help="class counts, image stats, unreadable files, duplicates and leakage")
     p.add_argument("data_dir", help="dataset folder or CSV")
@@ -92,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
     p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=lazy("commands", "cmd_audit", checks.refuse_to_overwrite))
 
     p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
     p.add_argument("run", help="run directory written by train")
@@ -102,15 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", metavar="RULE",
                    help="re-choose the binary threshold on val: argmax, max_f1, youden, sensitivity:0.95")
     add_dist_flags(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=lazy("commands", "cmd_evaluate"))
 
     p = sub.add_parser("report", help="write report.html for a run, cv or grid directory")
     p.add_argument("dir", help="run, cv or grid directory")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=lazy("runtools", "cmd_report"))
 
     p = sub.add_parser("seal", help="after editing a run's files on purpose: check them, then record their hashes")
     p.add_argument("run", help="run or ensemble directory")
-    p.set_defaults(func=cmd_seal)
+    p.set_defaults(func=lazy("runtools", "cmd_seal"))
 
     p = sub.add_parser("explain", help="Grad-CAM overlays (and feature maps) for images")
     p.add_argument("run", help="run directory written by train")
@@ -122,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --feature-maps: comma-separated layer names as model-info lists them, or Keras VGG "
                         "names (block1_conv1,block3_conv1)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
-    p.set_defaults(func=cmd_explain)
+    p.set_defaults(func=lazy("runtools", "cmd_explain", checks.refuse_to_overwrite))
 
     p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
     p.add_argument("run", help="run directory written by train")
@@ -134,20 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                    help="torch: the run's model; onnx: RUN/export/model.onnx (imgclf export) via onnxruntime")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=lazy("runtools", "cmd_predict", checks.refuse_to_overwrite))
 
     p = sub.add_parser("compare", help="runs side by side: metrics, parameters, training time, overlaid curves")
     p.add_argument("runs", nargs="+", help="run directories (two or more)")
     p.add_argument("--out", required=True, help="folder for compare.html, compare.csv and curves_<metric>.png")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=lazy("runtools", "cmd_compare", checks.refuse_to_overwrite))
 
     p = sub.add_parser("ensemble", help="combine runs that share classes and split into an ensemble run")
     p.add_argument("runs", nargs="+", help="run directories (two or more)")
     p.add_argument("--out", required=True, help="ensemble run directory to write")
     p.add_argument("--method", default="soft", choices=["soft", "weighted", "majority"],
                    help="soft: mean probabilities; weighted: weights fitted on val; majority: votes")
-    p.set_defaults(func=cmd_ensemble)
+    p.set_defaults(func=lazy("runtools", "cmd_ensemble"))
 
     p = sub.add_parser("features", help="penultimate-layer embeddings of a dataset's images, as .npz")
     p.add_argument("source", help="run directory, or a backbone name (with --pretrained or --weights)")
@@ -159,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="backbone name: input size (default: the model's)")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="backbone name: input channels")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.set_defaults(func=cmd_features)
+    p.set_defaults(func=lazy("runtools", "cmd_features", checks.refuse_to_overwrite))
 
     p = sub.add_parser("model-info", help="a Keras-style summary: layers, output shapes, parameters (trainable, "
                                           "frozen), and each layer's name for freeze patterns")
@@ -167,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=2, help="classes of the final layer (a run knows its own)")
     p.add_argument("--depth", type=int, default=3, help="module depth of the table (backbone.features.0 is 3)")
     add_config_flags(p)
-    p.set_defaults(func=cmd_model_info)
+    p.set_defaults(func=lazy("runtools", "cmd_model_info"))
 
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
     p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and runs (reused by later demos)")
@@ -175,16 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     p.add_argument("--transfer", action="store_true",
                    help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=lazy("commands", "cmd_demo", checks.refuse_to_overwrite))
     add_serving_parsers(sub)
     return parser
 
 
 def add_dist_flags(parser: argparse.ArgumentParser) -> None:
     """How ranks started by torchrun (or --nproc) join; ignored by one process."""
-    parser.add_argument("--dist-backend", default="auto", choices=list(BACKENDS),
+    parser.add_argument("--dist-backend", default="auto", choices=list(DIST_BACKENDS),
                         help="under torchrun: how the processes talk; auto is nccl on CUDA GPUs, gloo on the CPU")
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others to join (and for any one "
                              "exchange) before it ends with an error")
 
@@ -210,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:  # under torchrun: another rank died or hung; torchrun ends the job and says which
-        if not lost_peer(err):
+        ddp = sys.modules.get("imgclf.training.ddp")  # not loaded: no collective ran, so no peer was lost
+        if ddp is None or not ddp.lost_peer(err):
             raise
         print(f"imgclf: rank {os.environ.get('RANK')} stopped: it lost contact with another rank "
               f"({' '.join(str(err).split())[:160]})", file=sys.stderr)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
-from imgclf.runs.base import load_run
-from imgclf.serving.export import DEFAULT_OPSET, export_run
-from imgclf.serving.server import ServeOptions, serve
-from imgclf.serving.uploads import DEFAULT_MAX_PIXELS
+from imgclf.cli.usage import lazy
+from imgclf.config.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OPSET
 
 
 def add_serving_parsers(sub) -> None:
@@ -16,7 +12,7 @@ def add_serving_parsers(sub) -> None:
     p.add_argument("run", help="run or ensemble directory")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--data", help="dataset folder, if it moved since training (the parity gate reads val images)")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=lazy("runtools", "cmd_export"))
 
     p = sub.add_parser("serve", help="HTTP API and a drop-an-image page for a run")
     p.add_argument("run", help="run or ensemble directory")
@@ -29,23 +25,4 @@ def add_serving_parsers(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"largest image, in pixels, decoded (default {DEFAULT_MAX_PIXELS:,})")
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    run = load_run(args.run)
-    record = export_run(run, args.opset, args.data)
-    parity = record["parity"]
-    print(f"parity on {parity['images']} images ({parity['run_images']} from {parity['split']}, "
-          f"{parity['random_images']} random): max |Δprobability| {parity['max_abs_diff_probability']:.1e}, "
-          f"top-1 agreement {parity['top1_agreement']:.0%}, batch 1 vs 8 {parity['max_abs_diff_batch1_vs_batch8']:.1e}")
-    print(f"wrote {run.path / 'export' / 'model.onnx'} (opset {record['opset']}) and export.json")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    options = ServeOptions(args.host, args.port, args.token, args.engine, args.max_batch, args.max_upload_mb,
-                           args.max_pixels)
-    options.check()
-    serve(load_run(args.run), options)
-    return 0
+    p.set_defaults(func=lazy("runtools", "cmd_serve"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Callable
+from importlib import import_module
 
 # One line each, shown under `imgclf COMMAND --help`.
 EXAMPLES = {
@@ -49,3 +51,17 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         hint = f"; did you mean {close[0]}?" if close else f"; see imgclf {args.command} --help"
         command.error(f"unrecognized argument {unknown[0]!r}{hint}")
     return args
+
+
+def lazy(module: str, name: str, check: Callable[[argparse.Namespace], None] | None = None
+         ) -> Callable[[argparse.Namespace], int]:
+    """The command function ``imgclf.cli.<module>.<name>``, imported when the command runs, after ``check``
+    (see ``checks``): building the parser loads none of torch, timm or scikit-learn, so ``--help``, a
+    refused setting and an --out that would replace the user's files answer in a fraction of a second."""
+
+    def run(args: argparse.Namespace) -> int:
+        if check is not None:
+            check(args)
+        return getattr(import_module(f"imgclf.cli.{module}"), name)(args)
+
+    return run

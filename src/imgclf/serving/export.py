@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from imgclf import atomic
+from imgclf.config.defaults import DEFAULT_OPSET
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.runs.ensemble import EnsembleRun
@@ -28,7 +29,6 @@ from imgclf.serving.parity import parity_gate, parity_images
 from imgclf.versions import version
 
 log = get_logger("export")
-DEFAULT_OPSET = 18  # the lowest opset torch's exporter writes; loads in every onnxruntime since 1.14
 MIN_OPSET = 18
 TRACE_BATCH = 2  # a batch of 1 would let the exporter specialise the batch dimension to 1
 PREPROCESSING = ("Input 'images': uint8, N x {size} x {size} x {channels} (batch, height, width, channels). Decode "

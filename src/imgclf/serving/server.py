@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
+from imgclf.config.defaults import DEFAULT_MAX_PIXELS
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.serving.bundle import require
 from imgclf.serving.middleware import BearerAuth, BodyLimit, BodyTooLarge, RequestLog
 from imgclf.serving.page import render_page
 from imgclf.serving.service import Service
-from imgclf.serving.uploads import DEFAULT_MAX_PIXELS, UploadError
+from imgclf.serving.uploads import UploadError
 
 log = get_logger("serve")
 OPEN_PATHS = ("/healthz", "/readyz")

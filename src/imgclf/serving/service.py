@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.config.defaults import DEFAULT_MAX_PIXELS
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
@@ -27,7 +28,7 @@ from imgclf.reporting.plots import overlay
 from imgclf.serving.bundle import read_export, require, verified_onnx_bytes
 from imgclf.serving.engine import Engine, choose_engine, open_engine
 from imgclf.serving.graph import input_spec
-from imgclf.serving.uploads import DEFAULT_MAX_PIXELS, UploadError, decode_upload
+from imgclf.serving.uploads import UploadError, decode_upload
 from imgclf.versions import version
 
 log = get_logger("serve")

@@ -18,8 +18,6 @@ from imgclf.data.images import BadImage, load_image, open_image
 from imgclf.errors import ImgclfError
 from imgclf.serving.graph import InputSpec
 
-DEFAULT_MAX_PIXELS = 50_000_000  # a 48-megapixel photo fits; decoding one costs about 150 MB
-
 
 class UploadError(Exception):
     """A file the server refuses: ``status`` is the HTTP code, the message names the file and why."""

@@ -17,12 +17,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from imgclf.config.defaults import DEFAULT_DIST_TIMEOUT_S
 from imgclf.data.datasets import weighted_sampler
 from imgclf.data.samplers import DistributedWeightedSampler, eval_shard, per_rank_batch, train_shard_sampler
-from imgclf.errors import ConfigError, ImgclfError
+from imgclf.errors import ConfigError, ImgclfError, PeerError
 from imgclf.logs import get_logger
 from imgclf.training.distributed import (
-    DEFAULT_TIMEOUT_S,
     DistContext,
     broadcast_decision,
     gather_by_index,
@@ -39,11 +39,7 @@ class DistSettings:
     """``--dist-backend`` and ``--dist-timeout``: how the ranks join; no result depends on them."""
 
     backend: str = "auto"
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-
-class PeerError(ImgclfError):
-    """Another rank's error, mirrored so this rank stops too; the CLI leaves the saying to that rank."""
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S
 
 
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "NCCL", "Broken pipe")

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from imgclf.config.defaults import DEFAULT_DIST_TIMEOUT_S, DIST_BACKENDS
 from imgclf.data.datasets import make_loader
 from imgclf.data.samplers import ShardView, eval_shard, place_rows
 from imgclf.errors import ConfigError, ImgclfError
@@ -42,8 +43,6 @@ from imgclf.runtime import Compute
 
 log = get_logger("distributed")
 
-BACKENDS = ("auto", "nccl", "gloo")
-DEFAULT_TIMEOUT_S = 600.0  # joining and every collective; torch's own default (30 min) looks like a hang
 WAIT_TIMEOUT_S = 24 * 3600.0  # waiting while another rank builds a cache or writes the run (leader_first)
 
 
@@ -99,7 +98,8 @@ class DistContext:
                               f"{torch.cuda.device_count()}; lower --nproc-per-node")
         return torch.device("cuda", self.local_rank)
 
-    def init(self, device: torch.device, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    def init(self, device: torch.device, backend: str = "auto",
+             timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> torch.device:
         """Join the process group (a no-op for one process) and return this rank's device."""
         device = self.device_for(device)
         backend = resolve_backend(backend, device)
@@ -131,8 +131,8 @@ class DistContext:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> nccl on CUDA, gloo otherwise; nccl without CUDA is a ConfigError."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--dist-backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend not in DIST_BACKENDS:
+        raise ConfigError(f"--dist-backend {backend!r} is unknown; use one of {', '.join(DIST_BACKENDS)}")
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from imgclf import atomic
 from imgclf.config import Config, config_to_yaml
+from imgclf.config.defaults import DEFAULT_BUDGET_S
 from imgclf.data.index import build_index
 from imgclf.data.pipeline import PreparedData, prepare
 from imgclf.errors import ConfigError
@@ -49,7 +50,6 @@ from imgclf.workflows.train import train
 
 log = get_logger("auto")
 
-DEFAULT_BUDGET_S = 120.0
 MIN_CANDIDATE_S = 10.0  # less than this left: a candidate could not train an epoch that counts
 CLOSING_S = 5.0  # the closing work that does not scale with images: files, figures, report
 # Share of the remaining budget each candidate may use; the last one takes what is left.

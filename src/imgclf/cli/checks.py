@@ -1,0 +1,60 @@
+"""The checks a command makes before it loads torch, timm or scikit-learn (``usage.lazy`` runs them
+first): a refused setting, or an --out that holds the user's files, answers in a fraction of a second."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from imgclf.cli.flags import config_from_args, refuse_existing_file, refuse_filled_folder, refuse_settings_with_resume
+from imgclf.errors import ConfigError
+from imgclf.workflows.candidates import is_default_request
+
+DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a later demo reuses them
+
+
+def check_train(args: argparse.Namespace) -> None:
+    """``train``'s settings: sets ``args.train_config`` (None with --resume, which keeps the run's own) and
+    ``args.default`` (no model setting given: the default tries its candidates)."""
+    if args.resume:
+        refuse_settings_with_resume(args)
+    elif args.data_dir:
+        args.cfg__data__path = args.data_dir
+    config = None if args.resume else config_from_args(args)
+    default = config is not None and is_default_request(config)
+    if args.budget is not None and not default:
+        raise ConfigError("--budget applies only when no model setting is given (the default tries its candidates); "
+                          "drop --budget, or drop the model settings and --config")
+    if default and _several_processes(args):
+        raise ConfigError("the default (no --model) tries its candidates on one process; pass --model "
+                          "(e.g. --model tf_efficientnet_lite0 --pretrained) to train on several")
+    args.train_config, args.default = config, default
+
+
+def check_experiment(args: argparse.Namespace) -> None:
+    """``cv``'s and ``grid``'s settings: sets ``args.experiment_config`` (--out defaults to cv/ or grid/)."""
+    if args.data_dir:
+        args.cfg__data__path = args.data_dir
+    if not getattr(args, "cfg____out", None):
+        args.cfg____out = args.command
+    args.experiment_config = config_from_args(args)
+
+
+def _several_processes(args: argparse.Namespace) -> bool:
+    """Whether train runs on several processes; a wrong --nproc is left to ``launch`` to name."""
+    if "WORLD_SIZE" in os.environ:
+        return args.nproc is None  # under torchrun; with --nproc as well, launch says to drop it
+    return args.nproc is not None and args.nproc > 1
+
+
+def refuse_to_overwrite(args: argparse.Namespace) -> None:
+    """What is at a command's --out (audit's --json) is the user's: replaced only with --overwrite."""
+    if args.command == "audit" and args.json:
+        refuse_existing_file(args.json, "--json", args.overwrite)
+    elif args.command in ("predict", "features"):
+        refuse_existing_file(args.out, "--out", args.overwrite)
+    elif args.command in ("explain", "compare"):
+        refuse_filled_folder(args.out, "--out", args.overwrite)
+    elif args.command == "demo":
+        refuse_filled_folder(Path(args.out), "--out", args.overwrite, allowed=DEMO_LAYOUT)

@@ -1,0 +1,134 @@
+"""The subcommands that use a trained run or a model: report, seal, explain, compare, ensemble, features,
+predict, model-info, export and serve. Like ``commands``, imported only when one of them runs (``usage.lazy``)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+from imgclf.cli.flags import config_from_args, format_metrics
+from imgclf.errors import ConfigError
+from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
+from imgclf.models.summary import describe_model
+from imgclf.reporting.compare import compare_runs, format_side_by_side
+from imgclf.reporting.explain import explain_files
+from imgclf.reporting.html import write_report
+from imgclf.runs.base import check_and_seal, load_run
+from imgclf.runs.predict import folder_labels
+from imgclf.serving.engine import predict_with_onnx
+from imgclf.serving.export import export_run
+from imgclf.serving.server import ServeOptions, serve
+from imgclf.training.stages import resolve_stages
+from imgclf.workflows.embeddings import write_features
+from imgclf.workflows.ensemble import create_ensemble
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    files = check_and_seal(args.run)
+    print(f"sealed {args.run}: {len(files)} files checked and their sha256 recorded in manifest.json")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps,
+                         layers=layers)
+    for row in rows:
+        print(f"{row['path']}: {row['explained_class']} ({row['probability']:.3f}) -> {row['overlay']}")
+    maps = f" and feature maps of {', '.join(layers) if layers else 'the first two convolutions'}" \
+        if args.feature_maps else ""
+    print(f"wrote {len(rows)} Grad-CAM overlay(s) (layer {rows[0]['layer']}){maps} to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    result = compare_runs(args.runs, args.out)
+    print(format_side_by_side(result["rows"]))
+    print(f"wrote {result['html']}, {Path(args.out) / 'compare.csv'} and {len(result['curves'])} curve plot(s)")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    run = create_ensemble(args.runs, args.out, args.method)
+    print(run.describe())
+    for split in ("val", "test"):
+        if split in run.metrics:
+            print(format_metrics(split, run.metrics[split]))
+    print(f"ensemble run: {run.path}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    result = write_features(args.source, args.data, args.out, args.image_size, args.channels, args.pretrained,
+                            args.weights, args.batch_size)
+    print(f"wrote {result['images']} embeddings of dimension {result['dim']} to {result['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    run = load_run(args.run)
+    predict = partial(predict_with_onnx, run) if args.engine == "onnx" else run.predict
+    preds = predict(args.inputs, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size, tta=args.tta)
+    labels, note = folder_labels(args.inputs, [Path(p) for p in preds.paths], preds.classes)
+    preds = replace(preds, true=labels)  # the same labels whichever engine predicted
+    preds.to_csv(Path(args.out))
+    counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
+    print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    if note:
+        print(note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    """A Keras model.summary() of a model name, a config file or a run directory, under its freeze policies."""
+    source = Path(args.source) if args.source else None
+    if source is not None and source.is_dir():
+        given = sorted(k.split("__")[-1] for k in vars(args) if k.startswith("cfg__")) + ["stage"] * bool(args.stages)
+        if given or args.config:
+            raise ConfigError(f"model-info {source}: a run directory is shown as it was trained; drop "
+                              f"{', '.join(given) or 'config'} (or pass its config.yaml to change settings)")
+        run = load_run(source)
+        config, model, pre = run.config, run.model.float().cpu(), run.preprocess  # an ensemble says it has none
+    else:
+        if source is not None and source.suffix in (".yaml", ".yml"):
+            args.config = args.config or str(source)
+        elif source is not None:
+            args.cfg__model__name = args.source
+        config = config_from_args(args)
+        data = config.data
+        pre = resolve_preprocess(config.model, data.image_size, data.channels, data.interpolation)
+        check_input_size(config.model, pre)
+        model = build_model(config.model, args.classes, pre)
+    stages = [(name, cfg.freeze, cfg.freeze_bn) for name, cfg in resolve_stages(config)]
+    print(f"{config.model.name}: input {pre.channels}x{pre.size}x{pre.size}, mean {pre.mean} std {pre.std}; head "
+          f"{', '.join(config.model.head_layers or [])} -> {model.head.fc.out_features} output(s); freeze "
+          "patterns match the names below without 'backbone.'\n")
+    print(describe_model(model, (pre.channels, pre.size, pre.size), stages, args.depth))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run = load_run(args.run)
+    record = export_run(run, args.opset, args.data)
+    parity = record["parity"]
+    print(f"parity on {parity['images']} images ({parity['run_images']} from {parity['split']}, "
+          f"{parity['random_images']} random): max |Δprobability| {parity['max_abs_diff_probability']:.1e}, "
+          f"top-1 agreement {parity['top1_agreement']:.0%}, batch 1 vs 8 {parity['max_abs_diff_batch1_vs_batch8']:.1e}")
+    print(f"wrote {run.path / 'export' / 'model.onnx'} (opset {record['opset']}) and export.json")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    options = ServeOptions(args.host, args.port, args.token, args.engine, args.max_batch, args.max_upload_mb,
+                           args.max_pixels)
+    options.check()
+    serve(load_run(args.run), options)
+    return 0
