@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from imgclf.data import cache, images
-from imgclf.data.cache import decode_all
+from imgclf.data.cache import decode_all, fingerprint
+from imgclf.errors import DataError
 
 from imagefactory import make_class_folders
 
@@ -87,6 +88,58 @@ def damage_sidecar_shape(entry):
     entry.with_suffix(".json").write_text(json.dumps({**meta, "shape": [9, 9]}))
 
 
+def planted(make):
+    """Damage that replaces one of the entry's files (the .npy, or its .json sidecar) with ``make(path)``."""
+    def damage(entry, suffix):
+        path = entry.with_suffix(suffix)
+        path.unlink()
+        make(path)
+    return damage
+
+
+def fifo(path):
+    os.mkfifo(path)  # a plain open() would wait on it forever
+
+
+def link_to_zeros(path):
+    path.symlink_to("/dev/zero")  # endless bytes: read whole, it would fill memory
+
+
+def oversized(path):
+    path.write_bytes(b" " * 2_000_000)  # far more than 4 images' entry can hold
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", [fifo, link_to_zeros, oversized])
+@pytest.mark.parametrize("suffix", [".npy", ".json"])
+def test_a_planted_entry_file_is_rebuilt_without_hanging_or_reading_it_whole(tmp_path, caplog, make, suffix):
+    paths = bmp_paths(tmp_path / "d")
+    entry = decode_all(paths, 8, 1, tmp_path / "c").file
+    expected = np.array(np.load(entry))
+    planted(make)(entry, suffix)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        rebuilt = decode_all(paths, 8, 1, tmp_path / "c")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("warning: decode cache entry") and "damaged" in m for m in messages), messages
+    assert all("\n" not in m for m in messages)
+    np.testing.assert_array_equal(rebuilt.open(), expected)
+    assert entry.with_suffix(suffix).is_file() and not entry.with_suffix(suffix).is_symlink()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plant", ["fifo lock", "folder npy", "folder json"])
+def test_what_a_rename_cannot_replace_is_a_one_line_error_naming_it(tmp_path, plant):
+    paths = bmp_paths(tmp_path / "d")
+    key = fingerprint(paths, 8, 1)
+    (tmp_path / "c").mkdir()
+    kind, suffix = plant.split()
+    target = tmp_path / "c" / f"{key}.{suffix}"
+    os.mkfifo(target) if kind == "fifo" else target.mkdir()
+    with pytest.raises(DataError, match=f"{target.name}.*(delete it|IMGCLF_CACHE_DIR)") as err:
+        decode_all(paths, 8, 1, tmp_path / "c")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("damage", [damage_truncate, damage_header, damage_sidecar, damage_sidecar_shape])
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     paths = bmp_paths(tmp_path / "d")
@@ -127,7 +180,8 @@ def test_names_that_are_not_utf8_key_and_list_bad_images(tmp_path):
 BUILD = """
 import logging, sys, time
 from pathlib import Path
-from imgclf.data.cache import decode_all
+from imgclf.data.cache import decode_all, fingerprint
+from imgclf.errors import DataError
 from imgclf.logs import setup_logging
 setup_logging()
 go = Path(sys.argv[1])

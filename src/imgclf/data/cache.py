@@ -43,11 +43,13 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.data.images import BadImage, load_image
+from imgclf.errors import DataError
 from imgclf.logs import get_logger
 
 CACHE_VERSION = 2
 SAMPLE_BYTES = 64 * 1024
-MAX_NPY_HEADER = 64 * 1024  # bytes a feature entry's .npy header may take
+MAX_NPY_HEADER = 64 * 1024  # bytes an entry's .npy header may take
+MAX_SIDECAR_BYTES_PER_IMAGE = 8 * 1024  # a failed image's path and reason, in a decode entry's sidecar
 log = get_logger("cache")
 
 
@@ -140,11 +142,15 @@ def _reusable(npy: Path, sidecar: Path, shape: tuple[int, ...], warn: bool) -> t
 
 
 def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadImage, ...] | None:
-    """None when the entry was never finished (no sidecar); DamagedEntry when its files are wrong."""
-    if not sidecar.exists():
+    """None when the entry was never finished (no sidecar); DamagedEntry when its files are wrong. Each
+    file is opened without following a link or blocking on a FIFO, and the sidecar's size is bounded by
+    the image count (its list of failed images), so a planted file can neither hang nor bloat a run."""
+    if not os.path.lexists(sidecar):
         return None
+    limit = MAX_NPY_HEADER + MAX_SIDECAR_BYTES_PER_IMAGE * shape[0]
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        with _open_regular(sidecar, limit) as fh:
+            meta = json.loads(fh.read(limit).decode("utf-8"))
         if meta["version"] != CACHE_VERSION or meta["shape"] != list(shape) or meta["dtype"] != "uint8":
             raise DamagedEntry(f"{sidecar.name} describes {meta['shape']} {meta['dtype']}, expected {list(shape)}")
         bad = tuple(BadImage(Path(p), str(reason)) for p, reason in meta["bad"])
@@ -157,7 +163,7 @@ def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadIma
 def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
     """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
     try:
-        with open(npy, "rb") as fh:
+        with _open_regular(npy, MAX_NPY_HEADER + int(np.prod(shape))) as fh:
             _, (found, fortran_order, dtype) = _read_header(fh)
             header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
     except (OSError, ValueError) as err:  # numpy's messages run over several lines: the first says what
@@ -196,12 +202,21 @@ def read_features(npy: Path, shape: tuple[int, int], value_range: tuple[float, f
     return features
 
 
+def _open_regular(path: Path, max_bytes: int):
+    """``path`` opened for reading if it is a regular file of at most ``max_bytes`` (no link followed,
+    no FIFO waited on), else DamagedEntry; OSError when it cannot be opened."""
+    fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)), "rb")
+    info = os.fstat(fh.fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        fh.close()
+        raise DamagedEntry(f"{path.name} is not a regular file of at most {max_bytes:,} bytes")
+    return fh
+
+
 def _read_float32(npy: Path, shape: tuple[int, int]) -> np.ndarray:
     data_bytes = int(np.prod(shape)) * 4
-    with os.fdopen(os.open(npy, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)), "rb") as fh:
+    with _open_regular(npy, data_bytes + MAX_NPY_HEADER) as fh:
         info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > data_bytes + MAX_NPY_HEADER:
-            raise DamagedEntry(f"{npy.name} is not a regular file of {data_bytes:,} bytes plus a header")
         version, (found, fortran_order, dtype) = _read_header(fh)
         if version not in ((1, 0), (2, 0)):
             raise DamagedEntry(f"{npy.name} has .npy version {version}")
@@ -223,8 +238,18 @@ def write_features(npy: Path, features: np.ndarray) -> None:
 
 @contextmanager
 def _locked(lock_file: Path, npy: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file``; say so when another process has it (it is building ``npy``)."""
-    with open(lock_file, "a") as fh:
+    """Hold an exclusive lock on ``lock_file``; say so when another process has it (it is building ``npy``).
+    The lock is opened without following a link or waiting on a FIFO; anything but a file there is an error."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fh = os.fdopen(os.open(lock_file, flags, 0o644), "a")
+    except OSError as err:
+        raise DataError(f"cannot open the decode cache's lock file {lock_file} ({err.strerror}); delete it "
+                        "(the cache holds only what imgclf can rebuild), or set IMGCLF_CACHE_DIR") from None
+    with fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise DataError(f"the decode cache's lock file {lock_file} is not a regular file; delete it, "
+                            "or set IMGCLF_CACHE_DIR")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -239,6 +264,10 @@ def _locked(lock_file: Path, npy: Path) -> Iterator[None]:
 def _build(npy: Path, sidecar: Path, paths: list[Path], shape: tuple[int, ...], interpolation: str,
            threads: int) -> tuple[BadImage, ...]:
     """Decode into a new entry; the caller holds the key's lock, so leftover temporary files are orphans."""
+    for path in (npy, sidecar):  # what a rename cannot replace
+        if path.is_dir() and not path.is_symlink():
+            raise DataError(f"{path} is a folder where the decode cache keeps a file; delete it, or set "
+                            "IMGCLF_CACHE_DIR to another folder")
     orphans = atomic.remove_temp_files(npy) + atomic.remove_temp_files(sidecar)
     if orphans:
         log.info("removed %d temporary file(s) a killed decode left in %s", len(orphans), npy.parent)
