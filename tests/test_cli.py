@@ -131,9 +131,10 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
 
-def test_help_and_refused_arguments_answer_before_torch_loads(tmp_path):
+def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path):
     """They answer from the parser and the commands' own checks (cli/checks.py); the command's module, and
-    torch with it, loads only once they pass. The answers are the usual one-line errors."""
+    torch with it, loads only once they pass. The answers are the usual one-line errors. audit needs no
+    torch at all."""
     data = make_class_folders(tmp_path / "d", 4)
     (tmp_path / "mine.csv").write_text("kept\n")
     (tmp_path / "shown").mkdir()
@@ -143,11 +144,14 @@ def test_help_and_refused_arguments_answer_before_torch_loads(tmp_path):
                ["predict", tmp_path, data, "--out", tmp_path / "mine.csv"],
                ["explain", tmp_path, data, "--out", tmp_path / "shown"],
                ["audit", data, "--json", tmp_path / "mine.csv"]]
-    argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused)]
+    audit = ["audit", str(data), "--no-near", "--json", str(tmp_path / "audit.json")]  # needs no torch at all
+    argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused), audit]
     result = imgclf_python(LIGHT_CHECK, json.dumps(argvs))
-    assert result["codes"] == [0, 0] + [2] * len(refused)
+    assert result["codes"] == [0, 0] + [2] * len(refused) + [0]
     assert result["heavy"] == []
     assert (tmp_path / "mine.csv").read_text() == "kept\n"
+    counts = json.loads((tmp_path / "audit.json").read_text())["counts"]
+    assert counts == {"pool": {folder.name: 4 for folder in data.iterdir()}}
 
 
 def imgclf_python(code: str, *args: str) -> dict:

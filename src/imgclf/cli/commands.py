@@ -8,11 +8,9 @@ import argparse
 import os
 from pathlib import Path
 
-from imgclf import atomic
 from imgclf.cli.flags import format_metrics
 from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S
-from imgclf.data.audit import audit_dataset, format_report
 from imgclf.errors import ImgclfError
 from imgclf.logs import is_main_process
 from imgclf.models.weights import offline_weights_file
@@ -88,17 +86,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 def _number(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    report = audit_dataset(args.data_dir, args.layout, near=not args.no_near)
-    print(format_report(report))
-    if args.json:
-        atomic.write_json(args.json, report)
-        print(f"wrote {args.json}")
-    problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
-        + len(report["near_duplicates_across_splits"]) + len(report.get("test_overlap_across_folds", []))
-    return 1 if args.strict and problems else 0
 
 
 def without_nproc(argv: list[str]) -> list[str]:

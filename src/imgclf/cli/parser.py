@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leakage across splits")
     p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
-    p.set_defaults(func=lazy("commands", "cmd_audit", checks.refuse_to_overwrite))
+    p.set_defaults(func=lazy("audit", "cmd_audit", checks.refuse_to_overwrite))
 
     p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
     p.add_argument("run", help="run directory written by train")
