@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -152,10 +153,16 @@ def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path)
     assert (tmp_path / "mine.csv").read_text() == "kept\n"
     counts = json.loads((tmp_path / "audit.json").read_text())["counts"]
     assert counts == {"pool": {folder.name: 4 for folder in data.iterdir()}}
+    # under torchrun: a global batch the 3 processes cannot split, refused by rank 0 before torch loads
+    under_torchrun = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    split = imgclf_python(LIGHT_CHECK, json.dumps([["train", str(data), "--model", "simple_cnn", "--batch-size", "4",
+                                                    "--out", str(tmp_path / "run")]]), env=under_torchrun)
+    assert split == {"codes": [2], "heavy": []} and not (tmp_path / "run").exists()
 
 
-def imgclf_python(code: str, *args: str) -> dict:
+def imgclf_python(code: str, *args: str, env: dict | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (nothing imported yet) and read the JSON line it prints last."""
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -60,7 +60,7 @@ def test_unset_flags_keep_defaults():
 
 
 def test_a_bad_stage_is_a_one_line_error_naming_the_stage():
-    from imgclf.training.stages import resolve_stages
+    from imgclf.config.stages import resolve_stages
 
     config = build_config({"stages": [{"name": "head", "freeze": "backbone"},
                                       {"name": "all", "epochs": 2, "patience": 5}]})

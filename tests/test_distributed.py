@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from imgclf.config.stages import per_rank_batch
 from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.datasets import AugmentedBatches, CachedImages
 from imgclf.data.samplers import (
     DistributedWeightedSampler,
     ShardView,
     eval_shard,
-    per_rank_batch,
     place_rows,
     rank_seed,
     set_sampler_epoch,

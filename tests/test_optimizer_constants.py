@@ -10,9 +10,9 @@ import imgclf
 from clitools import assert_clean_error
 from clitools import imgclf as run_cli
 from imgclf.config import TrainConfig, build_config, load_config
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.training.optim import build_optimizer
-from imgclf.training.stages import resolve_stages
 from imgclf.workflows.grid import parse_params, trial_configs
 from imgclf.workflows.plan import unused_settings
 

@@ -28,10 +28,10 @@ import yaml
 
 from imgclf.cli import main
 from imgclf.config import load_config
+from imgclf.config.stages import resolve_stages
 from imgclf.models.freeze import apply_freeze
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import Counts, keras_counts, keras_layers
-from imgclf.training.stages import resolve_stages
 from imgclf.workflows.grid import parse_params, trial_configs
 from test_layers import (
     bn,

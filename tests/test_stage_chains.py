@@ -15,10 +15,10 @@ import imgclf.training.stages
 from clitools import assert_clean_error
 from clitools import imgclf as run_cli
 from imgclf.config import TrainConfig, build_config, load_config
+from imgclf.config.stages import recipe_overrides, resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.training.optim import build_optimizer, build_schedule, step_schedule
-from imgclf.training.stages import recipe_overrides, resolve_stages
 
 from conftest import tiny_config
 from imagefactory import make_class_folders

@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 import imgclf
 from imgclf.cli import main
 from imgclf.config import ModelConfig, load_config
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.models.freeze import apply_freeze, param_groups, set_frozen_norms_eval
 from imgclf.models.networks import build_model, resolve_preprocess
 from imgclf.models.weights import load_into, load_pretrained, read_state_dict
-from imgclf.training.stages import resolve_stages
 
 from conftest import tiny_config
 from imagefactory import make_class_folders

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 from imgclf.cli.flags import config_from_args, refuse_existing_file, refuse_filled_folder, refuse_settings_with_resume
-from imgclf.errors import ConfigError
+from imgclf.config.stages import per_rank_batch, resolve_stages
+from imgclf.errors import ConfigError, PeerError
+from imgclf.logs import is_main_process
 from imgclf.workflows.candidates import is_default_request
 
 DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a later demo reuses them
@@ -29,7 +31,28 @@ def check_train(args: argparse.Namespace) -> None:
     if default and _several_processes(args):
         raise ConfigError("the default (no --model) tries its candidates on one process; pass --model "
                           "(e.g. --model tf_efficientnet_lite0 --pretrained) to train on several")
+    if config is not None:
+        _check_batches(config, _world_size(args))
     args.train_config, args.default = config, default
+
+
+def _check_batches(config, world_size: int) -> None:
+    """Every stage's global --batch-size must split evenly over the processes: rank 0 says so, the other
+    ranks stop without repeating it (as ``training.ddp.check_world`` does after torch has loaded)."""
+    try:
+        for _, stage in resolve_stages(config):
+            per_rank_batch(stage.batch_size, world_size)
+    except ConfigError as err:
+        raise err if is_main_process() else PeerError(str(err)) from None
+
+
+def _world_size(args: argparse.Namespace) -> int:
+    """The processes the training will run on: torchrun's WORLD_SIZE, else --nproc, else 1 (a value that
+    is not a count is left to the launcher and DistContext to name)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE") or args.nproc or 1))
+    except ValueError:
+        return 1
 
 
 def check_experiment(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from imgclf.cli.flags import format_metrics
 from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ImgclfError
 from imgclf.logs import is_main_process
 from imgclf.models.weights import offline_weights_file
@@ -21,7 +22,6 @@ from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
 from imgclf.training.ddp import DistSettings
 from imgclf.training.distributed import DistContext
-from imgclf.training.stages import resolve_stages
 from imgclf.workflows.autoselect import train_auto
 from imgclf.workflows.cv import cross_validate, with_grid_winners
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from imgclf.cli.flags import config_from_args, format_metrics
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import describe_model
@@ -20,7 +21,6 @@ from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, serve
-from imgclf.training.stages import resolve_stages
 from imgclf.workflows.embeddings import write_features
 from imgclf.workflows.ensemble import create_ensemble
 

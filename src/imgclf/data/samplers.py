@@ -1,7 +1,7 @@
 """Which images each process sees when one run trains on several processes (torchrun/DDP).
 
 ``--batch-size`` is the GLOBAL training batch at every world size: each rank trains on
-``per_rank_batch(batch, world_size)`` images a step, so the same command runs the same number of
+``config.stages.per_rank_batch(batch, world_size)`` images a step, so the same command runs the same number of
 steps per epoch, and ``--lr`` keeps its meaning: it belongs to the global batch and is never
 rescaled by the world size (a user who changes ``--batch-size`` scales ``--lr`` in proportion, the
 linear rule). A world size that does not divide the batch is a ConfigError. Evaluation predicts up
@@ -27,18 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from imgclf.errors import ConfigError
 from imgclf.runtime import derive_seed
-
-
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """Images per rank and step for the global ``--batch-size``; it must split evenly over the ranks."""
-    if global_batch % world_size:
-        lower, upper = global_batch // world_size * world_size, math.ceil(global_batch / world_size) * world_size
-        hint = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ConfigError(f"--batch-size {global_batch} is the global batch and cannot be split evenly over "
-                          f"{world_size} processes; use a multiple of {world_size} (e.g. {hint})")
-    return global_batch // world_size
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import atomic
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
@@ -25,7 +26,6 @@ from imgclf.runs import files as runfiles
 from imgclf.runs.base import Run, load_run
 from imgclf.runs.ensemble import EnsembleRun
 from imgclf.runs.heads import ClassicalRun
-from imgclf.training.stages import resolve_stages
 
 log = get_logger("compare")
 HTML_FILE, CSV_FILE = "compare.html", "compare.csv"

@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from imgclf.config.defaults import DEFAULT_DIST_TIMEOUT_S
+from imgclf.config.stages import per_rank_batch
 from imgclf.data.datasets import weighted_sampler
-from imgclf.data.samplers import DistributedWeightedSampler, eval_shard, per_rank_batch, train_shard_sampler
+from imgclf.data.samplers import DistributedWeightedSampler, eval_shard, train_shard_sampler
 from imgclf.errors import ConfigError, ImgclfError, PeerError
 from imgclf.logs import get_logger
 from imgclf.training.distributed import (

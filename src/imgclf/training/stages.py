@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from imgclf.config import Config, StageConfig, TrainConfig, one_line
+from imgclf.config import Config, TrainConfig
+from imgclf.config.stages import resolve_stages
 from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader, train_loader
-from imgclf.errors import ConfigError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
@@ -48,60 +47,6 @@ from imgclf.training.fit import EarlyStopping, fit
 from imgclf.training.resume import capture_rng, restore_rng, save_state
 
 log = get_logger("stages")
-
-# Used with --pretrained/--weights when no stages are given: a head on cached frozen features first
-# (seconds, and usually most of the accuracy on small sets), then a low-lr fine-tune of the whole
-# network with BatchNorm frozen, kept only where it beats the head on validation.
-DEFAULT_TRANSFER_STAGES = (
-    StageConfig(name="head", freeze="backbone", epochs=40, lr=1e-3, patience=8, schedule="cosine"),
-    StageConfig(name="finetune", freeze="none", freeze_bn=True, lr=1e-4, epochs=8, patience=3,
-                schedule="cosine"),
-)
-
-
-def default_stages(config: Config) -> list[StageConfig]:
-    """The default transfer recipe when a pretrained or --weights start gives no stages.
-
-    ``--epochs N`` bounds the total: the fine-tune gets min(8, N // 2) epochs and the head the rest
-    (the default 30: 22 + 8; ``--epochs 2``: 1 + 1; ``--epochs 1``: the head alone). A start from a
-    whole trained run (``init_from``) has a trained head already: it trains as one stage with the
-    train settings, as a separate Keras training of the loaded model would.
-    """
-    if config.stages or config.train.init_from or not (config.model.pretrained or config.model.weights):
-        return []
-    head, finetune = DEFAULT_TRANSFER_STAGES
-    tune_epochs = min(finetune.epochs, config.train.epochs // 2)
-    head_epochs = config.train.epochs - tune_epochs
-    stages = [head.model_copy(update={"epochs": head_epochs, "patience": min(head.patience, head_epochs)})]
-    if tune_epochs:
-        stages.append(finetune.model_copy(update={"epochs": tune_epochs,
-                                                  "patience": min(finetune.patience, tune_epochs)}))
-    return stages
-
-
-def recipe_overrides(config: Config) -> list[str]:
-    """Train settings the user changed that the default transfer recipe's stages replace (for a warning)."""
-    defaults, replaced = TrainConfig(), []
-    for stage in default_stages(config):
-        for name in stage.model_dump(exclude={"name", "epochs"}, exclude_none=True):  # --epochs bounds the total
-            if getattr(config.train, name) != getattr(defaults, name) and name not in replaced:
-                replaced.append(name)
-    return replaced
-
-
-def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
-    """(name, effective train config) per stage."""
-    stages = list(config.stages) or default_stages(config)
-    if not stages:
-        return [("train", config.train)]
-    resolved = []
-    for i, stage in enumerate(stages):
-        try:
-            resolved.append((stage.name, stage.apply(config.train)))
-        except ValidationError as err:
-            raise ConfigError(f"stage {i} ({stage.name}): {one_line(err)}") from None
-    return resolved
-
 
 @dataclass
 class StageRunner:

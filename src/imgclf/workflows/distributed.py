@@ -17,8 +17,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from imgclf.config.stages import per_rank_batch
 from imgclf.data.pipeline import PreparedData, prepare
-from imgclf.data.samplers import per_rank_batch
 from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError, ImgclfError, RunDirError
 from imgclf.evaluation.predictions import Predictions

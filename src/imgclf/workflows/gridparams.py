@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from imgclf.config import Config, StageConfig, config_fields, flag_name
+from imgclf.config.stages import default_stages, resolve_stages
 from imgclf.errors import ConfigError
-from imgclf.training.stages import default_stages, resolve_stages
 
 
 class Setting(NamedTuple):

@@ -19,6 +19,7 @@ import torch
 
 from imgclf import atomic
 from imgclf.config import Config, config_to_yaml
+from imgclf.config.stages import recipe_overrides, resolve_stages
 from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
 from imgclf.data.pipeline import PreparedData, prepare, write_skipped
@@ -40,7 +41,6 @@ from imgclf.runs.saved_split import load_saved_split
 from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
 from imgclf.training.ddp import DistSettings, backend_name, check_world, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
-from imgclf.training.stages import recipe_overrides, resolve_stages
 from imgclf.versions import library_versions
 from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions

@@ -2,7 +2,7 @@
 
 One block, so that what ``--epochs`` and the other settings mean is read before any time is
 spent: ``--epochs N`` bounds the total of all stages of the default transfer recipe (see
-``training.stages.default_stages``); explicit stages set their own epochs.
+``config.stages.default_stages``); explicit stages set their own epochs.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from imgclf.config import Config
+from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.models.checkpoint import load_weights, save_weights
 from imgclf.models.networks import (
@@ -28,7 +29,7 @@ from imgclf.training.ddp import DistSettings, broadcast_module, main_only, one_v
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.fit import count
 from imgclf.training.resume import for_rank, load_state, restore_best_file
-from imgclf.training.stages import StageRunner, resolve_stages
+from imgclf.training.stages import StageRunner
 from imgclf.workflows.classical import train_classical
 from imgclf.workflows.lifecycle import RunSetup, finish_run, naming_path, setup_run
 
