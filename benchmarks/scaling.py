@@ -168,18 +168,22 @@ def main() -> None:
             subprocess.run(command, check=True)  # first run: decode into the cache
             repeats = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                                   .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
-            medians = {k: statistics.median(r[k] for r in repeats) for k in ("epoch_seconds", "RssAnon", "RssFile", "HeapInUse")}
+            medians = {k: statistics.median(r[k] for r in repeats)
+                       for k in ("epoch_seconds", "RssAnon", "RssFile", "HeapInUse")}
             rows.append({"n": n, "spread": [r["RssAnon"] for r in repeats], **medians})
     base = rows[0]
-    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'(runs)':>16} {'peak file MiB':>14} {'heap in use MiB':>16}")
+    print(f"{'images':>8} {'epoch s':>8} {'s / 1k img':>10} {'peak anon MiB':>14} {'(runs)':>16} "
+          f"{'peak file MiB':>14} {'heap in use MiB':>16}")
     for r in rows:
         spread = "-".join(f"{v / 1024:.0f}" for v in (min(r["spread"]), max(r["spread"])))
         print(f"{r['n']:>8} {r['epoch_seconds']:>8.1f} {1000 * r['epoch_seconds'] / r['n']:>10.2f} "
-              f"{r['RssAnon'] / 1024:>14.0f} {spread:>16} {r['RssFile'] / 1024:>14.0f} {r['HeapInUse'] / 1024:>16.0f}")
+              f"{r['RssAnon'] / 1024:>14.0f} {spread:>16} {r['RssFile'] / 1024:>14.0f} "
+              f"{r['HeapInUse'] / 1024:>16.0f}")
     last = rows[-1]
     time_ratio = last["epoch_seconds"] / base["epoch_seconds"]
     print(f"\n{last['n'] / base['n']:.0f}x the images: epoch time x{time_ratio:.2f}, "
-          f"private memory x{last['RssAnon'] / base['RssAnon']:.2f}, heap in use x{last['HeapInUse'] / max(1, base['HeapInUse']):.2f}")
+          f"private memory x{last['RssAnon'] / base['RssAnon']:.2f}, "
+          f"heap in use x{last['HeapInUse'] / max(1, base['HeapInUse']):.2f}")
 
 
 if __name__ == "__main__":
