@@ -11,7 +11,6 @@ from pathlib import Path
 from imgclf.cli.flags import format_metrics
 from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S
-from imgclf.config.stages import resolve_stages
 from imgclf.errors import ImgclfError
 from imgclf.logs import is_main_process
 from imgclf.models.weights import offline_weights_file
@@ -34,9 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train as ``checks.check_train`` found the arguments (it ran first, before torch loaded)."""
     config, default = args.train_config, args.default
     if args.nproc is not None and (args.nproc != 1 or "WORLD_SIZE" in os.environ):
-        # settings are checked here, before any process starts; a resumed run's were checked when it began
-        batches = [] if args.resume else [cfg.batch_size for _, cfg in resolve_stages(config)]
-        return launch(args.nproc, without_nproc(args.argv), batches)
+        # check_train split every stage's batch over --nproc; a resumed run's were checked when it began
+        return launch(args.nproc, without_nproc(args.argv))
     dist = DistSettings(args.dist_backend, args.dist_timeout)
     if args.resume:
         run = resume_training(args.resume, dist)

@@ -17,7 +17,6 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from imgclf.config.stages import per_rank_batch
 from imgclf.data.pipeline import PreparedData, prepare
 from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError, ImgclfError, RunDirError
@@ -93,16 +92,14 @@ def _refuse_kind() -> None:
                       "one process); run it without torchrun")
 
 
-def launch(nproc: int, argv: list[str], batch_sizes: list[int] | tuple[int, ...] = ()) -> int:
+def launch(nproc: int, argv: list[str]) -> int:
     """``imgclf ARGV`` on ``nproc`` local processes through torch.distributed.run; its exit status.
 
-    ``batch_sizes`` (the global batches of the stages) must split over ``nproc``: said before any start.
+    The command line has split every stage's global batch over ``nproc`` before (``cli.checks``).
     A rank that ends with an error has said why itself; a rank killed by a signal is said here.
     """
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be 1 or more processes")
-    for batch in batch_sizes:
-        per_rank_batch(batch, nproc)
     if os.environ.get("WORLD_SIZE") or os.environ.get("TORCHELASTIC_RUN_ID"):
         raise ConfigError("--nproc starts torchrun itself; under torchrun drop --nproc")
     if "OMP_NUM_THREADS" not in os.environ:
