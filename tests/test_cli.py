@@ -144,11 +144,12 @@ def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path)
                ["train", data, "--model", "simple_cnn", "--budget", "10"], ["grid", data, "--lr", "-1"],
                ["predict", tmp_path, data, "--out", tmp_path / "mine.csv"],
                ["explain", tmp_path, data, "--out", tmp_path / "shown"],
-               ["audit", data, "--json", tmp_path / "mine.csv"]]
+               ["audit", data, "--json", tmp_path / "mine.csv"], ["cache", "--max-gb", "3"]]
     audit = ["audit", str(data), "--no-near", "--json", str(tmp_path / "audit.json")]  # needs no torch at all
-    argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused), audit]
+    cache = ["cache", "--dir", str(tmp_path / "no cache yet")]  # neither does cache
+    argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused), audit, cache]
     result = imgclf_python(LIGHT_CHECK, json.dumps(argvs))
-    assert result["codes"] == [0, 0] + [2] * len(refused) + [0]
+    assert result["codes"] == [0, 0] + [2] * len(refused) + [0, 0]
     assert result["heavy"] == []
     assert (tmp_path / "mine.csv").read_text() == "kept\n"
     counts = json.loads((tmp_path / "audit.json").read_text())["counts"]

@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-near", action="store_true", help="skip near-duplicate (perceptual hash) search")
     p.set_defaults(func=lazy("audit", "cmd_audit", checks.refuse_to_overwrite))
 
+    p = sub.add_parser("cache", help="list the decode cache's entries, or remove them (--prune, --clear)")
+    p.add_argument("--dir", help="the cache folder (default: IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--prune", action="store_true",
+                        help="remove the least recently used entries until the cache holds at most --max-gb")
+    action.add_argument("--clear", action="store_true", help="remove every entry (a run rebuilds what it needs)")
+    p.add_argument("--max-gb", type=float, metavar="GB",
+                   help="with --prune: the size to keep the cache within (default: IMGCLF_CACHE_MAX_GB, else 20)")
+    p.set_defaults(func=lazy("cache", "cmd_cache"))
+
     p = sub.add_parser("evaluate", help="evaluate a run on one of its splits")
     p.add_argument("run", help="run directory written by train")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")

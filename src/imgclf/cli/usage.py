@@ -14,6 +14,7 @@ EXAMPLES = {
     "cv": "imgclf cv data/ --folds 10 --epochs 20 --out cv/x",
     "grid": "imgclf grid data/ --param optimizer=adam,sgd --param lr=1e-3,1e-4 --out grid/x",
     "audit": "imgclf audit data/ --strict --json audit.json",
+    "cache": "imgclf cache --prune --max-gb 5",
     "evaluate": "imgclf evaluate runs/x --split test --threshold youden",
     "report": "imgclf report runs/x",
     "seal": "imgclf seal runs/x",

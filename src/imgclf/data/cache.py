@@ -24,6 +24,9 @@ images, keyed by their caller (the decode entry, the rows, the model and its set
 ``rows x D`` float32, opened once as a regular file (no link, no FIFO), its size bounded before its
 header is parsed, its header and exact length checked, and its values finite and within the range
 the backbone can output.
+
+Each use touches its entry; ``cachedir`` keeps the folder within ``IMGCLF_CACHE_MAX_GB`` by removing the
+least recently used entries.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import atomic
+from imgclf.data.cachedir import open_lock, touch
 from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
@@ -128,6 +132,7 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
                 bad = _build(npy, sidecar, paths, shape, interpolation, threads or default_threads())
     else:
         log.debug("decoded-image cache hit: %s", npy)
+        touch(sidecar)
     return DecodedImages(npy, len(paths), bad)
 
 
@@ -199,6 +204,7 @@ def read_features(npy: Path, shape: tuple[int, int], value_range: tuple[float, f
         log.warning("warning: feature cache entry %s holds values outside [%g, %g]; computing the features again",
                     npy, low, high)
         return None
+    touch(npy)
     return features
 
 
@@ -238,18 +244,9 @@ def write_features(npy: Path, features: np.ndarray) -> None:
 
 @contextmanager
 def _locked(lock_file: Path, npy: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file``; say so when another process has it (it is building ``npy``).
-    The lock is opened without following a link or waiting on a FIFO; anything but a file there is an error."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fh = os.fdopen(os.open(lock_file, flags, 0o644), "a")
-    except OSError as err:
-        raise DataError(f"cannot open the decode cache's lock file {lock_file} ({err.strerror}); delete it "
-                        "(the cache holds only what imgclf can rebuild), or set IMGCLF_CACHE_DIR") from None
-    with fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise DataError(f"the decode cache's lock file {lock_file} is not a regular file; delete it, "
-                            "or set IMGCLF_CACHE_DIR")
+    """Hold an exclusive lock on ``lock_file`` (``cachedir.open_lock``); say so when another process has it
+    (it is building ``npy``)."""
+    with open_lock(lock_file) as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

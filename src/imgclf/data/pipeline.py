@@ -11,6 +11,7 @@ import torch
 from imgclf import atomic
 from imgclf.config import AugmentConfig, DataConfig
 from imgclf.data.cache import DecodedImages, decode_all
+from imgclf.data.cachedir import keep_within_limit, limit_bytes
 from imgclf.data.datasets import AugmentedBatches, CachedImages, make_loader
 from imgclf.data.images import BadImage
 from imgclf.data.index import DatasetIndex
@@ -45,8 +46,10 @@ class PreparedData:
 def prepare(index: DatasetIndex, preprocess: Preprocess, cfg: DataConfig) -> PreparedData:
     """Decode every image once (cached); fail on unreadable ones unless ``skip_bad_images``."""
     paths = [index.abspath(i) for i in range(len(index))]
+    limit_bytes()  # a bad IMGCLF_CACHE_MAX_GB is refused before anything is decoded
     decoded = decode_all(paths, preprocess.size, preprocess.channels, cfg.cache_dir,
                          interpolation=preprocess.interpolation)
+    keep_within_limit(decoded.file.parent, frozenset({decoded.file.stem}))
     if decoded.bad and not cfg.skip_bad_images:
         first = decoded.bad[0]
         more = f" (and {len(decoded.bad) - 1} more)" if len(decoded.bad) > 1 else ""

@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from imgclf import atomic
 from imgclf.config import Config, ModelConfig
 from imgclf.data.cache import read_features, write_features
+from imgclf.data.cachedir import keep_within_limit
 from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
@@ -153,6 +154,7 @@ def cached_probe_features(prepared: PreparedData, run_preprocess: Preprocess, co
         return dict(zip(positions, np.split(cached, bounds), strict=True))
     features = probe_features(prepared, run_preprocess, compute, batch_size, splits, train_sample)
     write_features(npy, np.concatenate([features[split] for split in positions]))
+    keep_within_limit(npy.parent, frozenset({npy.name.split(".")[0], prepared.decoded.file.stem}))
     return features
 
 

@@ -1,0 +1,50 @@
+"""``imgclf cache``: what the decode cache holds, and removing entries from it (``--prune``, ``--clear``).
+It needs no torch, so the parser's dispatch (``usage.lazy``) answers it without loading any."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from imgclf.data.cache import default_cache_dir
+from imgclf.data.cachedir import MAX_GB_ENV, limit_bytes, prune, scan, size_text
+from imgclf.errors import ConfigError
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    folder = Path(args.dir) if args.dir else default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"the cache folder {folder} is not a folder; pass --dir with the cache's folder")
+    if args.max_gb is not None and not args.prune:
+        raise ConfigError("--max-gb goes with --prune (imgclf cache --prune --max-gb GB)")
+    if args.max_gb is not None and not args.max_gb >= 0:
+        raise ConfigError(f"--max-gb {args.max_gb}: use a size in GB of 0 or more")
+    limit = limit_bytes()
+    if args.prune or args.clear:
+        target = 0.0 if args.clear else limit if args.max_gb is None else args.max_gb * 1e9
+        result = prune(folder, target)
+        freed = sum(e.size for e in result.removed)
+        print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} "
+              f"({size_text(freed)}) and {result.orphans} temporary file(s) left by killed writers")
+        if result.size > target:
+            print(f"{size_text(result.size)} stay: entries another process is building, or that cannot be removed")
+    _print_contents(folder, limit)
+    return 0
+
+
+def _print_contents(folder: Path, limit: float) -> None:
+    contents = scan(folder)
+    count = len(contents.entries)
+    source = f"set by {MAX_GB_ENV}" if os.environ.get(MAX_GB_ENV, "").strip() else f"{MAX_GB_ENV} changes it"
+    print(f"decode cache {folder}: {count} entr{'y' if count == 1 else 'ies'}, {size_text(contents.size)} "
+          f"(limit {size_text(limit)}, {source})")
+    if count:
+        print(f"  {'last used':<16}  {'size':>10}  {'kind':<14}  key")
+    for entry in reversed(contents.entries):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"  {when:<16}  {size_text(entry.size):>10}  {entry.kind:<14}  {entry.key}")
+    if contents.temporary:
+        print(f"  and {len(contents.temporary)} temporary file(s) of writers, live or killed (--prune removes "
+              "the orphans)")
