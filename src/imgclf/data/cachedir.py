@@ -134,9 +134,7 @@ def prune(folder: Path, max_bytes: float, keep: frozenset[str] = frozenset()) ->
 def keep_within_limit(folder: Path, keep: frozenset[str]) -> None:
     """After a run adds to the cache: prune it to ``IMGCLF_CACHE_MAX_GB``, saying what went in one line."""
     limit = limit_bytes()
-    if math.isinf(limit):
-        return
-    result = prune(folder, limit, keep)
+    result = prune(folder, limit, keep)  # with no limit, it still removes the orphaned temporary files
     if result.removed:
         log.info("decode cache %s: removed %d least recently used entr%s (%s) to stay within its %s limit "
                  "(%s to change it)", folder, len(result.removed), "y" if len(result.removed) == 1 else "ies",
