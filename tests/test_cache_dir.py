@@ -14,6 +14,7 @@ from PIL import Image
 
 from imgclf.cli import main
 from imgclf.config import build_config
+from imgclf.data import cachedir
 from imgclf.data.cache import decode_all, read_features, write_features
 from imgclf.data.cachedir import ORPHAN_AGE_S, keep_within_limit, limit_bytes, prune, scan
 from imgclf.data.index import build_index
@@ -34,8 +35,11 @@ def pngs(folder: Path, count: int, seed: int) -> list[Path]:
 
 
 def entry(cache: Path, images: list[Path]) -> str:
-    """Decode ``images`` into ``cache`` (or reuse them) and return the entry's key."""
-    return decode_all(images, 32, 3, cache).file.stem
+    """Decode ``images`` into ``cache`` (or reuse them) and return the entry's key, as a process that has
+    since ended would: this process drops its in-use mark."""
+    key = decode_all(images, 32, 3, cache).file.stem
+    os.close(cachedir._held.pop(cache / f"{key}.npy"))
+    return key
 
 
 def last_used(cache: Path, key: str, seconds_ago: float) -> None:
@@ -104,6 +108,15 @@ def test_an_entry_another_process_is_building_stays(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         result = prune(cache, 0)
     assert [e.key for e in result.removed] == [free] and keys(cache) == {busy} and result.size > 0
+
+
+def test_an_entry_a_process_uses_stays_until_it_ends(tmp_path):
+    cache = tmp_path / "cache"
+    images = pngs(tmp_path / "a", 2, 0)
+    used = decode_all(images, 32, 3, cache)  # this process now uses it, as a training run does
+    assert prune(cache, 0).removed == [] and used.open().shape == (2, 3, 32, 32)
+    os.close(cachedir._held.pop(used.file))  # the process ends
+    assert len(prune(cache, 0).removed) == 1 and keys(cache) == set()
 
 
 def test_only_files_imgclf_makes_are_removed_and_links_are_not_followed(tmp_path):

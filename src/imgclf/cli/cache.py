@@ -29,7 +29,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} "
               f"({size_text(freed)}) and {result.orphans} temporary file(s) left by killed writers")
         if result.size > target:
-            print(f"{size_text(result.size)} stay: entries another process is building, or that cannot be removed")
+            print(f"{size_text(result.size)} stay: entries a process is using or building, or that cannot be removed")
     _print_contents(folder, limit)
     return 0
 

@@ -7,9 +7,11 @@ sidecar ``KEY.json``) or a linear probe's features (``KEY.probe.npy``). Each use
 newest mtime says when it was last used. Rules:
 
 - A name imgclf does not make, a folder or anything but a file or link, is never touched.
-- A decode entry is removed only while the remover holds its lock, so never while another process
-  builds it; a process that is training from it keeps its memory map (the OS frees the pages when it
-  ends). The sidecar goes first, so a half-removed entry is never taken for a complete one.
+- A decode entry is never removed while a process uses it or builds it. A process that uses an entry
+  holds a shared ``flock`` on its .npy (``hold_in_use``, taken before the entry is checked and kept
+  while the process lives, for its latest ``MAX_HELD`` entries); a remover first takes the entry's
+  build lock and then an exclusive lock on the .npy, both without waiting, and skips the entry when
+  either is busy. The sidecar goes first, so a half-removed entry is never taken for a complete one.
 - Lock files (empty) stay: another process may be waiting on one.
 - A temporary file a killed writer left is an orphan once its decode lock is free, or, for features
   (written in seconds, without a lock), once it is an hour old.
@@ -33,10 +35,12 @@ from imgclf.logs import get_logger
 MAX_GB_ENV = "IMGCLF_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
 ORPHAN_AGE_S = 3600.0
+MAX_HELD = 64  # entries one process marks as in use (older marks are dropped; each costs a descriptor)
 KINDS = {".npy": "decoded images", ".json": "decoded images", ".probe.npy": "probe features"}
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{24})(\.probe\.npy|\.npy|\.json)$")
 _TEMP_FILE = re.compile(r"^\.([0-9a-f]{24})(\.probe\.npy|\.npy|\.json)\..+\.tmp$")
 log = get_logger("cache")
+_held: dict[Path, int] = {}  # .npy path -> descriptor holding the shared lock, oldest first
 
 
 @dataclass
@@ -171,16 +175,51 @@ def open_lock(lock_file: Path):
         yield fh
 
 
+def hold_in_use(npy: Path) -> None:
+    """Mark ``npy`` as used by this process (a shared lock, kept while it lives), so no ``prune`` removes it.
+    Nothing to mark when it is missing or not a regular file (it is built, or rebuilt, then marked)."""
+    try:
+        fd = os.open(npy, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a remover holds its exclusive lock for milliseconds
+    old = _held.pop(npy, None)
+    _held[npy] = fd
+    if old is not None:
+        os.close(old)
+    while len(_held) > MAX_HELD:
+        os.close(_held.pop(next(iter(_held))))
+
+
 def _remove_entry(folder: Path, entry: Entry) -> bool:
-    """Delete the entry's files (the sidecar first); False when its lock is busy or cannot be taken."""
+    """Delete the entry's files (the sidecar first); False when it is being built or used, or its lock
+    cannot be taken."""
     if entry.kind != KINDS[".npy"]:
         return _unlink_all(entry.files)
     try:
         with open_lock(folder / f"{entry.key}.lock") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return _unlink_all(sorted(entry.files, key=lambda p: p.suffix != ".json"))
+            return _unused(folder / f"{entry.key}.npy", sorted(entry.files, key=lambda p: p.suffix != ".json"))
     except (DataError, BlockingIOError):
         return False
+
+
+def _unused(npy: Path, files: list[Path]) -> bool:
+    """Delete ``files`` while holding ``npy`` exclusively, unless a process uses it (holds it shared)."""
+    try:
+        fd = os.open(npy, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # gone, or a link or something else planted: not a file anyone maps
+        return _unlink_all(files)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _unlink_all(files)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _remove_orphan(path: Path) -> bool:
