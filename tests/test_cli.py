@@ -144,7 +144,8 @@ def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path)
                ["train", data, "--model", "simple_cnn", "--budget", "10"], ["grid", data, "--lr", "-1"],
                ["predict", tmp_path, data, "--out", tmp_path / "mine.csv"],
                ["explain", tmp_path, data, "--out", tmp_path / "shown"],
-               ["audit", data, "--json", tmp_path / "mine.csv"], ["cache", "--max-gb", "3"]]
+               ["audit", data, "--json", tmp_path / "mine.csv"], ["cache", "--max-gb", "3"],
+               ["train", data, "--model", "simple_cnn", "--sync-bn", "--device", "cpu", "--nproc", "2"]]
     audit = ["audit", str(data), "--no-near", "--json", str(tmp_path / "audit.json")]  # needs no torch at all
     cache = ["cache", "--dir", str(tmp_path / "no cache yet")]  # neither does cache
     argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused), audit, cache]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from imgclf.cli.flags import config_from_args, refuse_existing_file, refuse_filled_folder, refuse_settings_with_resume
-from imgclf.config.stages import per_rank_batch, resolve_stages
+from imgclf.config.stages import SYNC_BN_NEEDS_CUDA, per_rank_batch, resolve_stages
 from imgclf.errors import ConfigError, PeerError
 from imgclf.logs import is_main_process
 from imgclf.workflows.candidates import is_default_request
@@ -37,11 +37,14 @@ def check_train(args: argparse.Namespace) -> None:
 
 
 def _check_batches(config, world_size: int) -> None:
-    """Every stage's global --batch-size must split evenly over the processes: rank 0 says so, the other
-    ranks stop without repeating it (as ``training.ddp.check_world`` does after torch has loaded)."""
+    """Every stage's global --batch-size must split evenly over the processes, and --sync-bn needs CUDA
+    where --device says cpu: rank 0 says so, the other ranks stop without repeating it (as
+    ``training.ddp.check_world`` does after torch has loaded, for --device auto too)."""
     try:
         for _, stage in resolve_stages(config):
             per_rank_batch(stage.batch_size, world_size)
+        if config.train.sync_bn and world_size > 1 and config.train.device == "cpu":
+            raise ConfigError(SYNC_BN_NEEDS_CUDA)
     except ConfigError as err:
         raise err if is_main_process() else PeerError(str(err)) from None
 

@@ -66,6 +66,9 @@ def resolve_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     return resolved
 
 
+SYNC_BN_NEEDS_CUDA = "--sync-bn needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU); drop --sync-bn"
+
+
 def per_rank_batch(global_batch: int, world_size: int) -> int:
     """Images per rank and step for the global ``--batch-size``; it must split evenly over the ranks."""
     if global_batch % world_size:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from imgclf.config.defaults import DEFAULT_DIST_TIMEOUT_S
-from imgclf.config.stages import per_rank_batch
+from imgclf.config.stages import SYNC_BN_NEEDS_CUDA, per_rank_batch
 from imgclf.data.datasets import weighted_sampler
 from imgclf.data.samplers import DistributedWeightedSampler, eval_shard, train_shard_sampler
 from imgclf.errors import ConfigError, ImgclfError, PeerError
@@ -92,8 +92,7 @@ def check_world(ctx: DistContext, batch_sizes: list[int], device: torch.device, 
         for batch in batch_sizes:
             per_rank_batch(batch, ctx.world_size)
         if sync_bn and ctx.distributed and device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU); "
-                              "drop --sync-bn")
+            raise ConfigError(SYNC_BN_NEEDS_CUDA)
 
     one_voice(ctx, check)
     if sync_bn and not ctx.distributed:
