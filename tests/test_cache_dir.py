@@ -201,3 +201,19 @@ def test_a_cache_folder_that_cannot_be_listed_is_a_one_line_error(tmp_path, caps
     (tmp_path / "file").write_text("x")
     code, _, err = cli(capsys, "cache", "--dir", tmp_path / "file" / "cache")  # under a file: not a directory
     assert code == 2 and "cannot read the decode cache folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_only_local_rank_0_touches_or_prunes_the_machines_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    images = pngs(tmp_path / "a", 2, 0)
+    key = entry(cache, images)
+    last_used(cache, key, 600)
+    before = scan(cache).entries[0].last_used
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("IMGCLF_CACHE_MAX_GB", "0")
+    assert entry(cache, images) == key and scan(cache).entries[0].last_used == before  # read, not touched
+    keep_within_limit(cache, frozenset())
+    assert keys(cache) == {key}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    keep_within_limit(cache, frozenset())
+    assert keys(cache) == set()

@@ -22,6 +22,11 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def is_local_main_process() -> bool:
+    """The process that keeps its machine's caches: LOCAL_RANK 0 under torchrun, else the only one."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
+
+
 class _MainProcessFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return is_main_process() or record.levelno >= logging.WARNING

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.errors import ConfigError, DataError
-from imgclf.logs import get_logger
+from imgclf.logs import get_logger, is_local_main_process
 
 MAX_GB_ENV = "IMGCLF_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
@@ -108,7 +108,10 @@ def scan(folder: Path) -> Contents:
 
 
 def touch(path: Path) -> None:
-    """Record a use of ``path``'s entry (its mtime); a read-only cache keeps its old order."""
+    """Record a use of ``path``'s entry (its mtime); a read-only cache keeps its old order. Only the process
+    that keeps the machine's caches writes to them (under torchrun, the other ranks only read)."""
+    if not is_local_main_process():
+        return
     with suppress(OSError, NotImplementedError):
         os.utime(path, follow_symlinks=False)
 
@@ -138,6 +141,8 @@ def prune(folder: Path, max_bytes: float, keep: frozenset[str] = frozenset()) ->
 def keep_within_limit(folder: Path, keep: frozenset[str]) -> None:
     """After a run adds to the cache: prune it to ``IMGCLF_CACHE_MAX_GB``, saying what went in one line."""
     limit = limit_bytes()
+    if not is_local_main_process():  # LOCAL_RANK 0 keeps the machine's cache; it pruned before the others read
+        return
     result = prune(folder, limit, keep)  # with no limit, it still removes the orphaned temporary files
     if result.removed:
         log.info("decode cache %s: removed %d least recently used entr%s (%s) to stay within its %s limit "
