@@ -9,7 +9,7 @@ import pytest
 import imgclf
 import imgclf.workflows.summary
 from clitools import assert_clean_error
-from clitools import imgclf as run_cli
+from clitools import run_main as run_cli
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions

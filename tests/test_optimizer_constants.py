@@ -8,7 +8,7 @@ import yaml
 
 import imgclf
 from clitools import assert_clean_error
-from clitools import imgclf as run_cli
+from clitools import run_main as run_cli
 from imgclf.config import TrainConfig, build_config, load_config
 from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError

@@ -11,7 +11,7 @@ import pytest
 
 import imgclf
 from clitools import assert_clean_error, reproducible_metrics
-from clitools import imgclf as run_cli
+from clitools import run_main as run_cli
 from imgclf.cli import main
 from imgclf.errors import RunDirError
 

@@ -12,7 +12,7 @@ import yaml
 
 import imgclf
 from clitools import assert_clean_error
-from clitools import imgclf as run_cli
+from clitools import run_main as run_cli
 from imgclf.cli import main
 from imgclf.errors import ConfigError
 

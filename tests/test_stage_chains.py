@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import imgclf
 import imgclf.training.stages
 from clitools import assert_clean_error
-from clitools import imgclf as run_cli
+from clitools import run_main as run_cli
 from imgclf.config import TrainConfig, build_config, load_config
 from imgclf.config.stages import recipe_overrides, resolve_stages
 from imgclf.errors import ConfigError
