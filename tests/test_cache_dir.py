@@ -217,3 +217,16 @@ def test_only_local_rank_0_touches_or_prunes_the_machines_cache(tmp_path, monkey
     monkeypatch.setenv("LOCAL_RANK", "0")
     keep_within_limit(cache, frozenset())
     assert keys(cache) == set()
+
+
+def test_an_entry_held_exclusively_elsewhere_is_used_with_a_warning_not_waited_on_forever(tmp_path, monkeypatch,
+                                                                                         caplog):
+    cache = tmp_path / "cache"
+    images = pngs(tmp_path / "a", 2, 0)
+    key = entry(cache, images)
+    monkeypatch.setattr(cachedir, "HOLD_WAIT_S", 0.2)
+    with open(cache / f"{key}.npy", "rb") as held, caplog.at_level(logging.WARNING, logger="imgclf"):
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a stuck or hostile process
+        used = decode_all(images, 32, 3, cache)
+    assert used.open().shape == (2, 3, 32, 32) and used.file not in cachedir._held
+    assert "stayed locked by another process" in caplog.text

@@ -35,6 +35,7 @@ from imgclf.logs import get_logger, is_local_main_process
 MAX_GB_ENV = "IMGCLF_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
 ORPHAN_AGE_S = 3600.0
+HOLD_WAIT_S = 5.0  # the longest a process waits to mark an entry in use
 MAX_HELD = 64  # entries one process marks as in use (older marks are dropped; each costs a descriptor)
 KINDS = {".npy": "decoded images", ".json": "decoded images", ".probe.npy": "probe features"}
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{24})(\.probe\.npy|\.npy|\.json)$")
@@ -190,13 +191,31 @@ def hold_in_use(npy: Path) -> None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a remover holds its exclusive lock for milliseconds
+    if not _lock_shared(fd):
+        os.close(fd)
+        log.warning("warning: %s stayed locked by another process for %g s; using it without marking it in use, "
+                    "so a prune elsewhere may remove it", npy, HOLD_WAIT_S)
+        return
     old = _held.pop(npy, None)
     _held[npy] = fd
     if old is not None:
         os.close(old)
     while len(_held) > MAX_HELD:
         os.close(_held.pop(next(iter(_held))))
+
+
+def _lock_shared(fd: int) -> bool:
+    """A shared lock on ``fd`` within ``HOLD_WAIT_S`` (a remover holds its exclusive lock for milliseconds;
+    only a stuck or hostile process holds it longer)."""
+    deadline = time.monotonic() + HOLD_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _remove_entry(folder: Path, entry: Entry) -> bool:
