@@ -19,7 +19,7 @@ from imgclf.data.cache import decode_all, read_features, write_features
 from imgclf.data.cachedir import ORPHAN_AGE_S, keep_within_limit, limit_bytes, prune, scan
 from imgclf.data.index import build_index
 from imgclf.data.pipeline import prepare
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, DataError
 from imgclf.models.networks import Preprocess
 
 from imagefactory import make_class_folders
@@ -230,3 +230,22 @@ def test_an_entry_held_exclusively_elsewhere_is_used_with_a_warning_not_waited_o
         used = decode_all(images, 32, 3, cache)
     assert used.open().shape == (2, 3, 32, 32) and used.file not in cachedir._held
     assert "stayed locked by another process" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_cache_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch, where):
+    (tmp_path / "file").write_text("x")
+    folder = tmp_path / "file" if where == "a file" else tmp_path / "file" / "cache"
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(folder))
+    with pytest.raises(DataError, match=f"cannot use {folder} as the decode cache folder .*; set IMGCLF_CACHE_DIR"):
+        decode_all(pngs(tmp_path / "a", 2, 0), 32, 3)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_empty_cache_setting_means_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    decoded = decode_all(pngs(tmp_path / "a", 2, 0), 32, 3)
+    assert decoded.file.parent == tmp_path / "home" / ".cache" / "imgclf"
+    os.close(cachedir._held.pop(decoded.file))

@@ -8,8 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from imgclf.data.cache import default_cache_dir
-from imgclf.data.cachedir import MAX_GB_ENV, limit_bytes, prune, scan, size_text
+from imgclf.data.cachedir import MAX_GB_ENV, default_cache_dir, limit_bytes, prune, scan, size_text
 from imgclf.errors import ConfigError
 
 

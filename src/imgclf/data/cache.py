@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import atomic
-from imgclf.data.cachedir import hold_in_use, open_lock, touch
+from imgclf.data.cachedir import cache_folder, hold_in_use, open_lock, touch
 from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
@@ -71,10 +71,6 @@ class DecodedImages:
 
     def open(self) -> np.ndarray:
         return np.load(self.file, mmap_mode="r")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("IMGCLF_CACHE_DIR", Path.home() / ".cache" / "imgclf"))
 
 
 def default_threads() -> int:
@@ -119,8 +115,7 @@ def sample_hash(path: Path, size: int) -> bytes:
 def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Path | None = None,
                threads: int | None = None, interpolation: str = "bilinear") -> DecodedImages:
     """Decode ``paths`` into the cache (or reuse a checked entry); failures are returned, not raised."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_folder(cache_dir)
     key = fingerprint(paths, size, channels, interpolation)
     npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
     shape = (len(paths), channels, size, size)
