@@ -142,8 +142,8 @@ class Pruned:
 
 
 def prune(folder: Path, max_bytes: float, keep: frozenset[str] = frozenset()) -> Pruned:
-    """Remove orphaned temporary files, then the least recently used entries (none named in ``keep``, none
-    another process is building) until the entries hold at most ``max_bytes``."""
+    """Remove orphaned temporary files, then the least recently used entries (none named in ``keep``, none a
+    process is using or building) until the entries hold at most ``max_bytes``."""
     contents = scan(folder)
     orphans = sum(_remove_orphan(path) for path in contents.temporary)
     size, removed = contents.size, []
