@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from imgclf.cli import main
+from imgclf.data import cachedir
 
 
 def imgclf(*args, cwd=None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def run_main(*args, cwd=None, timeout: float = 300, env: dict | None = None) -> 
     turn into a one-line error propagates, failing the test as a traceback would. ``timeout`` is pytest's
     (pyproject.toml) here."""
     logger = logging.getLogger("imgclf")
-    saved = (logger.handlers, logger.propagate, logger.level, dict(os.environ), os.getcwd())
+    saved = (logger.handlers, logger.propagate, logger.level, dict(os.environ), os.getcwd(), set(cachedir._held))
     out, err = io.StringIO(), io.StringIO()
     try:
         logger.handlers = []  # main() gives it a handler on the stderr below
@@ -44,6 +45,8 @@ def run_main(*args, cwd=None, timeout: float = 300, env: dict | None = None) -> 
         os.environ.clear()
         os.environ.update(saved[3])
         os.chdir(saved[4])
+        for npy in set(cachedir._held) - saved[5]:  # the cache entries it marked in use: a process would end here
+            os.close(cachedir._held.pop(npy))
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

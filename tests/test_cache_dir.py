@@ -5,6 +5,8 @@ and never a file imgclf did not make; `imgclf cache` lists, prunes and clears it
 import fcntl
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from PIL import Image
 
 from imgclf.cli import main
 from imgclf.config import build_config
-from imgclf.data import cachedir
+from imgclf.data import cache, cachedir
 from imgclf.data.cache import decode_all, read_features, write_features
 from imgclf.data.cachedir import ORPHAN_AGE_S, keep_within_limit, limit_bytes, prune, scan
 from imgclf.data.index import build_index
@@ -189,6 +191,7 @@ def test_the_cache_command_lists_prunes_and_clears(tmp_path, capsys, monkeypatch
     (["--prune", "--max-gb", "-1"], "--max-gb -1.0: use a size in GB of 0 or more"),
     (["--prune", "--max-gb", "nan"], "--max-gb nan: use a size in GB"),
     (["--dir", "FILE"], "is not a folder; pass --dir"),
+    (["--dir", "a" * 300], "(File name too long); pass --dir"),
 ])
 def test_the_cache_command_refuses_bad_settings_in_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("x")
@@ -249,3 +252,36 @@ def test_an_empty_cache_setting_means_the_default_folder(tmp_path, monkeypatch):
     decoded = decode_all(pngs(tmp_path / "a", 2, 0), 32, 3)
     assert decoded.file.parent == tmp_path / "home" / ".cache" / "imgclf"
     os.close(cachedir._held.pop(decoded.file))
+
+
+def other_process(code: str) -> None:
+    """``code`` in another interpreter, as a concurrent run or `imgclf cache --prune` would run it."""
+    subprocess.run([sys.executable, "-c", f"from pathlib import Path\nfrom imgclf.data import cache, cachedir\n{code}"],
+                   check=True, timeout=60)
+
+
+def prune_elsewhere(folder: Path) -> str:
+    return f"cachedir.prune(Path({str(folder)!r}), 0)"
+
+
+@pytest.mark.parametrize("moment", ["right after it is built", "built elsewhere between the mark and the check"])
+def test_a_prune_in_another_process_cannot_remove_an_entry_a_run_is_about_to_use(tmp_path, monkeypatch, moment):
+    """The in-use mark is taken under the key's lock (which a pruner needs too) whenever the first mark did
+    not land on the file that was checked; found by review, both moments lost the entry before."""
+    folder, images = tmp_path / "cache", pngs(tmp_path / "a", 3, 0)
+    real, calls = cache.hold_in_use, []
+
+    def hold(npy: Path) -> None:
+        calls.append(npy)
+        if moment == "right after it is built" and len(calls) == 2:
+            other_process(prune_elsewhere(folder))
+        real(npy)
+        if moment != "right after it is built" and len(calls) == 1:
+            other_process(f"cache.decode_all([Path(p) for p in {[str(p) for p in images]!r}], 32, 3, "
+                          f"{str(folder)!r})")
+
+    monkeypatch.setattr(cache, "hold_in_use", hold)
+    used = decode_all(images, 32, 3, folder)
+    other_process(prune_elsewhere(folder))
+    assert used.file.exists() and cachedir.holds_current(used.file) and used.open().shape == (3, 3, 32, 32)
+    os.close(cachedir._held.pop(used.file))

@@ -14,7 +14,12 @@ from imgclf.errors import ConfigError
 
 def cmd_cache(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else default_cache_dir()
-    if folder.exists() and not folder.is_dir():
+    try:
+        not_a_folder = folder.exists() and not folder.is_dir()
+    except OSError as err:  # e.g. a name too long
+        raise ConfigError(f"cannot use {str(folder)[:200]} as the cache folder ({err.strerror}); pass --dir with the "
+                          "cache's folder") from None
+    if not_a_folder:
         raise ConfigError(f"the cache folder {folder} is not a folder; pass --dir with the cache's folder")
     if args.max_gb is not None and not args.prune:
         raise ConfigError("--max-gb goes with --prune (imgclf cache --prune --max-gb GB)")

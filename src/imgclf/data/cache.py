@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import atomic
-from imgclf.data.cachedir import cache_folder, hold_in_use, open_lock, touch
+from imgclf.data.cachedir import cache_folder, hold_in_use, holds_current, open_lock, touch
 from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
@@ -119,14 +119,14 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
     key = fingerprint(paths, size, channels, interpolation)
     npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
     shape = (len(paths), channels, size, size)
-    hold_in_use(npy)  # before the check: from here on no prune removes it
-    bad = _reusable(npy, sidecar, shape, warn=False)
-    if bad is None:
+    hold_in_use(npy)  # before the check: a file marked in use is never pruned
+    bad = _reusable(npy, sidecar, shape, warn=False) if holds_current(npy) else None
+    if bad is None or not holds_current(npy):  # missing, damaged, or replaced after it was marked
         with _locked(folder / f"{key}.lock", npy):
             bad = _reusable(npy, sidecar, shape, warn=True)  # another process may have built it meanwhile
             if bad is None:
                 bad = _build(npy, sidecar, paths, shape, interpolation, threads or default_threads())
-        hold_in_use(npy)  # the file built, or found, under the lock
+            hold_in_use(npy)  # under the key's lock, which a pruner needs too, so nothing removes it first
     else:
         log.debug("decoded-image cache hit: %s", npy)
         touch(sidecar)

@@ -221,6 +221,16 @@ def hold_in_use(npy: Path) -> None:
         os.close(_held.pop(next(iter(_held))))
 
 
+def holds_current(npy: Path) -> bool:
+    """Whether this process's in-use mark is on the file now at ``npy`` (not on one a rebuild replaced)."""
+    fd = _held.get(npy)
+    try:
+        marked, current = os.fstat(fd), os.lstat(npy)
+    except (OSError, TypeError):  # no mark (fd None), or no file
+        return False
+    return (marked.st_dev, marked.st_ino) == (current.st_dev, current.st_ino)
+
+
 def _lock_shared(fd: int) -> bool:
     """A shared lock on ``fd`` within ``HOLD_WAIT_S`` (a remover holds its exclusive lock for milliseconds;
     only a stuck or hostile process holds it longer)."""
