@@ -120,8 +120,8 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
     npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
     shape = (len(paths), channels, size, size)
     hold_in_use(npy)  # before the check: a file marked in use is never pruned
-    bad = _reusable(npy, sidecar, shape, warn=False) if holds_current(npy) else None
-    if bad is None or not holds_current(npy):  # missing, damaged, or replaced after it was marked
+    bad = _reusable(npy, sidecar, shape, warn=False)
+    if bad is None or not holds_current(npy):  # missing, damaged, or not the file marked (replaced, or new)
         with _locked(folder / f"{key}.lock", npy):
             bad = _reusable(npy, sidecar, shape, warn=True)  # another process may have built it meanwhile
             if bad is None:

@@ -250,12 +250,8 @@ def _remove_entry(folder: Path, entry: Entry) -> bool:
     cannot be taken."""
     if entry.kind != KINDS[".npy"]:
         return _unlink_all(entry.files)
-    try:
-        with open_lock(folder / f"{entry.key}.lock") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return _unused(folder / f"{entry.key}.npy", sorted(entry.files, key=lambda p: p.suffix != ".json"))
-    except (DataError, BlockingIOError):
-        return False
+    npy, files = folder / f"{entry.key}.npy", sorted(entry.files, key=lambda p: p.suffix != ".json")
+    return _while_unlocked(folder / f"{entry.key}.lock", lambda: _unused(npy, files))
 
 
 def _unused(npy: Path, files: list[Path]) -> bool:
@@ -281,10 +277,16 @@ def _remove_orphan(path: Path) -> bool:
         except OSError:
             return False
         return old and _unlink_all([path])
+    return _while_unlocked(path.parent / f"{match[1]}.lock", lambda: _unlink_all([path]))
+
+
+def _while_unlocked(lock_file: Path, remove) -> bool:
+    """``remove()`` while holding ``lock_file`` (a key's build lock) exclusively; False, without waiting, when
+    another process holds it (it is building that key) or it cannot be opened."""
     try:
-        with open_lock(path.parent / f"{match[1]}.lock") as fh:
+        with open_lock(lock_file) as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return _unlink_all([path])
+            return remove()
     except (DataError, BlockingIOError):
         return False
 
