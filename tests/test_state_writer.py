@@ -11,7 +11,7 @@ import torch
 
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
-from imgclf.training import resume
+from imgclf.training import optim, resume
 
 from imagefactory import make_class_folders
 
@@ -109,3 +109,31 @@ def test_a_full_disk_while_saving_the_training_state_is_one_line_and_the_run_is_
     assert_clean_error(result, "state.pt", "No space left on device")
     assert len(saves) == 2, "a state was saved after a write had failed"
     assert [p.name for p in (tmp_path / "run" / "resume").glob("epoch_*")] == ["epoch_00001"]
+
+
+@pytest.mark.parametrize("saved_layout", [torch.contiguous_format, torch.channels_last])
+def test_resumed_moments_take_their_weights_layout_so_fused_adam_steps_as_it_would_have(saved_layout):
+    """A run resumed where the weights are laid out otherwise (another device or precision) steps the same."""
+
+    def weight_and_adam():
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+        return weight, torch.optim.Adam([weight], lr=0.1, fused=True)
+
+    def one_step(weight, optimizer, seed):
+        weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)).to(
+            memory_format=torch.channels_last)
+        optimizer.step()
+
+    weight, optimizer = weight_and_adam()
+    one_step(weight, optimizer, 1)
+    saved = optimizer.state_dict()
+    saved["state"][0] = {k: v.clone(memory_format=saved_layout if v.dim() == 4 else torch.preserve_format)
+                         for k, v in saved["state"][0].items()}  # copies, as a file gives
+    resumed_weight, resumed = weight_and_adam()
+    with torch.no_grad():
+        resumed_weight.copy_(weight)
+    optim.load_optimizer_state(resumed, saved)
+    one_step(weight, optimizer, 2)
+    one_step(resumed_weight, resumed, 2)
+    assert torch.equal(resumed_weight, weight)

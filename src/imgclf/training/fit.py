@@ -27,7 +27,7 @@ from imgclf.models.freeze import param_groups, set_frozen_norms_eval
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute, get_logger, is_main_process
 from imgclf.training.distributed import DistContext, GradScaling, broadcast_decision, gather_objects, unwrap
-from imgclf.training.optim import build_optimizer, build_schedule, step_schedule
+from imgclf.training.optim import build_optimizer, build_schedule, load_optimizer_state, step_schedule
 
 log = get_logger("train")
 
@@ -177,7 +177,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     history = history if history is not None else []
     first = 1
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"])
         if schedule is not None:
             schedule.load_state_dict(resume["schedule"])
         if resume.get("scaler"):

@@ -83,3 +83,19 @@ def step_schedule(schedule, monitored: float | None) -> None:
             schedule.step(monitored)
     else:
         schedule.step()
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, then each per-parameter tensor laid out in memory as its parameter is.
+
+    torch's fused Adam pairs a parameter's elements with its moments' in memory order, so moments saved
+    contiguous and resumed for a channels-last weight (another device or precision on resume) would
+    silently update the wrong elements; a copy in the parameter's layout keeps the same values.
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            saved = optimizer.state.get(param, {})
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    saved[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
