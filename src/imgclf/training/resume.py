@@ -9,13 +9,6 @@ state dicts and torch RNG states: tensors and numbers only, read with ``weights_
 ``state.json`` (stage, epoch, early stopping, history, numpy/python RNG states). A run of several
 processes adds ``ranks.pt``: every rank's RNG states (rank 0's are also those above), and
 ``world_size`` in state.json, so each rank resumes its own augmentation and dropout streams.
-
-``StateWriter`` writes in a background thread, so an epoch's state goes to disk while the next epoch
-trains (on the notebook CNN, 228 MB and ~0.9 s a save, most of it waiting on the disk): the snapshot
-(a CPU copy of the weights, optimizer state and RNG states, the best file linked) is taken on the
-training thread first, one write is in flight at a time, and a write's error (a full disk) is
-raised on the training thread at the next save or when training ends, as a synchronous save's would
-be. Until that write is committed, a kill resumes from the epoch before, as a kill mid-save did.
 """
 
 from __future__ import annotations
@@ -24,8 +17,6 @@ import json
 import os
 import random
 import shutil
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,85 +81,29 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
                best_file: Path, rank_states: list[tuple[dict, dict]] | None = None) -> None:
     """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history;
     ``rank_states``: every rank's ``capture_rng`` when several processes train."""
-    snapshot_state(out, model, generator, fit_state, info, best_file, rank_states)()
-
-
-def snapshot_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fit_state: dict, info: dict,
-                   best_file: Path, rank_states: list[tuple[dict, dict]] | None = None) -> Callable[[], None]:
-    """``save_state``'s snapshot, taken now; the returned function writes and commits it (any thread)."""
     folder = out / STATE_DIR
     final, tmp = folder / f"epoch_{info['epoch']:05d}", folder / f".epoch_{info['epoch']:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors, plain = capture_rng(generator)
-    weights = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # safetensors' layout
-               for k, v in model.state_dict().items()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "weights.safetensors"))
     if best_file.exists():
         _snapshot(best_file, tmp / "best.safetensors")
         _snapshot(best_file.with_suffix(".json"), tmp / "best.json")
-    state = _cpu_copy({**fit_state, **tensors, "epoch": info["epoch"]})
-    ranks = [{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states or []]
-    text = json.dumps({**info, **plain, **({"world_size": len(ranks)} if ranks else {})})
-
-    def commit() -> None:
-        save_file(weights, str(tmp / "weights.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        if ranks:
-            torch.save(ranks, tmp / RANKS_FILE)
-        (tmp / "state.json").write_text(text, encoding="utf-8")
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)  # the same epoch again, after a resume
-        os.replace(tmp, final)
-        for old in folder.glob("epoch_*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-
-    return commit
-
-
-def _cpu_copy(value):
-    """``value`` with every tensor copied to the CPU, so training may go on changing its own. Each copy keeps
-    its tensor's memory layout: torch's fused Adam pairs a channels-last weight's elements with its moments' by
-    memory order, so moments resumed contiguous would update the wrong elements."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", memory_format=torch.preserve_format, copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cpu_copy(v) for v in value)
-    return value
-
-
-class StateWriter:
-    """``save_state`` in a background thread, one write at a time (see the module's docstring)."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, *args, **kwargs) -> None:
-        """``save_state``'s arguments: snapshot now, write while the caller goes on."""
-        self.wait()
-        commit = snapshot_state(*args, **kwargs)
-        self._thread = threading.Thread(target=self._write, args=(commit,), name="imgclf-state-writer")
-        self._thread.start()
-
-    def _write(self, commit: Callable[[], None]) -> None:
-        try:
-            commit()
-        except BaseException as err:  # handed to the training thread by wait()
-            self._error = err
-
-    def wait(self) -> None:
-        """Until the write in flight is committed; raise its error, if it had one."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+    torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
+    if rank_states:
+        torch.save([{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states], tmp / RANKS_FILE)
+        info = {**info, "world_size": len(rank_states)}
+    (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
+    for name in os.listdir(tmp):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)  # the same epoch again, after a resume
+    os.replace(tmp, final)
+    for old in folder.glob("epoch_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _snapshot(source: Path, target: Path) -> None:

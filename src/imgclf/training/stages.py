@@ -44,7 +44,7 @@ from imgclf.training.distributed import (
 )
 from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
 from imgclf.training.fit import EarlyStopping, fit
-from imgclf.training.resume import StateWriter, capture_rng, restore_rng
+from imgclf.training.resume import capture_rng, restore_rng, save_state
 
 log = get_logger("stages")
 
@@ -65,28 +65,9 @@ class StageRunner:
     out: Path | None = None  # where the end-of-epoch state goes (None: not resumable)
     best_file: Path | None = None  # the best-weights file that save_best writes
     ctx: DistContext = field(default_factory=DistContext)  # one process unless torchrun started several
-    writer: StateWriter = field(default_factory=StateWriter)  # the end-of-epoch state, written in the background
 
     def run(self, resume: tuple[dict, dict] | None = None) -> list[dict]:
-        """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run. Returns once
-        the last epoch's state is on disk (an error on the way out keeps its place; the write still ends)."""
-        try:
-            history = self._stages(resume)
-        except BaseException:
-            self._finish_writing(quietly=True)
-            raise
-        self._finish_writing(quietly=False)
-        return history
-
-    def _finish_writing(self, quietly: bool) -> None:
-        try:
-            self.writer.wait()
-        except Exception as err:
-            if not quietly:
-                raise
-            log.warning("warning: the last epoch's training state was not saved: %s", str(err).splitlines()[0][:200])
-
-    def _stages(self, resume: tuple[dict, dict] | None) -> list[dict]:
+        """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run."""
         tensors, info = resume or ({}, {})
         history: list[dict] = info.get("history", [])
         stopper: EarlyStopping | None = None
@@ -155,8 +136,7 @@ class StageRunner:
         return stopper
 
     def _checkpointer(self, stage_index: int, stopper: EarlyStopping, history: list[dict]):
-        """Rank 0 saves the epoch's state (with every rank's RNG states when there are several). One process
-        writes it in the background; several wait for it, so that a failed write stops every rank together."""
+        """Rank 0 saves the epoch's state (with every rank's RNG states when there are several)."""
         if self.out is None or not (self.ctx.distributed or is_main_process()):
             return None
 
@@ -165,14 +145,12 @@ class StageRunner:
                     "stage_done": fit_state.pop("stage_done"), "history": history,
                     "stopper": {"best": stopper.best, "best_epoch": stopper.best_epoch, "bad": stopper.bad_epochs}}
             if not self.ctx.distributed:
-                self.writer.save(self.out, self.model, self.generator, fit_state, info, self.best_file)
+                save_state(self.out, self.model, self.generator, fit_state, info, self.best_file)
                 return
             rank_states = gather_objects(self.ctx, capture_rng(self.generator))
             with main_first(self.ctx):
                 if self.ctx.is_main:
-                    self.writer.save(self.out, self.model, self.generator, fit_state, info, self.best_file,
-                                     rank_states)
-                    self.writer.wait()
+                    save_state(self.out, self.model, self.generator, fit_state, info, self.best_file, rank_states)
 
         return checkpoint
 
