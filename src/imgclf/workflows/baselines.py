@@ -39,6 +39,7 @@ from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
+from imgclf.models.fold import folded
 from imgclf.models.networks import Preprocess, build_model, resolve_preprocess
 from imgclf.models.weights import offline_weights_file
 from imgclf.runs.files import BASELINES_KEY, read_json
@@ -50,7 +51,7 @@ log = get_logger("baselines")
 PROBE_MODEL = "tf_efficientnet_lite0"
 PROBE_FEATURES = 1280  # Lite0's pooled features per image (what a probe cache entry must hold)
 PROBE_RANGE = (-1e-3, 6 + 1e-3)  # they are means of ReLU6 outputs: in [0, 6]
-PROBE_CACHE_VERSION = 1  # raised when probe_features computes its features another way
+PROBE_CACHE_VERSION = 2  # raised when probe_features computes its features another way (2: BatchNorm folded)
 PROBE_NAME = "linear probe (EfficientNet-Lite0 features)"
 MAJORITY_NAME = "majority class"
 PROBE_MAX_TRAIN = 2000  # training images the probe is fitted on, about (a stratified sample beyond)
@@ -178,8 +179,8 @@ def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: 
     probe_cfg = ModelConfig(name=PROBE_MODEL, pretrained=True)
     preprocess = resolve_preprocess(probe_cfg, run_preprocess.size, run_preprocess.channels,
                                     run_preprocess.interpolation)
-    model = compute.prepare(build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True))
-    embedder = Embedder(model)
+    model = build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True)
+    embedder = Embedder(compute.prepare(folded(model, preprocess.channels)))
     train = shard_loader(prepared, "train", train_sample, preprocess, batch_size, None, compute.device)
     return {"train": embed(embedder, train, compute)[0],
             **{split: embed(embedder, eval_loader(prepared, split, preprocess, batch_size), compute)[0]
