@@ -7,7 +7,8 @@ memory-bound pass per convolution. On the linear probe's EfficientNet-Lite0 (49 
 
 Which convolution feeds which BatchNorm is read from the order the modules were registered in,
 which is the forward order in timm's blocks; ``folded`` then checks that the folded network gives
-the unfolded one's outputs on a small input, and keeps the unfolded one (with a warning) if not.
+the unfolded one's outputs (the backbone's feature map, for imgclf's Classifier) on a small input,
+and keeps the unfolded one (with a warning) if not.
 """
 
 from __future__ import annotations
@@ -28,22 +29,36 @@ CHECK_TOLERANCE = 1e-3  # relative to the outputs' largest magnitude (fp32 foldi
 
 
 def folded(model: nn.Module, channels: int) -> nn.Module:
-    """A copy of eval-mode ``model`` with its Conv2d -> BatchNorm2d pairs folded, checked against ``model``;
-    ``model`` itself when there is nothing to fold or the check fails."""
-    model.eval()
-    copy_ = copy.deepcopy(model)
-    if _fold_pairs(copy_) == 0:
+    """A copy of ``model``, in eval mode, with its Conv2d -> BatchNorm2d pairs folded and checked against
+    ``model`` (``model`` keeps its mode); ``model`` itself when there is nothing to fold or the check fails."""
+    fast = copy.deepcopy(model).eval()
+    if _fold_pairs(fast) == 0:
         return model
-    sample = torch.randn(2, channels, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        expected, got = model(sample.to(device)).float(), copy_(sample.to(device)).float()
-    scale = float(expected.abs().max()) or 1.0
-    if not torch.allclose(got, expected, rtol=0, atol=CHECK_TOLERANCE * scale):
+    if not _same_outputs(model, fast, channels):
         log.warning("warning: folding %s's BatchNorm layers changed its outputs; it runs unfolded",
                     type(model).__name__)
         return model
-    return copy_
+    return fast
+
+
+def _same_outputs(model: nn.Module, fast: nn.Module, channels: int) -> bool:
+    """Whether ``fast`` computes what ``model`` does in eval mode, on random images: the backbone's
+    output where there is one (imgclf's Classifier: the feature map before pooling and head), else the
+    output. Any error while checking counts as a difference."""
+    was_training = model.training
+    parameter = next(model.parameters())
+    sample = torch.randn(2, channels, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0))
+    sample = sample.to(parameter.device, parameter.dtype)
+    try:
+        with torch.no_grad():
+            expected = getattr(model.eval(), "backbone", model)(sample).float()
+            got = getattr(fast, "backbone", fast)(sample).float()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    finally:
+        model.train(was_training)
+    scale = float(expected.abs().max()) or 1.0
+    return bool(torch.allclose(got, expected, rtol=0, atol=CHECK_TOLERANCE * scale))
 
 
 def _fold_pairs(module: nn.Module) -> int:

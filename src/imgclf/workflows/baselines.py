@@ -179,8 +179,9 @@ def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: 
     probe_cfg = ModelConfig(name=PROBE_MODEL, pretrained=True)
     preprocess = resolve_preprocess(probe_cfg, run_preprocess.size, run_preprocess.channels,
                                     run_preprocess.interpolation)
-    model = build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True)
-    embedder = Embedder(compute.prepare(folded(model, preprocess.channels)))
+    model = folded(build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True),
+                   preprocess.channels)
+    embedder = Embedder(compute.prepare(model))
     train = shard_loader(prepared, "train", train_sample, preprocess, batch_size, None, compute.device)
     return {"train": embed(embedder, train, compute)[0],
             **{split: embed(embedder, eval_loader(prepared, split, preprocess, batch_size), compute)[0]
