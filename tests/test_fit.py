@@ -1,5 +1,6 @@
 import json
 import logging
+import weakref
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 import imgclf
 from imgclf import atomic
 from imgclf.config import TrainConfig
-from imgclf.training.fit import EarlyStopping, EpochClock, OutOfTime, out_of_time_after
+from imgclf.training.fit import EarlyStopping, EpochClock, EpochLabels, OutOfTime, out_of_time_after
 from imgclf.training.optim import build_optimizer
 
 from conftest import tiny_config
@@ -161,3 +162,17 @@ def test_adam_steps_fused_and_updates_as_the_per_tensor_adam_does(name):
             param.grad = grad.clone()
             optimizer.step()
     assert torch.allclose(ours, theirs, atol=1e-6) and not torch.equal(ours, start)
+
+
+def test_an_epochs_labels_keep_every_batch_in_order_and_no_step_tensor_alive():
+    labels = EpochLabels(steps=2)  # room for 2 batches of the first one's size; a larger one makes it grow
+    batches = [(torch.tensor([0, 1]), torch.tensor([1, 1])), (torch.tensor([2, 0, 1]), torch.tensor([2, 0, 0])),
+               (torch.tensor([1, 2, 2, 0]), torch.tensor([1, 2, 0, 0]))]
+    alive = []
+    for truth, decided in batches:
+        labels.add(truth, decided)
+        alive += [weakref.ref(truth), weakref.ref(decided)]
+    del batches, truth, decided
+    truth, decided = labels.arrays()
+    assert truth.tolist() == [0, 1, 2, 0, 1, 1, 2, 2, 0] and decided.tolist() == [1, 1, 2, 0, 0, 1, 2, 0, 0]
+    assert not any(ref() is not None for ref in alive)  # the epoch keeps copies, not the steps' tensors
