@@ -6,7 +6,8 @@ stays flat while N grows 10x; the mapped file's pages show up as file-backed RSS
 drop under pressure. Private memory is printed twice: the process's (RssAnon), and the part of it
 that glibc's malloc has handed out and not yet been given back (mallinfo2: the working set). The
 difference is freed memory malloc keeps in its heap, whose fragmentation grows with the number of
-steps until it levels off, whatever N is. Epoch time should grow linearly with N. Each size runs in a fresh process,
+steps until it levels off, whatever N is; ``--equal-steps`` trains every size as many steps, so that
+only N differs. Epoch time should grow linearly with N. Each size runs in a fresh process,
 so peaks do not carry over.
 
 Processes (``--processes 1,2``): the same training (global batch 64, so the same steps per
@@ -16,7 +17,7 @@ the first, best of ``--rounds`` interleaved rounds; scaling efficiency = (speed 
 On the CPU the P processes share the same cores (``--nproc`` gives each cores / P threads); with
 ``--device cuda`` each process drives one GPU.
 
-    python benchmarks/scaling.py [--sizes 1000,2500,5000,10000] [--px 64] [--repeats 3]
+    python benchmarks/scaling.py [--sizes 1000,2500,5000,10000] [--px 64] [--repeats 3] [--equal-steps]
     python benchmarks/scaling.py --processes 1,2 [--images 2000] [--px 64] [--device cpu] [--rounds 2]
 """
 
@@ -76,8 +77,8 @@ def heap_in_use_kib() -> int:
     return (info.uordblks + info.hblkhd) // 1024
 
 
-def child(data: str, n: int, px: int, cache: str) -> None:
-    """Decode (cached), then time one epoch and sample RSS every 50 ms."""
+def child(data: str, n: int, px: int, cache: str, epochs: int = 1) -> None:
+    """Decode (cached), then train ``epochs`` epochs, sampling RSS every 50 ms; time the first."""
     import logging
 
     import imgclf
@@ -87,7 +88,7 @@ def child(data: str, n: int, px: int, cache: str) -> None:
     config = imgclf.build_config({
         "data": {"path": data, "image_size": px, "channels": 1, "val_fraction": 0.02, "test_fraction": 0.02},
         "model": {"name": "simple_cnn", "conv_filters": [16, 32, 64]}, "augment": {"preset": "light"},
-        "train": {"epochs": 1, "batch_size": 64, "early_stopping": False, "restore_best": False},
+        "train": {"epochs": epochs, "batch_size": 64, "early_stopping": False, "restore_best": False},
         "out": tempfile.mkdtemp()})
     peaks = {"RssAnon": 0, "RssFile": 0, "HeapInUse": 0}
     done = threading.Event()
@@ -147,10 +148,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="--processes: epochs per training (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per size; medians reported (the peak "
                         "of one run varies by ~100 MiB with how glibc's arenas happen to fill)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--equal-steps", action="store_true", help="train each size as many steps as one epoch of "
+                        "the largest (1k images: 10 epochs against 10k's one), so malloc's fragmentation, which "
+                        "grows with the steps, is the same at every size and only the dataset's size differs")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3], int(args.child[4]))
         return
     if args.processes:
         process_scaling([int(p) for p in args.processes.split(",")], args.images, args.px, args.device,
@@ -164,7 +168,9 @@ def main() -> None:
         rows = []
         for n in sizes:
             data = make_pngs(tmp / f"data_{n}", n, args.px)
-            command = [sys.executable, __file__, "--child", str(data), str(n), str(args.px), str(tmp / "cache")]
+            epochs = max(1, round(max(sizes) / n)) if args.equal_steps else 1
+            command = [sys.executable, __file__, "--child", str(data), str(n), str(args.px), str(tmp / "cache"),
+                       str(epochs)]
             subprocess.run(command, check=True)  # first run: decode into the cache
             repeats = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                                   .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
