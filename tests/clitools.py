@@ -46,7 +46,7 @@ def run_main(*args, cwd=None, timeout: float = 300, env: dict | None = None) -> 
         os.environ.update(saved[3])
         os.chdir(saved[4])
         for npy in set(cachedir._held) - saved[5]:  # the cache entries it marked in use: a process would end here
-            os.close(cachedir._held.pop(npy))
+            release_in_use_mark(npy)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
@@ -66,3 +66,8 @@ def reproducible_metrics(path) -> dict:
     metrics = json.loads(path.read_text())
     metrics["baselines"] = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics.get("baselines", [])]
     return metrics
+
+
+def release_in_use_mark(npy) -> None:
+    """What the end of a process does to a cache entry it marked in use: close the descriptor holding the mark."""
+    os.close(cachedir._held.pop(npy))

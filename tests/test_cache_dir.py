@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clitools import release_in_use_mark
 from imgclf.cli import main
 from imgclf.config import build_config
 from imgclf.data import cache, cachedir
@@ -40,7 +41,7 @@ def entry(cache: Path, images: list[Path]) -> str:
     """Decode ``images`` into ``cache`` (or reuse them) and return the entry's key, as a process that has
     since ended would: this process drops its in-use mark."""
     key = decode_all(images, 32, 3, cache).file.stem
-    os.close(cachedir._held.pop(cache / f"{key}.npy"))
+    release_in_use_mark(cache / f"{key}.npy")
     return key
 
 
@@ -117,7 +118,7 @@ def test_an_entry_a_process_uses_stays_until_it_ends(tmp_path):
     images = pngs(tmp_path / "a", 2, 0)
     used = decode_all(images, 32, 3, cache)  # this process now uses it, as a training run does
     assert prune(cache, 0).removed == [] and used.open().shape == (2, 3, 32, 32)
-    os.close(cachedir._held.pop(used.file))  # the process ends
+    release_in_use_mark(used.file)  # the process ends
     assert len(prune(cache, 0).removed) == 1 and keys(cache) == set()
 
 
@@ -251,7 +252,7 @@ def test_an_empty_cache_setting_means_the_default_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     decoded = decode_all(pngs(tmp_path / "a", 2, 0), 32, 3)
     assert decoded.file.parent == tmp_path / "home" / ".cache" / "imgclf"
-    os.close(cachedir._held.pop(decoded.file))
+    release_in_use_mark(decoded.file)
 
 
 def other_process(code: str) -> None:
@@ -284,4 +285,4 @@ def test_a_prune_in_another_process_cannot_remove_an_entry_a_run_is_about_to_use
     used = decode_all(images, 32, 3, folder)
     other_process(prune_elsewhere(folder))
     assert used.file.exists() and cachedir.holds_current(used.file) and used.open().shape == (3, 3, 32, 32)
-    os.close(cachedir._held.pop(used.file))
+    release_in_use_mark(used.file)

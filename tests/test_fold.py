@@ -69,7 +69,7 @@ def test_a_pair_that_registration_order_misreads_is_not_folded_and_says_so(caplo
     model = with_trained_statistics(NormalisesItsInput())
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         assert folded(model, 4) is model
-    assert "changed its outputs; it runs unfolded" in caplog.text
+    assert "are not folded: folding changed its outputs; it runs unfolded" in caplog.text
     assert isinstance(model.bn, nn.BatchNorm2d)
 
 
@@ -79,8 +79,11 @@ def test_nothing_to_fold_leaves_the_model_itself(after_conv):
     assert folded(model, 3) is model
 
 
-def test_a_network_the_check_cannot_run_is_not_folded():
+def test_a_network_the_check_cannot_run_is_not_folded_and_the_warning_says_why(caplog):
     """Fixed to 32 px inputs: the 64 px check fails to run, so nothing is trusted and the original stays."""
     model = with_trained_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                                                   nn.Linear(4 * 30 * 30, 2)))
-    assert folded(model, 3) is model
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert folded(model, 3) is model
+    assert "are not folded: the check on 64 px random images could not run (" in caplog.text
+    assert "changed its outputs" not in caplog.text and len(caplog.records) == 1

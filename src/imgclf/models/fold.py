@@ -35,17 +35,18 @@ def folded(model: nn.Module, channels: int) -> nn.Module:
     fast = copy.deepcopy(model).eval()
     if _fold_pairs(fast) == 0:
         return model
-    if not _same_outputs(model, fast, channels):
-        log.warning("warning: folding %s's BatchNorm layers changed its outputs; it runs unfolded",
-                    type(model).__name__)
+    problem = _check(model, fast, channels)
+    if problem:
+        log.warning("warning: %s's BatchNorm layers are not folded: %s; it runs unfolded", type(model).__name__,
+                    problem)
         return model
     return fast
 
 
-def _same_outputs(model: nn.Module, fast: nn.Module, channels: int) -> bool:
-    """Whether ``fast`` computes what ``model`` does in eval mode, on random images: the backbone's
-    output where there is one (imgclf's Classifier: the feature map before pooling and head), else the
-    output. Any error while checking counts as a difference."""
+def _check(model: nn.Module, fast: nn.Module, channels: int) -> str | None:
+    """Why ``fast`` cannot stand in for ``model`` in eval mode, or None: compared on random images, at the
+    backbone's output where there is one (imgclf's Classifier: the feature map before pooling and head),
+    else the output. A check that cannot run trusts nothing."""
     was_training = model.training
     parameter = next(model.parameters())
     sample = torch.randn(2, channels, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0))
@@ -54,12 +55,14 @@ def _same_outputs(model: nn.Module, fast: nn.Module, channels: int) -> bool:
         with torch.no_grad():
             expected = getattr(model.eval(), "backbone", model)(sample).float()
             got = getattr(fast, "backbone", fast)(sample).float()
-    except (RuntimeError, TypeError, ValueError):
-        return False
+    except (RuntimeError, TypeError, ValueError) as error:
+        return f"the check on {CHECK_SIZE} px random images could not run ({str(error).splitlines()[0][:120]})"
     finally:
         model.train(was_training)
     scale = float(expected.abs().max()) or 1.0
-    return bool(torch.allclose(got, expected, rtol=0, atol=CHECK_TOLERANCE * scale))
+    if torch.allclose(got, expected, rtol=0, atol=CHECK_TOLERANCE * scale):
+        return None
+    return "folding changed its outputs"
 
 
 def _fold_pairs(module: nn.Module) -> int:
