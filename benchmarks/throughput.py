@@ -8,8 +8,8 @@ plain, imgclf, plain, ...; medians reported, so a busy moment on a shared machin
 - plain loop: the model-only limit, the same model, optimizer (fused Adam, as imgclf's) and loss on
   tensors already in memory, with the same precision and memory format (no data path, no augmentation);
 - their ratio (target >= 0.9), and where the rest of imgclf's whole call goes: per-epoch validation,
-  per-epoch saves (resume state, best weights), set-up, and the report after training (final val and
-  test predictions, baselines, plots, report.html).
+  per-epoch saves and stage set-up (resume state, best weights, loaders, feature caches), set-up, and
+  the report after training (final val and test predictions, baselines, plots, report.html).
 
 Workloads (batch 32, Adam, 'medium' = the COVID notebook's rotation 45, zoom/shear/shifts 0.2, both flips):
 - notebook_cnn: the bears notebook's CNN exactly, 150 px: conv 32/64/128 3x3 'valid' relu, each
@@ -103,8 +103,9 @@ class _TrainedLine(logging.Handler):
 
 def imgclf_train(config) -> tuple[float, dict]:
     """(training images/s, median over the epochs after the first; the call's seconds by phase: ``wall``;
-    ``train`` (the epochs' training alone); ``val`` (per-epoch validation); ``save`` (per epoch: the resume
-    state, the best weights, history.csv); ``setup`` (before the first epoch); ``report`` (after the last:
+    ``train`` (the epochs' training alone); ``val`` (per-epoch validation); ``save`` (the rest of the training
+    phase: per epoch the resume state, the best weights and history.csv; per stage its loaders and, for a
+    frozen stage, its feature cache); ``setup`` (before training); ``report`` (after training:
     curves, final val and test predictions, baselines, evaluation plots, report.html))."""
     line = _TrainedLine()
     logger = logging.getLogger("imgclf")
@@ -222,7 +223,8 @@ def report(name: str, r: dict, rounds: int, epochs: int) -> None:
     p = r["parts"]
     share = {k: 100 * p[k] / p["wall"] for k in ("train", "val", "save", "setup", "report")}
     print(f"  imgclf's call, {p['wall']:.1f} s: training {share['train']:.0f}%, per-epoch validation "
-          f"{share['val']:.0f}% ({p['val']:.1f} s), per-epoch saves (resume state, best weights) {share['save']:.0f}% "
+          f"{share['val']:.0f}% ({p['val']:.1f} s), saves and stage set-up (resume state, best weights, loaders, "
+          f"feature caches) {share['save']:.0f}% "
           f"({p['save']:.1f} s), set-up {share['setup']:.0f}% ({p['setup']:.1f} s), report after training "
           f"(curves, final val/test predictions, baselines, plots, report.html) {share['report']:.0f}% "
           f"({p['report']:.1f} s)")
