@@ -85,6 +85,8 @@ def test_a_later_candidate_is_skipped_with_a_line_when_the_budget_is_spent(tmp_p
     assert list(selection["candidates"]) == ["linear probe"]  # the first always runs
     assert "skipped small CNN: 0 s of the budget left (raise --budget to try it)" in caplog.text
     assert "the candidates weigh classes 'balanced'" in caplog.text
+    written = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run written to")]
+    assert written[-1] == f"run written to {tmp_path / 'run'} (the chosen linear probe, moved up from candidates/probe)"
     caplog.clear()
     train_auto(auto_config(data, tmp_path / "given", sampler="none"), budget_s=0.01)  # an explicit choice is said
     assert "the candidates use --class-weight none and --sampler none as given" in caplog.text

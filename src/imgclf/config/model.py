@@ -32,7 +32,9 @@ class ModelConfig(_Section):
     OLDER_FIELDS: ClassVar[frozenset[str]] = frozenset((
         "name", "head", "conv_filters", "kernel_size", "conv_dropout", "conv_batchnorm", "pool", "dense_layers",
         "dropout", "head_batchnorm", "binary_head", "pretrained", "weights", "weights_map"))
-    name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...)")
+    name: str = Field("simple_cnn", description="simple_cnn or any timm model name (resnet18, ...) (default: "
+                                             "simple_cnn; imgclf train given no model setting at all tries "
+                                             "its candidates instead)")
     head: Literal["linear", "svm", "logreg", "knn", "rf"] = Field(
         "linear", description="linear: trained with the network; svm, logreg, knn, rf: a scikit-learn "
                               "classifier on frozen backbone features, its parameter chosen on validation")

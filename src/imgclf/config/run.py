@@ -67,7 +67,8 @@ class TrainConfig(_Section):
     max_seconds: float | None = Field(None, gt=0, description="time limit for the whole training: it ends after "
                                       "the epoch when another would not finish in time, keeping its best epoch")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
-    seed: int = Field(42, ge=0, description="random seed (splits, init, augmentation, order)")
+    seed: int = Field(42, ge=0, description="random seed (init, augmentation, order; the split too only "
+                                            "with --split-seed null)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU computes it natively, else fp32 (fp16 on old GPUs)")

@@ -90,6 +90,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     mark_finished(out)
     if config.evaluate.report:
         write_report(out)
+    log.info("run written to %s (the chosen %s, moved up from %s)", out, name, winner["path"].relative_to(out))
     return load_run(out)
 
 
