@@ -11,6 +11,7 @@ from imgclf.cli import main
 from imgclf.config import ModelConfig, build_config
 from imgclf.config.layers import expand_conv
 from imgclf.errors import ConfigError
+from imgclf.models.checkpoint import check_fits, fill_skeleton, save_weights
 from imgclf.models.networks import SimpleCNN, build_model, check_input_size, output_units, resolve_preprocess
 
 
@@ -193,3 +194,37 @@ def test_model_info_of_a_run_made_by_version_0_1(capsys):
     out = capsys.readouterr().out
     assert "head gap, dropout 0 -> 2 output(s)" in out and "backbone.features.4 (Conv2d)" in out
     assert f"Total params: {3 * 3 * 3 * 4 + 4 * 4 + 3 * 3 * 4 * 8 + 4 * 8 + 8 * 2 + 2:,}" in out
+
+
+class _Odd(nn.Module):
+    def __init__(self, extra: str):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        if extra == "non-persistent buffer":
+            self.register_buffer("scale", torch.ones(2), persistent=False)
+        else:
+            self.scale = torch.ones(2)  # a plain tensor attribute
+
+
+def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
+    cfg = ModelConfig(name="simple_cnn", conv_filters=[8, 16], dense_layers=[12], pool="flatten")
+    preprocess = resolve_preprocess(cfg, 24, 3)
+    trained = build_model(cfg, 3, preprocess).eval()
+    save_weights(trained, tmp_path / "w.safetensors", {})
+    with torch.device("meta"):
+        skeleton = build_model(cfg, 3, preprocess)
+    check_fits(skeleton, tmp_path / "w.safetensors")
+    loaded = fill_skeleton(skeleton, tmp_path / "w.safetensors").eval()
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    images = torch.rand(2, 3, 24, 24)
+    assert torch.equal(loaded(images), trained(images))
+
+
+@pytest.mark.parametrize("extra", ["non-persistent buffer", "plain tensor"])
+def test_a_model_with_tensors_its_file_cannot_fill_is_built_the_ordinary_way(tmp_path, extra):
+    save_weights(_Odd(extra), tmp_path / "w.safetensors", {})
+    with torch.device("meta"):
+        skeleton = _Odd(extra)
+    assert fill_skeleton(skeleton, tmp_path / "w.safetensors") is None

@@ -23,7 +23,7 @@ from imgclf.evaluation.metrics import save_and_score
 from imgclf.evaluation.operating import choose_threshold, positive_index
 from imgclf.evaluation.predictions import Predictions
 from imgclf.evaluation.uncertainty import confidence_intervals
-from imgclf.models.checkpoint import check_fits, load_weights
+from imgclf.models.checkpoint import check_fits, fill_skeleton, load_weights
 from imgclf.models.networks import Classifier, Preprocess, build_model, output_units, resolve_preprocess
 from imgclf.models.objective import Objective
 from imgclf.runs import files as runfiles
@@ -105,9 +105,12 @@ class NetworkRun:
     @cached_property
     def model(self) -> Classifier:
         with torch.device("meta"):  # shapes only: the config must describe exactly the stored tensors
-            check_fits(build_model(self.config.model, len(self.classes), self.preprocess), self.path / MODEL_FILE)
-        model = build_model(self.config.model, len(self.classes), self.preprocess)
-        load_weights(model, self.path / MODEL_FILE)
+            skeleton = build_model(self.config.model, len(self.classes), self.preprocess)
+        check_fits(skeleton, self.path / MODEL_FILE)
+        model = fill_skeleton(skeleton, self.path / MODEL_FILE)
+        if model is None:
+            model = build_model(self.config.model, len(self.classes), self.preprocess)
+            load_weights(model, self.path / MODEL_FILE)
         return self.compute.prepare(model).eval()
 
     @property

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,20 @@ from imgclf.training.resume import capture_rng, restore_rng, save_state
 
 log = get_logger("stages")
 
+
+@dataclass(frozen=True)
+class Validated:
+    """One validation's probabilities and the state of the weights they came from."""
+
+    fingerprint: tuple
+    probs: np.ndarray
+
+
+def weights_fingerprint(model: nn.Module) -> tuple:
+    """Where each tensor lives and how often it was changed in place (an optimizer step, a load): equal
+    fingerprints mean no weight or buffer changed in between."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+
 @dataclass
 class StageRunner:
     """Everything the stages share: model, data, objective and where the best weights go."""
@@ -65,6 +80,8 @@ class StageRunner:
     out: Path | None = None  # where the end-of-epoch state goes (None: not resumable)
     best_file: Path | None = None  # the best-weights file that save_best writes
     ctx: DistContext = field(default_factory=DistContext)  # one process unless torchrun started several
+    validated: Validated | None = None  # the last validation, when it computed as the final evaluation does
+    best_validated: Validated | None = None  # the same, of the epoch whose weights save_best wrote last
 
     def run(self, resume: tuple[dict, dict] | None = None) -> list[dict]:
         """Train every stage; with ``resume`` (from ``resume.load_state``), continue a killed run."""
@@ -105,12 +122,26 @@ class StageRunner:
                 fit_resume = {**tensors, "stage_epoch": info["stage_epoch"], "bad_epochs": info["stopper"]["bad"]}
                 resume = None
             fit(model, self.objective, loader, cfg, self.compute, validate if has_val else None,
-                self.save_best, self.on_epoch, stopper=stopper, history=history, stage=name,
+                self._on_best, self.on_epoch, stopper=stopper, history=history, stage=name,
                 checkpoint=self._checkpointer(index, stopper, history), resume=fit_resume, ctx=self.ctx,
                 deadline=deadline)
             if has_val:
                 self._hand_on(name, cfg, stopper, best_before)
         return history
+
+    def _on_best(self, epoch: int) -> None:
+        self.best_validated = self.validated  # validated just now, on the weights save_best writes
+        self.save_best(epoch)
+
+    def final_val_probs(self, saved_at_best: bool) -> np.ndarray | None:
+        """The validation probabilities of the weights the run ends with, when a validation computed them exactly
+        as the final evaluation would (same weights, module, batches and fp32; one CPU process): the final
+        evaluation then reuses them instead of predicting val again. ``saved_at_best``: the run's weights file is
+        the one save_best wrote last; otherwise the run saves the model's weights as they are now."""
+        record = self.best_validated if saved_at_best else self.validated
+        if record is None or not (saved_at_best or record.fingerprint == weights_fingerprint(self.model)):
+            return None
+        return record.probs
 
     def _hand_on(self, name: str, cfg: TrainConfig, stopper: EarlyStopping, best_before: int) -> None:
         """Leave the weights the next stage (and the result) start from: the best so far, or this stage's last."""
@@ -219,12 +250,18 @@ class StageRunner:
         """Validation metrics for the loop, computed like the final report: from Predictions."""
         val = self.prepared.index.subset("val")
 
+        # As the final evaluation computes: the run's own module (not compiled, DDP or a head over cached
+        # features), its batches, on the CPU (oneDNN computes alike for alike shapes; CUDA may not)
+        as_final = (model is self.model and not self.ctx.distributed and self.compute.device.type == "cpu"
+                    and loader.batch_size == self.config.train.batch_size)
+
         def validate() -> dict[str, float]:
             compute = self.compute.inference()  # fp32, as metrics.json: the best epoch's numbers are the run's
             with exact_fp32(compute.device):
                 probs = exact_probs(model, self.objective, loader.dataset, loader.batch_size, compute, self.ctx,
                                     workers=loader.num_workers) if self.ctx.distributed \
                     else predict_probs(model, self.objective, loader, compute)
+            self.validated = Validated(weights_fingerprint(model), probs) if as_final else None
             return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
                                                               probs), self.config.data.positive_class))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from imgclf import atomic
@@ -25,6 +26,7 @@ from imgclf.data.index import DatasetIndex, build_index
 from imgclf.data.pipeline import PreparedData, prepare, write_skipped
 from imgclf.data.samplers import rank_seed
 from imgclf.errors import ConfigError, DataError
+from imgclf.evaluation.predictions import Predictions
 from imgclf.models.networks import (
     Preprocess,
     check_input_size,
@@ -169,18 +171,29 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
     return index, warnings
 
 
-def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None) -> Run:
-    """Evaluate val, choose the threshold on it, evaluate test once; write the summary, seal, report."""
+def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None, val_probs: np.ndarray | None = None) -> Run:
+    """Evaluate val, choose the threshold on it, evaluate test once; write the summary, seal, report.
+
+    ``val_probs``: the saved weights' val probabilities if training computed them as ``run.probabilities``
+    would (``StageRunner.final_val_probs``; not with test-time augmentation)."""
     run = open_run(s.out)  # not load_run: the run is sealed only at the end of this function
     if s.ctx.distributed:
         return _finish_on_ranks(s, run, evaluate_test, best_epoch)
     if "val" in s.index.splits:
         # scored once, at the threshold chosen on it, before test is read
-        run.choose_threshold(s.config.evaluate.threshold, run.probabilities("val", prepared=s.prepared))
+        run.choose_threshold(s.config.evaluate.threshold, _val_predictions(s, run, val_probs))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
     _conclude(s, run, best_epoch, evaluate_test)
     return run
+
+
+def _val_predictions(s: RunSetup, run: Run, probs: np.ndarray | None) -> Predictions:
+    if probs is None or s.config.evaluate.tta != "none":
+        return run.probabilities("val", prepared=s.prepared)
+    log.debug("validation predictions: the last validation's of the saved weights (computed as evaluate does)")
+    val = s.index.subset("val")
+    return Predictions(list(val.paths), list(run.classes), val.targets, probs)
 
 
 def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int | None) -> Run:
@@ -210,8 +223,6 @@ def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool
     if s.config.evaluate.report and is_main_process():
         write_report(s.out)
     log.info("run written to %s", s.out)
-
-
 
 
 def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:

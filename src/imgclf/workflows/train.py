@@ -99,8 +99,8 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
         if is_main_process():
             save_weights(model, weights_path, {**s.meta, "epoch": epoch})
 
-
     start = time.perf_counter()
+
     def load_best() -> None:
         ctx.barrier()  # rank 0 has written the file
         load_weights(model, weights_path)
@@ -120,8 +120,9 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
     history = runner.run(resume)
     release_freed_memory()
     log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
-    if keep_best and len(recent_bests) > 1:  # every rank validates; rank 0 saves
-        average_if_better(model, recent_bests, runner, s.meta, weights_path)
+    averaged = keep_best and len(recent_bests) > 1 and average_if_better(model, recent_bests, runner, s.meta,
+                                                                          weights_path)  # every rank validates
+    val_probs = None if averaged else runner.final_val_probs(saved_at_best=keep_best)
 
     def write_final() -> None:
         if not keep_best:
@@ -129,7 +130,7 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
         plot_curves(history, out / "plots" / "curves.png", best["epoch"])
 
     main_only(ctx, write_final)
-    return finish_run(s, evaluate_test, best["epoch"])
+    return finish_run(s, evaluate_test, best["epoch"], val_probs)
 
 
 def _class_weights(config: Config, targets, classes) -> torch.Tensor | None:
