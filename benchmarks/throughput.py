@@ -9,7 +9,8 @@ plain, imgclf, plain, ...; medians reported, so a busy moment on a shared machin
   tensors already in memory, with the same precision and memory format (no data path, no augmentation);
 - their ratio (target >= 0.9), and where the rest of imgclf's whole call goes: per-epoch validation,
   per-epoch saves and stage set-up (resume state, best weights, loaders, feature caches), set-up, and
-  the report after training (final val and test predictions, baselines, plots, report.html).
+  the report after training (final test predictions, and val's where training's validation of the saved
+  weights cannot stand in for them; baselines, plots, report.html).
 
 Workloads (batch 32, Adam, 'medium' = the COVID notebook's rotation 45, zoom/shear/shifts 0.2, both flips):
 - notebook_cnn: the bears notebook's CNN exactly, 150 px: conv 32/64/128 3x3 'valid' relu, each
@@ -106,7 +107,7 @@ def imgclf_train(config) -> tuple[float, dict]:
     ``train`` (the epochs' training alone); ``val`` (per-epoch validation); ``save`` (the rest of the training
     phase: per epoch the resume state, the best weights and history.csv; per stage its loaders and, for a
     frozen stage, its feature cache); ``setup`` (before training); ``report`` (after training:
-    curves, final val and test predictions, baselines, evaluation plots, report.html))."""
+    curves, final test (and, where needed, val) predictions, baselines, evaluation plots, report.html))."""
     line = _TrainedLine()
     logger = logging.getLogger("imgclf")
     quiet = [(handler, handler.level) for handler in logger.handlers]  # the console stays at warnings
@@ -226,7 +227,7 @@ def report(name: str, r: dict, rounds: int, epochs: int) -> None:
           f"{share['val']:.0f}% ({p['val']:.1f} s), saves and stage set-up (resume state, best weights, loaders, "
           f"feature caches) {share['save']:.0f}% "
           f"({p['save']:.1f} s), set-up {share['setup']:.0f}% ({p['setup']:.1f} s), report after training "
-          f"(curves, final val/test predictions, baselines, plots, report.html) {share['report']:.0f}% "
+          f"(curves, final predictions, baselines, plots, report.html) {share['report']:.0f}% "
           f"({p['report']:.1f} s)")
     print(f"  validation plus report: {share['val'] + share['report']:.0f}% of the call (target <= 10%)")
     if "predict" in r:

@@ -200,10 +200,16 @@ class _Odd(nn.Module):
     def __init__(self, extra: str):
         super().__init__()
         self.linear = nn.Linear(4, 2)
+        self.norm = nn.BatchNorm1d(2)  # buffers the file fills
         if extra == "non-persistent buffer":
             self.register_buffer("scale", torch.ones(2), persistent=False)
-        else:
-            self.scale = torch.ones(2)  # a plain tensor attribute
+        elif extra == "plain tensor":
+            self.scale = torch.ones(2)
+        elif extra == "tensors in a list":
+            self.scales = [torch.ones(2)]
+        elif extra == "shared parameter":
+            self.tied = nn.Linear(4, 2)
+            self.tied.weight = self.linear.weight
 
 
 def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
@@ -222,9 +228,10 @@ def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
     assert torch.equal(loaded(images), trained(images))
 
 
-@pytest.mark.parametrize("extra", ["non-persistent buffer", "plain tensor"])
+@pytest.mark.parametrize("extra", ["non-persistent buffer", "plain tensor", "tensors in a list", "shared parameter"])
 def test_a_model_with_tensors_its_file_cannot_fill_is_built_the_ordinary_way(tmp_path, extra):
-    save_weights(_Odd(extra), tmp_path / "w.safetensors", {})
+    save_weights(_Odd("nothing"), tmp_path / "w.safetensors", {})
     with torch.device("meta"):
-        skeleton = _Odd(extra)
+        plain, skeleton = _Odd("nothing"), _Odd(extra)
+    assert fill_skeleton(plain, tmp_path / "w.safetensors") is not None  # BatchNorm's buffers come from the file
     assert fill_skeleton(skeleton, tmp_path / "w.safetensors") is None

@@ -65,13 +65,27 @@ def fill_skeleton(skeleton: nn.Module, path: Path) -> nn.Module | None:
     """``skeleton`` (built on the meta device: no memory, no random initialisation) made real on the CPU
     with the weights in ``path``, which must fit it (``check_fits``). The strict load overwrites every
     parameter and buffer the storage was made for; a model holding a tensor the file cannot fill (a
-    non-persistent buffer, a plain tensor attribute) gives None: build it the ordinary way.
-    Initialising a model only to overwrite it cost VGG16 seconds of its start."""
+    non-persistent buffer, a tensor attribute or one in a list or dict, a shared parameter) gives None:
+    build it the ordinary way. Initialising a model only to overwrite it cost VGG16 seconds of its start."""
     saved = skeleton.state_dict().keys()
-    if any(name not in saved for name, _ in skeleton.named_buffers()) or any(
-            isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-            for module in skeleton.modules() for value in vars(module).values()):
+    tensors = [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
+    shared = len(tensors) != len([*skeleton.named_parameters(), *skeleton.named_buffers()])
+    if shared or any(name not in saved for name, _ in tensors) or any(
+            _holds_tensor(value) for module in skeleton.modules() for key, value in vars(module).items()
+            if key not in _REGISTERED):
         return None
     model = skeleton.to_empty(device="cpu")
     load_weights(model, path)
     return model
+
+
+_REGISTERED = {"_parameters", "_buffers", "_modules"}  # nn.Module's own tables, which the load fills
+
+
+def _holds_tensor(value) -> bool:
+    """A tensor outside the module's parameters and buffers: itself, or one level down in a container."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return any(isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) for v in value)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)

@@ -59,8 +59,9 @@ class Validated:
 
 
 def weights_fingerprint(model: nn.Module) -> tuple:
-    """Where each tensor lives and how often it was changed in place (an optimizer step, a load): equal
-    fingerprints mean no weight or buffer changed in between."""
+    """Where each tensor lives and how often torch ops changed it in place (an optimizer step, a
+    ``load_state_dict``). A second check only: BatchNorm's running statistics and writes through ``.data``
+    move no version, so the runner also forgets its record whenever it loads weights."""
     return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
 @dataclass
@@ -95,7 +96,7 @@ class StageRunner:
             if resume and (index < info["stage_index"] or (index == info["stage_index"] and info["stage_done"])):
                 if index == info["stage_index"]:  # killed between stages: hand on as the stage end would
                     if has_val and cfg.restore_best:
-                        self.load_best()
+                        self._load_best()
                     stopper = self._restored_stopper(cfg, info)
                     restore_rng(self.generator, tensors, info)  # before the next stage builds its loaders
                     resume = None
@@ -152,6 +153,10 @@ class StageRunner:
             log.info("stage %s never beat the earlier stages' best (%s %.4f at epoch %d): going on from that "
                      "epoch's weights, where a separate Keras training would keep this stage's own best", name,
                      cfg.monitor, stopper.best, stopper.best_epoch)
+        self._load_best()
+
+    def _load_best(self) -> None:
+        self.validated = None  # these weights were validated when saved: best_validated, not the last record
         self.load_best()
 
     def validate(self) -> dict[str, float]:
