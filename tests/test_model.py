@@ -228,6 +228,19 @@ def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
     assert torch.equal(loaded(images), trained(images))
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "efficientnet_b0", "mobilenetv2_100"])
+def test_timm_backbones_load_through_the_skeleton_bit_for_bit(tmp_path, name):
+    cfg = ModelConfig(name=name, pretrained=False)
+    preprocess = resolve_preprocess(cfg, 64, 3)
+    trained = build_model(cfg, 3, preprocess).eval()
+    save_weights(trained, tmp_path / "w.safetensors", {})
+    with torch.device("meta"):
+        skeleton = build_model(cfg, 3, preprocess)
+    loaded = fill_skeleton(skeleton, tmp_path / "w.safetensors").eval()
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(loaded(images), trained(images))
+
+
 @pytest.mark.parametrize("extra", ["non-persistent buffer", "plain tensor", "tensors in a list", "shared parameter"])
 def test_a_model_with_tensors_its_file_cannot_fill_is_built_the_ordinary_way(tmp_path, extra):
     save_weights(_Odd("nothing"), tmp_path / "w.safetensors", {})
