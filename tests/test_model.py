@@ -212,15 +212,20 @@ class _Odd(nn.Module):
             self.tied.weight = self.linear.weight
 
 
-def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
-    cfg = ModelConfig(name="simple_cnn", conv_filters=[8, 16], dense_layers=[12], pool="flatten")
-    preprocess = resolve_preprocess(cfg, 24, 3)
+def _trained_and_loaded(cfg: ModelConfig, size: int, path: Path) -> tuple[nn.Module, nn.Module]:
+    """A freshly built model, saved to ``path``, and the same weights loaded through a meta-device skeleton."""
+    preprocess = resolve_preprocess(cfg, size, 3)
     trained = build_model(cfg, 3, preprocess).eval()
-    save_weights(trained, tmp_path / "w.safetensors", {})
+    save_weights(trained, path, {})
     with torch.device("meta"):
         skeleton = build_model(cfg, 3, preprocess)
-    check_fits(skeleton, tmp_path / "w.safetensors")
-    loaded = fill_skeleton(skeleton, tmp_path / "w.safetensors").eval()
+    check_fits(skeleton, path)
+    return trained, fill_skeleton(skeleton, path).eval()
+
+
+def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
+    cfg = ModelConfig(name="simple_cnn", conv_filters=[8, 16], dense_layers=[12], pool="flatten")
+    trained, loaded = _trained_and_loaded(cfg, 24, tmp_path / "w.safetensors")
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     for name, tensor in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -230,13 +235,7 @@ def test_a_saved_model_loads_into_a_skeleton_without_initialising_it(tmp_path):
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "efficientnet_b0", "mobilenetv2_100"])
 def test_timm_backbones_load_through_the_skeleton_bit_for_bit(tmp_path, name):
-    cfg = ModelConfig(name=name, pretrained=False)
-    preprocess = resolve_preprocess(cfg, 64, 3)
-    trained = build_model(cfg, 3, preprocess).eval()
-    save_weights(trained, tmp_path / "w.safetensors", {})
-    with torch.device("meta"):
-        skeleton = build_model(cfg, 3, preprocess)
-    loaded = fill_skeleton(skeleton, tmp_path / "w.safetensors").eval()
+    trained, loaded = _trained_and_loaded(ModelConfig(name=name, pretrained=False), 64, tmp_path / "w.safetensors")
     images = torch.rand(2, 3, 64, 64)
     assert torch.equal(loaded(images), trained(images))
 

@@ -64,6 +64,7 @@ def weights_fingerprint(model: nn.Module) -> tuple:
     move no version, so the runner also forgets its record whenever it loads weights."""
     return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
+
 @dataclass
 class StageRunner:
     """Everything the stages share: model, data, objective and where the best weights go."""
