@@ -8,8 +8,10 @@ would repeat it; the file it writes must still be byte for byte what a later ``e
 import shutil
 
 import pytest
+import torch
 
 import imgclf
+import imgclf.training.stages
 import imgclf.workflows.train
 from imgclf.cli import main
 from imgclf.runs.network import NetworkRun
@@ -72,3 +74,26 @@ def test_val_is_predicted_again_when_the_average_replaced_the_best(data, tmp_pat
     monkeypatch.setattr(imgclf.workflows.train, "average_if_better", average_wins)
     imgclf.train(tiny_config(data, tmp_path / "run", train={"average_best": 3, "epochs": 4, "monitor": "val_loss"}))
     assert averaged and predicted[0] == "val"
+
+
+class _Compiled(torch.nn.Module):
+    """Stands in for torch.compile's wrapper (compiling on the CPU takes a minute): another module over the same one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, images):
+        return self._orig_mod(images)
+
+
+def test_val_is_predicted_again_when_training_ran_a_compiled_model(data, tmp_path, predicted, monkeypatch):
+    wrapped = []
+
+    def compile_stand_in(model):
+        wrapped.append(model)
+        return _Compiled(model)
+
+    monkeypatch.setattr(imgclf.training.stages.torch, "compile", compile_stand_in)
+    imgclf.train(tiny_config(data, tmp_path / "run", train={"epochs": 2, "compile": True}))
+    assert wrapped and predicted[0] == "val"
