@@ -137,7 +137,7 @@ class StageRunner:
 
     def final_val_probs(self, saved_at_best: bool) -> np.ndarray | None:
         """The validation probabilities of the weights the run ends with, when a validation computed them exactly
-        as the final evaluation would (same weights, module, batches and fp32; one CPU process): the final
+        as the final evaluation would (same weights, module, batches, fp32, no TTA; one CPU process): the final
         evaluation then reuses them instead of predicting val again. ``saved_at_best``: the run's weights file is
         the one save_best wrote last; otherwise the run saves the model's weights as they are now."""
         record = self.best_validated if saved_at_best else self.validated
@@ -257,9 +257,9 @@ class StageRunner:
         val = self.prepared.index.subset("val")
 
         # As the final evaluation computes: the run's own module (not compiled, DDP or a head over cached
-        # features), its batches, on the CPU (oneDNN computes alike for alike shapes; CUDA may not)
+        # features), its batches, no test-time views, on the CPU (oneDNN computes alike for alike shapes)
         as_final = (model is self.model and not self.ctx.distributed and self.compute.device.type == "cpu"
-                    and loader.batch_size == self.config.train.batch_size)
+                    and loader.batch_size == self.config.train.batch_size and self.config.evaluate.tta == "none")
 
         def validate() -> dict[str, float]:
             compute = self.compute.inference()  # fp32, as metrics.json: the best epoch's numbers are the run's

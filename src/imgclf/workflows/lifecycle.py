@@ -175,7 +175,7 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None, val_pro
     """Evaluate val, choose the threshold on it, evaluate test once; write the summary, seal, report.
 
     ``val_probs``: the saved weights' val probabilities if training computed them as ``run.probabilities``
-    would (``StageRunner.final_val_probs``; not with test-time augmentation)."""
+    would (``StageRunner.final_val_probs``)."""
     run = open_run(s.out)  # not load_run: the run is sealed only at the end of this function
     if s.ctx.distributed:
         return _finish_on_ranks(s, run, evaluate_test, best_epoch)
@@ -189,7 +189,7 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None, val_pro
 
 
 def _val_predictions(s: RunSetup, run: Run, probs: np.ndarray | None) -> Predictions:
-    if probs is None or s.config.evaluate.tta != "none":
+    if probs is None:
         return run.probabilities("val", prepared=s.prepared)
     log.debug("validation predictions: the last validation's of the saved weights (computed as evaluate does)")
     val = s.index.subset("val")
