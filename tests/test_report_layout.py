@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 from matplotlib.text import Text
+from PIL import Image
 
 from browser import chromium_page
 from imgclf.evaluation.predictions import Predictions
@@ -83,6 +84,21 @@ def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, cla
     assert titles == ["loss", "accuracy", "auc", "balanced accuracy", "f1 macro", "precision macro", "recall macro"]
     assert curves.get_suptitle() == "Training curves" and curves._suptitle.get_horizontalalignment() == "left"
     assert len(curves.legends) == 1 and all(ax.get_legend() is None for ax in curves.axes)  # one legend
+
+
+def test_a_saved_figure_is_pixel_for_pixel_what_savefig_writes(tmp_path, monkeypatch):
+    """``_save`` lays the figure out once instead of savefig's twice; the PNG must not change."""
+    classes = [f"a rather long class name {k}" for k in range(5)]
+    preds = predictions(classes)
+    cm = np.zeros((5, 5), dtype=int)
+    np.add.at(cm, (preds.true, preds.probs.argmax(axis=1)), 1)
+    plots.plot_confusion(cm, classes, tmp_path / "ours.png", "val")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: fig.savefig(path, dpi=plots.DPI, format="png"))
+    plots.plot_confusion(cm, classes, tmp_path / "savefig.png", "val")
+    ours, theirs = (np.asarray(Image.open(tmp_path / name)) for name in ("ours.png", "savefig.png"))
+    assert ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+    assert Image.open(tmp_path / "ours.png").info["dpi"] == pytest.approx((plots.DPI, plots.DPI), abs=0.01)
 
 
 def test_empty_reliability_bins_are_left_out_not_drawn_at_zero(drawn, tmp_path):

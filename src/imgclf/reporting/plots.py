@@ -26,8 +26,11 @@ SMALL_PT = 8
 
 
 def _save(fig, path: Path) -> None:
+    """Lay out and render once, then write the pixels: ``savefig`` would run the constrained layout twice."""
+    fig.set_dpi(DPI)
+    fig.canvas.draw()
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")  # the figures use constrained layout: no second "tight" pass
+        matplotlib.image.imsave(tmp, np.asarray(fig.canvas.buffer_rgba()), format="png", dpi=DPI)
     plt.close(fig)
 
 
