@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.metrics import compute_metrics, f1_and_log_loss
 from imgclf.evaluation.predictions import Predictions
 from imgclf.models.objective import Objective, balanced_class_weights
 
@@ -48,6 +48,14 @@ def test_metrics_match_scikit_learn():
     assert m["roc_auc_ovr"] == pytest.approx(skm.roc_auc_score(y, preds.probs, multi_class="ovr"))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, p).tolist()
     assert m["per_class"]["c1"]["support"] == int((y == 1).sum())
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_the_probe_s_selection_scores_are_compute_metrics_own(k):
+    preds = make_predictions(n=50, k=k, seed=k)
+    preds.true[preds.true == k - 1] = 0  # a class absent from the labels: F1 counts it as 0, log loss keeps it
+    m = compute_metrics(preds)
+    assert f1_and_log_loss(preds.true, preds.probs) == (m["f1_macro"], m["log_loss"])
 
 
 def test_binary_metrics_for_a_named_positive_class():

@@ -36,7 +36,7 @@ from imgclf.config import Config, ModelConfig
 from imgclf.data.cache import read_features, write_features
 from imgclf.data.cachedir import keep_within_limit
 from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader
-from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.metrics import compute_metrics, f1_and_log_loss
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.fold import folded
@@ -45,6 +45,7 @@ from imgclf.models.weights import offline_weights_file
 from imgclf.runs.files import BASELINES_KEY, read_json
 from imgclf.runs.heads import GRIDS, Embedder, embed
 from imgclf.runtime import Compute
+from imgclf.workflows import probecache
 
 log = get_logger("baselines")
 
@@ -101,12 +102,20 @@ def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, 
     start = time.perf_counter()
     targets = prepared.index.subset("train").targets
     sample = stratified_sample(targets, PROBE_MAX_TRAIN, config.train.seed)
-    features = cached_probe_features(prepared, preprocess, compute, config.train.batch_size, splits, sample)
-    value, head = _fit_probe(features, targets[sample], prepared.index, config)
-    row.update(_score(head, features, prepared.index, splits, config.data.positive_class))
-    row["note"] = f"logistic regression, C={value} chosen on val macro-F1, on the run's {preprocess.size} px images"
-    if len(sample) < len(targets):
-        row["note"] += f", fitted on a stratified {len(sample):,} of the {len(targets):,} training images"
+    kept = probecache.row_file(probe_cache_entry(prepared, preprocess, compute, splits, sample)[0])
+    fit = probecache.fit_key(prepared.index, targets[sample], splits, config)
+    scored = probecache.read_row(kept, fit, splits, ROW_METRICS)
+    if scored is None:
+        features = cached_probe_features(prepared, preprocess, compute, config.train.batch_size, splits, sample)
+        value, head = _fit_probe(features, targets[sample], prepared.index, config)
+        note = f"logistic regression, C={value} chosen on val macro-F1, on the run's {preprocess.size} px images"
+        if len(sample) < len(targets):
+            note += f", fitted on a stratified {len(sample):,} of the {len(targets):,} training images"
+        scored = {**_score(head, features, prepared.index, splits, config.data.positive_class), "note": note}
+        probecache.write_row(kept, fit, scored)
+    else:
+        log.info("baseline %s: its scores read from the cache (%s), as the same fit gave them", PROBE_NAME, kept.name)
+    row.update(scored)
     row["seconds"] = round(time.perf_counter() - start, 3)
     log.info("baseline %s: val macro-F1 %.3f in %.1f s", PROBE_NAME, row["val"]["f1_macro"], row["seconds"])
     return row
@@ -137,8 +146,8 @@ def _fit_probe(features: dict[str, np.ndarray], targets: np.ndarray, index, cfg:
     for value in sorted(GRIDS["logreg"][1]):
         model.set_params(C=value).fit(scaled, targets)
         head = make_pipeline(scaler, copy.deepcopy(model))
-        scored = _score(head, features, index, ["val"], cfg.data.positive_class)
-        key = (scored["val"]["f1_macro"], -scored["val"]["log_loss"])
+        f1, loss = f1_and_log_loss(index.subset("val").targets, head.predict_proba(features["val"]))
+        key = (f1, -loss)
         if best is None or key > best[0]:
             best = (key, value, head)
     return best[1], best[2]
