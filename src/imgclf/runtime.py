@@ -115,8 +115,9 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand the memory ``keep_freed_memory`` kept back to the OS (glibc's ``malloc_trim``) when training is
-    over, so that the closing work (evaluation, baselines, report) does not add its peak on top of it."""
+    """Hand the memory ``keep_freed_memory`` kept back to the OS (glibc's ``malloc_trim``) once training and
+    the final predictions (which reuse it) are over, so that the closing work (baselines, report) does not add
+    its peak on top of it."""
     with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: it kept nothing
         ctypes.CDLL(None).malloc_trim(0)
 

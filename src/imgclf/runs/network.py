@@ -30,7 +30,7 @@ from imgclf.runs import files as runfiles
 from imgclf.runs import manifest
 from imgclf.runs.base import register
 from imgclf.runs.predict import predict_files
-from imgclf.runtime import Compute, exact_fp32, resolve_device
+from imgclf.runtime import Compute, exact_fp32, keep_freed_memory, resolve_device
 
 MODEL_FILE = "model.safetensors"
 THRESHOLD_FILE = "threshold.json"
@@ -93,10 +93,16 @@ class NetworkRun:
         saved answer (metrics.json, ``evaluate``, ``predict``, ``serve``, the export's parity) is fp32,
         so the torch engine agrees with the fp32 ONNX graph within 1e-4 and metrics.json with a later
         ``evaluate``.
+
+        On the CPU, malloc keeps freed memory for the next batch (``keep_freed_memory``), as in training:
+        predicting 1,440 images with the notebook CNN took 4.9-5.0 s instead of 7.8-8.5.
         """
         train = self.config.train
         channels_last = True if train.channels_last is None else train.channels_last
-        return Compute(resolve_device(train.device), "fp32", channels_last)
+        device = resolve_device(train.device)
+        if device.type == "cpu":
+            keep_freed_memory()
+        return Compute(device, "fp32", channels_last)
 
     @property
     def device(self) -> torch.device:

@@ -40,7 +40,7 @@ from imgclf.runs import manifest
 from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.runs.saved_split import load_saved_split
-from imgclf.runtime import Compute, get_logger, is_main_process, seed_everything
+from imgclf.runtime import Compute, get_logger, is_main_process, release_freed_memory, seed_everything
 from imgclf.training.ddp import DistSettings, backend_name, check_world, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.versions import library_versions
@@ -209,6 +209,9 @@ def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int
 
 
 def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool) -> None:
+    # The final predictions reused the memory training kept (same model, same batches); it goes back now, so
+    # that the baselines' peak (another network, other batches) does not stack on it
+    release_freed_memory()
     # Baselines on the same images; the probe only for a final model (trials choose on val: seconds each)
     config = s.config if evaluate_test else s.config.model_copy(
         update={"evaluate": s.config.evaluate.model_copy(update={"baseline": False})})

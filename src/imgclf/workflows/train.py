@@ -23,7 +23,7 @@ from imgclf.models.objective import Objective, balanced_class_weights
 from imgclf.reporting.plots import plot_curves, write_history
 from imgclf.runs.base import Run, open_run
 from imgclf.runs.network import MODEL_FILE
-from imgclf.runtime import get_logger, is_main_process, release_freed_memory
+from imgclf.runtime import get_logger, is_main_process
 from imgclf.training.averaging import BestWeights, average_if_better
 from imgclf.training.ddp import DistSettings, broadcast_module, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
@@ -118,7 +118,6 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
         best["epoch"] = resume[1]["stopper"]["best_epoch"]
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)
-    release_freed_memory()
     log.info("trained %s in %.1f s", count(len(history), "epoch"), time.perf_counter() - start)
     averaged = keep_best and len(recent_bests) > 1 and average_if_better(model, recent_bests, runner, s.meta,
                                                                           weights_path)  # every rank validates
