@@ -10,7 +10,7 @@ import pytest
 from imgclf.config import build_config
 from imgclf.errors import RunDirError
 from imgclf.runs.files import read_baselines, read_metrics
-from imgclf.workflows import baselines
+from imgclf.workflows import baselines, probecache
 from imgclf.workflows.autoselect import CLOSING_S, Pace
 from imgclf.workflows.baselines import (
     MAJORITY_NAME,
@@ -187,3 +187,68 @@ def test_the_budget_sets_aside_the_probe_s_sample_not_every_training_image():
     few = Pace(deadline=0.0, counts={"train": 500, "val": 100, "test": 100}, per_image=0.01)
     assert few.closing() == pytest.approx(CLOSING_S + 0.01 * (100 + 700))
     assert many.closing() == pytest.approx(CLOSING_S + 0.01 * (100 + 2 * baselines.PROBE_MAX_TRAIN + 200))
+
+
+def _probe(setup, config=None):
+    return baselines.probe_row(setup.prepared, setup.preprocess, setup.compute, config or setup.config,
+                               ["val", "test"])
+
+
+def _scores_file(setup):
+    sample = stratified_sample(setup.index.subset("train").targets, baselines.PROBE_MAX_TRAIN, setup.config.train.seed)
+    return probecache.row_file(_entry(setup, ["val", "test"], sample))
+
+
+def _no_fit(*args, **kwargs):
+    raise AssertionError("the probe was fitted again")
+
+
+def test_a_rerun_reads_the_probe_s_scores_and_a_changed_setting_fits_again(setup, monkeypatch, logs):
+    _scores_file(setup).unlink(missing_ok=True)
+    fitted = _probe(setup)
+    assert json.loads(_scores_file(setup).read_text())["val"] == fitted["val"]
+    monkeypatch.setattr(baselines, "_fit_probe", _no_fit)
+    read = _probe(setup)
+    assert "scores read from the cache" in logs.text
+    assert {k: v for k, v in read.items() if k != "seconds"} == {k: v for k, v in fitted.items() if k != "seconds"}
+    weighted = setup.config.model_copy(update={"train": setup.config.train.model_copy(update={"class_weight": None})})
+    with pytest.raises(AssertionError, match="fitted again"):  # another fit: its key differs
+        _probe(setup, weighted)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "extra field", "string score", "other splits", "fifo", "symlink",
+                                    "folder", "huge"])
+def test_a_damaged_probe_scores_entry_is_fitted_again(setup, damage, logs, tmp_path, monkeypatch):
+    kept = _scores_file(setup)
+    kept.unlink(missing_ok=True)
+    fitted = _probe(setup)
+    stored = json.loads(kept.read_text())
+    kept.unlink()
+    if damage == "garbage":
+        kept.write_bytes(b"\xff{not json")
+    elif damage in ("extra field", "string score", "other splits"):
+        changed = {"extra field": {**stored, "code": "import os"},
+                   "string score": {**stored, "val": {**stored["val"], "accuracy": "1.0"}},
+                   "other splits": {k: v for k, v in stored.items() if k != "test"}}[damage]
+        kept.write_text(json.dumps(changed))
+    elif damage == "fifo":
+        os.mkfifo(kept)
+    elif damage == "symlink":
+        (tmp_path / "elsewhere.json").write_text(json.dumps(stored))
+        kept.symlink_to(tmp_path / "elsewhere.json")
+    elif damage == "folder":
+        kept.mkdir()
+    else:
+        kept.write_text(json.dumps({**stored, "note": "x" * 50}) + " " * 10_000_000)
+    logs.clear()
+    again = _probe(setup)
+    assert again["val"] == fitted["val"] and again["test"] == fitted["test"]
+    warnings = [r.getMessage() for r in logs.records if "probe cache entry" in r.getMessage()]
+    if damage == "other splits":  # a valid row of another fit: replaced without a warning
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "\n" not in warnings[0] and str(kept) in warnings[0]
+    if damage == "folder":  # a folder in the way stays; the probe is fitted each time
+        kept.rmdir()
+    else:
+        assert kept.is_file() and not kept.is_symlink() and json.loads(kept.read_text()) == stored

@@ -126,6 +126,7 @@ def test_only_files_imgclf_makes_are_removed_and_links_are_not_followed(tmp_path
     cache = tmp_path / "cache"
     key = entry(cache, pngs(tmp_path / "a", 2, 0))
     write_features(cache / f"{'b' * 24}.probe.npy", np.zeros((2, 4)))
+    (cache / f"{'b' * 24}.probe.json").write_text("{}")  # the probe's scores: one entry with its features
     outside = tmp_path / "precious.npy"
     outside.write_bytes(b"mine")
     (cache / f"{'d' * 24}.npy").symlink_to(outside)
@@ -134,7 +135,7 @@ def test_only_files_imgclf_makes_are_removed_and_links_are_not_followed(tmp_path
     (cache / "notes.txt").write_text("mine")
     found = {(e.key, e.kind): sorted(p.name for p in e.files) for e in scan(cache).entries}
     assert found == {(key, "decoded images"): [f"{key}.json", f"{key}.npy"],
-                     ("b" * 24, "probe features"): [f"{'b' * 24}.probe.npy"],
+                     ("b" * 24, "probe features"): [f"{'b' * 24}.probe.json", f"{'b' * 24}.probe.npy"],
                      ("d" * 24, "decoded images"): [f"{'d' * 24}.npy"]}
     assert len(prune(cache, 0).removed) == 3
     assert outside.read_bytes() == b"mine" and (cache / "notes.txt").read_text() == "mine"

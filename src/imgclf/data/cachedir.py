@@ -1,10 +1,9 @@
 """The decode cache's folder as a whole: what it holds, and a size limit kept by removing the least
 recently used entries (``IMGCLF_CACHE_MAX_GB``, default 20; ``inf`` never removes any).
 
-Everything in the folder can be rebuilt from the images, so removing an entry costs only the time to
-decode (or embed) them again. An entry is one key's files: decoded images (``KEY.npy`` and its
-sidecar ``KEY.json``) or a linear probe's features (``KEY.probe.npy``). Each use touches it, so its
-newest mtime says when it was last used. Rules:
+Everything in the folder can be rebuilt from the images: removing an entry costs only the time to decode (or
+embed) them again. An entry is one key's files: decoded images (``KEY.npy``, its sidecar ``KEY.json``) or a linear
+probe's features and scores (``KEY.probe.npy``, ``.probe.json``); each use touches it (newest mtime). Rules:
 
 - A name imgclf does not make, a folder or anything but a file or link, is never touched.
 - A decode entry is never removed while a process uses it or builds it. A process that uses an entry
@@ -37,9 +36,10 @@ DEFAULT_MAX_GB = 20.0
 ORPHAN_AGE_S = 3600.0
 HOLD_WAIT_S = 5.0  # the longest a process waits to mark an entry in use
 MAX_HELD = 64  # entries one process marks as in use (older marks are dropped; each costs a descriptor)
-KINDS = {".npy": "decoded images", ".json": "decoded images", ".probe.npy": "probe features"}
-_ENTRY_FILE = re.compile(r"^([0-9a-f]{24})(\.probe\.npy|\.npy|\.json)$")
-_TEMP_FILE = re.compile(r"^\.([0-9a-f]{24})(\.probe\.npy|\.npy|\.json)\..+\.tmp$")
+KINDS = {".npy": "decoded images", ".json": "decoded images", ".probe.npy": "probe features",
+         ".probe.json": "probe features"}
+_ENTRY_FILE = re.compile(r"^([0-9a-f]{24})(\.probe\.npy|\.probe\.json|\.npy|\.json)$")
+_TEMP_FILE = re.compile(r"^\.([0-9a-f]{24})(\.probe\.npy|\.probe\.json|\.npy|\.json)\..+\.tmp$")
 log = get_logger("cache")
 _held: dict[Path, int] = {}  # .npy path -> descriptor holding the shared lock, oldest first
 
