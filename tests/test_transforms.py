@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from imgclf.config import AugmentConfig, build_config
-from imgclf.data.transforms import BatchAugment, build_eval_transform, resolve_augment
+from imgclf.data.transforms import BatchAugment, affine_grid, build_eval_transform, resolve_augment
 from imgclf.errors import ConfigError
 
 
@@ -37,6 +37,13 @@ def test_batch_augment_varies_per_image_keeps_shape_and_repeats_under_a_seed():
     assert not torch.equal(out[0], out[1])  # the same image, a different draw in the same batch
     torch.manual_seed(0)
     assert torch.equal(out, strong(images))
+
+
+@pytest.mark.parametrize("height,width", [(150, 150), (7, 13), (224, 96), (1, 1)])
+def test_the_sampling_grid_is_torch_s_affine_grid(height, width):
+    theta = BatchAugment(AugmentConfig(preset="strong"), [0.0], [1.0]).random_theta(5)
+    expected = torch.nn.functional.affine_grid(theta, [5, 1, height, width], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, height, width), expected, rtol=0, atol=2e-6)
 
 
 def test_no_augmentation_is_exactly_the_eval_transform():
