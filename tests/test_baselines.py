@@ -211,13 +211,28 @@ def test_a_rerun_reads_the_probe_s_scores_and_a_changed_setting_fits_again(setup
     read = _probe(setup)
     assert "scores read from the cache" in logs.text
     assert {k: v for k, v in read.items() if k != "seconds"} == {k: v for k, v in fitted.items() if k != "seconds"}
-    weighted = setup.config.model_copy(update={"train": setup.config.train.model_copy(update={"class_weight": None})})
+    assert setup.config.train.class_weight != "balanced"
+    weighted = setup.config.model_copy(update={"train": setup.config.train.model_copy(
+        update={"class_weight": "balanced"})})
     with pytest.raises(AssertionError, match="fitted again"):  # another fit: its key differs
         _probe(setup, weighted)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "extra field", "string score", "other splits", "fifo", "symlink",
-                                    "folder", "huge"])
+def test_the_probe_s_scores_are_keyed_by_labels_classes_and_settings(setup):
+    targets = setup.index.subset("train").targets
+    key = probecache.fit_key(setup.index, targets, ["val"], setup.config, baselines.ROW_METRICS)
+    positive = setup.config.model_copy(update={"data": setup.config.data.model_copy(
+        update={"positive_class": "top bar"})})
+    others = [probecache.fit_key(setup.index, targets[::-1], ["val"], setup.config, baselines.ROW_METRICS),
+              probecache.fit_key(setup.index, targets, ["val", "test"], setup.config, baselines.ROW_METRICS),
+              probecache.fit_key(setup.index, targets, ["val"], positive, baselines.ROW_METRICS),
+              probecache.fit_key(setup.index, targets, ["val"], setup.config, baselines.ROW_METRICS[:-1])]
+    assert key == probecache.fit_key(setup.index, targets.copy(), ["val"], setup.config, baselines.ROW_METRICS)
+    assert len({key, *others}) == 5
+
+
+@pytest.mark.parametrize("damage", ["garbage", "extra field", "string score", "missing score", "nan", "above 1",
+                                    "other count", "other C", "other splits", "fifo", "symlink", "folder", "huge"])
 def test_a_damaged_probe_scores_entry_is_fitted_again(setup, damage, logs, tmp_path, monkeypatch):
     kept = _scores_file(setup)
     kept.unlink(missing_ok=True)
@@ -226,9 +241,15 @@ def test_a_damaged_probe_scores_entry_is_fitted_again(setup, damage, logs, tmp_p
     kept.unlink()
     if damage == "garbage":
         kept.write_bytes(b"\xff{not json")
-    elif damage in ("extra field", "string score", "other splits"):
-        changed = {"extra field": {**stored, "code": "import os"},
-                   "string score": {**stored, "val": {**stored["val"], "accuracy": "1.0"}},
+    elif damage not in ("fifo", "symlink", "folder", "huge"):
+        val = stored["val"]
+        changed = {"extra field": {**stored, "note": "<script>"},
+                   "string score": {**stored, "val": {**val, "accuracy": "1.0"}},
+                   "missing score": {**stored, "val": {k: v for k, v in val.items() if k != "f1_macro"}},
+                   "nan": {**stored, "val": {**val, "f1_macro": float("nan")}},
+                   "above 1": {**stored, "val": {**val, "accuracy": 1.5}},
+                   "other count": {**stored, "val": {**val, "n": val["n"] + 1}},
+                   "other C": {**stored, "C": 123.0},
                    "other splits": {k: v for k, v in stored.items() if k != "test"}}[damage]
         kept.write_text(json.dumps(changed))
     elif damage == "fifo":
@@ -239,10 +260,10 @@ def test_a_damaged_probe_scores_entry_is_fitted_again(setup, damage, logs, tmp_p
     elif damage == "folder":
         kept.mkdir()
     else:
-        kept.write_text(json.dumps({**stored, "note": "x" * 50}) + " " * 10_000_000)
+        kept.write_text(json.dumps(stored) + " " * 10_000_000)
     logs.clear()
     again = _probe(setup)
-    assert again["val"] == fitted["val"] and again["test"] == fitted["test"]
+    assert again["val"] == fitted["val"] and again["test"] == fitted["test"] and again["note"] == fitted["note"]
     warnings = [r.getMessage() for r in logs.records if "probe cache entry" in r.getMessage()]
     if damage == "other splits":  # a valid row of another fit: replaced without a warning
         assert warnings == []

@@ -5,6 +5,13 @@ import sys
 
 import pytest
 
+import imgclf
+from imgclf.runs import network
+from imgclf.workflows import lifecycle
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
 FAULTS_OF_A_REPEATED_TENSOR = """
 import resource, sys
 import torch
@@ -87,3 +94,17 @@ def test_a_process_that_only_predicts_reuses_freed_memory_too(trained_run):
     plain, reused = int(out[0]), int(out[1])
     pages = 64 * 2**20 // 4096
     assert plain > pages // 2 and reused < pages // 20
+
+
+def test_the_kept_memory_goes_back_after_the_test_predictions_and_before_the_baselines(tmp_path, monkeypatch):
+    """The final test pass reuses training's kept memory; the baselines (another network) start from a trimmed
+    heap, so that their peak does not stack on training's."""
+    events = []
+    evaluate, baselines = network.NetworkRun.evaluate, lifecycle.baseline_rows
+    monkeypatch.setattr(lifecycle, "release_freed_memory", lambda: events.append("release"))
+    monkeypatch.setattr(network.NetworkRun, "evaluate",
+                        lambda self, split, **kw: events.append(f"predict {split}") or evaluate(self, split, **kw))
+    monkeypatch.setattr(lifecycle, "baseline_rows", lambda *a: events.append("baselines") or baselines(*a))
+    imgclf.train(tiny_config(make_class_folders(tmp_path / "data", per_class=6), tmp_path / "run",
+                             train={"epochs": 1}))
+    assert events == ["predict test", "release", "baselines"]

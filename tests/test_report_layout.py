@@ -86,15 +86,31 @@ def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, cla
     assert len(curves.legends) == 1 and all(ax.get_legend() is None for ax in curves.axes)  # one legend
 
 
-def test_a_saved_figure_is_pixel_for_pixel_what_savefig_writes(tmp_path, monkeypatch):
-    """``_save`` lays the figure out once instead of savefig's twice; the PNG must not change."""
+def _curves(path):
+    history = [{"epoch": e, "stage": "head", "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": e / 6,
+                "val_accuracy": e / 7} for e in range(1, 6)]
+    plots.plot_curves(history, path, best_epoch=4)
+
+
+def _confusion(path):
     classes = [f"a rather long class name {k}" for k in range(5)]
     preds = predictions(classes)
     cm = np.zeros((5, 5), dtype=int)
     np.add.at(cm, (preds.true, preds.probs.argmax(axis=1)), 1)
-    plots.plot_confusion(cm, classes, tmp_path / "ours.png", "val")
+    plots.plot_confusion(cm, classes, path, "val")
+
+
+def _feature_maps(path):
+    maps = [("conv 1", np.random.default_rng(0).random((6, 12, 12))), ("conv 2", np.ones((3, 6, 6)))]
+    plots.save_feature_maps(maps, path)
+
+
+@pytest.mark.parametrize("draw", [_curves, _confusion, _feature_maps])
+def test_a_saved_figure_is_pixel_for_pixel_what_savefig_writes(tmp_path, monkeypatch, draw):
+    """``_save`` lays the figure out once instead of savefig's twice; the PNG must not change."""
+    draw(tmp_path / "ours.png")
     monkeypatch.setattr(plots, "_save", lambda fig, path: fig.savefig(path, dpi=plots.DPI, format="png"))
-    plots.plot_confusion(cm, classes, tmp_path / "savefig.png", "val")
+    draw(tmp_path / "savefig.png")
     ours, theirs = (np.asarray(Image.open(tmp_path / name)) for name in ("ours.png", "savefig.png"))
     assert ours.shape == theirs.shape
     np.testing.assert_array_equal(ours, theirs)

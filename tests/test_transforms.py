@@ -41,9 +41,10 @@ def test_batch_augment_varies_per_image_keeps_shape_and_repeats_under_a_seed():
 
 @pytest.mark.parametrize("height,width", [(150, 150), (7, 13), (224, 96), (1, 1)])
 def test_the_sampling_grid_is_torch_s_affine_grid(height, width):
+    torch.manual_seed(height)
     theta = BatchAugment(AugmentConfig(preset="strong"), [0.0], [1.0]).random_theta(5)
     expected = torch.nn.functional.affine_grid(theta, [5, 1, height, width], align_corners=False)
-    torch.testing.assert_close(affine_grid(theta, height, width), expected, rtol=0, atol=2e-6)
+    torch.testing.assert_close(affine_grid(theta, height, width), expected, rtol=0, atol=1e-6)
 
 
 def test_no_augmentation_is_exactly_the_eval_transform():

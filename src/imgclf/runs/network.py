@@ -95,7 +95,8 @@ class NetworkRun:
         ``evaluate``.
 
         On the CPU, malloc keeps freed memory for the next batch (``keep_freed_memory``), as in training:
-        predicting 1,440 images with the notebook CNN took 4.9-5.0 s instead of 7.8-8.5.
+        predicting 1,440 images with the notebook CNN took 4.9-5.0 s instead of 7.8-8.5. The process then
+        keeps its peak memory (``runtime.release_freed_memory`` hands it back).
         """
         train = self.config.train
         channels_last = True if train.channels_last is None else train.channels_last

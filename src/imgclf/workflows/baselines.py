@@ -103,18 +103,19 @@ def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, 
     targets = prepared.index.subset("train").targets
     sample = stratified_sample(targets, PROBE_MAX_TRAIN, config.train.seed)
     kept = probecache.row_file(probe_cache_entry(prepared, preprocess, compute, splits, sample)[0])
-    fit = probecache.fit_key(prepared.index, targets[sample], splits, config)
-    scored = probecache.read_row(kept, fit, splits, ROW_METRICS)
-    if scored is None:
+    fit = probecache.fit_key(prepared.index, targets[sample], splits, config, ROW_METRICS)
+    stored = probecache.read_row(kept, fit, {s: len(prepared.index.subset(s)) for s in splits}, ROW_METRICS)
+    if stored is None:
         features = cached_probe_features(prepared, preprocess, compute, config.train.batch_size, splits, sample)
         value, head = _fit_probe(features, targets[sample], prepared.index, config)
-        note = f"logistic regression, C={value} chosen on val macro-F1, on the run's {preprocess.size} px images"
-        if len(sample) < len(targets):
-            note += f", fitted on a stratified {len(sample):,} of the {len(targets):,} training images"
-        scored = {**_score(head, features, prepared.index, splits, config.data.positive_class), "note": note}
-        probecache.write_row(kept, fit, scored)
+        scored = _score(head, features, prepared.index, splits, config.data.positive_class)
+        probecache.write_row(kept, fit, value, scored)
     else:
+        value, scored = stored
         log.info("baseline %s: its scores read from the cache (%s), as the same fit gave them", PROBE_NAME, kept.name)
+    row["note"] = f"logistic regression, C={value} chosen on val macro-F1, on the run's {preprocess.size} px images"
+    if len(sample) < len(targets):
+        row["note"] += f", fitted on a stratified {len(sample):,} of the {len(targets):,} training images"
     row.update(scored)
     row["seconds"] = round(time.perf_counter() - start, 3)
     log.info("baseline %s: val macro-F1 %.3f in %.1f s", PROBE_NAME, row["val"]["f1_macro"], row["seconds"])

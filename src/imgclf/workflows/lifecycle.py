@@ -184,6 +184,9 @@ def finish_run(s: RunSetup, evaluate_test: bool, best_epoch: int | None, val_pro
         run.choose_threshold(s.config.evaluate.threshold, _val_predictions(s, run, val_probs))
     if evaluate_test and "test" in s.index.splits:  # the final model, once
         run.evaluate("test", prepared=s.prepared)
+    # The final predictions reused the memory training kept (the same model and batches); it goes back now,
+    # so that the baselines' peak (another network, other batches) does not stack on it
+    release_freed_memory()
     _conclude(s, run, best_epoch, evaluate_test)
     return run
 
@@ -204,14 +207,12 @@ def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int
     if evaluate_test and "test" in s.index.splits:
         test = exact_predictions(run, "test", s.prepared, s.ctx, s.compute.device)
         main_only(s.ctx, lambda: run.score(test, "test"))
+    release_freed_memory()  # on every rank, as in finish_run
     main_only(s.ctx, lambda: _conclude(s, run, best_epoch, evaluate_test))
     return run
 
 
 def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool) -> None:
-    # The final predictions reused the memory training kept (same model, same batches); it goes back now, so
-    # that the baselines' peak (another network, other batches) does not stack on it
-    release_freed_memory()
     # Baselines on the same images; the probe only for a final model (trials choose on val: seconds each)
     config = s.config if evaluate_test else s.config.model_copy(
         update={"evaluate": s.config.evaluate.model_copy(update={"baseline": False})})

@@ -1,11 +1,12 @@
 """The linear probe's fitted scores, kept next to its features in the decode cache (``KEY.probe.json``).
 
 The probe's fit is deterministic given its features, the labels and its settings, so a run on the same
-images, split and settings reads the row an identical earlier fit scored instead of fitting again (a
+images, split and settings reads the scores an identical earlier fit gave instead of fitting again (a
 third of a second on 1,800 images, a fifth of the report's work once the features are cached). The file
-holds one fit: ``fit`` is the hash of everything the row depends on besides the features (their key is
-the file's name); a different fit replaces it. Like every cache file it is untrusted: read without
-following a link or waiting on a FIFO, size-capped, checked field by field; anything wrong costs a
+holds one fit: ``fit``, the hash of everything the row depends on besides the features (their key is the
+file's name), then its C and scores; no text (the note is written anew). A different fit replaces it.
+Like every cache file it is untrusted: read without following a link or waiting on a FIFO, size-capped,
+every field required and in range, the image counts those of the run's splits; anything wrong costs a
 one-line warning and a fit, never the run.
 """
 
@@ -17,10 +18,11 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import sklearn
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, create_model
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictFloat, StrictInt, create_model
 
 from imgclf import atomic
 from imgclf.config import Config
@@ -37,18 +39,22 @@ MAX_ROW_BYTES = 16_000  # a row is under 2 kB
 
 @functools.cache
 def row_model(metrics: tuple[str, ...]) -> type[BaseModel]:
-    """The stored row: the fit's hash, the scores of each split (``metrics``, nothing else), the note."""
-    split = create_model("ProbeSplit", __config__=ConfigDict(extra="forbid"), n=(StrictInt, Field(ge=0)),
-                         **{k: (StrictFloat | None, None) for k in metrics if k != "n"})
+    """The stored row: the fit's hash, its C, and each split's ``metrics``, every one present and in range
+    (only ROC-AUC may be null: undefined when a class is absent)."""
+    ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
+    fields = {k: (Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] if k == "log_loss"
+                  else ratio | None if k == "roc_auc_ovr" else ratio, ...) for k in metrics if k != "n"}
+    split = create_model("ProbeSplit", __config__=ConfigDict(extra="forbid"), n=(StrictInt, Field(ge=0)), **fields)
     return create_model("ProbeRow", __config__=ConfigDict(extra="forbid"),
-                        fit=(str, Field(pattern=r"^[0-9a-f]{32}$")), val=(split | None, None),
-                        test=(split | None, None), note=(str, Field(max_length=1000)))
+                        fit=(str, Field(pattern=r"^[0-9a-f]{32}$")), C=(StrictFloat, ...),
+                        val=(split | None, None), test=(split | None, None))
 
 
-def fit_key(index, train_targets: np.ndarray, splits: list[str], config: Config) -> str:
-    """What the row depends on besides the features: the labels, classes, splits and fit settings, versions."""
+def fit_key(index, train_targets: np.ndarray, splits: list[str], config: Config, metrics: tuple[str, ...]) -> str:
+    """What the row depends on besides the features: the labels, classes, splits, fit settings, the metrics
+    kept, versions."""
     settings = [ROW_VERSION, version(), sklearn.__version__, list(index.classes), splits, config.train.class_weight,
-                config.data.positive_class, GRIDS["logreg"][1]]
+                config.data.positive_class, GRIDS["logreg"][1], list(metrics)]
     labels = [np.asarray(train_targets), *(index.subset(split).targets for split in splits)]
     digest = hashlib.blake2b(json.dumps(settings + [len(t) for t in labels]).encode(), digest_size=16)
     for targets in labels:
@@ -60,8 +66,9 @@ def row_file(features_npy: Path) -> Path:
     return features_npy.with_name(features_npy.name.removesuffix(".npy") + ".json")
 
 
-def read_row(file: Path, fit: str, splits: list[str], metrics: tuple[str, ...]) -> dict | None:
-    """The scores and note of fit ``fit`` on ``splits``; None when absent, of another fit, or damaged (a warning)."""
+def read_row(file: Path, fit: str, sizes: dict[str, int], metrics: tuple[str, ...]) -> tuple[float, dict] | None:
+    """(C, each split's scores) of fit ``fit`` on the splits of ``sizes`` ({split: images}); None when absent,
+    of another fit, or damaged (a one-line warning)."""
     if not os.path.lexists(file):
         return None
     try:
@@ -70,17 +77,21 @@ def read_row(file: Path, fit: str, splits: list[str], metrics: tuple[str, ...]) 
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         log.warning("warning: probe cache entry %s is damaged (%s); fitting the probe again", file, reason)
         return None
-    if row.fit != fit or [s for s in ("val", "test") if getattr(row, s) is not None] != splits:
+    if row.fit != fit or [s for s in ("val", "test") if getattr(row, s) is not None] != list(sizes):
+        return None
+    if row.C not in GRIDS["logreg"][1] or any(getattr(row, s).n != n for s, n in sizes.items()):
+        log.warning("warning: probe cache entry %s does not fit its own key (C or image counts); fitting the probe "
+                    "again", file)
         return None
     touch(file)
-    return {**{s: getattr(row, s).model_dump() for s in splits}, "note": row.note}
+    return row.C, {s: getattr(row, s).model_dump() for s in sizes}
 
 
-def write_row(file: Path, fit: str, scored: dict) -> None:
-    """Keep ``scored`` (each split's scores, the note) as fit ``fit``; a cache that cannot be written costs a
-    warning."""
+def write_row(file: Path, fit: str, value: float, scored: dict) -> None:
+    """Keep ``scored`` (each split's scores) as fit ``fit`` with its C ``value``; a cache that cannot be written
+    costs a warning."""
     try:
-        atomic.write_json(file, {"fit": fit, **scored})
+        atomic.write_json(file, {"fit": fit, "C": value, **scored})
     except OSError as err:
         log.warning("warning: could not keep the probe's scores in the cache (%s); it will be fitted again", err)
 
