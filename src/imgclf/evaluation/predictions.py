@@ -27,6 +27,12 @@ class Predictions:
     probs: np.ndarray  # N x K float64, rows sum to 1
     decided: np.ndarray | None = None  # predicted class per image when a threshold, not argmax, decided
 
+    @classmethod
+    def of_index(cls, index, probs: np.ndarray, classes: list[str] | tuple[str, ...] | None = None) -> Predictions:
+        """An index's images (a ``DatasetIndex`` or its subset: paths, targets, classes) with their N x K
+        ``probs``, row for row; ``classes``: a run's own names instead of the index's."""
+        return cls(list(index.paths), list(index.classes if classes is None else classes), index.targets, probs)
+
     @property
     def pred(self) -> np.ndarray:
         return self.probs.argmax(axis=1) if self.decided is None else self.decided

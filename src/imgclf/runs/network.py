@@ -173,8 +173,7 @@ class NetworkRun:
         generator = torch.Generator().manual_seed(self.config.train.seed)
         loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
                              self.config.data.workers, shuffle=shuffle, generator=generator)
-        subset = prepared.index.subset(split)
-        return Predictions(list(subset.paths), self.classes, subset.targets, self.loader_probs(loader, tta))
+        return Predictions.of_index(prepared.index.subset(split), self.loader_probs(loader, tta), self.classes)
 
     def loader_probs(self, loader, tta: str | None = None) -> np.ndarray:
         """N x K probabilities of a loader's images (by dataset position), averaged over ``tta`` views."""

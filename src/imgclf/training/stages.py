@@ -268,7 +268,6 @@ class StageRunner:
                                     workers=loader.num_workers) if self.ctx.distributed \
                     else predict_probs(model, self.objective, loader, compute)
             self.validated = Validated(weights_fingerprint(model), probs) if as_final else None
-            return validation_row(compute_metrics(Predictions(list(val.paths), list(val.classes), val.targets,
-                                                              probs), self.config.data.positive_class))
+            return validation_row(compute_metrics(Predictions.of_index(val, probs), self.config.data.positive_class))
 
         return validate

@@ -83,9 +83,8 @@ def majority_row(prepared: PreparedData, splits: list[str], positive_class: str 
                  "note": f"always {index.classes[int(prior.argmax())]!r}, the most frequent training class"}
     for split in splits:
         part = index.subset(split)
-        probs = np.tile(prior, (len(part), 1))
-        row[split] = row_metrics(compute_metrics(Predictions(list(part.paths), list(index.classes), part.targets,
-                                                             probs), positive_class))
+        row[split] = row_metrics(compute_metrics(Predictions.of_index(part, np.tile(prior, (len(part), 1))),
+                                                 positive_class))
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
@@ -202,9 +201,8 @@ def _score(head, features: dict[str, np.ndarray], index, splits: list[str], posi
     out = {}
     for split in splits:
         part = index.subset(split)
-        probs = head.predict_proba(features[split])
-        out[split] = row_metrics(compute_metrics(Predictions(list(part.paths), list(index.classes), part.targets,
-                                                             probs), positive_class))
+        out[split] = row_metrics(compute_metrics(Predictions.of_index(part, head.predict_proba(features[split])),
+                                                 positive_class))
     return out
 
 

@@ -53,8 +53,7 @@ def train_classical(config: Config, evaluate_test: bool = True):
         start = time.perf_counter()
         head = make_head(kind, value, cfg.train.seed, balanced, train.targets, scale).fit(features["train"],
                                                                                          train.targets)
-        row = validation_row(compute_metrics(Predictions(list(val.paths), list(index.classes), val.targets,
-                                                         head.predict_proba(features["val"])),
+        row = validation_row(compute_metrics(Predictions.of_index(val, head.predict_proba(features["val"])),
                                              cfg.data.positive_class))
         history.append({"epoch": epoch, "stage": kind, "param": f"{name}={value}", **row,
                         "seconds": round(time.perf_counter() - start, 3)})

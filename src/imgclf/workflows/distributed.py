@@ -49,8 +49,7 @@ def exact_predictions(run: NetworkRun, split: str, prepared: PreparedData, ctx: 
     with exact_fp32(device):
         probs = exact_probs(model, run.objective, dataset, run.config.train.batch_size, compute, ctx,
                             tta or run.config.evaluate.tta, run.config.data.workers)
-    subset = prepared.index.subset(split)
-    return Predictions(list(subset.paths), run.classes, subset.targets, probs)
+    return Predictions.of_index(prepared.index.subset(split), probs, run.classes)
 
 
 def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tta: str | None,

@@ -196,7 +196,7 @@ def _val_predictions(s: RunSetup, run: Run, probs: np.ndarray | None) -> Predict
         return run.probabilities("val", prepared=s.prepared)
     log.debug("validation predictions: the last validation's of the saved weights (computed as evaluate does)")
     val = s.index.subset("val")
-    return Predictions(list(val.paths), list(run.classes), val.targets, probs)
+    return Predictions.of_index(val, probs, run.classes)
 
 
 def _finish_on_ranks(s: RunSetup, run: Run, evaluate_test: bool, best_epoch: int | None) -> Run:
