@@ -142,11 +142,11 @@ def _fit_probe(features: dict[str, np.ndarray], targets: np.ndarray, index, cfg:
     scaled = scaler.transform(features["train"])
     model = LogisticRegression(max_iter=5000, warm_start=True,
                                class_weight="balanced" if cfg.train.class_weight == "balanced" else None)
-    best = None
+    best, val_targets = None, index.subset("val").targets
     for value in sorted(GRIDS["logreg"][1]):
         model.set_params(C=value).fit(scaled, targets)
         head = make_pipeline(scaler, copy.deepcopy(model))
-        f1, loss = f1_and_log_loss(index.subset("val").targets, head.predict_proba(features["val"]))
+        f1, loss = f1_and_log_loss(val_targets, head.predict_proba(features["val"]))
         key = (f1, -loss)
         if best is None or key > best[0]:
             best = (key, value, head)
