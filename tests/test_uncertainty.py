@@ -1,12 +1,15 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
 from imgclf.errors import ConfigError
+from imgclf.evaluation import uncertainty
 from imgclf.evaluation.metrics import compute_metrics, expected_calibration_error, reliability
 from imgclf.evaluation.operating import choose_threshold
 from imgclf.evaluation.predictions import Predictions
-from imgclf.evaluation.uncertainty import bootstrap_auc, confidence_intervals, wilson
+from imgclf.evaluation.uncertainty import bootstrap_auc, confidence_intervals, resampled_auc, wilson
 
 
 def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -73,16 +76,37 @@ def test_bootstrap_auc_is_seeded_and_narrows_with_more_images():
     assert bootstrap_auc(np.zeros(5, int), probs[:5], 100, seed=1) is None  # one class: no AUC
 
 
-def test_rank_auc_equals_scikit_learn_with_ties():
+def test_resampled_auc_equals_scikit_learn_weighted_by_the_draw_counts_with_ties():
     from sklearn.metrics import roc_auc_score
 
-    from imgclf.evaluation.uncertainty import rank_auc
-
     rng = np.random.default_rng(3)
-    labels = rng.random((4, 50)) < 0.4
-    score = rng.integers(0, 6, (4, 50)) / 5  # many ties
-    expected = [roc_auc_score(labels[r], score[r]) for r in range(4)]
-    np.testing.assert_allclose(rank_auc(labels, score), expected)
+    labels = rng.random(50) < 0.4
+    counts = rng.integers(0, 4, (6, 50))  # how often each resample drew each image; 0: not drawn
+    for score in (rng.integers(0, 6, 50) / 5, rng.random(50)):  # many ties, then none
+        expected = [roc_auc_score(labels, score, sample_weight=row) for row in counts]
+        np.testing.assert_allclose(resampled_auc(counts, labels, score), expected, rtol=1e-12)
+    one_class = np.where(labels, 0, counts[0])  # draws only negatives: no AUC
+    assert np.isnan(resampled_auc(one_class[None], labels, rng.random(50))).all()
+
+
+def test_bootstrap_auc_in_chunks_draws_and_scores_as_in_one(monkeypatch):
+    positive, score = scores(120)
+    probs = np.stack([1 - score, score], 1)
+    whole = bootstrap_auc(positive.astype(int), probs, 250, seed=4)
+    monkeypatch.setattr(uncertainty, "CHUNK_ELEMENTS", 7 * 120)  # 7 resamples a chunk, the last one short
+    assert bootstrap_auc(positive.astype(int), probs, 250, seed=4) == whole
+
+
+def test_bootstrap_auc_memory_stays_bounded_on_a_large_test_set():
+    positive, score = scores(20000)
+    tracemalloc.start()
+    try:
+        bootstrap_auc(positive.astype(int), np.stack([1 - score, score], 1), 300, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 300 resamples of 20,000 images drawn at once would hold 48 MB per int64 array, several of them
+    assert peak < 64 * 2**20
 
 
 def test_intervals_contain_their_point_estimates():

@@ -8,7 +8,7 @@ seeded percentile bootstrap over images. (Calibration, reliability bins and ECE,
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binomtest, rankdata
+from scipy.stats import binomtest
 
 from imgclf.evaluation.metrics import roc_auc
 from imgclf.evaluation.operating import positive_index
@@ -28,29 +28,53 @@ def wilson(successes: int, n: int) -> list[float] | None:
 def bootstrap_auc(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int) -> list[float] | None:
     """Percentile interval of (macro one-vs-rest) ROC-AUC over resamples of the images; seeded.
 
-    All resamples are scored at once with the rank form of AUC (Mann-Whitney U, ties counted
-    half), which is what scikit-learn's roc_auc_score computes, without its per-call overhead.
-    Resamples that miss a class have no AUC and are dropped.
+    A resample is scored from how often it drew each image (``resampled_auc``), so the scores are
+    sorted once, not once per resample. The resamples are drawn in chunks of at most
+    ``CHUNK_ELEMENTS`` draws (the same random stream as one draw of all of them): memory stays
+    bounded whatever ``--bootstrap`` and the image count are. Resamples that miss a class have no
+    AUC and are dropped.
     """
     if resamples == 0 or roc_auc(y, probs) is None:
         return None
     rng = np.random.default_rng(seed)
-    take = rng.integers(0, len(y), (resamples, len(y)))
+    n = len(y)
     classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
-    per_class = np.stack([rank_auc(y[take] == k, probs[take, k]) for k in classes])
-    values = per_class.mean(axis=0)
+    per_chunk = max(1, CHUNK_ELEMENTS // n)
+    values = []
+    for start in range(0, resamples, per_chunk):
+        rows = min(per_chunk, resamples - start)
+        take = rng.integers(0, n, (rows, n))
+        counts = np.bincount((take + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
+        values.append(np.mean([resampled_auc(counts, y == k, probs[:, k]) for k in classes], axis=0))
+    values = np.concatenate(values)
     values = values[np.isfinite(values)]
     alpha = (1 - LEVEL) / 2
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
 
-def rank_auc(is_positive: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """ROC-AUC of each row of ``score`` (R x N) against ``is_positive`` (R x N); NaN for a one-class row."""
-    ranks = rankdata(score, axis=1)  # average ranks: ties count half
-    n_pos = is_positive.sum(axis=1)
-    n_neg = is_positive.shape[1] - n_pos
+CHUNK_ELEMENTS = 1 << 19  # draws held at once: 4 MB per int64 array, ~30 MB in all
+
+
+def resampled_auc(counts: np.ndarray, is_positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC-AUC of each resample (a row of ``counts``: how often it drew each image) of images with labels
+    ``is_positive`` and scores ``score`` (N); NaN where a resample has one class only.
+
+    The Mann-Whitney form with ties counted half, as scikit-learn's roc_auc_score with these counts as
+    sample weights: each positive draw scores the negative draws below its score, plus half of those
+    tied with it. Images are sorted by score once and grouped by equal score."""
+    order = np.argsort(score, kind="stable")
+    sorted_score = score[order]
+    drawn = np.take(counts, order, axis=1)  # 3x faster than counts[:, order]
+    positive = drawn * is_positive[order]
+    negative = drawn - positive
+    if (ties := sorted_score[1:] == sorted_score[:-1]).any():
+        group_starts = np.flatnonzero(np.r_[True, ~ties])
+        positive = np.add.reduceat(positive, group_starts, axis=1)
+        negative = np.add.reduceat(negative, group_starts, axis=1)
+    negative_below = np.cumsum(negative, axis=1) - negative
+    twice_wins = (positive * (2 * negative_below + negative)).sum(axis=1)  # integers: exact
     with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * is_positive).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        return twice_wins / (2 * positive.sum(axis=1) * negative.sum(axis=1))
 
 
 def confidence_intervals(preds: Predictions, positive_class: str | None, resamples: int, seed: int) -> dict:
