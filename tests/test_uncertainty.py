@@ -74,6 +74,8 @@ def test_bootstrap_auc_is_seeded_and_narrows_with_more_images():
     wide = bootstrap_auc(big_pos.astype(int), np.stack([1 - big_score, big_score], 1), 300, seed=1)
     assert wide[1] - wide[0] < first[1] - first[0]
     assert bootstrap_auc(np.zeros(5, int), probs[:5], 100, seed=1) is None  # one class: no AUC
+    two = np.array([[0.8, 0.2], [0.3, 0.7]])  # one image per class: half the resamples miss one
+    assert [bootstrap_auc(np.array([0, 1]), two, 1, seed) for seed in range(6)].count(None) >= 2
 
 
 def test_resampled_auc_equals_scikit_learn_weighted_by_the_draw_counts_with_ties():

@@ -32,7 +32,7 @@ def bootstrap_auc(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int) -
     sorted once, not once per resample. The resamples are drawn in chunks of at most
     ``CHUNK_ELEMENTS`` draws (the same random stream as one draw of all of them): memory stays
     bounded whatever ``--bootstrap`` and the image count are. Resamples that miss a class have no
-    AUC and are dropped.
+    AUC and are dropped; None when all of them do.
     """
     if resamples == 0 or roc_auc(y, probs) is None:
         return None
@@ -48,6 +48,8 @@ def bootstrap_auc(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int) -
         values.append(np.mean([resampled_auc(counts, y == k, probs[:, k]) for k in classes], axis=0))
     values = np.concatenate(values)
     values = values[np.isfinite(values)]
+    if not len(values):  # tiny sets: every resample missed a class
+        return None
     alpha = (1 - LEVEL) / 2
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
