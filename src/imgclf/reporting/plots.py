@@ -57,11 +57,11 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
     columns = min(CURVE_COLUMNS, len(names))
     rows = -(-len(names) // columns)
     width = _inches(PAGE_WIDTH_PX if columns == CURVE_COLUMNS else HALF_WIDTH_PX * columns / 2)
-    fig, axes = plt.subplots(rows, columns, figsize=(width, 2.6 * rows + 0.5), squeeze=False, layout="constrained")
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
+    fig = plt.figure(figsize=(width, 2.6 * rows + 0.5), layout="constrained")
+    grid = fig.add_gridspec(rows, columns)
+    axes = [fig.add_subplot(grid[k // columns, k % columns]) for k in range(len(names))]  # no empty panels
     epochs = [row["epoch"] for row in history]
-    for ax, name in zip(axes.flat, names, strict=False):
+    for ax, name in zip(axes, names, strict=True):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row.get(f"{split}_{name}") for row in history]
             if any(v is not None for v in values):
@@ -78,7 +78,7 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
         ax.tick_params(labelsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels(),
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(),
                                                                           strict=True)}
     fig.legend(handles.values(), handles.keys(), loc="outside upper right", ncols=len(handles), fontsize=9)
     fig.suptitle("Training curves", x=0.01, ha="left", fontsize=12, fontweight="bold")
