@@ -84,8 +84,10 @@ def make_csv(root: Path, per_class: int, with_split: bool, seed: int = 0, delimi
 
 
 def write_dicom(path: Path, pixels: np.ndarray, slope: float = 1.0, intercept: float = 0.0,
-                window: tuple[float, float] | None = None, photometric: str = "MONOCHROME2") -> Path:
-    """A minimal valid DICOM file (uncompressed, 16-bit unsigned) written with pydicom."""
+                window: tuple[float, float] | None = None, photometric: str = "MONOCHROME2",
+                claimed_size: tuple[int, int] | None = None) -> Path:
+    """A minimal valid DICOM file (uncompressed, 16-bit unsigned) written with pydicom; ``pixels`` of 3
+    dimensions are frames. ``claimed_size`` (rows, columns) puts another size in the header: a bomb's."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -96,7 +98,9 @@ def write_dicom(path: Path, pixels: np.ndarray, slope: float = 1.0, intercept: f
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "CR", "anon"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = claimed_size or pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = len(pixels)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept

@@ -113,6 +113,25 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     assert load_image(tmp_path / "a.dcm", 16, 3).shape == (16, 16, 3)
 
 
+def test_dicom_size_is_checked_on_the_header_before_decoding_and_only_the_first_frame_is_read(tmp_path):
+    pytest.importorskip("pydicom")
+    from imagefactory import write_dicom
+
+    from imgclf.data.images import MAX_PIXELS, image_size
+
+    # 20000 x 20000 in the header, 32 bytes of pixels: decoding would fail on the pixel data's length instead
+    bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4)), claimed_size=(20000, 20000))
+    assert image_size(bomb) == (20000, 20000)
+    with pytest.raises(BadImage, match=f"bomb.dcm: 20000x20000 pixels exceeds the {MAX_PIXELS:,} limit"):
+        load_image(bomb, 8, 1)
+    frames = np.zeros((3, 12, 12))
+    frames[0, :, :6] = 1000  # the first frame: bright left half; the others: bright right half
+    frames[1:, :, 6:] = 1000
+    first = load_image(write_dicom(tmp_path / "frames.dcm", frames), 12, 1)[..., 0]
+    assert first[:, :5].min() == 255 and first[:, 7:].max() == 0
+    assert image_size(tmp_path / "frames.dcm") == (12, 12)
+
+
 def float_tiff(path: Path, values: tuple[float, float]) -> Path:
     """A 32-bit float grayscale TIFF (Pillow mode F): bright left third at ``values[0]``, the rest ``values[1]``."""
     pixels = np.full((12, 12), values[1], dtype=np.float32)

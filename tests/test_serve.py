@@ -443,3 +443,22 @@ def _drop(page, name: str, data: bytes) -> None:
         [base64.b64encode(data).decode(), name])
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
+
+
+def test_a_dicom_upload_over_the_pixel_cap_is_refused_on_its_header_before_decoding(tmp_path):
+    pytest.importorskip("pydicom")
+    from imagefactory import write_dicom
+
+    from imgclf.serving.graph import InputSpec
+    from imgclf.serving.uploads import UploadError, decode_upload
+
+    spec, folder = InputSpec(8, 1, "bilinear"), tmp_path / "uploads"
+    folder.mkdir()
+    # 9000 x 9000 in the header and 32 bytes of pixels: a decode would be a 422 about the pixel data
+    data = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4)), claimed_size=(9000, 9000)).read_bytes()
+    with pytest.raises(UploadError) as refused:
+        decode_upload(data, "bomb.dcm", spec, folder, max_pixels=50_000_000)
+    assert refused.value.status == 413 and "9000x9000 is 81,000,000 pixels" in str(refused.value)
+    small = write_dicom(tmp_path / "ok.dcm", np.arange(64).reshape(8, 8) * 50).read_bytes()
+    array, _ = decode_upload(small, "ok.dcm", spec, folder, max_pixels=50_000_000)
+    assert array.shape == (8, 8, 1) and array[0, 0, 0] < array[-1, -1, 0]

@@ -15,22 +15,49 @@ from PIL import Image
 from imgclf.errors import ImgclfError
 
 
-def read_dicom(path: Path) -> Image.Image:
+def dicom_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header alone: nothing is decoded, so a size cap can refuse a bomb first."""
+    return _size(_pydicom(path).dcmread(path, stop_before_pixels=True))
+
+
+def read_dicom(path: Path, max_pixels: int) -> Image.Image:
+    """The first frame as 8-bit gray; a frame over ``max_pixels`` is refused (ValueError) before decoding.
+    A compressed frame can be a thousandth of its decoded size, so the file's size says nothing."""
+    pydicom = _pydicom(path)
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    ds = pydicom.dcmread(path)
+    width, height = _size(ds)
+    if width * height > max_pixels:
+        raise ValueError(f"{width}x{height} pixels exceeds the {max_pixels:,} limit")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    stored = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # multi-frame: the first frame only
+    pixels = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
+    del stored  # only the float frame is needed from here (the dataset, and any cache of it, is dropped)
+    low, high = _window(ds, pixels)
+    # in place: one float64 frame at a time, whatever its size (up to the cap)
+    np.subtract(pixels, low, out=pixels)
+    np.divide(pixels, max(high - low, 1e-9), out=pixels)
+    np.clip(pixels, 0, 1, out=pixels)
+    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+        np.subtract(1, pixels, out=pixels)
+    np.multiply(pixels, 255, out=pixels)
+    return Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8))
+
+
+def _pydicom(path: Path):
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut
     except ImportError:
         raise ImgclfError(f"{path} is DICOM: pip install 'imgclf[dicom]' to read .dcm files") from None
-    ds = pydicom.dcmread(path)
-    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
-    low, high = _window(ds, pixels)
-    scaled = np.clip((pixels - low) / max(high - low, 1e-9), 0, 1)
-    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
-        scaled = 1 - scaled
-    image = (scaled * 255).round().astype(np.uint8)
-    return Image.fromarray(image)
+    return pydicom
+
+
+def _size(ds) -> tuple[int, int]:
+    try:
+        return int(ds.Columns), int(ds.Rows)
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError("the DICOM header has no valid Rows and Columns") from None
 
 
 def _window(ds, pixels: np.ndarray) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgclf.data.dicom import read_dicom
+from imgclf.data.dicom import dicom_size, read_dicom
 from imgclf.errors import DataError
 
 # Beyond this many pixels an image is treated as a decompression bomb rather than decoded.
@@ -99,8 +99,16 @@ def require_regular_file(path: Path) -> None:
 def open_image(path: Path) -> Image.Image:
     """Pillow's lazy open, or the DICOM reader for ``.dcm``."""
     if path.suffix.lower() == ".dcm":
-        return read_dicom(path)
+        return read_dicom(path, MAX_PIXELS)
     return Image.open(path)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, decoding nothing (a DICOM file included)."""
+    if path.suffix.lower() == ".dcm":
+        return dicom_size(path)
+    with Image.open(path) as img:
+        return img.width, img.height
 
 
 def to_mode(img: Image.Image, target: str) -> Image.Image:

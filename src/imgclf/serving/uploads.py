@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgclf.data.images import BadImage, load_image, open_image
+from imgclf.data.images import BadImage, image_size, load_image
 from imgclf.errors import ImgclfError
 from imgclf.serving.graph import InputSpec
 
@@ -51,8 +51,7 @@ def _header_size(path: Path, shown: str) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the server's own cap decides
-            with open_image(path) as img:
-                return img.width, img.height
+            return image_size(path)
     except UnidentifiedImageError:
         raise UploadError(415, f"{shown}: not an image format imgclf reads (PNG, JPEG, BMP, TIFF, WebP, GIF, "
                                "DICOM ...)") from None
