@@ -115,9 +115,9 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
 
 def test_dicom_size_is_checked_on_the_header_before_decoding_and_only_the_first_frame_is_read(tmp_path):
     pytest.importorskip("pydicom")
-    from imagefactory import write_dicom
-
     from imgclf.data.images import MAX_PIXELS, image_size
+
+    from imagefactory import write_dicom
 
     # 20000 x 20000 in the header, 32 bytes of pixels: decoding would fail on the pixel data's length instead
     bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4)), claimed_size=(20000, 20000))

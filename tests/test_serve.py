@@ -447,10 +447,10 @@ def _drop(page, name: str, data: bytes) -> None:
 
 def test_a_dicom_upload_over_the_pixel_cap_is_refused_on_its_header_before_decoding(tmp_path):
     pytest.importorskip("pydicom")
-    from imagefactory import write_dicom
-
     from imgclf.serving.graph import InputSpec
     from imgclf.serving.uploads import UploadError, decode_upload
+
+    from imagefactory import write_dicom
 
     spec, folder = InputSpec(8, 1, "bilinear"), tmp_path / "uploads"
     folder.mkdir()
