@@ -16,7 +16,7 @@ from PIL import Image
 
 from browser import chromium_page
 from imgclf.evaluation.predictions import Predictions
-from imgclf.reporting import plots
+from imgclf.reporting import evalplots, plots
 from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.format import fmt
 from imgclf.reporting.html import write_report
@@ -35,7 +35,7 @@ def run_copy(trained_run, tmp_path):
 def drawn(monkeypatch) -> dict:
     """Figures keyed by file name, kept open instead of saved, so their settings can be read."""
     figures: dict = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
     yield figures
     plots.plt.close("all")
 
@@ -61,11 +61,11 @@ def predictions(classes: list[str], n: int = 40, seed: int = 0) -> Predictions:
 
 @pytest.mark.parametrize("classes", [["covid", "normal", "pneumonia"],
                                      [f"a rather long class name {k}" for k in range(12)]])
-def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, classes):
+def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, caplog, classes):
     preds = predictions(classes)
     cm = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(cm, (preds.true, preds.probs.argmax(axis=1)), 1)
-    plots.plot_evaluation(preds, {"confusion_matrix": cm.tolist(), "ece": 0.1}, tmp_path, "val")
+    evalplots.plot_evaluation(preds, {"confusion_matrix": cm.tolist(), "ece": 0.1}, tmp_path, "val")
     history = [{"epoch": e, "stage": "head" if e < 3 else "finetune", "train_loss": 1 / e, "val_loss": 1.1 / e,
                 **{f"{s}_{m}": e / 6 for s in ("train", "val") for m in ("accuracy", "auc", "balanced_accuracy",
                                                                        "f1_macro", "precision_macro",
@@ -79,11 +79,59 @@ def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, cla
     confusion = drawn["confusion_val.png"]
     digits = [t for t in confusion.findobj(Text) if re.fullmatch(r"\d+(\.\d{3})?", t.get_text())]
     assert len(digits) >= 2 * len(classes) ** 2  # every cell of both panels, in the page's number format
+    assert not [r for r in caplog.records if "too small" in r.getMessage()]  # nothing left out
     curves = drawn["curves.png"]
     titles = [ax.get_title() for ax in curves.axes]  # a panel per metric, none empty: 7 of the 3 x 3 cells
     assert titles == ["loss", "accuracy", "auc", "balanced accuracy", "f1 macro", "precision macro", "recall macro"]
     assert curves.get_suptitle() == "Training curves" and curves._suptitle.get_horizontalalignment() == "left"
     assert len(curves.legends) == 1 and all(ax.get_legend() is None for ax in curves.axes)  # one legend
+
+
+@pytest.mark.parametrize(("classes", "left_out"), [
+    ([f"a rather long class name {k}" for k in range(30)], "numbers"),
+    ([f"c{k}" for k in range(1000)], "numbers and class names"),  # an ImageNet-sized run
+])
+def test_a_confusion_matrix_of_many_classes_stays_one_column_wide_and_says_what_it_left_out(
+        drawn, tmp_path, caplog, classes, left_out):
+    n = len(classes)
+    cm = np.random.default_rng(0).integers(0, 5, (n, n))
+    evalplots.plot_confusion(cm, classes, tmp_path / "confusion_val.png", "val")
+    fig = drawn["confusion_val.png"]
+    assert width_px(fig) <= plots.PAGE_WIDTH_PX + 0.5  # however many classes: not 0.4 in a cell (44,000 px)
+    assert fig.get_size_inches()[1] * plots.DPI <= 2 * plots.PAGE_WIDTH_PX + 100  # two panels, one above the other
+    assert min(px for _, px in text_px(fig)) >= READABLE_PX
+    assert not [t for t in fig.findobj(Text) if re.fullmatch(r"\d+(\.\d{3})?", t.get_text())]  # no cell numbers
+    tick_names = {t.get_text() for ax in fig.axes for t in ax.get_yticklabels()}
+    assert (classes[0] in tick_names) == (left_out == "numbers")
+    warnings = [r.getMessage() for r in caplog.records if "confusion_val.png" in r.getMessage()]
+    assert len(warnings) == 1 and f"{n} classes leave its cells too small for their {left_out}" in warnings[0]
+    assert "metrics.json's confusion_matrix" in warnings[0]
+
+
+@pytest.mark.parametrize("classes", [[f"n{k}" for k in range(10)], [f"x{k}" for k in range(25)],
+                                     [f"a rather long class name {k}" for k in range(3)],
+                                     [f"a rather long class name {k}" for k in range(12)]])
+def test_no_confusion_matrix_is_cut_off_at_the_png_edges(tmp_path, classes):
+    """Fixed-aspect images made constrained layout swing between passes: the 'true' label was cut at the left."""
+    n = len(classes)
+    evalplots.plot_confusion(np.random.default_rng(1).integers(0, 50, (n, n)), classes, tmp_path / "c.png", "val")
+    gray = np.asarray(Image.open(tmp_path / "c.png").convert("L"))
+    frame = np.concatenate([gray[:, :2].ravel(), gray[:, -2:].ravel(), gray[:2].ravel(), gray[-2:].ravel()])
+    assert (frame >= 200).all()  # nothing dark within 2 px of an edge: no text runs off the picture
+
+
+def test_a_layout_that_leaves_text_outside_the_figure_gets_another_pass(tmp_path, monkeypatch):
+    draws = []
+    real_draw = plots.FigureCanvasAgg.draw
+    monkeypatch.setattr(plots.FigureCanvasAgg, "draw", lambda canvas: draws.append(1) or real_draw(canvas))
+    fig, ax = plots.plt.subplots(layout="constrained")
+    ax.plot([0, 1])
+    plots.save_figure(fig, tmp_path / "fits.png")
+    assert len(draws) == 1
+    fig, ax = plots.plt.subplots(layout="constrained")
+    fig.text(-0.2, 0.5, "outside")  # no layout brings it in: every pass is tried, then the PNG written
+    plots.save_figure(fig, tmp_path / "cut.png")
+    assert len(draws) == 1 + plots.LAYOUT_PASSES and (tmp_path / "cut.png").is_file()
 
 
 def _curves(path):
@@ -97,7 +145,7 @@ def _confusion(path):
     preds = predictions(classes)
     cm = np.zeros((5, 5), dtype=int)
     np.add.at(cm, (preds.true, preds.probs.argmax(axis=1)), 1)
-    plots.plot_confusion(cm, classes, path, "val")
+    evalplots.plot_confusion(cm, classes, path, "val")
 
 
 def _feature_maps(path):
@@ -107,9 +155,9 @@ def _feature_maps(path):
 
 @pytest.mark.parametrize("draw", [_curves, _confusion, _feature_maps])
 def test_a_saved_figure_is_pixel_for_pixel_what_savefig_writes(tmp_path, monkeypatch, draw):
-    """``_save`` lays the figure out once instead of savefig's twice; the PNG must not change."""
+    """``save_figure`` lays the figure out once instead of savefig's twice; the PNG must not change."""
     draw(tmp_path / "ours.png")
-    monkeypatch.setattr(plots, "_save", lambda fig, path: fig.savefig(path, dpi=plots.DPI, format="png"))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: fig.savefig(path, dpi=plots.DPI, format="png"))
     draw(tmp_path / "savefig.png")
     ours, theirs = (np.asarray(Image.open(tmp_path / name)) for name in ("ours.png", "savefig.png"))
     assert ours.shape == theirs.shape
@@ -122,7 +170,7 @@ def test_empty_reliability_bins_are_left_out_not_drawn_at_zero(drawn, tmp_path):
             for k in range(10)]
     bins[6].update(count=5, confidence=0.65, accuracy=0.6)
     bins[9].update(count=3, confidence=0.95, accuracy=1.0)
-    plots.plot_reliability(bins, 0.05, tmp_path / "r.png", "val")
+    evalplots.plot_reliability(bins, 0.05, tmp_path / "r.png", "val")
     top, bottom = drawn["r.png"].axes
     points = next(line for line in top.lines if line.get_marker() == "o")
     assert list(points.get_xdata()) == [0.65, 0.95] and list(points.get_ydata()) == [0.6, 1.0]

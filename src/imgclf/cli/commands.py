@@ -15,8 +15,8 @@ from imgclf.errors import ImgclfError
 from imgclf.logs import is_main_process
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
 from imgclf.training.ddp import DistSettings

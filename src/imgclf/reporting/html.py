@@ -16,9 +16,10 @@ from imgclf.errors import RunDirError
 from imgclf.evaluation.metrics import expected_calibration_error
 from imgclf.evaluation.predictions import Predictions
 from imgclf.reporting.baselines import baselines_html
+from imgclf.reporting.evalplots import plot_evaluation
 from imgclf.reporting.format import esc, fmt, read_rows, table, with_ci
 from imgclf.reporting.gallery import render_cases
-from imgclf.reporting.plots import PAGE_WIDTH_PX, plot_evaluation
+from imgclf.reporting.plots import PAGE_WIDTH_PX
 from imgclf.runs import files as runfiles
 from imgclf.runs.base import load_run
 from imgclf.versions import version

@@ -192,7 +192,7 @@ class NetworkRun:
 
     def score(self, preds: Predictions, split: str) -> dict:
         """Decide at the run's threshold, write predictions_<split>.csv, then metrics and intervals
-        from that file as read back (the reporting wing draws them: ``plots.draw_evaluations``)."""
+        from that file as read back (the reporting wing draws them: ``evalplots.draw_evaluations``)."""
         preds = preds.at_threshold(self.threshold, self.positive)
         saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
                                         self.config.data.positive_class)

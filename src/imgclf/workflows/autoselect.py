@@ -31,8 +31,9 @@ from imgclf.data.index import build_index
 from imgclf.data.pipeline import PreparedData, prepare
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations, write_summary
+from imgclf.reporting.plots import write_summary
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, open_run
 from imgclf.workflows.baselines import PROBE_MAX_TRAIN, baseline_rows, row_metrics, write_baselines

@@ -22,8 +22,8 @@ from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError, ImgclfError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import load_run
 from imgclf.runs.network import NetworkRun
 from imgclf.runtime import exact_fp32

@@ -12,8 +12,8 @@ from scipy.special import softmax
 from imgclf import atomic
 from imgclf.config import config_to_yaml
 from imgclf.errors import ConfigError
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, write_kind
 from imgclf.runs.ensemble import ENSEMBLE_FILE, METHODS, EnsembleRun

@@ -19,8 +19,8 @@ from imgclf import atomic
 from imgclf.config import Config, build_config
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations
 from imgclf.runs.base import open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs

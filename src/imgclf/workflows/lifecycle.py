@@ -34,8 +34,9 @@ from imgclf.models.networks import (
     output_units,
     resolve_preprocess,
 )
+from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import draw_evaluations, write_summary
+from imgclf.reporting.plots import write_summary
 from imgclf.runs import manifest
 from imgclf.runs.base import KIND_FILE, Run, open_run, write_kind
 from imgclf.runs.manifest import INCOMPLETE

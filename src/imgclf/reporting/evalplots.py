@@ -1,0 +1,154 @@
+"""The evaluation figures of a scored split: confusion matrix, ROC, precision-recall and reliability, drawn
+from its saved predictions and metrics (never computed here), at the report's sizes (``plots``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from imgclf.evaluation.metrics import reliability
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.reporting import plots
+from imgclf.reporting.plots import HALF_WIDTH_PX, PAGE_WIDTH_PX, SMALL_PT, MaxNLocator, inches, plt
+
+log = get_logger("plots")
+
+
+NUMBER_CELL_IN = 0.4  # a cell this wide holds "0.333" at SMALL_PT
+LABEL_CELL_IN = 0.15  # a row this tall holds a 9 pt class name
+
+
+def confusion_layout(n: int, longest_name: int) -> tuple[float, float, bool, bool, bool]:
+    """(cell size, class-name margin (inches), side by side, numbers in cells, class names on the axes).
+
+    Cells are 0.6 in while both panels fit the report's column side by side; then one above the other,
+    shrinking to fit the column's width. A cell too small for its number (or a row for its class name)
+    goes without: the figure stays one column wide however many classes there are."""
+    column_in = inches(PAGE_WIDTH_PX)
+
+    def cell(label_in: float) -> float:
+        extra_in = label_in + 0.9  # a panel: labels, cells, colour bar
+        return 0.6 if 2 * (extra_in + 0.6 * n) <= column_in else min(0.6, (column_in - extra_in) / n)
+
+    label_in = 0.55 + 0.075 * min(longest_name, 24)  # tick labels, 9 pt
+    if cell(label_in) < LABEL_CELL_IN:
+        label_in = 0.55  # the axis titles only
+    size = cell(label_in)
+    return size, label_in, 2 * (label_in + 0.9 + size * n) <= column_in, size >= NUMBER_CELL_IN, \
+        size >= LABEL_CELL_IN
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -> None:
+    """Counts and row-normalised (recall per true class) panels: side by side when both fit the report's
+    column at a readable cell size, else one above the other; cells shrink with many classes, never their text
+    below SMALL_PT: a warning says when the cells' numbers or the class names had to be left out."""
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    cell_in, label_in, side_by_side, numbered, labelled = confusion_layout(n, max(len(c) for c in classes))
+    panel = (label_in + 0.9 + cell_in * n, label_in + 0.5 + cell_in * n)
+    fig, axes = plt.subplots(*((1, 2) if side_by_side else (2, 1)), layout="constrained",
+                             figsize=(panel[0] * (2 if side_by_side else 1), panel[1] * (1 if side_by_side else 2)))
+    text_pt = float(np.clip(cell_in * 17, SMALL_PT, 10))  # "0.333" fits a cell
+    for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "share of each true class", ".3f")):
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if data is norm else None,  # shares on one scale
+                          aspect="auto")  # the figure size makes cells square; "equal" can swing the layout
+        fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=9)
+        ticks = range(n) if labelled else []
+        ax.set_xticks(ticks, classes if labelled else [], rotation=45, ha="right", fontsize=9)
+        ax.set_yticks(ticks, classes if labelled else [], fontsize=9)
+        ax.set_xlabel("predicted", fontsize=9)
+        ax.set_ylabel("true", fontsize=9)
+        ax.set_title(f"Confusion matrix ({split})\n{title}", fontsize=11)
+        threshold = (1 if data is norm else data.max()) / 2
+        for (r, c), value in np.ndenumerate(data) if numbered else ():
+            ax.text(c, r, format(value, fmt), ha="center", va="center",
+                    color="white" if value > threshold else "black", fontsize=text_pt)
+    plots.save_figure(fig, path)
+    left_out = [what for what, kept in (("numbers", numbered), ("class names", labelled)) if not kept]
+    if left_out:
+        log.warning("warning: %s: %d classes leave its cells too small for their %s; the counts are in "
+                    "metrics.json's confusion_matrix, in classes.json's order", path.name, n, " and ".join(left_out))
+
+
+def one_vs_rest(preds: Predictions, positive: int | None = None):
+    """(class name, is-this-class, its probability) per class with both outcomes present; binary
+    tasks give the positive class only."""
+    ks = [positive if positive is not None else 1] if len(preds.classes) == 2 else range(len(preds.classes))
+    for k in ks:
+        hits = preds.true == k
+        if hits.any() and not hits.all():
+            yield preds.classes[k], hits, preds.probs[:, k]
+
+
+def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = None,
+             threshold: float | None = None) -> None:
+    """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
+    fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
+    for name, hits, score in one_vs_rest(preds, positive):
+        fpr, tpr, _ = roc_curve(hits, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(hits, score):.3f})")
+        if threshold is not None:
+            called = score >= threshold
+            ax.plot((called & ~hits).sum() / (~hits).sum(), (called & hits).sum() / hits.sum(), "o", color="black",
+                    label=f"threshold {threshold:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.legend(loc="lower right", fontsize=SMALL_PT)
+    ax.grid(alpha=0.3)
+    plots.save_figure(fig, path)
+
+
+def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = None) -> None:
+    """One-vs-rest precision-recall curve per class, with average precision (the PR AUC)."""
+    fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
+    for name, hits, score in one_vs_rest(preds, positive):
+        precision, recall, _ = precision_recall_curve(hits, score)
+        line, = ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(hits, score):.3f})")
+        ax.axhline(hits.mean(), color=line.get_color(), ls=":", lw=0.8)  # a random classifier's precision
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.legend(loc="lower left", fontsize=SMALL_PT)
+    ax.grid(alpha=0.3)
+    plots.save_figure(fig, path)
+
+
+def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> None:
+    """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below.
+    Empty bins have no accuracy: they are left out of both panels, not drawn at zero."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(inches(HALF_WIDTH_PX), 6), height_ratios=[3, 1], sharex=True,
+                                      layout="constrained")
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"]
+    top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", alpha=0.7, label="accuracy of the bin")
+    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red",
+             label="at the bin's mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    top.set(ylabel="accuracy", title=f"Reliability ({split}): ECE {ece:.3f}", ylim=(0, 1.02))
+    top.legend(fontsize=SMALL_PT, loc="best")
+    bottom.bar([b["low"] for b in filled], [b["count"] for b in filled], width=width, align="edge", color="gray")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set(xlabel="confidence (top class)", ylabel="images", xlim=(0, 1))
+    plots.save_figure(fig, path)
+
+
+def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str, positive: int | None = None) -> None:
+    plot_confusion(np.array(metrics["confusion_matrix"]), preds.classes, folder / f"confusion_{split}.png", split)
+    plot_roc(preds, folder / f"roc_{split}.png", split, positive, metrics.get("threshold"))
+    plot_pr(preds, folder / f"pr_{split}.png", split, positive)
+    bins = reliability(preds.confidence, preds.probs.argmax(axis=1) == preds.true)
+    plot_reliability(bins, metrics["ece"], folder / f"reliability_{split}.png", split)
+
+
+def draw_evaluations(run, splits) -> None:
+    """The confusion matrix, ROC, PR and reliability plots of each scored split, from its saved predictions."""
+    metrics = run.metrics
+    for split in splits:
+        csv_file = run.path / f"predictions_{split}.csv"
+        if split in metrics and csv_file.is_file():
+            plot_evaluation(Predictions.from_csv(csv_file), metrics[split], run.path / "plots", split, run.positive)
