@@ -122,8 +122,10 @@ def test_no_confusion_matrix_is_cut_off_at_the_png_edges(tmp_path, classes):
 
 def test_a_layout_that_leaves_text_outside_the_figure_gets_another_pass(tmp_path, monkeypatch):
     draws = []
-    real_draw = plots.FigureCanvasAgg.draw
-    monkeypatch.setattr(plots.FigureCanvasAgg, "draw", lambda canvas: draws.append(1) or real_draw(canvas))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    real_draw = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda canvas: draws.append(1) or real_draw(canvas))
     fig, ax = plots.plt.subplots(layout="constrained")
     ax.plot([0, 1])
     plots.save_figure(fig, tmp_path / "fits.png")
