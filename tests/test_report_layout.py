@@ -136,6 +136,29 @@ def test_a_layout_that_leaves_text_outside_the_figure_gets_another_pass(tmp_path
     assert len(draws) == 1 + plots.LAYOUT_PASSES and (tmp_path / "cut.png").is_file()
 
 
+@pytest.mark.parametrize("n", [5, 30])
+def test_roc_and_pr_name_at_most_eight_classes_the_lowest_scoring_and_say_so(drawn, tmp_path, caplog, n):
+    from sklearn.metrics import roc_auc_score
+
+    preds = predictions([f"class {k}" for k in range(n)], n=20 * n)
+    evalplots.plot_roc(preds, tmp_path / "roc_val.png", "val")
+    evalplots.plot_pr(preds, tmp_path / "pr_val.png", "val")
+    aucs = {c: roc_auc_score(preds.true == k, preds.probs[:, k]) for k, c in enumerate(preds.classes)}
+    lowest = sorted(aucs, key=aucs.get)[:evalplots.NAMED_CURVES]
+    legend = [t.get_text().split(" (")[0] for t in drawn["roc_val.png"].axes[0].get_legend().get_texts()]
+    assert sorted(legend) == sorted(lowest)  # every class when they fit, else the 8 to look at
+    for name in ("roc_val.png", "pr_val.png"):
+        ax = drawn[name].axes[0]
+        curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 2]  # not the guides
+        assert len(curves) == n
+        grey = [line for line in curves if line.get_color() == evalplots.GREY_CURVE["color"]]
+        assert len(grey) == n - len(lowest) and curves[:len(grey)] == grey  # drawn first, under the named
+        assert len(ax.get_legend().get_texts()) == len(lowest)
+    warned = [r.getMessage() for r in caplog.records if "too many for a legend" in r.getMessage()]
+    assert len(warned) == (2 if n > evalplots.NAMED_CURVES else 0)
+    assert all(f"{n} classes" in w and f"the other {n - 8} in grey" in w for w in warned)
+
+
 def _curves(path):
     history = [{"epoch": e, "stage": "head", "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": e / 6,
                 "val_accuracy": e / 7} for e in range(1, 6)]

@@ -84,13 +84,39 @@ def one_vs_rest(preds: Predictions, positive: int | None = None):
             yield preds.classes[k], hits, preds.probs[:, k]
 
 
+NAMED_CURVES = 8  # one-vs-rest curves a legend names; with more classes, the lowest-scoring ones
+NAMED_COLOURS = [f"C{k}" for k in (0, 1, 2, 3, 4, 5, 6, 8)]  # the colour cycle without its grey (C7)
+GREY_CURVE = {"color": "0.7", "lw": 0.6}  # a class's curve left out of the legend
+
+
+def named_curves(scores: dict[str, float], what: str, path: Path) -> set[str]:
+    """The classes whose curves get a colour and a legend entry: all of them, or with more than NAMED_CURVES,
+    the NAMED_CURVES lowest-scoring (the ones to look at), and a warning line says the rest are grey."""
+    if len(scores) <= NAMED_CURVES:
+        return set(scores)
+    log.warning("warning: %s: %d classes are too many for a legend; the %d with the lowest %s are named and in "
+                "colour, the other %d in grey", path.name, len(scores), NAMED_CURVES, what,
+                len(scores) - NAMED_CURVES)
+    return set(sorted(scores, key=scores.get)[:NAMED_CURVES])
+
+
+def curve_styles(names: list[str], named: set[str]) -> list[tuple[str, dict]]:
+    """(class, line style) in drawing order: the grey curves first, below the named ones in their colours."""
+    colours = iter(NAMED_COLOURS)
+    styled = [(name, {"color": next(colours)} if name in named else GREY_CURVE) for name in names]
+    return sorted(styled, key=lambda pair: pair[0] in named)
+
+
 def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = None,
              threshold: float | None = None) -> None:
     """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
-    for name, hits, score in one_vs_rest(preds, positive):
+    curves = {name: (hits, score, roc_auc_score(hits, score)) for name, hits, score in one_vs_rest(preds, positive)}
+    named = named_curves({name: c[2] for name, c in curves.items()}, "AUC", path)
+    for name, style in curve_styles(list(curves), named):
+        hits, score, auc = curves[name]
         fpr, tpr, _ = roc_curve(hits, score)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(hits, score):.3f})")
+        ax.plot(fpr, tpr, **style, **({"label": f"{name} (AUC {auc:.3f})"} if name in named else {}))
         if threshold is not None:
             called = score >= threshold
             ax.plot((called & ~hits).sum() / (~hits).sum(), (called & hits).sum() / hits.sum(), "o", color="black",
@@ -106,10 +132,15 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
 def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = None) -> None:
     """One-vs-rest precision-recall curve per class, with average precision (the PR AUC)."""
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
-    for name, hits, score in one_vs_rest(preds, positive):
+    curves = {name: (hits, score, average_precision_score(hits, score))
+              for name, hits, score in one_vs_rest(preds, positive)}
+    named = named_curves({name: c[2] for name, c in curves.items()}, "AP", path)
+    for name, style in curve_styles(list(curves), named):
+        hits, score, ap = curves[name]
         precision, recall, _ = precision_recall_curve(hits, score)
-        line, = ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(hits, score):.3f})")
-        ax.axhline(hits.mean(), color=line.get_color(), ls=":", lw=0.8)  # a random classifier's precision
+        ax.plot(recall, precision, **style, **({"label": f"{name} (AP {ap:.3f})"} if name in named else {}))
+        if name in named:
+            ax.axhline(hits.mean(), color=style["color"], ls=":", lw=0.8)  # a random classifier's precision
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.legend(loc="lower left", fontsize=SMALL_PT)
