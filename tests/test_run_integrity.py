@@ -20,6 +20,7 @@ from clitools import assert_clean_error
 from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
 from imgclf.errors import RunDirError
+from imgclf.runs import ensemble as ensemble_runs
 from imgclf.runs import manifest
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.heads import make_head, save_head
@@ -215,7 +216,7 @@ def test_a_run_without_a_manifest_still_opens_with_a_warning(runs, tmp_path, cap
 
 def test_an_ensemble_that_lists_itself_is_an_error_not_a_recursion(runs, tmp_path, capsys):
     out = tmp_path / "ens"
-    assert main(["ensemble", str(runs["net"]), str(runs["net"]), "--out", str(out)]) == 0
+    assert main(["ensemble", str(runs["net"]), str(copy_of(runs, "net", tmp_path)), "--out", str(out)]) == 0
     capsys.readouterr()
     edit_json(out / "ensemble.json", lambda d: d.update(members=[str(runs["net"]), str(out.resolve())]))
     manifest.seal(out)
@@ -223,6 +224,31 @@ def test_an_ensemble_that_lists_itself_is_an_error_not_a_recursion(runs, tmp_pat
     edit_json(out / "ensemble.json", lambda d: d.update(method="weighted", weights=[0.9, 0.9]))
     manifest.seal(out)
     assert "ensemble.json: weights" in cli_error(capsys, "evaluate", out)
+
+
+def test_an_ensemble_lists_each_run_once_and_at_most_max_members_models_in_all(runs, tmp_path, capsys,
+                                                                               monkeypatch):
+    assert "you gave" in (line := cli_error(capsys, "ensemble", runs["net"], runs["net"], "--out", tmp_path / "e"))
+    assert f"{runs['net']} twice" in line and not (tmp_path / "e").exists()  # refused before writing
+    twin = copy_of(runs, "net", tmp_path)  # another directory: a run of its own
+    pair = tmp_path / "pair"
+    assert main(["ensemble", str(runs["net"]), str(twin), "--out", str(pair)]) == 0
+    capsys.readouterr()
+    edit_json(pair / "ensemble.json", lambda d: d.update(members=[str(twin), str(twin)]))
+    manifest.seal(pair)
+    assert f"ensemble.json lists {twin} twice" in cli_error(capsys, "evaluate", pair)
+    edit_json(pair / "ensemble.json", lambda d: d.update(members=[str(runs["net"]), str(twin)]))
+    manifest.seal(pair)
+    # Nested ensembles multiply what predicting loads: the models are counted through them
+    monkeypatch.setattr(ensemble_runs, "MAX_MEMBERS", 3)
+    outer = tmp_path / "outer"
+    line = cli_error(capsys, "ensemble", pair, shutil.copytree(runs["net"], tmp_path / "third"),
+                     shutil.copytree(runs["net"], tmp_path / "fourth"), "--out", outer)
+    assert "the ensemble holds more than 3 trained runs in all" in line and not outer.exists()
+    monkeypatch.setattr(ensemble_runs, "MAX_MEMBERS", 4)
+    assert main(["ensemble", str(pair), str(tmp_path / "third"), "--out", str(outer)]) == 0
+    monkeypatch.setattr(ensemble_runs, "MAX_MEMBERS", 2)
+    assert f"ensemble {outer} holds more than 2 trained runs" in cli_error(capsys, "evaluate", outer)
 
 
 def test_damaged_resume_state_is_a_one_line_error(runs, tmp_path):

@@ -19,6 +19,7 @@ from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs import files as runfiles
 from imgclf.runs.base import Run, load_run, register
+from imgclf.runs.files import MAX_MEMBERS
 from imgclf.runs.network import NetworkRun
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -37,10 +38,24 @@ def combine(member_probs: list[np.ndarray], method: str, weights: np.ndarray | N
     return np.tensordot(w, stack, axes=1)
 
 
+def check_listed_once(paths: list[Path], who: str) -> None:
+    """Each run once: a run listed twice would count its vote twice and load its model twice."""
+    resolved = [p.resolve() for p in paths]
+    twice = next((p for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1), None)
+    if twice is not None:
+        raise RunDirError(f"{who} {twice} twice; an ensemble lists each run once")
 
 
-
-
+def count_models(runs: list[Run], who: str) -> int:
+    """The trained models behind ``runs``, those of listed ensembles counted too; at most MAX_MEMBERS, which
+    bounds what predicting loads however the ensembles nest (a count over it stops at once)."""
+    total = 0
+    for run in runs:
+        total += run.model_count if isinstance(run, EnsembleRun) else 1
+        if total > MAX_MEMBERS:
+            raise RunDirError(f"{who} holds more than {MAX_MEMBERS} trained runs in all (listed ensembles' members "
+                              "counted); list fewer runs")
+    return total
 
 
 @register("ensemble")
@@ -60,12 +75,18 @@ class EnsembleRun(NetworkRun):
         missing = [p for p in self.spec.members if not Path(p).is_dir()]
         if missing:
             raise RunDirError(f"ensemble member {missing[0]} is gone; the ensemble needs its members' directories")
+        check_listed_once([Path(p) for p in self.spec.members], f"{self.path / ENSEMBLE_FILE} lists")
         runs = [load_run(p, self.chain) for p in self.spec.members]
+        count_models(runs, f"ensemble {self.path}")
         odd = next((r for r in runs if r.classes != self.classes), None)
         if odd is not None:
             raise RunDirError(f"ensemble member {odd.path} has classes {odd.classes}, the ensemble {self.classes}; "
                               "re-create the ensemble")
         return runs
+
+    @property
+    def model_count(self) -> int:
+        return count_models(self.members, f"ensemble {self.path}")
 
     def combined(self, parts: list[Predictions]) -> Predictions:
         probs = combine([p.probs for p in parts], self.spec.method, self.spec.weights)

@@ -16,7 +16,7 @@ from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, write_kind
-from imgclf.runs.ensemble import ENSEMBLE_FILE, METHODS, EnsembleRun
+from imgclf.runs.ensemble import ENSEMBLE_FILE, METHODS, EnsembleRun, check_listed_once, count_models
 
 
 def fit_weights(member_probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -54,7 +54,9 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
     """Write an ensemble run directory, fit its weights on validation, evaluate val (and test once)."""
     if method not in METHODS:
         raise ConfigError(f"unknown ensemble method {method!r}; use one of {', '.join(METHODS)}")
+    check_listed_once([Path(p) for p in run_dirs], "imgclf ensemble: you gave")
     runs = [load_run(p) for p in run_dirs]
+    count_models(runs, "the ensemble")
     check_members(runs)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
