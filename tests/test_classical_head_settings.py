@@ -2,6 +2,7 @@
 (head_scale: false), e.g. the blood-cell notebook's plain SVC(). Issue 16 follow-ups, item 4."""
 
 import csv
+import zipfile
 
 import numpy as np
 import pytest
@@ -43,6 +44,24 @@ def test_head_settings_without_a_classical_head_are_errors():
         build_config({"train": {"head_scale": False}})
     with pytest.raises(ConfigError, match="head_param=2.5 is the knn head's n_neighbors: give a whole number"):
         build_config({"model": {"head": "knn"}, "train": {"head_param": 2.5}})
+    with pytest.raises(ConfigError, match="head_param=2001 trees for the rf head: at most 2000"):
+        build_config({"model": {"head": "rf"}, "train": {"head_param": 2001}})
+    assert build_config({"model": {"head": "rf"}, "train": {"head_param": 2000}}).train.head_param == 2000
+
+
+def test_a_head_file_whose_schema_is_over_the_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from imgclf.runs import safehead
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)), np.arange(30) % 3
+    save_head(make_head("rf", 30, 0, False, y).fit(x, y), tmp_path / HEAD_FILE)
+    assert load_head(tmp_path / HEAD_FILE, "rf", 4, 3) is not None
+    with zipfile.ZipFile(tmp_path / HEAD_FILE) as archive:
+        schema_size = archive.getinfo("schema.json").file_size  # ~15 kB a tree: 30 trees, ~0.5 MB
+    monkeypatch.setattr(safehead, "MAX_SCHEMA_BYTES", schema_size - 1)
+    monkeypatch.setattr(safehead.json, "loads", lambda *a, **k: pytest.fail("parsed an over-size schema"))
+    with pytest.raises(RunDirError, match="schema.json is over 0 MB, far more than a head imgclf writes"):
+        load_head(tmp_path / HEAD_FILE, "rf", 4, 3)
 
 
 def test_a_plain_svc_on_raw_features_trains_once_and_is_recorded(tmp_path, pool_dataset):

@@ -29,6 +29,7 @@ TORCH_ADADELTA_RHO = 0.9  # what Adadelta had before rho reached it (Keras's is 
 # optimizer with one of them set is an error, never a silently ignored setting.
 OPTIMIZER_CONSTANTS = {"eps": ("adam", "adamw", "rmsprop", "adadelta", "adagrad"),
                        "initial_accumulator_value": ("adagrad",)}
+MAX_TREES = 2000  # --head rf: safehead.MAX_SCHEMA_BYTES holds this many trees' description twice over
 AUTO_VIEWS = 5  # augmented views cached per image when a frozen backbone meets augmentation (feature_views unset)
 
 
@@ -212,6 +213,9 @@ class Config(_Section):
         if head in ("knn", "rf") and train.head_param is not None and not float(train.head_param).is_integer():
             what = "n_neighbors" if head == "knn" else "n_estimators"
             raise ValueError(f"head_param={train.head_param:g} is the {head} head's {what}: give a whole number")
+        if head == "rf" and train.head_param is not None and train.head_param > MAX_TREES:
+            raise ValueError(f"head_param={train.head_param:g} trees for the rf head: at most {MAX_TREES} (the "
+                             "saved head's description grows with every tree)")
 
 
 def _old_adadelta_rho(values: dict) -> None:

@@ -36,6 +36,9 @@ from imgclf.errors import RunDirError
 from imgclf.safeio import require_regular
 
 MAX_HEAD_BYTES = 2 << 30  # uncompressed; a head is features x classes numbers, far below this
+# schema.json describes the head's objects (about 15 kB a tree: 30 MB for the 2,000 trees --head rf may have);
+# parsing it takes ~25x its size in memory, so it is capped well below the whole file's limit
+MAX_SCHEMA_BYTES = 64 << 20
 
 
 def _name(cls: type) -> str:
@@ -94,7 +97,12 @@ def schema_types(path: Path) -> set[tuple[str, str]]:
         with zipfile.ZipFile(path) as archive:
             if sum(info.file_size for info in archive.infolist()) > MAX_HEAD_BYTES:
                 raise RunDirError(f"{path} unpacks to more than {MAX_HEAD_BYTES >> 30} GiB; refusing it")
-            schema = json.loads(archive.read("schema.json"))
+            with archive.open("schema.json") as member:  # read no further than the cap, whatever the zip declares
+                text = member.read(MAX_SCHEMA_BYTES + 1)
+            if len(text) > MAX_SCHEMA_BYTES:
+                raise RunDirError(f"{path}: its schema.json is over {MAX_SCHEMA_BYTES >> 20} MB, far more than a head "
+                                  "imgclf writes; refusing it: restore the run or re-train")
+            schema = json.loads(text)
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run was trained with a scikit-learn head and needs it") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
