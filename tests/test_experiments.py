@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -136,6 +137,21 @@ def test_bad_grid_params_are_clear_errors():
         parse_params(["dense_layers=512,256"])  # two trials of 512 and 256, or one of [512, 256]? brackets say
     with pytest.raises(ConfigError, match="stages have no field 'learning_rate'"):
         parse_params(["stages.1.learning_rate=1"])
+
+
+def test_a_grid_over_the_trial_cap_or_an_unreadable_grid_file_is_one_clear_error(tmp_path):
+    many = ",".join(str(k) for k in range(1, 23))  # 22 x 22 x 22 = 10,648 trials, each a config built up front
+    with pytest.raises(ConfigError, match=r"grid: 10,648 trials \(22 lr x 22 batch_size x 22 epochs\); at most 10,000"):
+        parse_params([f"lr={many}", f"batch_size={many}", f"epochs={many}"])
+    assert len(parse_params([f"lr={many}", f"batch_size={many}"])["lr"]) == 22
+    (tmp_path / "big.yaml").write_text("lr: [" + ", ".join(["0.1"] * 300_000) + "]\n")  # ~1.5 MB
+    with pytest.raises(ConfigError, match="big.yaml is larger than 1,048,576 bytes"):
+        parse_params([], str(tmp_path / "big.yaml"))
+    with pytest.raises(ConfigError, match="--grid .*nothere.yaml: no such file"):
+        parse_params([], str(tmp_path / "nothere.yaml"))
+    os.mkfifo(tmp_path / "pipe.yaml")  # a FIFO would block a plain read forever
+    with pytest.raises(ConfigError, match="pipe.yaml is not a regular file"):
+        parse_params([], str(tmp_path / "pipe.yaml"))
 
 
 TWO_STAGES = [{"name": "head", "freeze": "backbone", "epochs": 1}, {"name": "all", "epochs": 1}]

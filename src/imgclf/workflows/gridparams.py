@@ -11,9 +11,9 @@ A grid value that a stage would override is an error, never a silently ignored a
 
 from __future__ import annotations
 
+import math
 import types
 import typing
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
@@ -21,6 +21,10 @@ import yaml
 from imgclf.config import Config, StageConfig, config_fields, flag_name
 from imgclf.config.stages import default_stages, resolve_stages
 from imgclf.errors import ConfigError
+from imgclf.safeio import read_capped
+
+MAX_TRIALS = 10_000  # every trial's config is built before the first trains
+MAX_GRID_BYTES = 1 << 20  # a --grid file is a few lines
 
 
 class Setting(NamedTuple):
@@ -65,6 +69,10 @@ def parse_params(items: list[str], grid_file: str | None = None) -> dict[str, li
     if not grid:
         raise ConfigError("no grid: pass --param NAME=V1,V2 (repeatable) or --grid FILE.yaml")
     _check_axes(grid)
+    if (trials := math.prod(len(values) for values in grid.values())) > MAX_TRIALS:
+        sizes = " x ".join(f"{len(values)} {key}" for key, values in grid.items())
+        raise ConfigError(f"grid: {trials:,} trials ({sizes}); at most {MAX_TRIALS:,}: narrow an axis, or couple "
+                          "settings on one axis")
     return grid
 
 
@@ -105,8 +113,11 @@ def _coerce(text: str) -> Any:
 
 def _read_grid_file(path: str) -> dict[str, list]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+        text = read_capped(path, MAX_GRID_BYTES, ConfigError, "give a YAML mapping of settings to lists of values")
+        loaded = yaml.safe_load(text.decode("utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--grid {path}: no such file") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"--grid {path}: cannot read it as YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--grid {path} must map config fields to lists of values")
