@@ -192,3 +192,23 @@ def test_empty_data_is_an_error(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):
         imgclf.train(tiny_config(tmp_path / "d", tmp_path / "r"))
+
+
+def test_near_duplicates_count_every_pair_but_list_a_bounded_number(tmp_path, monkeypatch):
+    """n identical images make n^2/2 pairs (2e8 for 20,000 blank ones): counted, not all kept in memory."""
+    from imgclf.data import audit
+
+    paths = []
+    for k in range(40):
+        paths.append(tmp_path / f"blank{k}.png")
+        Image.new("L", (32, 32), 0).save(paths[-1])
+    splits = ["train"] * 20 + ["test"] * 20
+    monkeypatch.setattr(audit, "MAX_LISTED_PAIRS", 50)
+    found = audit.near_duplicates(paths, splits)
+    assert found["near_duplicate_pairs"] == 40 * 39 // 2 and found["near_duplicate_pairs_across_splits"] == 20 * 20
+    assert len(found["near_duplicates"]) == len(found["near_duplicates_across_splits"]) == 50
+    assert all(a[0] != b[0] for a, b, _ in found["near_duplicates_across_splits"])  # its own list, never crowded out
+    merged = audit.merge_near([found, found])
+    assert merged["near_duplicate_pairs"] == 2 * 780 and len(merged["near_duplicates"]) == 50
+    assert "near duplicates: 780 pair(s), 400 across splits" in audit.format_report(
+        {**audit.audit_dataset(make_split_folders(tmp_path / "data", {"train": 3, "test": 2}), near=False), **found})

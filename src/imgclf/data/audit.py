@@ -52,8 +52,32 @@ def exact_duplicates(paths: list[Path], splits: list[str]) -> list[list[tuple[st
     return [g for g in groups.values() if len(g) > 1]
 
 
-def near_duplicates(paths: list[Path], splits: list[str], max_bits: int = NEAR_DUPLICATE_BITS) -> list[list]:
-    """Pairs of images whose perceptual hashes differ in at most ``max_bits`` bits (exact copies included)."""
+MAX_LISTED_PAIRS = 10_000  # near-duplicate pairs listed in a report, within and across splits; all are counted
+
+
+def near_duplicates(paths: list[Path], splits: list[str], max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
+    """Pairs of images whose perceptual hashes differ in at most ``max_bits`` bits (exact copies included).
+
+    Every pair is counted; the first MAX_LISTED_PAIRS are listed, and as many of those across splits
+    (the leaks): n identical images make n^2/2 pairs, 2e8 for 20,000 blank ones."""
+    codes, keep = _phashes(paths)
+    split_ids = np.unique([splits[i] for i in keep], return_inverse=True)[1] if keep else np.zeros(0, int)
+    found = {"near_duplicates": [], "near_duplicates_across_splits": [], "near_duplicate_pairs": 0,
+             "near_duplicate_pairs_across_splits": 0}
+    for a in range(len(codes)):  # O(n^2) popcounts of 64-bit XORs: tens of thousands of images in seconds
+        distance = np.bitwise_count(codes[a + 1:] ^ codes[a])
+        close = np.flatnonzero(distance <= max_bits)
+        across = close[split_ids[a + 1 + close] != split_ids[a]]
+        found["near_duplicate_pairs"] += len(close)
+        found["near_duplicate_pairs_across_splits"] += len(across)
+        for key, rows in (("near_duplicates", close), ("near_duplicates_across_splits", across)):
+            room = MAX_LISTED_PAIRS - len(found[key])
+            found[key] += [_pair(paths, splits, keep[a], keep[a + 1 + int(b)], int(distance[b])) for b in rows[:room]]
+    return found
+
+
+def _phashes(paths: list[Path]) -> tuple[np.ndarray, list[int]]:
+    """64-bit perceptual hashes of the images that decode, and their positions in ``paths``."""
     import imagehash
 
     hashes, keep = [], []
@@ -65,14 +89,23 @@ def near_duplicates(paths: list[Path], splits: list[str], max_bits: int = NEAR_D
             keep.append(i)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImgclfError):
             continue
-    codes = np.array(hashes, dtype=np.uint64)
-    pairs = []
-    for a in range(len(codes)):  # O(n^2) in 64-bit XORs: fine for tens of thousands of images
-        distance = np.unpackbits((codes[a + 1:] ^ codes[a]).view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
-        for b in np.nonzero(distance <= max_bits)[0]:
-            i, j = keep[a], keep[a + 1 + int(b)]
-            pairs.append([(splits[i], str(paths[i])), (splits[j], str(paths[j])), int(distance[b])])
-    return pairs
+    return np.array(hashes, dtype=np.uint64), keep
+
+
+def _pair(paths: list[Path], splits: list[str], i: int, j: int, bits: int) -> list:
+    return [(splits[i], str(paths[i])), (splits[j], str(paths[j])), bits]
+
+
+def merge_near(parts: list[dict]) -> dict:
+    """The near-duplicate findings of several searches (one per fold) as one: counts summed, lists capped."""
+    keys = ("near_duplicates", "near_duplicates_across_splits")
+    merged = {key: [pair for part in parts for pair in part[key]][:MAX_LISTED_PAIRS] for key in keys}
+    return merged | {key: sum(part[key] for part in parts) for key in ("near_duplicate_pairs",
+                                                                       "near_duplicate_pairs_across_splits")}
+
+
+NO_NEAR = {"near_duplicates": [], "near_duplicates_across_splits": [], "near_duplicate_pairs": 0,
+           "near_duplicate_pairs_across_splits": 0}
 
 
 def crosses_splits(group) -> bool:
@@ -104,12 +137,10 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
     paths = [root / p for p, _, _ in rows]
     splits = [s or "pool" for _, _, s in rows]
     exact = exact_duplicates(paths, splits)
-    near_pairs = near_duplicates(paths, splits) if near else []
     return {
         "dataset": str(path), "layout": layout, **describe_files(paths, [label for _, label, _ in rows], splits),
         "exact_duplicates": exact, "exact_duplicates_across_splits": [g for g in exact if crosses_splits(g)],
-        "near_duplicates": near_pairs,
-        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
+        **(near_duplicates(paths, splits) if near else NO_NEAR),
     }
 
 
@@ -127,17 +158,18 @@ def audit_folds(path: Path, folds: list[Path], near: bool) -> dict:
             labels.append(label)
             splits.append(f"{fold.name}/{split}")
     exact = exact_duplicates(paths, splits)
-    near_pairs = []
+    near_parts = {}
     for fold in folds if near else []:
         inside = [i for i, s in enumerate(splits) if s.startswith(f"{fold.name}/")]
-        near_pairs += near_duplicates([paths[i] for i in inside], [splits[i] for i in inside])
+        near_parts[fold.name] = near_duplicates([paths[i] for i in inside], [splits[i] for i in inside])
     return {
         "dataset": str(path), "layout": "folds", "folds": [f.name for f in folds],
         **describe_files(paths, labels, splits),
         "exact_duplicates": exact,
         "exact_duplicates_across_splits": [leak for g in exact for leak in leaks_within_folds(g)],
-        "near_duplicates": near_pairs,
-        "near_duplicates_across_splits": [p for p in near_pairs if p[0][0] != p[1][0]],
+        **merge_near(list(near_parts.values())),
+        "near_duplicate_pairs_across_splits_per_fold": {
+            fold: part["near_duplicate_pairs_across_splits"] for fold, part in near_parts.items()},
         "test_overlap_across_folds": test_overlaps(exact),
     }
 
@@ -221,8 +253,8 @@ def format_report(report: dict) -> str:
     lines.append(f"exact duplicates: {len(report['exact_duplicates'])} group(s), "
                  f"{len(report['exact_duplicates_across_splits'])} across splits (leakage)")
     lines += ["  " + " = ".join(f"{s}:{shown(p)}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
-    lines.append(f"near duplicates: {len(report['near_duplicates'])} pair(s), "
-                 f"{len(report['near_duplicates_across_splits'])} across splits")
+    lines.append(f"near duplicates: {report['near_duplicate_pairs']} pair(s), "
+                 f"{report['near_duplicate_pairs_across_splits']} across splits")
     lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
               for a, b, d in report["near_duplicates_across_splits"][:20]]
     if report["layout"] == "folds":
@@ -236,7 +268,7 @@ def fold_lines(report: dict) -> list[str]:
     for fold in report["folds"]:
         images = sum(sum(c.values()) for split, c in report["counts"].items() if split.startswith(f"{fold}/"))
         exact = sum(g[0][0].startswith(f"{fold}/") for g in report["exact_duplicates_across_splits"])
-        near = sum(a[0].startswith(f"{fold}/") for a, _, _ in report["near_duplicates_across_splits"])
+        near = report["near_duplicate_pairs_across_splits_per_fold"].get(fold, 0)
         lines.append(f"  {shown(fold)}: {images} images, leakage {exact} exact group(s), {near} near pair(s)")
     overlap = report["test_overlap_across_folds"]
     lines.append(f"test images in the test split of two or more folds: {len(overlap)} group(s)")
