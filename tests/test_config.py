@@ -25,6 +25,7 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     ({"train": {"optimzer": "adam"}}, "did you mean optimizer"),
     ({"trian": {}}, "did you mean train"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "below 1"),
+    ({"data": {"workers": 100000}}, "data.workers"),  # a tampered config.yaml would fork that many at predict
 ])
 def test_bad_values_fail_with_one_line_naming_the_setting(values, fragment):
     with pytest.raises(ConfigError) as err:

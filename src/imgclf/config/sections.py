@@ -78,7 +78,8 @@ class DataConfig(_Section):
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
         None, description="resize filter (default: the model's own, bilinear for simple_cnn)")
     positive_class: str | None = Field(None, description="positive class for binary metrics (default: 2nd)")
-    workers: int | None = Field(None, ge=0, description="data loader worker processes (default: automatic)")
+    workers: int | None = Field(None, ge=0, le=256,
+                                description="data loader worker processes (default: automatic; at most 256)")
     path_as_typed: str | None = Field(None, description="data.path as typed (informational)")
     cache_dir_as_typed: str | None = Field(None, description="data.cache_dir as typed (informational)")
 
