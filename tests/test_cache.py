@@ -88,6 +88,12 @@ def damage_sidecar_shape(entry):
     entry.with_suffix(".json").write_text(json.dumps({**meta, "shape": [9, 9]}))
 
 
+def damage_sidecar_failures(entry):
+    """More failed images than the entry has images: each would become an object (8 kB a image allowed)."""
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    entry.with_suffix(".json").write_text(json.dumps({**meta, "bad": [["a", "b"]] * (meta["shape"][0] + 1)}))
+
+
 def planted(make):
     """Damage that replaces one of the entry's files (the .npy, or its .json sidecar) with ``make(path)``."""
     def damage(entry, suffix):
@@ -140,7 +146,8 @@ def test_what_a_rename_cannot_replace_is_a_one_line_error_naming_it(tmp_path, pl
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_header, damage_sidecar, damage_sidecar_shape])
+@pytest.mark.parametrize("damage", [damage_truncate, damage_header, damage_sidecar, damage_sidecar_shape,
+                                    damage_sidecar_failures])
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     paths = bmp_paths(tmp_path / "d")
     entry = decode_all(paths, 8, 1, tmp_path / "c").file

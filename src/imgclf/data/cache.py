@@ -155,6 +155,8 @@ def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadIma
             meta = json.loads(fh.read(limit).decode("utf-8"))
         if meta["version"] != CACHE_VERSION or meta["shape"] != list(shape) or meta["dtype"] != "uint8":
             raise DamagedEntry(f"{sidecar.name} describes {meta['shape']} {meta['dtype']}, expected {list(shape)}")
+        if len(meta["bad"]) > shape[0]:  # at most every image failed: checked before one object is made
+            raise DamagedEntry(f"{sidecar.name} lists {len(meta['bad'])} failed images of {shape[0]}")
         bad = tuple(BadImage(Path(p), str(reason)) for p, reason in meta["bad"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DamagedEntry(f"{sidecar.name} is unreadable: {err}") from None
