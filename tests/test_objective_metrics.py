@@ -3,6 +3,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from imgclf.errors import RunDirError
 from imgclf.evaluation.metrics import compute_metrics, f1_and_log_loss
 from imgclf.evaluation.predictions import Predictions
 from imgclf.models.objective import Objective, balanced_class_weights
@@ -82,3 +83,37 @@ def test_predictions_csv_round_trip(tmp_path):
     assert back.paths == preds.paths and back.classes == preds.classes
     np.testing.assert_array_equal(back.true, preds.true)
     np.testing.assert_array_equal(back.probs, preds.probs)
+
+
+def _edit_csv(path, change):
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(change(lines)) + "\n")
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda lines: [lines[0], lines[1] + ",0.5", *lines[2:]], "line 2: "),  # a field too many
+    (lambda lines: [lines[0], lines[1].rsplit(",", 1)[0], *lines[2:]], "line 2: "),  # one too few
+    (lambda lines: [lines[0], lines[1].rsplit(",", 1)[0] + ",lots", *lines[2:]], "line 2: could not convert"),
+    (lambda lines: [lines[0], lines[1].rsplit(",", 1)[0] + ",nan", *lines[2:]], "not a finite number"),
+    (lambda lines: [*lines[:3], ",".join(f if k != 2 else "zebra" for k, f in enumerate(lines[3].split(","))),
+                    *lines[4:]], "line 4: 'zebra' is not one of its classes"),  # its predicted label
+    (lambda lines: [lines[0].replace("prob_c2", "prob_d2"), *lines[1:]], "the classes ['c0', 'c1', 'd2']"),
+    (lambda lines: ["x,y,z", *lines[1:]], "no predictions header"),
+    (lambda lines: [], "no predictions header"),
+])
+def test_a_damaged_predictions_csv_is_one_line_naming_the_file(tmp_path, change, fragment):
+    preds = make_predictions()
+    preds.to_csv(tmp_path / "p.csv")
+    _edit_csv(tmp_path / "p.csv", change)
+    with pytest.raises(RunDirError) as err:
+        Predictions.from_csv(tmp_path / "p.csv", preds.classes)
+    assert fragment in str(err.value) and "p.csv" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_predictions_csv_with_too_many_class_columns_is_refused(tmp_path):
+    (tmp_path / "p.csv").write_text("path,predicted_label," + ",".join(f"prob_{k}" for k in range(10_001)) + "\n")
+    with pytest.raises(RunDirError, match="no predictions header"):
+        Predictions.from_csv(tmp_path / "p.csv")
+    (tmp_path / "p.csv").write_text("path," * 20_000 + "\n")
+    with pytest.raises(RunDirError, match="20,001 columns, more than 10,000 classes'"):
+        Predictions.from_csv(tmp_path / "p.csv")

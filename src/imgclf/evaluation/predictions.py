@@ -17,6 +17,7 @@ from imgclf import atomic
 from imgclf.errors import RunDirError
 
 PROB_PREFIX = "prob_"
+MAX_COLUMNS = 10_000  # classes a predictions CSV may have: runs.files.MAX_CLASSES
 
 
 @dataclass
@@ -66,20 +67,50 @@ class Predictions:
         atomic.write_with(path, write)
 
     @classmethod
-    def from_csv(cls, path: Path) -> Predictions:
+    def from_csv(cls, path: Path, classes: list[str] | None = None) -> Predictions:
+        """A predictions CSV as ``to_csv`` wrote it; ``classes``: the run's, which its columns must be.
+
+        The file is untrusted: a row that is short, long, not a number or names another class is a
+        one-line RunDirError naming the file and line, and at most MAX_COLUMNS classes are read."""
+        fix = "re-run imgclf evaluate to write it again"
         try:
             with open(path, encoding="utf-8", errors=atomic.TEXT_ERRORS, newline="") as fh:
-                reader = csv.DictReader(fh)
-                columns = reader.fieldnames or []
-                rows = list(reader)
+                return cls._parse(csv.reader(fh), path, classes, fix)
         except FileNotFoundError:
             raise RunDirError(f"{path} does not exist; run 'imgclf evaluate' first") from None
-        classes = [c[len(PROB_PREFIX):] for c in columns if c.startswith(PROB_PREFIX)]
-        lookup = {c: i for i, c in enumerate(classes)}
-        probs = np.array([[float(r[PROB_PREFIX + c]) for c in classes] for r in rows], dtype=np.float64)
-        true = np.array([lookup[r["true_label"]] if "true_label" in r else -1 for r in rows], dtype=np.int64)
-        decided = np.array([lookup[r["predicted_label"]] for r in rows], dtype=np.int64)
-        probs = probs.reshape(len(rows), len(classes))
+        except (csv.Error, OSError) as err:
+            raise RunDirError(f"{path} is unreadable ({err}); {fix}") from None
+
+    @classmethod
+    def _parse(cls, reader, path: Path, expected: list[str] | None, fix: str) -> Predictions:
+        header = next(reader, [])
+        if len(header) > MAX_COLUMNS + 4:  # path, true_label, predicted_label, confidence and the classes
+            raise RunDirError(f"{path} has {len(header):,} columns, more than {MAX_COLUMNS:,} classes'; {fix}")
+        found = [c[len(PROB_PREFIX):] for c in header if c.startswith(PROB_PREFIX)]
+        if "path" not in header or "predicted_label" not in header or not found or len(found) > MAX_COLUMNS:
+            raise RunDirError(f"{path} has no predictions header (path, predicted_label, prob_CLASS...); {fix}")
+        if expected is not None and found != list(expected):
+            raise RunDirError(f"{path} has the classes {found[:5]}..., the run {list(expected)[:5]}...; {fix}")
+        lookup = {c: i for i, c in enumerate(found)}
+        at = {name: header.index(name) for name in ("path", "true_label", "predicted_label") if name in header}
+        columns = [header.index(PROB_PREFIX + c) for c in found]
+        paths, true, decided, rows = [], [], [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                if len(row) != len(header):
+                    raise ValueError(f"{len(row)} fields, the header has {len(header)}")
+                rows.append(np.array([float(row[k]) for k in columns]))
+                if not np.isfinite(rows[-1]).all():
+                    raise ValueError("a probability is not a finite number")
+                true.append(lookup[row[at["true_label"]]] if "true_label" in at else -1)
+                decided.append(lookup[row[at["predicted_label"]]])
+                paths.append(row[at["path"]])
+            except ValueError as err:
+                raise RunDirError(f"{path}, line {line}: {err}; {fix}") from None
+            except KeyError as err:
+                raise RunDirError(f"{path}, line {line}: {err} is not one of its classes; {fix}") from None
+        probs = np.array(rows, dtype=np.float64).reshape(len(rows), len(found))
+        decided = np.array(decided, dtype=np.int64)
         argmax = probs.argmax(axis=1) if len(rows) else decided
-        return cls([r["path"] for r in rows], classes, true, probs,
-                    None if np.array_equal(decided, argmax) else decided)
+        return cls(paths, found, np.array(true, dtype=np.int64), probs,
+                   None if np.array_equal(decided, argmax) else decided)

@@ -182,4 +182,5 @@ def draw_evaluations(run, splits) -> None:
     for split in splits:
         csv_file = run.path / f"predictions_{split}.csv"
         if split in metrics and csv_file.is_file():
-            plot_evaluation(Predictions.from_csv(csv_file), metrics[split], run.path / "plots", split, run.positive)
+            preds = Predictions.from_csv(csv_file, run.classes)
+            plot_evaluation(preds, metrics[split], run.path / "plots", split, run.positive)

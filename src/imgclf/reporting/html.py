@@ -158,7 +158,7 @@ def evaluation_plots_html(run, split: str) -> str:
     plots = run.path / "plots"
     names = [f"confusion_{split}", f"roc_{split}", f"pr_{split}", f"reliability_{split}"]
     if not all((plots / f"{n}.png").is_file() for n in names) and (run.path / f"predictions_{split}.csv").is_file():
-        preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
+        preds = Predictions.from_csv(run.path / f"predictions_{split}.csv", run.classes)
         metrics = run.metrics[split]
         if "ece" not in metrics:
             correct = preds.probs.argmax(axis=1) == preds.true
@@ -169,7 +169,7 @@ def evaluation_plots_html(run, split: str) -> str:
 
 
 def gallery_html(run, split: str) -> str:
-    preds = Predictions.from_csv(run.path / f"predictions_{split}.csv")
+    preds = Predictions.from_csv(run.path / f"predictions_{split}.csv", run.classes)
     root = Path(runfiles.read_dataset(run.path / "dataset.json").root)
     groups, note = render_cases(run, preds, root)
     parts = [f'<p class="warn">{esc(note)}</p>' if note else ""]

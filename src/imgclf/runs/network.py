@@ -209,7 +209,7 @@ class NetworkRun:
         predictions_val.csv), save it, and score validation at it. ``argmax`` removes a saved threshold."""
         if rule != "argmax" and len(self.classes) != 2:
             raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
-        val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv")
+        val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv", self.classes)
         value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
         path = self.path / THRESHOLD_FILE
         if value is None:
