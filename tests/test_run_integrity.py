@@ -251,6 +251,18 @@ def test_an_ensemble_lists_each_run_once_and_at_most_max_members_models_in_all(r
     assert f"ensemble {outer} holds more than 2 trained runs" in cli_error(capsys, "evaluate", outer)
 
 
+def test_a_tampered_confusion_matrix_is_one_error_line_when_the_report_draws_it(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    n = len(json.loads((run / "classes.json").read_text()))
+    (run / "plots" / "confusion_val.png").unlink()  # the report draws the figure again from metrics.json
+    for matrix, fragment in (([[1] * n] * (n - 1) + [[1]], "val.confusion_matrix: not square"),
+                             ([[1] * (n + 1)] * (n + 1), f"is {n + 1} x {n + 1}, the run has {n} classes"),
+                             ([[1] * n] * (n - 1) + [[1] * (n - 1) + [-3]], "val.confusion_matrix")):
+        edit_json(run / "metrics.json", lambda d, m=matrix: d["val"].update(confusion_matrix=m))
+        manifest.seal(run)
+        assert fragment in cli_error(capsys, "report", run)
+
+
 def test_damaged_resume_state_is_a_one_line_error(runs, tmp_path):
     run = copy_of(runs, "net", tmp_path)
     state = sorted((run / "resume").glob("epoch_*"))[-1] / "state.json"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from imgclf.errors import RunDirError
 from imgclf.evaluation.metrics import reliability
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
@@ -148,7 +149,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
     plots.save_figure(fig, path)
 
 
-def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> None:
+def plot_reliability(bins: list[dict], ece: float | None, path: Path, split: str) -> None:
     """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below.
     Empty bins have no accuracy: they are left out of both panels, not drawn at zero."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(inches(HALF_WIDTH_PX), 6), height_ratios=[3, 1], sharex=True,
@@ -160,7 +161,8 @@ def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> No
     top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red",
              label="at the bin's mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
-    top.set(ylabel="accuracy", title=f"Reliability ({split}): ECE {ece:.3f}", ylim=(0, 1.02))
+    shown = "n/a" if ece is None else f"{ece:.3f}"
+    top.set(ylabel="accuracy", title=f"Reliability ({split}): ECE {shown}", ylim=(0, 1.02))
     top.legend(fontsize=SMALL_PT, loc="best")
     bottom.bar([b["low"] for b in filled], [b["count"] for b in filled], width=width, align="edge", color="gray")
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -169,11 +171,15 @@ def plot_reliability(bins: list[dict], ece: float, path: Path, split: str) -> No
 
 
 def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str, positive: int | None = None) -> None:
-    plot_confusion(np.array(metrics["confusion_matrix"]), preds.classes, folder / f"confusion_{split}.png", split)
+    cm, n = np.array(metrics.get("confusion_matrix") or [], dtype=np.int64), len(preds.classes)
+    if cm.shape != (n, n):  # metrics.json is read from disk: its schema checks it is square, not its size
+        raise RunDirError(f"metrics.json's {split} confusion_matrix is {' x '.join(map(str, cm.shape))}, the run has "
+                          f"{n} classes; re-run imgclf evaluate")
+    plot_confusion(cm, preds.classes, folder / f"confusion_{split}.png", split)
     plot_roc(preds, folder / f"roc_{split}.png", split, positive, metrics.get("threshold"))
     plot_pr(preds, folder / f"pr_{split}.png", split, positive)
     bins = reliability(preds.confidence, preds.probs.argmax(axis=1) == preds.true)
-    plot_reliability(bins, metrics["ece"], folder / f"reliability_{split}.png", split)
+    plot_reliability(bins, metrics.get("ece"), folder / f"reliability_{split}.png", split)
 
 
 def draw_evaluations(run, splits) -> None:

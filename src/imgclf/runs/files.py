@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -136,6 +136,15 @@ class SplitMetrics(BaseModel):
     f1_macro: StrictFloat | None = None
     roc_auc_ovr: StrictFloat | None = None
     log_loss: StrictFloat | None = None
+    ece: StrictFloat | None = None
+    confusion_matrix: list[list[Annotated[StrictInt, Field(ge=0)]]] | None = Field(None, max_length=MAX_CLASSES)
+
+    @field_validator("confusion_matrix")
+    @classmethod
+    def _square(cls, rows: list[list[int]] | None) -> list[list[int]] | None:
+        if rows is not None and any(len(row) != len(rows) for row in rows):
+            raise ValueError(f"not square: {len(rows)} rows of {sorted({len(r) for r in rows})[:3]} counts")
+        return rows
 
 
 class GridBest(BaseModel):
@@ -274,4 +283,4 @@ def read_classes(path: Path) -> list[str]:
 def _first_problem(err: ValidationError, root: str = "") -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or root or "file"
-    return f"{where}: {first['msg']}"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"  # a validator's own words
