@@ -165,6 +165,13 @@ def test_a_too_small_image_names_the_smallest_that_fits():
 # --- issue 16 item 4: model-info as a Keras summary ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("classes", ["0", "10001"])
+def test_model_info_classes_out_of_range_is_one_line(capsys, classes):
+    assert main(["model-info", "simple_cnn", "--classes", classes]) == 2  # 1e6 would allocate the layer first
+    err = capsys.readouterr().err
+    assert f"--classes {classes}: give 1 to 10,000" in err and "Traceback" not in err
+
+
 def test_model_info_of_a_config_file_counts_each_stage(tmp_path, capsys):
     config = {"model": {"name": "resnet18", "head_layers": ["gap", "dense 8 relu"]}, "data": {"image_size": 32},
               "stages": [{"name": "head", "freeze": "backbone"}, {"name": "all", "freeze": "none"}]}

@@ -6,6 +6,7 @@ line naming the file (and the field), never a traceback, and never use the tampe
 """
 
 import json
+import os
 import shutil
 import zipfile
 
@@ -273,4 +274,11 @@ def test_damaged_resume_state_is_a_one_line_error(runs, tmp_path):
         restore_rng(torch.Generator(), tensors, info)
     edit_json(state, lambda d: d.update(stage_index="zero"))
     with pytest.raises(RunDirError, match="state.json: stage_index"):
+        load_state(run, model)
+    state.write_text(" " * (16 << 20) + "{}")  # over the cap: refused before json parses it
+    with pytest.raises(RunDirError, match="state.json is larger than"):
+        load_state(run, model)
+    state.unlink()
+    os.mkfifo(state)  # would block a plain read forever
+    with pytest.raises(RunDirError, match="state.json is not a regular file"):
         load_state(run, model)

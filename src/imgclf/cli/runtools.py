@@ -17,6 +17,7 @@ from imgclf.reporting.compare import compare_runs, format_side_by_side
 from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import check_and_seal, load_run
+from imgclf.runs.files import MAX_CLASSES
 from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
@@ -102,6 +103,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
             args.config = args.config or str(source)
         elif source is not None:
             args.cfg__model__name = args.source
+        if not 1 <= args.classes <= MAX_CLASSES:
+            raise ConfigError(f"--classes {args.classes}: give 1 to {MAX_CLASSES:,} (the final layer's outputs)")
         config = config_from_args(args)
         data = config.data
         pre = resolve_preprocess(config.model, data.image_size, data.channels, data.interpolation)

@@ -28,9 +28,11 @@ from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.logs import get_logger
 from imgclf.models.checkpoint import load_weights
+from imgclf.safeio import read_capped
 
 STATE_DIR = "resume"
 RANKS_FILE = "ranks.pt"
+MAX_STATE_BYTES = 16 << 20  # state.json: RNG states and the history, some kB an epoch
 log = get_logger("resume")
 
 
@@ -126,7 +128,7 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     """Load the newest complete epoch's weights into ``model``; return (tensor state, JSON state)."""
     folder = latest_state(out)
     try:
-        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        info = json.loads(read_capped(folder / "state.json", MAX_STATE_BYTES, RunDirError, "start the run again"))
         ResumeInfo.model_validate(info)
         tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("torch_rng", "data_rng")):
@@ -135,6 +137,8 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
         first = err.errors()[0]
         raise RunDirError(f"{folder / 'state.json'}: {'.'.join(map(str, first['loc']))}: {first['msg']}; "
                           "start the run again") from None
+    except RunDirError:  # read_capped's: already one line naming the file
+        raise
     except Exception as err:
         raise RunDirError(f"training state in {folder} is damaged ({str(err).splitlines()[0][:120]}); "
                           f"start the run again") from None
