@@ -162,6 +162,10 @@ def test_compare_names_a_damaged_history_file_and_line(two_runs, tmp_path):
     write_csv(copy / "history.csv", rows)
     with pytest.raises(RunDirError, match=r"history.csv:3: no epoch number"):
         compare_runs([wide.path, copy], tmp_path / "cmp")
+    rows[1]["epoch"] = "2"
+    write_csv(copy / "history.csv", [{**row, **{f"val_m{k}": "0.5" for k in range(100)}} for row in rows])
+    with pytest.raises(RunDirError, match=r"history.csv has 1\d\d columns, more than imgclf writes \(64 at most\)"):
+        compare_runs([wide.path, copy], tmp_path / "cmp")  # each would have been a curves_val_mK.png
 
 
 # -- explain --feature-maps --layers ------------------------------------------------------------------------------

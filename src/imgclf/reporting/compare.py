@@ -31,6 +31,8 @@ log = get_logger("compare")
 HTML_FILE, CSV_FILE = "compare.html", "compare.csv"
 METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
            "recall_weighted", "f1_weighted", "roc_auc_ovr", "log_loss")
+MAX_HISTORY_BYTES = 64 << 20  # history.csv: a row of ~20 numbers an epoch
+MAX_HISTORY_COLUMNS = 64
 CURVE_NAME = re.compile(r"^[a-z0-9_]+$")  # a column name from a run's history.csv becomes a file name
 
 
@@ -85,10 +87,15 @@ def read_history(path: Path) -> list[dict]:
     """history.csv with its numbers parsed; a value that is not a number is an error naming file and line."""
     if not path.is_file():
         return []
+    if path.stat().st_size > MAX_HISTORY_BYTES:
+        raise RunDirError(f"{path} is over {MAX_HISTORY_BYTES >> 20} MB, far more than imgclf writes; {runfiles.FIX}")
     try:
         rows = read_rows(path)
     except (UnicodeDecodeError, ValueError, csv.Error) as err:
         raise RunDirError(f"{path} is not a readable CSV ({err}); {runfiles.FIX}") from None
+    if rows and len(rows[0]) > MAX_HISTORY_COLUMNS:  # each metric column becomes a figure
+        raise RunDirError(f"{path} has {len(rows[0])} columns, more than imgclf writes ({MAX_HISTORY_COLUMNS} at "
+                          f"most); {runfiles.FIX}")
     parsed = []
     for line, row in enumerate(rows, 2):
         clean: dict = {}
