@@ -130,6 +130,11 @@ def test_dicom_size_is_checked_on_the_header_before_decoding_and_only_the_first_
     first = load_image(write_dicom(tmp_path / "frames.dcm", frames), 12, 1)[..., 0]
     assert first[:, :5].min() == 255 and first[:, 7:].max() == 0
     assert image_size(tmp_path / "frames.dcm") == (12, 12)
+    (tmp_path / "notes.dcm").write_text("not a DICOM file")  # pydicom's InvalidDicomError is a plain Exception
+    with pytest.raises(BadImage, match="notes.dcm: not a readable DICOM file"):
+        load_image(tmp_path / "notes.dcm", 8, 1)
+    with pytest.raises(ValueError, match="not a readable DICOM file"):
+        image_size(tmp_path / "notes.dcm")
 
 
 def float_tiff(path: Path, values: tuple[float, float]) -> Path:

@@ -97,7 +97,9 @@ def _edit_csv(path, change):
     (lambda lines: [lines[0], lines[1].rsplit(",", 1)[0] + ",nan", *lines[2:]], "not a finite number"),
     (lambda lines: [*lines[:3], ",".join(f if k != 2 else "zebra" for k, f in enumerate(lines[3].split(","))),
                     *lines[4:]], "line 4: 'zebra' is not one of its classes"),  # its predicted label
-    (lambda lines: [lines[0].replace("prob_c2", "prob_d2"), *lines[1:]], "the classes ['c0', 'c1', 'd2']"),
+    (lambda lines: [lines[0].replace("prob_c2", "prob_d2"), *lines[1:]],
+     "prob_ column 3 is 'd2', the run's class 3 is 'c2'"),
+    (lambda lines: [lines[0], "x" * (4 << 20), *lines[1:]], "a line over 4,194,304 characters"),
     (lambda lines: ["x,y,z", *lines[1:]], "no predictions header"),
     (lambda lines: [], "no predictions header"),
 ])
@@ -112,7 +114,7 @@ def test_a_damaged_predictions_csv_is_one_line_naming_the_file(tmp_path, change,
 
 def test_a_predictions_csv_with_too_many_class_columns_is_refused(tmp_path):
     (tmp_path / "p.csv").write_text("path,predicted_label," + ",".join(f"prob_{k}" for k in range(10_001)) + "\n")
-    with pytest.raises(RunDirError, match="no predictions header"):
+    with pytest.raises(RunDirError, match="10,003 columns, more than 10,000 classes'"):
         Predictions.from_csv(tmp_path / "p.csv")
     (tmp_path / "p.csv").write_text("path," * 20_000 + "\n")
     with pytest.raises(RunDirError, match="20,001 columns, more than 10,000 classes'"):

@@ -89,6 +89,7 @@ def test_each_figure_fits_the_page_and_its_text_is_readable(drawn, tmp_path, cap
 
 @pytest.mark.parametrize(("classes", "left_out"), [
     ([f"a rather long class name {k}" for k in range(30)], "numbers"),
+    ([f"a rather long class nam{k:02d}" for k in range(57)], "numbers and class names"),  # 24 characters
     ([f"c{k}" for k in range(1000)], "numbers and class names"),  # an ImageNet-sized run
 ])
 def test_a_confusion_matrix_of_many_classes_stays_one_column_wide_and_says_what_it_left_out(

@@ -462,3 +462,6 @@ def test_a_dicom_upload_over_the_pixel_cap_is_refused_on_its_header_before_decod
     small = write_dicom(tmp_path / "ok.dcm", np.arange(64).reshape(8, 8) * 50).read_bytes()
     array, _ = decode_upload(small, "ok.dcm", spec, folder, max_pixels=50_000_000)
     assert array.shape == (8, 8, 1) and array[0, 0, 0] < array[-1, -1, 0]
+    with pytest.raises(UploadError) as refused:
+        decode_upload(b"not a DICOM file", "notes.dcm", spec, folder, max_pixels=50_000_000)
+    assert refused.value.status == 422 and "not a readable DICOM file" in str(refused.value)

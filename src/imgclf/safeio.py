@@ -14,8 +14,10 @@ from pathlib import Path
 from imgclf.errors import ImgclfError
 
 
-def read_capped(path: str | os.PathLike, limit: int, error: type[ImgclfError], fix: str) -> bytes:
-    """The bytes of ``path``; anything but a regular file of at most ``limit`` bytes is ``error``."""
+def read_capped(path: str | os.PathLike, limit: int, error: type[ImgclfError], fix: str,
+                why: str = "far more than imgclf writes") -> bytes:
+    """The bytes of ``path``; anything but a regular file of at most ``limit`` bytes is ``error``
+    (``why``: what the size means, for the message)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -29,7 +31,7 @@ def read_capped(path: str | os.PathLike, limit: int, error: type[ImgclfError], f
             raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise error(f"{path} is larger than {limit:,} bytes, far more than imgclf writes; {fix}")
+        raise error(f"{path} is larger than {limit:,} bytes, {why}; {fix}")
     return data
 
 

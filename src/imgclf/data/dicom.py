@@ -17,23 +17,27 @@ from imgclf.errors import ImgclfError
 
 def dicom_size(path: Path) -> tuple[int, int]:
     """(width, height) from the header alone: nothing is decoded, so a size cap can refuse a bomb first."""
-    return _size(_pydicom(path).dcmread(path, stop_before_pixels=True))
+    return _size(_read(path, stop_before_pixels=True))
 
 
 def read_dicom(path: Path, max_pixels: int) -> Image.Image:
-    """The first frame as 8-bit gray; a frame over ``max_pixels`` is refused (ValueError) before decoding.
-    A compressed frame can be a thousandth of its decoded size, so the file's size says nothing."""
-    pydicom = _pydicom(path)
+    """The first frame as 8-bit gray (or RGB, for a colour file); a frame over ``max_pixels`` is refused
+    (ValueError) before decoding. A compressed frame can be a thousandth of its decoded size, so the file's
+    size says nothing. Anything pydicom cannot read is a ValueError too: callers name the file."""
     from pydicom.pixels import apply_modality_lut, pixel_array
 
-    ds = pydicom.dcmread(path)
+    ds = _read(path)
     width, height = _size(ds)
     if width * height > max_pixels:
         raise ValueError(f"{width}x{height} pixels exceeds the {max_pixels:,} limit")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    stored = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # multi-frame: the first frame only
-    pixels = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
-    del stored  # only the float frame is needed from here (the dataset, and any cache of it, is dropped)
+    try:
+        stored = pixel_array(ds, index=0)  # the first frame only, and not cached on ``ds``
+        pixels = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
+    except (ImgclfError, MemoryError):
+        raise
+    except Exception as err:  # pydicom's decoders raise many kinds on a damaged file
+        raise ValueError(f"cannot decode its pixel data ({type(err).__name__}: {str(err)[:100]})") from None
+    del stored  # the float frame is all that is needed from here
     low, high = _window(ds, pixels)
     # in place: one float64 frame at a time, whatever its size (up to the cap)
     np.subtract(pixels, low, out=pixels)
@@ -45,12 +49,18 @@ def read_dicom(path: Path, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8))
 
 
-def _pydicom(path: Path):
+def _read(path: Path, stop_before_pixels: bool = False):
+    """pydicom's dataset of ``path``; ImgclfError without pydicom, ValueError for a file it cannot parse."""
     try:
         import pydicom
     except ImportError:
         raise ImgclfError(f"{path} is DICOM: pip install 'imgclf[dicom]' to read .dcm files") from None
-    return pydicom
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except OSError:
+        raise
+    except Exception as err:  # InvalidDicomError is a plain Exception; a damaged file raises other kinds
+        raise ValueError(f"not a readable DICOM file ({type(err).__name__}: {str(err)[:100]})") from None
 
 
 def _size(ds) -> tuple[int, int]:

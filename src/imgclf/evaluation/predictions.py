@@ -75,7 +75,7 @@ class Predictions:
         fix = "re-run imgclf evaluate to write it again"
         try:
             with open(path, encoding="utf-8", errors=atomic.TEXT_ERRORS, newline="") as fh:
-                return cls._parse(csv.reader(fh), path, classes, fix)
+                return cls._parse(csv.reader(_bounded_lines(fh, path, fix)), path, classes, fix)
         except FileNotFoundError:
             raise RunDirError(f"{path} does not exist; run 'imgclf evaluate' first") from None
         except (csv.Error, OSError) as err:
@@ -84,13 +84,13 @@ class Predictions:
     @classmethod
     def _parse(cls, reader, path: Path, expected: list[str] | None, fix: str) -> Predictions:
         header = next(reader, [])
-        if len(header) > MAX_COLUMNS + 4:  # path, true_label, predicted_label, confidence and the classes
-            raise RunDirError(f"{path} has {len(header):,} columns, more than {MAX_COLUMNS:,} classes'; {fix}")
         found = [c[len(PROB_PREFIX):] for c in header if c.startswith(PROB_PREFIX)]
-        if "path" not in header or "predicted_label" not in header or not found or len(found) > MAX_COLUMNS:
+        if len(header) > MAX_COLUMNS + 4 or len(found) > MAX_COLUMNS:  # + path, labels and confidence
+            raise RunDirError(f"{path} has {len(header):,} columns, more than {MAX_COLUMNS:,} classes'; {fix}")
+        if "path" not in header or "predicted_label" not in header or not found:
             raise RunDirError(f"{path} has no predictions header (path, predicted_label, prob_CLASS...); {fix}")
         if expected is not None and found != list(expected):
-            raise RunDirError(f"{path} has the classes {found[:5]}..., the run {list(expected)[:5]}...; {fix}")
+            raise RunDirError(f"{path}: {_first_difference(found, list(expected))}; {fix}")
         lookup = {c: i for i, c in enumerate(found)}
         at = {name: header.index(name) for name in ("path", "true_label", "predicted_label") if name in header}
         columns = [header.index(PROB_PREFIX + c) for c in found]
@@ -114,3 +114,22 @@ class Predictions:
         argmax = probs.argmax(axis=1) if len(rows) else decided
         return cls(paths, found, np.array(true, dtype=np.int64), probs,
                    None if np.array_equal(decided, argmax) else decided)
+
+
+MAX_LINE_CHARS = 4 << 20  # a predictions row: a path and a number per class (10,000 classes fit)
+
+
+def _bounded_lines(fh, path: Path, fix: str):
+    """The file's lines, each refused past MAX_LINE_CHARS before the csv module splits it into fields."""
+    while line := fh.readline(MAX_LINE_CHARS + 1):
+        if len(line) > MAX_LINE_CHARS:
+            raise RunDirError(f"{path} has a line over {MAX_LINE_CHARS:,} characters; {fix}")
+        yield line
+
+
+def _first_difference(found: list[str], expected: list[str]) -> str:
+    """Where a CSV's classes part from the run's, for a one-line error."""
+    if len(found) != len(expected):
+        return f"{len(found)} prob_ columns, the run has {len(expected)} classes"
+    k = next(k for k, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+    return f"prob_ column {k + 1} is {found[k]!r}, the run's class {k + 1} is {expected[k]!r}"

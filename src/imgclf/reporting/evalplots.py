@@ -34,12 +34,11 @@ def confusion_layout(n: int, longest_name: int) -> tuple[float, float, bool, boo
         extra_in = label_in + 0.9  # a panel: labels, cells, colour bar
         return 0.6 if 2 * (extra_in + 0.6 * n) <= column_in else min(0.6, (column_in - extra_in) / n)
 
-    label_in = 0.55 + 0.075 * min(longest_name, 24)  # tick labels, 9 pt
-    if cell(label_in) < LABEL_CELL_IN:
-        label_in = 0.55  # the axis titles only
+    named_in = 0.55 + 0.075 * min(longest_name, 24)  # tick labels, 9 pt
+    labelled = cell(named_in) >= LABEL_CELL_IN  # decided with the names' margin: without it, there is no room
+    label_in = named_in if labelled else 0.55  # else the axis titles only, and the cells get the rest
     size = cell(label_in)
-    return size, label_in, 2 * (label_in + 0.9 + size * n) <= column_in, size >= NUMBER_CELL_IN, \
-        size >= LABEL_CELL_IN
+    return size, label_in, 2 * (label_in + 0.9 + size * n) <= column_in, size >= NUMBER_CELL_IN, labelled
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -> None:

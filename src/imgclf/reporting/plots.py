@@ -1,5 +1,5 @@
-"""Plots and the run summary: the figures of training (curves, folds, Grad-CAM, feature maps); ``evalplots`` draws
-the evaluation figures. These two are the only modules that import matplotlib. They draw, never compute metrics."""
+"""Plots and the run summary: the figures of training (curves, folds, Grad-CAM, feature maps) and how every
+figure is saved; ``evalplots`` draws the evaluation figures with them. They draw, never compute metrics."""
 
 from __future__ import annotations
 

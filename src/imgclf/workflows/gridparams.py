@@ -113,7 +113,8 @@ def _coerce(text: str) -> Any:
 
 def _read_grid_file(path: str) -> dict[str, list]:
     try:
-        text = read_capped(path, MAX_GRID_BYTES, ConfigError, "give a YAML mapping of settings to lists of values")
+        text = read_capped(path, MAX_GRID_BYTES, ConfigError, "give a YAML mapping of settings to lists of values",
+                           why="far more than a grid's few lines")
         loaded = yaml.safe_load(text.decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"--grid {path}: no such file") from None
