@@ -282,3 +282,18 @@ def test_damaged_resume_state_is_a_one_line_error(runs, tmp_path):
     os.mkfifo(state)  # would block a plain read forever
     with pytest.raises(RunDirError, match="state.json is not a regular file"):
         load_state(run, model)
+
+
+def test_metrics_json_of_thousands_of_classes_reads_back_under_a_cap_that_grows_with_them(tmp_path, monkeypatch):
+    """Two splits' K x K confusion matrices, written indented: ~1,800 classes passed the fixed 64 MB cap."""
+    from imgclf import atomic
+    from imgclf.runs import files as runfiles
+
+    k = 30
+    atomic.write_json(tmp_path / "metrics.json", {split: {"n": 900, "confusion_matrix": [[1234] * k] * k}
+                                                  for split in ("val", "test")})
+    size = (tmp_path / "metrics.json").stat().st_size
+    monkeypatch.setattr(runfiles, "MAX_JSON_BYTES", size - 2 * 14 * k * k)  # scaled down: K^2 cells over it
+    with pytest.raises(RunDirError, match="metrics.json is larger than"):
+        runfiles.read_metrics(tmp_path / "metrics.json")
+    assert len(runfiles.read_metrics(tmp_path / "metrics.json", n_classes=k)["test"]["confusion_matrix"]) == k

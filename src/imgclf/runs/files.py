@@ -31,6 +31,7 @@ from imgclf.safeio import read_capped
 
 # No run file imgclf writes comes near this; a bigger one is refused before it is read into memory.
 MAX_JSON_BYTES = 64 << 20
+CONFUSION_CELL_BYTES = 20  # a confusion-matrix count in indented JSON: "        1234,\n" is 14
 MAX_CLASSES = 10_000
 MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
@@ -165,10 +166,10 @@ def _classes_are_names(classes: list[str]) -> list[str]:
 CLASSES = TypeAdapter(list[str])
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     """A JSON file of a run directory, size-capped; missing or damaged is a one-line RunDirError."""
     try:
-        return json.loads(read_capped(path, MAX_JSON_BYTES, RunDirError, FIX).decode("utf-8"))
+        return json.loads(read_capped(path, limit, RunDirError, FIX).decode("utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -222,10 +223,13 @@ class Baseline(BaseModel):
 BASELINES = TypeAdapter(list[Baseline])
 
 
-def read_metrics(path: Path, one_split: bool = False) -> dict:
+def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0) -> dict:
     """metrics.json's splits ({split: metrics}) or, with ``one_split``, one split's metrics, checked before
-    formatting. Its ``baselines`` entry is checked too, and read with ``read_baselines``."""
-    data = read_json(path)
+    formatting. Its ``baselines`` entry is checked too, and read with ``read_baselines``.
+
+    Its confusion matrices are K x K numbers a split (written indented, a line each): the size cap grows
+    with the run's ``n_classes`` as they do, so a run of thousands of classes reads back."""
+    data = read_json(path, MAX_JSON_BYTES + 2 * CONFUSION_CELL_BYTES * n_classes ** 2)
     splits = {"all": data} if one_split else data
     if not isinstance(splits, dict):
         raise RunDirError(f"{path} must hold an object of splits; delete it and evaluate again")

@@ -127,7 +127,7 @@ class NetworkRun:
     @property
     def metrics(self) -> dict:
         path = self.path / "metrics.json"
-        return runfiles.read_metrics(path) if path.exists() else {}
+        return runfiles.read_metrics(path, n_classes=len(self.classes)) if path.exists() else {}
 
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
         root = Path(data_root) if data_root else Path(runfiles.read_dataset(self.path / "dataset.json").root)
