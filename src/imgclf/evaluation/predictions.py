@@ -17,7 +17,7 @@ from imgclf import atomic
 from imgclf.errors import RunDirError
 
 PROB_PREFIX = "prob_"
-MAX_COLUMNS = 10_000  # classes a predictions CSV may have: runs.files.MAX_CLASSES
+MAX_CLASSES = 10_000  # classes a run may have (runs.files checks run files against it too)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Predictions:
         """A predictions CSV as ``to_csv`` wrote it; ``classes``: the run's, which its columns must be.
 
         The file is untrusted: a row that is short, long, not a number or names another class is a
-        one-line RunDirError naming the file and line, and at most MAX_COLUMNS classes are read."""
+        one-line RunDirError naming the file and line, and at most MAX_CLASSES classes are read."""
         fix = "re-run imgclf evaluate to write it again"
         try:
             with open(path, encoding="utf-8", errors=atomic.TEXT_ERRORS, newline="") as fh:
@@ -85,8 +85,8 @@ class Predictions:
     def _parse(cls, reader, path: Path, expected: list[str] | None, fix: str) -> Predictions:
         header = next(reader, [])
         found = [c[len(PROB_PREFIX):] for c in header if c.startswith(PROB_PREFIX)]
-        if len(header) > MAX_COLUMNS + 4 or len(found) > MAX_COLUMNS:  # + path, labels and confidence
-            raise RunDirError(f"{path} has {len(header):,} columns, more than {MAX_COLUMNS:,} classes'; {fix}")
+        if len(header) > MAX_CLASSES + 4 or len(found) > MAX_CLASSES:  # + path, labels and confidence
+            raise RunDirError(f"{path} has {len(header):,} columns, more than {MAX_CLASSES:,} classes'; {fix}")
         if "path" not in header or "predicted_label" not in header or not found:
             raise RunDirError(f"{path} has no predictions header (path, predicted_label, prob_CLASS...); {fix}")
         if expected is not None and found != list(expected):

@@ -27,12 +27,12 @@ from pydantic import (
 
 from imgclf.config import EvaluateConfig
 from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.predictions import MAX_CLASSES
 from imgclf.safeio import read_capped
 
 # No run file imgclf writes comes near this; a bigger one is refused before it is read into memory.
 MAX_JSON_BYTES = 64 << 20
 CONFUSION_CELL_BYTES = 20  # a confusion-matrix count in indented JSON: "        1234,\n" is 14
-MAX_CLASSES = 10_000
 MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.config import Config, build_config
-from imgclf.data.images import BadImage, open_image, require_regular_file
+from imgclf.data.images import BadImage, image_size, require_regular_file
 
 PRETRAINED = "tf_efficientnet_lite0"
 PROBE_CANDIDATE = "linear probe"
@@ -75,8 +75,7 @@ def pretrained_input_size(paths: list[Path]) -> int:
     for path in paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
         try:
             require_regular_file(path)
-            with open_image(path) as image:
-                sides.append(min(image.size))
+            sides.append(min(image_size(path)))  # the header alone: a DICOM file is not decoded for it
         except (OSError, ValueError, BadImage, Image.DecompressionBombError):
             continue  # the decode reports unreadable images, with their names
     if not sides:
