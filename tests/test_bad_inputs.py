@@ -210,5 +210,5 @@ def test_near_duplicates_count_every_pair_but_list_a_bounded_number(tmp_path, mo
     assert all(a[0] != b[0] for a, b, _ in found["near_duplicates_across_splits"])  # its own list, never crowded out
     merged = audit.merge_near([found, found])
     assert merged["near_duplicate_pairs"] == 2 * 780 and len(merged["near_duplicates"]) == 50
-    assert "near duplicates: 780 pair(s), 400 across splits" in audit.format_report(
+    assert "near duplicates: 780 pair(s), 400 across splits (--json lists the first 50 of each)" in audit.format_report(
         {**audit.audit_dataset(make_split_folders(tmp_path / "data", {"train": 3, "test": 2}), near=False), **found})

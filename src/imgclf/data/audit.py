@@ -254,7 +254,9 @@ def format_report(report: dict) -> str:
                  f"{len(report['exact_duplicates_across_splits'])} across splits (leakage)")
     lines += ["  " + " = ".join(f"{s}:{shown(p)}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
     lines.append(f"near duplicates: {report['near_duplicate_pairs']} pair(s), "
-                 f"{report['near_duplicate_pairs_across_splits']} across splits")
+                 f"{report['near_duplicate_pairs_across_splits']} across splits"
+                 + (f" (--json lists the first {MAX_LISTED_PAIRS:,} of each)"
+                    if report["near_duplicate_pairs"] > len(report["near_duplicates"]) else ""))
     lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
               for a, b, d in report["near_duplicates_across_splits"][:20]]
     if report["layout"] == "folds":
