@@ -2,6 +2,7 @@
 (head_scale: false), e.g. the blood-cell notebook's plain SVC(). Issue 16 follow-ups, item 4."""
 
 import csv
+import json
 import zipfile
 
 import numpy as np
@@ -14,6 +15,7 @@ from imgclf.errors import ConfigError, RunDirError
 from imgclf.runs.base import load_run
 from imgclf.runs.heads import HEAD_FILE, make_head, save_head
 from imgclf.runs.safehead import load_head
+from imgclf.workflows.classical import head_unused_settings
 
 from conftest import tiny_config
 
@@ -87,3 +89,28 @@ def test_max_seconds_or_a_sampler_with_a_scikit_learn_head_says_it_has_no_effect
     imgclf.train(config)
     assert "--max-seconds 30 has no effect with --head logreg" in caplog.text
     assert "--sampler weighted has no effect with --head logreg" in caplog.text
+
+
+def test_every_setting_a_scikit_learn_head_cannot_apply_is_named(tmp_path):
+    """Fitted once on un-augmented features: epochs, optimizer, stages and augmentation do nothing, and
+    k-nearest neighbours take no class weights. Each such setting is named in the warning."""
+    config = tiny_config(tmp_path, tmp_path / "r", model={"head": "knn"}, augment={"preset": "light",
+                                                                                    "rotation_range": 20},
+                         train={"class_weight": "balanced", "label_smoothing": 0.1, "average_best": 3,
+                                "compile": True}, stages=[{"name": "a", "epochs": 2}])
+    unused = head_unused_settings(config, "knn")
+    assert {"--label-smoothing", "--average-best", "--compile", "--rotation-range", "--epochs", "--lr", "--stage",
+            "--class-weight balanced"} <= set(unused)
+    assert not {"--batch-size", "--seed", "--augment"} & set(unused)  # embedding batches; light is the default
+    assert "--class-weight balanced" not in head_unused_settings(config, "logreg")
+    assert head_unused_settings(build_config({"model": {"head": "svm"}}), "svm") == []
+
+
+def test_more_neighbours_than_training_images_is_said_and_recorded_as_used(tmp_path, pool_dataset, caplog):
+    caplog.set_level("INFO")
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", model={"head": "knn"}, train={"head_param": 500}))
+    n_train = sum(json.loads((run.path / "dataset.json").read_text())["counts"]["train"].values())
+    assert f"knn n_neighbors=500 is more than the {n_train} training images" in caplog.text
+    assert load_head(run.path / HEAD_FILE, "knn")[-1].n_neighbors == n_train
+    first = next(csv.DictReader(open(run.path / "history.csv")))
+    assert first["param"] == f"n_neighbors={n_train}"

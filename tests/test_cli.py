@@ -72,6 +72,9 @@ def test_a_test_class_missing_from_train_stops_before_training(tmp_path):
     (["--model", "resnet81"], ["unknown model", "resnet18"]),
     (["--epochs", "2", "--patience", "5"], ["patience"]),
     (["--val-fraction", "1.5"], ["val_fraction"]),
+    (["--model", "resnet18", "--pretrained", "--weights", "w.pt"], ["--pretrained and --weights", "keep one"]),
+    (["--binary-head", "sigmoid", "--positive-class", "top bar"], ["--binary-head sigmoid", "--positive-class top bar",
+                                                                  "binary task", "3 classes"]),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, args, fragments):
     data = make_class_folders(tmp_path / "d", 3)
@@ -145,7 +148,11 @@ def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path)
                ["predict", tmp_path, data, "--out", tmp_path / "mine.csv"],
                ["explain", tmp_path, data, "--out", tmp_path / "shown"],
                ["audit", data, "--json", tmp_path / "mine.csv"], ["cache", "--max-gb", "3"],
-               ["train", data, "--model", "simple_cnn", "--sync-bn", "--device", "cpu", "--nproc", "2"]]
+               ["train", data, "--model", "simple_cnn", "--sync-bn", "--device", "cpu", "--nproc", "2"],
+               ["predict", tmp_path, data, "--batch-size", "0"], ["predict", tmp_path, data, "--batch-size", "1e30"],
+               ["cv", data, "--jobs", "0"], ["cv", data, "--jobs", "2"],
+               ["grid", data, "--ray-address", "auto"],
+               ["features", "resnet18", data, "--out", "f.npz", "--image-size", "9999"]]
     audit = ["audit", str(data), "--no-near", "--json", str(tmp_path / "audit.json")]  # needs no torch at all
     cache = ["cache", "--dir", str(tmp_path / "no cache yet")]  # neither does cache
     argvs = [["--help"], ["train", "--help"], *([str(word) for word in argv] for argv in refused), audit, cache]
@@ -168,3 +175,11 @@ def imgclf_python(code: str, *args: str, env: dict | None = None) -> dict:
                           env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_demos_take_the_epochs_asked_for(tmp_path):
+    from imgclf.workflows.demo import demo_config
+
+    assert demo_config(tmp_path).train.epochs == 30 and demo_config(tmp_path, transfer=True).train.epochs == 4
+    assert demo_config(tmp_path, epochs=20, transfer=True).train.epochs == 20  # once cut to 4 without a word
+    assert demo_config(tmp_path, epochs=5).train.epochs == 5

@@ -3,7 +3,7 @@ import argparse
 import pytest
 import yaml
 
-from imgclf.cli.flags import config_from_args
+from imgclf.cli.flags import config_from_args, given_settings
 from imgclf.cli.parser import build_parser
 from imgclf.config import build_config, config_fields, config_to_yaml, flag_name, load_config
 from imgclf.errors import ConfigError
@@ -53,6 +53,7 @@ def test_flags_override_the_config_file(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr, cfg.model.name) == (5, 0.1, "resnet18")
     assert cfg.model.conv_filters == [16, 32]
     assert cfg.train.early_stopping is False and cfg.data.channels == 1
+    assert given_settings(args) == {"train.epochs", "model.conv_filters", "train.early_stopping", "data.channels"}
 
 
 def test_unset_flags_keep_defaults():

@@ -233,3 +233,17 @@ def test_split_csv_round_trips_names_that_are_not_utf8(tmp_path):
     index.save(tmp_path / "split.csv")
     assert b"left bar/\xff\xfe.png," in (tmp_path / "split.csv").read_bytes()
     assert DatasetIndex.load(tmp_path / "split.csv", root, list(index.classes)) == index
+
+
+def test_fractions_the_splits_make_moot_and_folders_that_are_no_split_are_said(tmp_path, caplog):
+    data = make_split_folders(tmp_path / "d", {"train": 4, "val": 2})
+    make_class_folders(data / "holdout", 2)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        index = build_index(DataConfig(path=str(data), val_fraction=0.5, test_fraction=0.3), 0)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "--test-fraction 0.3 and --val-fraction 0.5: no effect" in said and "holdout is not a train, val" in said
+    assert "holdout" not in " ".join(map(str, index.paths)) and set(index.splits) == {"train", "val"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        build_index(DataConfig(path=str(data)), 0)  # defaults: nothing asked, nothing said about fractions
+    assert "no effect" not in " ".join(r.getMessage() for r in caplog.records)

@@ -1,7 +1,9 @@
 import csv
+import logging
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -152,6 +154,24 @@ def test_features_npz_holds_embeddings_labels_and_paths(members, tmp_path):
     assert image.probs.shape[1] == 3
     assert main(["features", "resnet10t", str(index.root), "--image-size", "32", "--out", str(tmp_path / "r.npz")]) == 0
     assert np.load(tmp_path / "r.npz")["features"].shape == (len(index), 512)
+
+
+def test_features_of_a_named_backbone_come_from_the_weights_asked_for(members, tmp_path, capsys, caplog, monkeypatch):
+    """--weights is loaded (an all-zero state dict gives all-zero embeddings); with neither it nor --pretrained
+    the backbone is random, and the command says so. A run embeds as trained: backbone flags are refused."""
+    root = str(members[0].index().root)
+    zeros = tmp_path / "zeros.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in timm.create_model("resnet10t", num_classes=0).state_dict().items()},
+               zeros)
+    argv = ["features", "resnet10t", root, "--image-size", "32", "--out"]
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # the CLI turns it off
+    assert main([*argv, str(tmp_path / "zero.npz"), "--weights", str(zeros)]) == 0
+    assert "random" not in caplog.text
+    assert main([*argv, str(tmp_path / "random.npz")]) == 0
+    assert "weights are random" in caplog.text
+    assert not np.load(tmp_path / "zero.npz")["features"].any() and np.load(tmp_path / "random.npz")["features"].any()
+    assert main(["features", str(members[0].path), "--image-size", "32", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "drop --image-size" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
 
 
 def test_weight_averaging_keeps_the_average_only_when_validation_agrees():

@@ -11,7 +11,7 @@ import imgclf
 import imgclf.workflows.summary
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.network import NetworkRun as Run
@@ -52,7 +52,12 @@ def test_stratified_kfold_writes_runs_tables_plot_and_pooled_predictions(tmp_pat
 def test_predefined_fold_folders(tmp_path):
     for i in range(3):
         make_split_folders(tmp_path / "data" / f"Fold{i}", {"train": 6, "valid": 2, "test": 2}, seed=i)
-    cross_validate(tiny_config(tmp_path / "data", tmp_path / "cv", train={"epochs": 2}))
+    config = tiny_config(tmp_path / "data", tmp_path / "cv", train={"epochs": 2})
+    for folds, group, layout in ((5, None, "auto"), (None, "patient", "auto"), (None, None, "class_folders")):
+        with pytest.raises(ConfigError, match="has its own 3 folds .Fold0..Fold2., which decide the splits"):
+            cross_validate(config.model_copy(update={"data": config.data.model_copy(update={"layout": layout})}),
+                           folds=folds, group_column=group)
+    cross_validate(config, folds=3)  # the number it has
     folds = read(tmp_path / "cv" / "folds.csv")
     assert len(folds) == 3
     split = read(tmp_path / "cv" / "fold_1" / "split.csv")
@@ -176,6 +181,13 @@ def test_list_values_stage_axes_and_coupled_settings_make_the_trials(tmp_path):
         parse_params(["train.lr=0.1"], str(tmp_path / "grid.yaml"))
 
 
+def test_a_seed_in_the_grid_is_the_trials_seed_and_other_trials_get_derived_ones(tmp_path):
+    config = tiny_config(tmp_path, tmp_path / "g")
+    assert [c.train.seed for _, _, c in trial_configs(config, parse_params(["seed=1,2"]), tmp_path / "g")] == [1, 2]
+    derived = [c.train.seed for _, _, c in trial_configs(config, parse_params(["lr=0.1,0.2"]), tmp_path / "g")]
+    assert len(set(derived)) == 2 and config.train.seed not in derived
+
+
 def test_a_grid_axis_that_a_stage_sets_for_itself_is_an_error(tmp_path, pool_dataset):
     config = tiny_config(pool_dataset, tmp_path / "g", stages=[TWO_STAGES[0], {**TWO_STAGES[1], "lr": 1e-4}])
     with pytest.raises(ConfigError, match=r"stage 1 \(all\) sets its own lr=0.0001, so the grid's lr=0.01 would not "
@@ -224,6 +236,14 @@ def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
     monkeypatch.setattr(imgclf.workflows.summary, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     second = cross_validate(config, folds=2)
     assert len(trained) == 1 and without_time(first["folds"]) == without_time(second["folds"])
+    # the same --out with other settings: refused, not answered with the folds trained before
+    with pytest.raises(ConfigError, match=r"fold_0 was trained with other settings.*train.epochs: 2 -> 3"):
+        cross_validate(tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 3}), folds=2)
+    assert len(trained) == 1
+    record = tmp_path / "cv" / "fold_0" / "result.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "run": "/elsewhere"}))
+    with pytest.raises(RunDirError, match="is not the record of"):
+        cross_validate(config, folds=2)
 
 
 def test_summary_intervals_stay_in_the_metrics_range():
@@ -335,6 +355,10 @@ def test_two_grids_that_disagree_on_a_shared_setting_are_an_error(tmp_path):
     one, two = write_best(tmp_path / "a", {"augment": "none"}), write_best(tmp_path / "b", {"augment": "light"})
     with pytest.raises(ConfigError, match="augment is 'none' in .* but 'light' in"):
         with_grid_winners(config, [f"model1={one}", f"model2={two}"])
+    # the value given on the command line is kept, from either grid: the error's "pass the value"
+    assert with_grid_winners(config, [f"model1={two}", f"model2={two}"], frozenset({"augment.preset"})).augment.preset \
+        == "none" == config.augment.preset
+    assert with_grid_winners(config, [f"model1={two}", f"model2={two}"]).augment.preset == "light"
     with pytest.raises(ConfigError, match="no such stage"):
         with_grid_winners(config, [f"model9={one}"])
 

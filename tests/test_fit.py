@@ -1,3 +1,4 @@
+import csv
 import json
 import logging
 import weakref
@@ -176,3 +177,18 @@ def test_an_epochs_labels_keep_every_batch_in_order_and_no_step_tensor_alive():
     truth, decided = labels.arrays()
     assert truth.tolist() == [0, 1, 2, 0, 1, 1, 2, 2, 0] and decided.tolist() == [1, 1, 2, 0, 0, 1, 2, 0, 0]
     assert not any(ref() is not None for ref in alive)  # the epoch keeps copies, not the steps' tensors
+
+
+def test_each_stage_counts_improvements_with_its_own_min_delta(tmp_path, pool_dataset):
+    """A stage's min_delta is its own: stage b (0) keeps an epoch that beats stage a's best by any amount,
+    although stage a (10) counted nothing after its first epoch as an improvement."""
+    stages = [{"name": "a", "epochs": 2, "min_delta": 10.0}, {"name": "b", "epochs": 3, "min_delta": 0.0}]
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", stages=stages,
+                                   train={"early_stopping": False, "lr": 0.01}))
+    history = list(csv.DictReader(open(run.path / "history.csv")))
+    best, best_epoch = float(history[0]["val_loss"]), 1
+    for row in history[2:]:  # stage b, where any gain counts
+        if float(row["val_loss"]) < best:
+            best, best_epoch = float(row["val_loss"]), int(row["epoch"])
+    assert best_epoch > 2  # stage b improved on stage a's best, so the test can tell the two rules apart
+    assert json.loads((run.path / "model.json").read_text())["epoch"] == best_epoch

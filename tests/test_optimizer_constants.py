@@ -14,7 +14,7 @@ from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.training.optim import build_optimizer
 from imgclf.workflows.grid import parse_params, trial_configs
-from imgclf.workflows.plan import unused_settings
+from imgclf.workflows.settings import unused_settings
 
 from conftest import tiny_config
 
@@ -99,12 +99,35 @@ def test_settings_an_optimizer_never_reads_are_said_not_ignored(tmp_path, pool_d
     stages = [("head", TrainConfig(optimizer="adam", momentum=0.5)),
               ("tune", TrainConfig(optimizer="sgd", momentum=0.5)),
               ("last", TrainConfig(optimizer="sgd", momentum=0.0, nesterov=True, rho=0.5))]
-    lines = unused_settings(stages)
+    lines = unused_settings(build_config({}), stages)
     assert lines == ["warning: momentum=0.5 has no effect with adam (read by sgd, rmsprop only), in stage(s) head",
                      "warning: rho=0.5 has no effect with sgd (read by rmsprop, adadelta only), in stage(s) last",
                      "warning: nesterov has no effect with momentum=0 (Nesterov needs momentum), in stage(s) last"]
-    assert unused_settings([("train", TrainConfig(optimizer="adam"))]) == []  # defaults are not choices
+    assert unused_settings(build_config({}), [("train", TrainConfig(optimizer="adam"))]) == []  # defaults
     caplog.set_level("INFO")
     run_cfg = tiny_config(pool_dataset, tmp_path / "r", train={"optimizer": "adamw", "momentum": 0.0, "epochs": 1})
     imgclf.train(run_cfg)
     assert "momentum=0.0 has no effect with adamw" in caplog.text
+
+
+def test_schedule_stage_and_augment_settings_that_do_nothing_are_said():
+    config = build_config({"train": {"lr": 0.5, "step_size": 3, "gamma": 0.5, "patience": 2, "early_stopping": False,
+                                     "freeze": "backbone", "backbone_lr_mult": 3, "average_best": 3,
+                                     "restore_best": False},
+                           "augment": {"preset": "none", "fill_mode": "reflect", "cval": 100},
+                           "stages": [{"name": "a", "epochs": 1, "lr": 0.01}, {"name": "b", "epochs": 1, "lr": 0.1}]})
+    text = "\n".join(unused_settings(config, [("a", config.train)]))
+    for said in ("step_size=3 has no effect with the cosine schedule", "gamma=0.5 has no effect with the cosine",
+                 "patience=2 has no effect without early stopping", "backbone_lr_mult=3 has no effect with the "
+                 "backbone frozen", "--lr 0.5 reaches no stage", "--cval 100 has no effect with fill_mode reflect",
+                 "--fill-mode reflect has no effect", "--average-best 3 has no effect with --no-restore-best"):
+        assert said in text
+    assert "--epochs" not in text  # the default reaches no stage either, but nobody asked for it
+    cached = unused_settings(build_config({}), [("all", TrainConfig(feature_views=3, feature_cache=False))])
+    assert cached == ["warning: feature_cache=False and feature_views=3 has no effect: every layer trains in every "
+                      "stage, and only a frozen backbone's features are cached"]
+    recipe = [("head", TrainConfig(freeze="backbone", feature_views=3)), ("tune", TrainConfig(feature_views=3))]
+    assert unused_settings(build_config({}), recipe) == []  # the head stage caches its 3 views
+    one_sets_lr = config.model_copy(update={"stages": [config.stages[0], config.stages[1].model_copy(
+        update={"lr": None})]})
+    assert "reaches no stage" not in "\n".join(unused_settings(one_sets_lr, [("a", config.train)]))

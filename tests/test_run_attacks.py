@@ -127,3 +127,29 @@ def test_manifest_names_outside_the_sealed_list_are_refused(runs, tmp_path, caps
     data["sha256"]["../../etc/passwd"] = "0" * 64
     (run / "manifest.json").write_text(json.dumps(data))
     assert "manifest.json" in error_line(capsys, "evaluate", run, "--split", "val")
+
+
+def test_a_batch_size_beyond_the_training_split_predicts_no_more_images_at_once(runs, tmp_path, monkeypatch):
+    """config.yaml's batch size sets predict's batches; training never held more images than its split, and
+    neither does predicting a folder with a run whose batch size says 10^12."""
+    run = copy_of(runs, "net", tmp_path)
+    edit_config(run, lambda c: c["train"].update(batch_size=10**12))
+    train_images = sum(json.loads((run / "dataset.json").read_text())["counts"]["train"].values())
+    batches = []
+    real = imgclf.runs.predict.make_loader
+    monkeypatch.setattr(imgclf.runs.predict, "make_loader",
+                        lambda dataset, batch_size, **kw: batches.append(batch_size) or real(dataset, batch_size, **kw))
+    tampered, original = imgclf.load_run(run), imgclf.load_run(runs["net"])
+    preds = tampered.predict([runs["data"]])
+    assert batches == [train_images] and tampered.batch_size == train_images
+    assert len(preds.paths) == 24 > train_images
+    assert np.allclose(preds.probs, original.predict([runs["data"]]).probs, atol=1e-5)
+
+
+def test_a_negative_image_count_in_dataset_json_is_refused(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    info = json.loads((run / "dataset.json").read_text())
+    info["counts"]["train"] = {name: -10**9 for name in info["counts"]["train"]}
+    (run / "dataset.json").write_text(json.dumps(info))
+    manifest.seal(run)
+    assert "dataset.json" in error_line(capsys, "predict", run, runs["data"], "--out", tmp_path / "p.csv")

@@ -236,3 +236,13 @@ def test_settings_the_default_transfer_recipe_replaces_are_named():
     assert recipe_overrides(build_config({**values, "stages": [{"name": "only"}]})) == []
     chained = build_config({**values, "train": {**values["train"], "init_from": "/runs/a"}})
     assert [name for name, _ in resolve_stages(chained)] == ["train"]  # a trained head: no head-only recipe
+
+
+def test_compile_on_a_stage_that_trains_over_cached_features_is_said_to_do_nothing(tmp_path, pool_dataset, logged,
+                                                                                   monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: compiled.append(model) or model)
+    stages = [{"name": "head", "epochs": 1, "freeze": "backbone"}]
+    imgclf.train(tiny_config(pool_dataset, tmp_path / "r", stages=stages, train={"compile": True}))
+    assert "--compile has no effect in stage head: it trains the head on cached features" in logged.text
+    assert compiled == []

@@ -60,6 +60,13 @@ def _world_size(args: argparse.Namespace) -> int:
 
 def check_experiment(args: argparse.Namespace) -> None:
     """``cv``'s and ``grid``'s settings: sets ``args.experiment_config`` (--out defaults to cv/ or grid/)."""
+    unit = "fold" if args.command == "cv" else "trial"
+    if args.jobs > 1 and args.backend == "sequential":
+        raise ConfigError(f"--jobs {args.jobs}: the sequential backend trains one {unit} at a time; add --backend "
+                          "processes (or ray), or drop --jobs")
+    if args.ray_address and args.backend != "ray":
+        raise ConfigError(f"--ray-address is for --backend ray (this is --backend {args.backend}); add it, or drop "
+                          "--ray-address")
     if args.data_dir:
         args.cfg__data__path = args.data_dir
     if not getattr(args, "cfg____out", None):

@@ -8,7 +8,7 @@ import argparse
 import os
 from pathlib import Path
 
-from imgclf.cli.flags import format_metrics
+from imgclf.cli.flags import format_metrics, given_settings
 from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S
 from imgclf.errors import ImgclfError
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     config = args.experiment_config
     if args.from_grid:
-        config = with_grid_winners(config, args.from_grid)
+        config = with_grid_winners(config, args.from_grid, given_settings(args))
 
     result = cross_validate(config, args.folds, args.group_column, args.backend, args.jobs, args.ray_address)
     for row in result["summary"]:

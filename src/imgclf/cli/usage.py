@@ -30,6 +30,22 @@ EXAMPLES = {
 }
 
 
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high``; anything else is the parser's one-line error
+    (0 is not quietly read as "the default", a negative or a huge number does not reach a loader)."""
+
+    def parse_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {low:,} to {high:,}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value:,} is out of range; give {low:,} to {high:,}")
+        return value
+
+    return parse_number
+
+
 class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: exact flags only, and its example line under --help."""
 

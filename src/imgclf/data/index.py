@@ -23,7 +23,7 @@ import numpy as np
 from imgclf import atomic
 from imgclf.config import DataConfig
 from imgclf.data.images import special_file_kind
-from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders
+from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders, visible_dirs
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
 
@@ -110,6 +110,7 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
         raise DataError(f"no images found in {path}; expected one sub-folder per class holding images")
     rng = np.random.default_rng(seed)
     splits = [s for _, _, s in rows]
+    warn_unused_fractions(cfg, splits, path)
     val_fraction = cfg.val_fraction
     if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
         splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng, keep=2)
@@ -121,6 +122,17 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     check_classes(index, source=str(path))
     warn_tiny_classes(index)
     return index
+
+
+def warn_unused_fractions(cfg: DataConfig, given: list[str], path: Path) -> None:
+    """A held-out fraction that the dataset's own splits make moot is said, not ignored."""
+    defaults = DataConfig.model_fields
+    unused = [f"--{name.replace('_', '-')} {getattr(cfg, name):g}" for name, moot in (
+        ("test_fraction", any(given)), ("val_fraction", "val" in given))
+        if moot and getattr(cfg, name) != defaults[name].default]
+    if unused:
+        log.warning("warning: %s: no effect, %s has its own splits (%s)", " and ".join(unused), path,
+                    ", ".join(sorted(set(given))))
 
 
 def scan_rows(path: Path, layout: str) -> list[Row]:
@@ -140,6 +152,10 @@ def _rows_of_layout(path: Path, layout: str) -> list[Row]:
     folders = split_folders(path)
     if "train" not in folders:
         raise DataError(f"{path} has no train folder (found {sorted(folders)}); add DATA/train/<class>/")
+    others = sorted(d.name for d in visible_dirs(path, "dataset folder") if d not in folders.values())
+    if others:
+        log.warning("warning: %s: %s %s not a train, val or test folder: not read", path, ", ".join(others),
+                    "is" if len(others) == 1 else "are")
     rows: list[Row] = []
     for split, folder in folders.items():
         found = scan_class_folders(folder, split, path)

@@ -87,6 +87,14 @@ def train_loader(prepared: PreparedData, aug: AugmentConfig, preprocess: Preproc
     return AugmentedBatches(loader, BatchAugment(aug, preprocess.mean, preprocess.std), device)
 
 
+def inference_batch(batch_size: int, train_images: int) -> int:
+    """The batch size for evaluating and predicting: the training batch, but never more images than the training
+    split had. Training's steps held at most that many (a batch larger than the split is the whole split), so a
+    run's ``batch_size`` (e.g. 100,000 for full-batch training on 500 images) cannot make predicting a large
+    folder put all of it in one batch."""
+    return max(1, min(batch_size, train_images))
+
+
 def eval_loader(prepared: PreparedData, split: str, preprocess: Preprocess, batch_size: int,
                 workers: int | None = None, shuffle: bool = False, generator: torch.Generator | None = None):
     dataset = prepared.dataset(split, build_eval_transform(preprocess.mean, preprocess.std))

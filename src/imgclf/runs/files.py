@@ -122,7 +122,7 @@ class DatasetFile(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     root: str = Field(min_length=1)
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, Annotated[StrictInt, Field(ge=0)]]] = {}
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
 

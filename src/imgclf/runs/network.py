@@ -16,7 +16,7 @@ import torch
 from imgclf import atomic
 from imgclf.config import Config, load_config
 from imgclf.data.index import SPLITS, DatasetIndex
-from imgclf.data.pipeline import PreparedData, eval_loader, prepare
+from imgclf.data.pipeline import PreparedData, eval_loader, inference_batch, prepare
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import save_and_score
@@ -120,6 +120,16 @@ class NetworkRun:
             load_weights(model, self.path / MODEL_FILE)
         return self.compute.prepare(model).eval()
 
+    @cached_property
+    def batch_size(self) -> int:
+        """How many images it evaluates and predicts at once (``inference_batch``): config.yaml's batch size,
+        at most the training images that dataset.json records."""
+        path = self.path / "dataset.json"
+        train = sum(runfiles.read_dataset(path).counts.get("train", {}).values())
+        if train < 1:
+            raise RunDirError(f"{path} records no training images; {runfiles.FIX}")
+        return inference_batch(self.config.train.batch_size, train)
+
     @property
     def objective(self) -> Objective:
         return Objective(len(self.classes), sigmoid=self.meta.output_units == 1)
@@ -171,7 +181,7 @@ class NetworkRun:
         if split not in prepared.index.splits:
             raise RunDirError(f"the run has no {split!r} split (it has {sorted(set(prepared.index.splits))})")
         generator = torch.Generator().manual_seed(self.config.train.seed)
-        loader = eval_loader(prepared, split, self.preprocess, self.config.train.batch_size,
+        loader = eval_loader(prepared, split, self.preprocess, self.batch_size,
                              self.config.data.workers, shuffle=shuffle, generator=generator)
         return Predictions.of_index(prepared.index.subset(split), self.loader_probs(loader, tta), self.classes)
 
@@ -224,7 +234,7 @@ class NetworkRun:
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
                 batch_size: int | None = None, tta: str | None = None) -> Predictions:
         """Predict image files, folders (recursive) or glob patterns; optionally write a CSV."""
-        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.config.train.batch_size,
+        preds = predict_files(self, inputs, skip_bad_images, batch_size or self.batch_size,
                               tta or self.config.evaluate.tta)
         preds = preds.at_threshold(self.threshold, self.positive)
         if out:

@@ -112,7 +112,7 @@ def predict_with_onnx(run, inputs: list[str | Path], out: str | Path | None = No
         raise ConfigError(f"--tta {tta}: the export computes test-time augmentation {engine.tta!r} inside its graph; "
                           "use --engine torch for another")
     paths = readable(expand_inputs(inputs), engine.spec.channels, skip_bad_images)
-    step = batch_size or run.config.train.batch_size
+    step = batch_size or run.batch_size
     probs = [engine.predict(decode(paths[i:i + step], engine.spec)) for i in range(0, len(paths), step)]
     labels, _ = folder_labels(inputs, paths, run.classes)  # class sub-folders give true labels, as run.predict
     preds = Predictions([str(p) for p in paths], run.classes, labels,

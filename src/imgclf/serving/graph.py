@@ -174,7 +174,7 @@ def engine_probs(run, images: np.ndarray, batch_size: int | None = None) -> np.n
     """
     if isinstance(run, EnsembleRun):
         return combine([engine_probs(m, images, batch_size) for m in run.members], run.spec.method, run.spec.weights)
-    return run.loader_probs(array_loader(images, run.preprocess, batch_size or run.config.train.batch_size))
+    return run.loader_probs(array_loader(images, run.preprocess, batch_size or run.batch_size))
 
 
 def run_computes(run) -> list[str]:

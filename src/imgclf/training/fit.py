@@ -198,7 +198,7 @@ def fit(model: nn.Module, objective: Objective, train_loader: DataLoader, cfg: T
     schedule = build_schedule(optimizer, cfg)
     scaling = GradScaling(compute.device, compute.precision)
     stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
-    stopper.patience, stopper.bad_epochs = cfg.effective_patience, 0
+    stopper.patience, stopper.min_delta, stopper.bad_epochs = cfg.effective_patience, cfg.min_delta, 0  # this stage's
     history = history if history is not None else []
     first = 1
     if resume:

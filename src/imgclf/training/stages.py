@@ -25,7 +25,7 @@ from torch import nn
 
 from imgclf.config import Config, TrainConfig
 from imgclf.config.stages import resolve_stages
-from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader, train_loader
+from imgclf.data.pipeline import PreparedData, eval_loader, inference_batch, shard_loader, train_loader
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
@@ -114,6 +114,9 @@ class StageRunner:
             share = f" ({rank_batch(self.ctx, cfg.batch_size)} per process)" if self.ctx.distributed else ""
             log.info("stage %s: freeze=%s, %s trainable parameters, batch size %d%s%s", name, cfg.freeze,
                      f"{trainable:,}", cfg.batch_size, share, f"; {how}" if how else "")
+            if views and cfg.compile:
+                log.warning("warning: --compile has no effect in stage %s: it trains the head on cached features, "
+                            "run eagerly", name)
             stopper = stopper or EarlyStopping(cfg.monitor, cfg.effective_patience, cfg.min_delta)
             model, loader, validate = self._cached(cfg, views) if views else self._images(cfg)
             best_before = stopper.best_epoch
@@ -162,9 +165,13 @@ class StageRunner:
 
     def validate(self) -> dict[str, float]:
         """The whole model's validation metrics now (val_loss, val_accuracy, ...)."""
-        val = eval_loader(self.prepared, "val", self.preprocess, self.config.train.batch_size,
+        val = eval_loader(self.prepared, "val", self.preprocess, self._eval_batch(self.config.train.batch_size),
                           self.config.data.workers)
         return self._validator(self.model, val)()
+
+    def _eval_batch(self, batch_size: int) -> int:
+        """Validation's batch size: as the run evaluates and predicts later (``inference_batch``)."""
+        return inference_batch(batch_size, self.prepared.index.splits.count("train"))
 
     @staticmethod
     def _restored_stopper(cfg: TrainConfig, info: dict) -> EarlyStopping:
@@ -195,7 +202,8 @@ class StageRunner:
         sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
         loader = train_loader(self.prepared, self.config.augment, self.preprocess, rank_batch(self.ctx, cfg.batch_size),
                               self.generator, self.compute.device, sampler, self.config.data.workers)
-        val = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size, self.config.data.workers)
+        val = eval_loader(self.prepared, "val", self.preprocess, self._eval_batch(cfg.batch_size),
+                          self.config.data.workers)
         pre = self.preprocess
         model = self._trainable(self.model, cfg, lambda: self.compute.batch(torch.zeros(2, pre.channels, pre.size,
                                                                                          pre.size)))
@@ -231,7 +239,7 @@ class StageRunner:
             if self.ctx.distributed:
                 val_feats = self._shard_features("val", 1, cfg)
             else:
-                val_images = eval_loader(self.prepared, "val", self.preprocess, cfg.batch_size,
+                val_images = eval_loader(self.prepared, "val", self.preprocess, self._eval_batch(cfg.batch_size),
                                          self.config.data.workers)
                 with exact_fp32(self.compute.device):  # scored: fp32, as the final evaluation computes it
                     val_feats = extract_features(backbone, val_images, self.compute.inference())
@@ -259,7 +267,8 @@ class StageRunner:
         # As the final evaluation computes: the run's own module (not compiled, DDP or a head over cached
         # features), its batches, no test-time views, on the CPU (oneDNN computes alike for alike shapes)
         as_final = (model is self.model and not self.ctx.distributed and self.compute.device.type == "cpu"
-                    and loader.batch_size == self.config.train.batch_size and self.config.evaluate.tta == "none")
+                    and loader.batch_size == self._eval_batch(self.config.train.batch_size)
+                    and self.config.evaluate.tta == "none")
 
         def validate() -> dict[str, float]:
             compute = self.compute.inference()  # fp32, as metrics.json: the best epoch's numbers are the run's

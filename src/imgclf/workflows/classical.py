@@ -14,8 +14,8 @@ import time
 import numpy as np
 from torch import nn
 
-from imgclf.config import Config
-from imgclf.data.pipeline import eval_loader
+from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.data.pipeline import eval_loader, inference_batch
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
@@ -41,8 +41,9 @@ def train_classical(config: Config, evaluate_test: bool = True):
         _warn_untrained(model, cfg, kind)
     _warn_unused(cfg, kind)
     model = s.compute.prepare(model)
-    features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, cfg.train.batch_size,
-                                                          cfg.data.workers), s.compute)[0]
+    batch = inference_batch(cfg.train.batch_size, index.splits.count("train"))  # as the run predicts later
+    features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, batch, cfg.data.workers),
+                             s.compute)[0]
                 for split in ("train", "val")}
     train, val = index.subset("train"), index.subset("val")
     name, values = head_candidates(cfg)
@@ -51,6 +52,10 @@ def train_classical(config: Config, evaluate_test: bool = True):
     history, best = [], None
     for epoch, value in enumerate(values, 1):
         start = time.perf_counter()
+        if kind == "knn" and value > len(train):
+            log.warning("warning: knn n_neighbors=%s is more than the %d training images: it uses all %d",
+                        value, len(train), len(train))
+            value = len(train)
         head = make_head(kind, value, cfg.train.seed, balanced, train.targets, scale).fit(features["train"],
                                                                                          train.targets)
         row = validation_row(compute_metrics(Predictions.of_index(val, head.predict_proba(features["val"])),
@@ -92,6 +97,29 @@ def _warn_unused(cfg: Config, kind: str) -> None:
     if cfg.train.sampler != "none":
         log.warning("warning: --sampler %s has no effect with --head %s: the head is fitted on every training "
                     "image's features at once; --class-weight balanced weights its classes", cfg.train.sampler, kind)
+    unused = head_unused_settings(cfg, kind)
+    if unused:
+        log.warning("warning: %s %s no effect with --head %s: it is fitted once on features of the un-augmented "
+                    "images, with no network training (no epochs, optimizer, stages or augmentation)",
+                    ", ".join(unused), "has" if len(unused) == 1 else "have", kind)
+
+
+# what a scikit-learn head does use of the train section (max_seconds and sampler: warned about on their own)
+HEAD_USES = {"batch_size", "class_weight", "monitor", "seed", "device", "precision", "channels_last", "head_param",
+             "head_scale", "init_from", "init_from_as_typed", "max_seconds", "sampler"}
+
+
+def head_unused_settings(cfg: Config, kind: str) -> list[str]:
+    """The flags set away from their defaults that a scikit-learn head ``kind`` cannot apply."""
+    def changed(section: str, values, defaults) -> list[str]:
+        return [f"--{name.replace('_', '-')}" if section == "train" or name != "preset" else "--augment"
+                for name in type(values).model_fields
+                if (section != "train" or name not in HEAD_USES) and getattr(values, name) != getattr(defaults, name)]
+
+    unused = changed("train", cfg.train, TrainConfig()) + changed("augment", cfg.augment, AugmentConfig())
+    if kind == "knn" and cfg.train.class_weight == "balanced":  # k-nearest neighbours takes no class weights
+        unused.append("--class-weight balanced")
+    return unused + ["--stage"] * bool(cfg.stages)
 
 
 def _warn_untrained(model: Classifier, cfg: Config, kind: str) -> None:

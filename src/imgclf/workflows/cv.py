@@ -34,14 +34,18 @@ from imgclf.workflows.gridparams import apply_params, check_reaches_stages, sett
 from imgclf.workflows.summary import describe, train_job
 
 log = get_logger("cv")
+DEFAULT_FOLDS = 5
 
 
-def fold_configs(config: Config, out: Path, folds: int, group_column: str | None) -> list[Config]:
-    """One config per fold: its data, its derived seed and its run directory."""
+def fold_configs(config: Config, out: Path, folds: int | None, group_column: str | None) -> list[Config]:
+    """One config per fold: its data, its derived seed and its run directory (``folds``: k for k-fold, default
+    DEFAULT_FOLDS; with Fold0..FoldK folders, their number or None)."""
     root = Path(config.data.path or "").expanduser().resolve()
     base = config.model_dump()
     predefined = predefined_folds(root)
-    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, folds, group_column, config)
+    if predefined:
+        _check_predefined(root, predefined, folds, group_column, config.data.layout)
+    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, folds or DEFAULT_FOLDS, group_column, config)
     configs = []
     for i, source in enumerate(sources):
         values = {**base, "out": str(out / f"fold_{i}"), "versions": {}}
@@ -49,6 +53,17 @@ def fold_configs(config: Config, out: Path, folds: int, group_column: str | None
         values["train"] = {**base["train"], "seed": derive_seed(config.train.seed, f"fold{i}")}
         configs.append(build_config(values))
     return configs
+
+
+def _check_predefined(root: Path, predefined: list[Path], folds: int | None, group_column: str | None,
+                      layout: str) -> None:
+    """Fold0..FoldK folders decide the folds: a setting that would decide them otherwise is refused."""
+    asked = [flag for flag, given in ((f"--folds {folds}", folds is not None and folds != len(predefined)),
+                                      (f"--group-column {group_column}", group_column is not None),
+                                      (f"--layout {layout}", layout != "auto")) if given]
+    if asked:
+        raise ConfigError(f"{' and '.join(asked)}: {root} has its own {len(predefined)} folds ({predefined[0].name}.."
+                          f"{predefined[-1].name}), which decide the splits; drop {'them' if len(asked) > 1 else 'it'}")
 
 
 def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, config: Config) -> list[str]:
@@ -104,8 +119,8 @@ def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
     return [lookup[p] for p in paths]
 
 
-def cross_validate(config: Config, folds: int = 5, group_column: str | None = None, backend: str = "sequential",
-                   n_jobs: int = 1, ray_address: str | None = None) -> dict:
+def cross_validate(config: Config, folds: int | None = None, group_column: str | None = None,
+                   backend: str = "sequential", n_jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
     out.mkdir(parents=True, exist_ok=True)
@@ -137,13 +152,14 @@ def pooled_predictions(runs: list[Path]) -> Predictions:
                        np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]))
 
 
-def with_grid_winners(config: Config, sources: list[str]) -> Config:
+def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] = frozenset()) -> Config:
     """``config`` with each grid's winning settings (``GRID_DIR/best.json``'s params) applied.
 
     ``STAGE=GRID_DIR`` puts that grid's train settings into the stage ``STAGE`` (a name or a position),
     as a stage chain's CV needs (model 1's grid -> stage model1); settings a stage cannot hold apply
     to the whole config. A setting two grids set differently is an error, and so is anything best.json holds that is
     not a valid setting: the file is read through the validated reader, then every value is validated.
+    A setting in ``given`` (``train.lr``: set on the command line) is kept, and the log says so.
     """
     values = config.model_dump()
     chosen: dict[str, tuple[Any, Path]] = {}
@@ -152,6 +168,10 @@ def with_grid_winners(config: Config, sources: list[str]) -> Config:
         _check_stage(config, stage, source)
         best = read_grid_best(path)
         params = {_winner_key(key, stage, path): value for key, value in best["params"].items()}
+        kept = [key for key in params if setting(key).describe() in given]
+        if kept:
+            log.info("--from-grid %s: %s not applied: given on the command line", source,
+                     ", ".join(f"{key}={params.pop(key)}" for key in kept))
         for key, value in params.items():
             if key in chosen and chosen[key][0] != value:
                 raise ConfigError(f"--from-grid: {key} is {chosen[key][0]!r} in {chosen[key][1]} but {value!r} in "

@@ -29,11 +29,14 @@ def write_digits(folder: Path, size: int = DEMO_SIZE) -> Path:
 
 
 TRANSFER_MODEL = "tf_efficientnet_lite0"
+CNN_EPOCHS, TRANSFER_EPOCHS = 30, 4  # the demos' default epochs (--epochs sets either)
 
 
-def demo_config(out: Path, epochs: int = 30, transfer: bool = False, overrides: dict | None = None) -> Config:
-    """A small CNN on 1-channel 32 px digits; or, with ``transfer``, ImageNet EfficientNet-Lite0 at 64 px
-    with the default transfer recipe (head on cached features, then a short fine-tune). Pool split 70/15/15."""
+def demo_config(out: Path, epochs: int | None = None, transfer: bool = False, overrides: dict | None = None) -> Config:
+    """A small CNN on 1-channel 32 px digits (``epochs`` default 30); or, with ``transfer``, ImageNet
+    EfficientNet-Lite0 at 64 px with the default transfer recipe (head on cached features, then a short
+    fine-tune; ``epochs`` default 4). Pool split 70/15/15."""
+    epochs = epochs or (TRANSFER_EPOCHS if transfer else CNN_EPOCHS)
     run_dir = out / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     values = {
         "data": {"path": str(out / "digits"), "image_size": DEMO_SIZE, "channels": 1},
@@ -45,7 +48,7 @@ def demo_config(out: Path, epochs: int = 30, transfer: bool = False, overrides: 
     if transfer:
         values["data"].update(image_size=64, channels=3)
         values["model"] = {"name": TRANSFER_MODEL, "pretrained": True}
-        values["train"] = {"epochs": min(epochs, 4), "batch_size": 64}
+        values["train"] = {"epochs": epochs, "batch_size": 64}
     for section, fields in (overrides or {}).items():
         values.setdefault(section, {}).update(fields)
     return build_config(values)

@@ -47,7 +47,7 @@ def exact_predictions(run: NetworkRun, split: str, prepared: PreparedData, ctx: 
     compute = replace(run.compute, device=device)
     model = run.model.to(device)
     with exact_fp32(device):
-        probs = exact_probs(model, run.objective, dataset, run.config.train.batch_size, compute, ctx,
+        probs = exact_probs(model, run.objective, dataset, run.batch_size, compute, ctx,
                             tta or run.config.evaluate.tta, run.config.data.workers)
     return Predictions.of_index(prepared.index.subset(split), probs, run.classes)
 

@@ -19,17 +19,28 @@ from imgclf.data.index import build_index
 from imgclf.data.pipeline import prepare
 from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
 from imgclf.models.networks import build_model, check_model_name, resolve_preprocess
 from imgclf.runs.base import load_run
 from imgclf.runs.heads import Embedder, embed
 from imgclf.runtime import Compute
 
+log = get_logger("features")
+
 
 def write_features(source: str | Path, data: str | Path | None, out: str | Path, image_size: int | None = None,
-                   channels: int = 3, pretrained: bool = False, weights: str | None = None,
+                   channels: int | None = None, pretrained: bool = False, weights: str | None = None,
                    batch_size: int = 64) -> dict:
-    """Embed every image of ``data`` (default: a run's own dataset) with ``source``; write ``out`` (.npz)."""
+    """Embed every image of ``data`` (default: a run's own dataset) with ``source``; write ``out`` (.npz).
+
+    ``image_size``, ``channels``, ``pretrained`` and ``weights`` describe a backbone given by name; a run
+    embeds as it was trained, and is refused them rather than quietly ignoring them."""
     if (Path(source) / "config.yaml").is_file():
+        given = [flag for flag, value in (("--image-size", image_size), ("--channels", channels),
+                                          ("--pretrained", pretrained), ("--weights", weights)) if value]
+        if given:
+            raise ConfigError(f"features {source}: a run embeds with its own trained weights and input; drop "
+                              f"{', '.join(given)} (they are for a backbone given by name)")
         run = load_run(source)
         model, preprocess, compute = run.model, run.preprocess, run.compute
         data_cfg = run.config.data
@@ -40,9 +51,13 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
             raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")
         check_model_name(str(source))
         cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)
+        channels = channels or 3
         preprocess = resolve_preprocess(cfg, image_size, channels)
         compute = Compute.resolve("auto", "auto", None)
-        model = compute.prepare(build_model(cfg, 2, preprocess)).eval()  # the head is never used
+        if not (pretrained or weights):
+            log.warning("warning: features %s without --pretrained or --weights: the backbone's weights are random",
+                        source)
+        model = compute.prepare(build_model(cfg, 2, preprocess, load_pretrained=True)).eval()  # head never used
         data_cfg = DataConfig(path=str(data), image_size=image_size, channels=channels)
         index = build_index(data_cfg, 0)
     prepared = prepare(index, preprocess, data_cfg)

@@ -32,7 +32,8 @@ log = get_logger("grid")
 
 
 def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tuple[str, dict, Config]]:
-    """(trial id, its parameters, its validated config) per grid point, each with a derived seed."""
+    """(trial id, its parameters, its validated config) per grid point, each with a seed derived from the
+    config's and the point's (unless the grid itself sets the seed)."""
     trials = []
     for i, point in enumerate(ParameterGrid(grid)):
         params = flat_params(point)
@@ -46,7 +47,8 @@ def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tupl
         # Trials differ in training randomness only: all of them share one split, so one val and test set.
         if values["data"]["split_seed"] is None:
             values["data"]["split_seed"] = config.train.seed
-        values["train"]["seed"] = derive_seed(config.train.seed, key)
+        if not any(name.rsplit(".", 1)[-1] == "seed" for name in params):  # a seed in the grid is used as given
+            values["train"]["seed"] = derive_seed(config.train.seed, key)
         values["out"], values["versions"] = str(out / "trials" / trial_id), {}
         try:
             trial = build_config(values)

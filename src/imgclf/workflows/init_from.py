@@ -27,8 +27,12 @@ START_FIELDS = ("pretrained", "weights", "weights_map", "head")
 
 
 def check_weights_file(config: Config) -> None:
-    """``--weights`` takes a state-dict file; a folder (a run directory) is what --init-from is for."""
+    """``--weights`` takes a state-dict file; a folder (a run directory) is what --init-from is for. With
+    ``--pretrained`` as well, one of the two would be dropped: refused."""
     weights = config.model.weights
+    if weights and config.model.pretrained:
+        raise ConfigError(f"--pretrained and --weights {weights} both give the starting weights; keep one "
+                          "(--pretrained: ImageNet's, --weights: that file's)")
     if weights and Path(weights).is_dir():
         raise ConfigError(f"--weights {weights} is a folder; --weights takes a state-dict file (.safetensors, "
                           f".pth, .bin) for the backbone. To start from a trained run, head included, pass "

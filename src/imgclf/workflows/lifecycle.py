@@ -48,7 +48,8 @@ from imgclf.versions import library_versions
 from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
-from imgclf.workflows.plan import plan_lines, unused_settings
+from imgclf.workflows.plan import plan_lines
+from imgclf.workflows.settings import check_binary_settings, unused_settings
 
 log = get_logger("lifecycle")
 
@@ -117,7 +118,7 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     stages = resolve_stages(config)
     for line in plan_lines(config, preprocess, stages, config.train.init_from):
         log.info("%s", line)
-    for line in unused_settings(stages) if config.model.head == "linear" else []:
+    for line in unused_settings(config, stages) if config.model.head == "linear" else []:
         log.warning("%s", line)
     return RunSetup(config, out, prepared, preprocess, compute, generator, start, ctx)
 
@@ -159,7 +160,7 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
         index = build_index(config.data, split_seed)
     else:
         index = load_saved_split(resume_dir, config.data)
-    _check_binary_settings(config, index.classes)
+    check_binary_settings(config, index.classes)
     warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
     warnings += warn_imbalance(index.counts().get("train", {}), balanced)
@@ -228,15 +229,6 @@ def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool
     if s.config.evaluate.report and is_main_process():
         write_report(s.out)
     log.info("run written to %s", s.out)
-
-
-def _check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
-    positive = config.data.positive_class
-    if positive is not None and positive not in classes:
-        raise ConfigError(f"positive_class {positive!r} is not a class; choose one of {list(classes)}")
-    rule = config.evaluate.threshold
-    if rule != "argmax" and len(classes) != 2:
-        raise ConfigError(f"--threshold {rule} needs a binary task; {len(classes)} classes found, use argmax")
 
 
 def new_run_dir(out: str | None) -> Path:

@@ -11,8 +11,6 @@ from imgclf.config import Config, TrainConfig
 from imgclf.models.networks import Preprocess
 
 FREEZE_WORDS = {"none": "every layer trains", "backbone": "backbone frozen, head trains"}
-# Settings that always carry a value, and the optimizers that read them.
-OPTIMIZER_READERS = {"momentum": ("sgd", "rmsprop"), "rho": ("rmsprop", "adadelta"), "nesterov": ("sgd",)}
 
 
 def plan_lines(config: Config, preprocess: Preprocess, stages: list[tuple[str, TrainConfig]],
@@ -57,17 +55,3 @@ def _epochs(cfg: TrainConfig) -> str:
     if not cfg.early_stopping:
         return f"{cfg.epochs} epochs"
     return f"up to {cfg.epochs} epochs (early stopping on {cfg.monitor}, patience {cfg.effective_patience})"
-
-
-def unused_settings(stages: list[tuple[str, TrainConfig]]) -> list[str]:
-    """Warnings for optimizer settings changed from their defaults that a stage's optimizer never reads."""
-    defaults = TrainConfig.model_fields
-    found: dict[str, list[str]] = {}
-    for name, cfg in stages:
-        for setting, readers in OPTIMIZER_READERS.items():
-            if getattr(cfg, setting) != defaults[setting].default and cfg.optimizer not in readers:
-                found.setdefault(f"{setting}={getattr(cfg, setting)} has no effect with {cfg.optimizer} (read by "
-                                 f"{', '.join(readers)} only)", []).append(name)
-        if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
-            found.setdefault("nesterov has no effect with momentum=0 (Nesterov needs momentum)", []).append(name)
-    return [f"warning: {what}, in stage(s) {', '.join(names)}" for what, names in found.items()]

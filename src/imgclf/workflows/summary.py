@@ -13,9 +13,12 @@ from scipy import stats
 
 from imgclf import atomic
 from imgclf.config import build_config
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.runs.files import read_json
 from imgclf.workflows.train import train
 
 RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
+SETTINGS_KEY = "settings"  # result.json's record of the config the fold or trial was trained with
 HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
 BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "auc", "sensitivity",
                   "specificity", "ppv", "npv")
@@ -35,16 +38,41 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
     """
     out = Path(config_values["out"])
     done = out / RESULT_FILE
+    settings = json.loads(json.dumps(config_values, default=str))  # as result.json stores them
     if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
+        result = read_json(done)
+        if not isinstance(result, dict) or result.get("run") != str(out):
+            raise RunDirError(f"{done} is not the record of {out}; delete {out} to train it again")
+        check_same_settings(done, result.get(SETTINGS_KEY), settings)
+        return {k: v for k, v in result.items() if k != SETTINGS_KEY}
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
     run = train(build_config(config_values), evaluate_test=evaluate_test)
     result = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {}),
               "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
-    atomic.write_json(done, result)
+    atomic.write_json(done, {**result, SETTINGS_KEY: settings})
     return result
+
+
+def check_same_settings(done: Path, saved: Any, asked: dict) -> None:
+    """A finished fold or trial is reused only for the very settings it was trained with."""
+    if saved == asked:
+        return
+    where = done.parent.parent
+    why = (f"{first_difference(saved, asked)} differs" if isinstance(saved, dict)
+           else "it does not record its settings (an older imgclf)")
+    raise ConfigError(f"{done.parent} was trained with other settings than asked now ({why}); it is reused only "
+                      f"to finish the same experiment: pass a new --out, or delete {where} to start again")
+
+
+def first_difference(saved: Any, asked: Any, key: str = "") -> str:
+    """The first setting (``train.epochs: 1 -> 3``) where two nested settings dicts differ."""
+    if isinstance(saved, dict) and isinstance(asked, dict):
+        for name in sorted(set(saved) | set(asked)):
+            if saved.get(name) != asked.get(name):
+                return first_difference(saved.get(name), asked.get(name), f"{key}.{name}" if key else name)
+    return f"{key}: {saved!r} -> {asked!r}"
 
 
 def describe(rows: list[dict], names: list[str]) -> list[dict]:

@@ -1,0 +1,93 @@
+"""Settings that cannot do what they say: refused in one line when the run cannot honour them at all, and
+named in a warning when they would have no effect, before any time is spent on training."""
+
+from __future__ import annotations
+
+from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.data.transforms import resolve_augment
+from imgclf.errors import ConfigError
+
+# Settings that always carry a value, and what reads them: an optimizer, or a learning-rate schedule
+OPTIMIZER_READERS = {"momentum": ("sgd", "rmsprop"), "rho": ("rmsprop", "adadelta"), "nesterov": ("sgd",)}
+SCHEDULE_READERS = {"step_size": ("step",), "gamma": ("step", "plateau")}
+# the augmentations that uncover pixels, which fill_mode and cval fill
+UNCOVERING = ("rotation_range", "zoom_range", "shear_range", "width_shift_range", "height_shift_range")
+
+
+def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
+    """A positive class, a decision threshold and a one-logit head exist only for two classes."""
+    positive = config.data.positive_class
+    if positive is not None and positive not in classes:
+        raise ConfigError(f"positive_class {positive!r} is not a class; choose one of {list(classes)}")
+    rule = config.evaluate.threshold
+    binary_only = [flag for flag, given in ((f"--threshold {rule}", rule != "argmax"),
+                                            (f"--positive-class {positive}", positive is not None),
+                                            ("--binary-head sigmoid", config.model.binary_head == "sigmoid")) if given]
+    if binary_only and len(classes) != 2:
+        raise ConfigError(f"{' and '.join(binary_only)}: for a binary task; {len(classes)} classes found, drop "
+                          f"{'them' if len(binary_only) > 1 else 'it'}")
+
+
+def unused_settings(config: Config, stages: list[tuple[str, TrainConfig]]) -> list[str]:
+    """Warnings for settings changed from their defaults that the run never reads (network training)."""
+    found: dict[str, list[str]] = {}
+    patience_given = bool(config.stages) or config.train.patience is not None  # else a recipe's own patience
+    for name, cfg in stages:
+        for what in _stage_unused(cfg, patience_given):
+            found.setdefault(what, []).append(name)
+    lines = [f"warning: {what}, in stage(s) {', '.join(names)}" for what, names in found.items()]
+    lines += [f"warning: {what}" for what in _cache_unused(stages)]
+    lines += [f"warning: {what}" for what in _overridden_by_stages(config) + _augment_unused(config.augment)]
+    if config.train.average_best > 1 and not stages[-1][1].restore_best:
+        lines.append(f"warning: --average-best {config.train.average_best} has no effect with --no-restore-best: "
+                     "the run ends with its last weights, not an average of its best")
+    return lines
+
+
+def _stage_unused(cfg: TrainConfig, patience_given: bool) -> list[str]:
+    defaults = TrainConfig.model_fields
+    unused = [f"{setting}={getattr(cfg, setting)} has no effect with {cfg.optimizer} (read by {', '.join(readers)} "
+              "only)" for setting, readers in OPTIMIZER_READERS.items()
+              if getattr(cfg, setting) != defaults[setting].default and cfg.optimizer not in readers]
+    unused += [f"{setting}={getattr(cfg, setting)} has no effect with the {cfg.schedule} schedule (read by "
+               f"{', '.join(readers)} only)" for setting, readers in SCHEDULE_READERS.items()
+               if getattr(cfg, setting) != defaults[setting].default and cfg.schedule not in readers]
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        unused.append("nesterov has no effect with momentum=0 (Nesterov needs momentum)")
+    if patience_given and cfg.patience is not None and not cfg.early_stopping and cfg.schedule != "plateau":
+        unused.append(f"patience={cfg.patience} has no effect without early stopping (or the plateau schedule)")
+    if cfg.backbone_lr_mult != 1 and cfg.freeze == "backbone":
+        unused.append(f"backbone_lr_mult={cfg.backbone_lr_mult:g} has no effect with the backbone frozen")
+    return unused
+
+
+def _cache_unused(stages: list[tuple[str, TrainConfig]]) -> list[str]:
+    """Feature-cache settings when no stage freezes anything: only a frozen backbone's features are cached."""
+    defaults = TrainConfig.model_fields
+    if any(cfg.freeze != "none" for _, cfg in stages):
+        return []
+    given = {f"{name}={getattr(cfg, name)}" for _, cfg in stages for name in ("feature_views", "feature_cache")
+             if getattr(cfg, name) != defaults[name].default}
+    return [f"{' and '.join(sorted(given))} has no effect: every layer trains in every stage, and only a frozen "
+            "backbone's features are cached"] if given else []
+
+
+def _overridden_by_stages(config: Config) -> list[str]:
+    """A train setting that every explicit stage sets for itself reaches none of them: said, not lost."""
+    train, defaults = config.train, TrainConfig()
+    own = [stage.model_dump(exclude={"name"}, exclude_none=True) for stage in config.stages]
+    return [f"--{name.replace('_', '-')} {getattr(train, name)} reaches no stage: every stage sets its own {name}"
+            for name in TrainConfig.model_fields
+            if own and getattr(train, name) != getattr(defaults, name) and all(name in values for values in own)]
+
+
+def _augment_unused(cfg: AugmentConfig) -> list[str]:
+    values = resolve_augment(cfg)
+    lines = []
+    if cfg.cval != AugmentConfig.model_fields["cval"].default and values["fill_mode"] != "constant":
+        lines.append(f"--cval {cfg.cval} has no effect with fill_mode {values['fill_mode']} (add --fill-mode "
+                     "constant)")
+    if cfg.fill_mode is not None and not any(values[name] for name in UNCOVERING):
+        lines.append(f"--fill-mode {cfg.fill_mode} has no effect: no rotation, zoom, shear or shift uncovers any "
+                     "pixel to fill")
+    return lines
