@@ -16,7 +16,7 @@ from imgclf.runs.ensemble import combine
 from imgclf.runs.heads import HEAD_FILE
 from imgclf.runs.safehead import load_head
 from imgclf.training.averaging import BestWeights, average_if_better
-from imgclf.workflows.ensemble import create_ensemble, fit_weights
+from imgclf.workflows.ensemble import check_members, create_ensemble, fit_weights
 from imgclf.workflows.grid import grid_search, parse_params
 
 from conftest import tiny_config
@@ -229,3 +229,15 @@ def test_runs_trained_with_different_seeds_share_a_split_and_ensemble(tmp_path, 
     assert not np.array_equal(next(one.model.parameters()).detach(), next(two.model.parameters()).detach())
     ensemble = create_ensemble([one.path, two.path], tmp_path / "ens")
     assert ensemble.metrics["test"]["n"] == one.metrics["test"]["n"]
+
+
+def test_members_scored_otherwise_than_the_first_are_named(members, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # an in-process CLI call turns it off
+    caplog.set_level(logging.WARNING, logger="imgclf")
+    first, other = load_run(members[0].path), load_run(members[1].path)
+    check_members([first, other])
+    assert "scores as" not in caplog.text
+    other.__dict__["config"] = other.config.model_copy(update={"evaluate": other.config.evaluate.model_copy(
+        update={"bootstrap": 7})})
+    check_members([first, other])
+    assert f"the ensemble scores as {first.path} does" in caplog.text and "bootstrap 7" in caplog.text

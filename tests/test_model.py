@@ -12,6 +12,7 @@ from imgclf.config import ModelConfig, build_config
 from imgclf.config.layers import expand_conv
 from imgclf.errors import ConfigError
 from imgclf.models.checkpoint import check_fits, fill_skeleton, save_weights
+from imgclf.models.freeze import apply_freeze
 from imgclf.models.networks import SimpleCNN, build_model, check_input_size, output_units, resolve_preprocess
 
 
@@ -192,6 +193,8 @@ def test_model_info_of_a_run_directory(trained_run, capsys):
     assert main(["model-info", str(trained_run.path), "--dropout", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "shown as it was trained; drop dropout" in err and len(err.splitlines()) == 1
+    assert main(["model-info", str(trained_run.path), "--classes", "7"]) == 2  # it knows its own: not ignored
+    assert "drop classes" in capsys.readouterr().err
 
 
 def test_model_info_of_a_run_made_by_version_0_1(capsys):
@@ -254,3 +257,15 @@ def test_a_model_with_tensors_its_file_cannot_fill_is_built_the_ordinary_way(tmp
         plain, skeleton = _Odd("nothing"), _Odd(extra)
     assert fill_skeleton(plain, tmp_path / "w.safetensors") is not None  # BatchNorm's buffers come from the file
     assert fill_skeleton(skeleton, tmp_path / "w.safetensors") is None
+
+
+def test_freezing_all_but_more_layers_than_the_backbone_has_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # an in-process CLI call turns it off
+    caplog.set_level(logging.WARNING, logger="imgclf")
+    model = build(conv_filters=[8, 16])  # two convolutions
+    apply_freeze(model, "last:99")
+    assert "freeze last:99: the backbone has 2 layers with weights, so all of them train" in caplog.text
+    assert all(p.requires_grad for p in model.parameters())
+    caplog.clear()
+    apply_freeze(model, "last:1")
+    assert "freeze" not in caplog.text

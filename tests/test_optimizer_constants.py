@@ -123,6 +123,8 @@ def test_schedule_stage_and_augment_settings_that_do_nothing_are_said():
                  "--fill-mode reflect has no effect", "--average-best 3 has no effect with --no-restore-best"):
         assert said in text
     assert "--epochs" not in text  # the default reaches no stage either, but nobody asked for it
+    both = build_config({"train": {"sampler": "weighted", "class_weight": "balanced"}})
+    assert "both balance the classes" in "\n".join(unused_settings(both, [("train", both.train)]))
     cached = unused_settings(build_config({}), [("all", TrainConfig(feature_views=3, feature_cache=False))])
     assert cached == ["warning: feature_cache=False and feature_views=3 has no effect: every layer trains in every "
                       "stage, and only a frozen backbone's features are cached"]

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help="a Keras-style summary: layers, output shapes, parameters (trainable, "
                                           "frozen), and each layer's name for freeze patterns")
     p.add_argument("source", nargs="?", help="a model name (simple_cnn, a timm name), a config file or a run directory")
-    p.add_argument("--classes", type=int, default=2, help="classes of the final layer (a run knows its own)")
+    p.add_argument("--classes", type=int, help="classes of the final layer (default 2; a run knows its own)")
     p.add_argument("--depth", type=whole_number(1, 64), default=3,
                    help="module depth of the table (backbone.features.0 is 3)")
     add_config_flags(p)

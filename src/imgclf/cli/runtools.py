@@ -93,6 +93,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     source = Path(args.source) if args.source else None
     if source is not None and source.is_dir():
         given = sorted(k.split("__")[-1] for k in vars(args) if k.startswith("cfg__")) + ["stage"] * bool(args.stages)
+        given += ["classes"] * (args.classes is not None)
         if given or args.config:
             raise ConfigError(f"model-info {source}: a run directory is shown as it was trained; drop "
                               f"{', '.join(given) or 'config'} (or pass its config.yaml to change settings)")
@@ -103,6 +104,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
             args.config = args.config or str(source)
         elif source is not None:
             args.cfg__model__name = args.source
+        args.classes = 2 if args.classes is None else args.classes
         if not 1 <= args.classes <= MAX_CLASSES:
             raise ConfigError(f"--classes {args.classes}: give 1 to {MAX_CLASSES:,} (the final layer's outputs)")
         config = config_from_args(args)

@@ -20,6 +20,9 @@ from torch import nn
 
 from imgclf.config import check_policy
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
+
+log = get_logger("freeze")
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -61,6 +64,9 @@ def _last_layers(backbone: nn.Module, n: int, freeze_bn: bool) -> set[str]:
     counted = [i for i, (_, m) in enumerate(layers) if not isinstance(m, NORM_TYPES)]
     if n == 0:
         return set()
+    if n > len(counted):
+        log.warning("warning: freeze last:%d: the backbone has %d layers with weights, so all of them train", n,
+                    len(counted))
     first = counted[-n] if n <= len(counted) else 0
     names = set()
     for name, module in layers[first:]:

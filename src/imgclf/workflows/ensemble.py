@@ -12,11 +12,14 @@ from scipy.special import softmax
 from imgclf import atomic
 from imgclf.config import config_to_yaml
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
 from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, write_kind
 from imgclf.runs.ensemble import ENSEMBLE_FILE, METHODS, EnsembleRun, check_listed_once, count_models
+
+log = get_logger("ensemble")
 
 
 def fit_weights(member_probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -47,6 +50,19 @@ def check_members(runs: list[Run]) -> None:
         if (run.path / "split.csv").read_bytes() != (first.path / "split.csv").read_bytes():
             raise ConfigError(f"{run.path} split its images differently from {first.path}; ensemble runs that "
                               "share a split (same data and --split-seed, or the same train/val/test folders)")
+        if scoring(run) != scoring(first):
+            log.warning("warning: the ensemble scores as %s does (%s), not as %s (%s)", first.path,
+                        scoring_words(first), run.path, scoring_words(run))
+
+
+def scoring(run: Run) -> tuple:
+    """The evaluation settings an ensemble takes from its first member's config."""
+    return run.config.data.positive_class, run.config.evaluate.threshold, run.config.evaluate.bootstrap
+
+
+def scoring_words(run: Run) -> str:
+    positive, threshold, bootstrap = scoring(run)
+    return f"positive class {positive or 'the second'}, threshold {threshold}, bootstrap {bootstrap}"
 
 
 def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "soft",

@@ -38,6 +38,9 @@ def unused_settings(config: Config, stages: list[tuple[str, TrainConfig]]) -> li
     lines = [f"warning: {what}, in stage(s) {', '.join(names)}" for what, names in found.items()]
     lines += [f"warning: {what}" for what in _cache_unused(stages)]
     lines += [f"warning: {what}" for what in _overridden_by_stages(config) + _augment_unused(config.augment)]
+    if config.train.sampler == "weighted" and config.train.class_weight == "balanced":
+        lines.append("warning: --sampler weighted and --class-weight balanced both balance the classes: rare "
+                     "classes are drawn as often as common ones and weigh more in the loss as well; keep one")
     if config.train.average_best > 1 and not stages[-1][1].restore_best:
         lines.append(f"warning: --average-best {config.train.average_best} has no effect with --no-restore-best: "
                      "the run ends with its last weights, not an average of its best")
