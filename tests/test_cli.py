@@ -151,7 +151,8 @@ def test_help_refused_arguments_and_audit_answer_without_loading_torch(tmp_path)
                ["train", data, "--model", "simple_cnn", "--sync-bn", "--device", "cpu", "--nproc", "2"],
                ["predict", tmp_path, data, "--batch-size", "0"], ["predict", tmp_path, data, "--batch-size", "1e30"],
                ["cv", data, "--jobs", "0"], ["cv", data, "--jobs", "2"],
-               ["grid", data, "--ray-address", "auto"],
+               ["grid", data, "--ray-address", "auto"], ["serve", tmp_path, "--port", "70000"],
+               ["cv", data, "--folds", "0"],
                ["features", "resnet18", data, "--out", "f.npz", "--image-size", "9999"]]
     audit = ["audit", str(data), "--no-near", "--json", str(tmp_path / "audit.json")]  # needs no torch at all
     cache = ["cache", "--dir", str(tmp_path / "no cache yet")]  # neither does cache

@@ -26,6 +26,9 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     ({"trian": {}}, "did you mean train"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "below 1"),
     ({"data": {"workers": 100000}}, "data.workers"),  # a tampered config.yaml would fork that many at predict
+    ({"train": {"seed": 10**20}}, "train.seed"),  # overflowed inside torch, after the data was scanned
+    ({"data": {"split_seed": 2**40}}, "data.split_seed"),
+    ({"augment": {"brightness_range": [float("nan"), 1.0]}}, "brightness_range"),  # trained to a NaN loss
 ])
 def test_bad_values_fail_with_one_line_naming_the_setting(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -104,3 +107,9 @@ def test_a_path_flag_replaces_the_files_typed_form(tmp_path, monkeypatch):
     args = build_parser().parse_args(["train", "--config", str(saved), "--data", "new data"])
     cfg = config_from_args(args)
     assert (cfg.data.path, cfg.data.path_as_typed) == (str(tmp_path / "new data"), "new data")
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump({"train": {"epochs": 5}}).encode())
+    assert load_config(path).train.epochs == 5  # a BOM once made the first section unknown ('\ufefftrain')

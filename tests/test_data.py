@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import imgclf
 from imgclf.config import DataConfig
 from imgclf.data.index import DatasetIndex, build_index, detect_layout
-from imgclf.errors import DataError
+from imgclf.errors import ConfigError, DataError
 
+from conftest import tiny_config
 from imagefactory import make_class_folders, make_csv, make_split_folders
 
 
@@ -247,3 +249,17 @@ def test_fractions_the_splits_make_moot_and_folders_that_are_no_split_are_said(t
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         build_index(DataConfig(path=str(data)), 0)  # defaults: nothing asked, nothing said about fractions
     assert "no effect" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_training(tmp_path):
+    data = make_class_folders(tmp_path / "d", 3)
+    (data / "left bar").rename(data / os.fsdecode(b"cls\xe9"))  # a name from another system's encoding
+    with pytest.raises(DataError, match=r"class 'cls\\udce9' is not a valid UTF-8 name .*b'cls\\xe9'.*rename it"):
+        build_index(DataConfig(path=str(data)), 0)
+
+
+def test_a_run_inside_its_dataset_folder_is_refused_before_anything_is_written(tmp_path):
+    data = make_class_folders(tmp_path / "d", 3)
+    with pytest.raises(ConfigError, match="is inside the dataset folder .* read this run's files as images"):
+        imgclf.train(tiny_config(data, data / "runx"))
+    assert not (data / "runx").exists()

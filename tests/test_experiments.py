@@ -377,3 +377,15 @@ def test_grid_then_cv_from_its_winner_on_the_command_line(tmp_path, pool_dataset
     assert cv.returncode == 0, cv.stderr
     for fold in ("fold_0", "fold_1"):
         assert Run(tmp_path / "cv" / fold).config.train.lr == best["params"]["lr"]
+
+
+def test_a_folder_that_no_experiment_wrote_is_not_written_into(tmp_path, pool_dataset):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.csv").write_text("precious\n")
+    with pytest.raises(ConfigError, match="already holds files .summary.csv. that no imgclf cv wrote"):
+        cross_validate(tiny_config(pool_dataset, mine, train={"epochs": 1}), folds=2)
+    with pytest.raises(ConfigError, match="that no imgclf grid wrote"):
+        grid_search(tiny_config(pool_dataset, mine, train={"epochs": 1}), parse_params(["lr=0.1,0.01"]))
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.csv"] and (mine / "summary.csv").read_text() == \
+        "precious\n"

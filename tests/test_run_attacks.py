@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import imgclf
@@ -57,6 +58,29 @@ def test_a_fifo_in_place_of_a_run_file_is_refused_not_waited_on(runs, tmp_path):
     os.mkfifo(run / "threshold.json")  # not a sealed regular file: the manifest alone does not see it
     result = imgclf_cli("evaluate", run, "--split", "val", timeout=240)
     assert_clean_error(result, "threshold.json", "not a regular file")
+
+
+@pytest.mark.parametrize("name", ["split.csv", "export/model.onnx", "resume/epoch_00001/state.pt"])
+def test_a_fifo_that_seal_or_a_reader_meets_is_refused_not_waited_on(runs, tmp_path, name):
+    """seal vouched for a run whose split.csv was a FIFO (it skipped it), and evaluate then waited on it for
+    ever; predict --engine onnx and train --resume waited on theirs. Each is now one line."""
+    run = copy_of(runs, "net", tmp_path)
+    (run / "manifest.json").unlink()
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    (run / name).unlink(missing_ok=True)
+    os.mkfifo(run / name)
+    if name == "split.csv":
+        assert_clean_error(imgclf_cli("seal", run, timeout=120), "split.csv", "not a regular file")
+        assert_clean_error(imgclf_cli("evaluate", run, "--split", "val", timeout=240), "not a regular file")
+    elif name.startswith("export"):
+        (run / "export" / "export.json").write_text("{}")
+        result = imgclf_cli("predict", run, runs["data"], "--engine", "onnx", "--out", tmp_path / "p.csv", timeout=240)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    else:
+        from imgclf.training.resume import load_state
+
+        with pytest.raises(imgclf.errors.RunDirError, match="state.pt is not a regular file"):
+            load_state(run, imgclf.load_run(runs["net"]).model)
 
 
 def test_dev_zero_as_a_run_file_is_refused_without_reading_it(runs, tmp_path, capsys):
@@ -153,3 +177,42 @@ def test_a_negative_image_count_in_dataset_json_is_refused(runs, tmp_path, capsy
     (run / "dataset.json").write_text(json.dumps(info))
     manifest.seal(run)
     assert "dataset.json" in error_line(capsys, "predict", run, runs["data"], "--out", tmp_path / "p.csv")
+
+
+def test_a_run_folder_that_is_a_symbolic_link_elsewhere_is_never_written_through(runs, tmp_path, capsys):
+    """report and evaluate draw into RUN/plots: a link there to another folder is refused, and nothing lands in
+    the folder it points at (the attack used /etc). train's resume/, export's export/ go through the same check."""
+    run, victim = copy_of(runs, "net", tmp_path), tmp_path / "victim"
+    victim.mkdir()
+    shutil.rmtree(run / "plots")
+    (run / "plots").symlink_to(victim)
+    assert "plots is a symbolic link or a file" in error_line(capsys, "evaluate", run, "--split", "val")
+    assert list(victim.iterdir()) == []
+    shutil.rmtree(run / "resume", ignore_errors=True)
+    (run / "resume").symlink_to(victim)
+    with pytest.raises(imgclf.errors.RunDirError, match="resume is a symbolic link"):
+        imgclf.atomic.inner_folder(run, "resume")
+
+
+def test_weights_that_are_not_numbers_are_named_as_the_cause(runs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = copy_of(runs, "net", tmp_path)
+    state = load_file(run / "model.safetensors")
+    last = sorted(state)[-1]
+    state[last] = torch.full_like(state[last], float("nan"))
+    save_file(state, run / "model.safetensors", metadata={"format": "pt"})
+    manifest.seal(run)
+    line = error_line(capsys, "predict", run, runs["data"], "--out", tmp_path / "p.csv")
+    assert "not a number for 24 image(s): its weights are damaged" in line
+
+
+def test_a_saved_best_file_that_is_a_device_is_not_copied_until_the_disk_fills(runs, tmp_path):
+    from imgclf.training.resume import restore_best_file
+
+    run = copy_of(runs, "net", tmp_path)
+    best = run / "resume" / "epoch_00001" / "best.safetensors"
+    best.unlink(missing_ok=True)
+    best.symlink_to("/dev/zero")
+    with pytest.raises(imgclf.errors.RunDirError, match="best.safetensors is not a regular file"):
+        restore_best_file(run, run / "model.safetensors")

@@ -465,3 +465,10 @@ def test_a_dicom_upload_over_the_pixel_cap_is_refused_on_its_header_before_decod
     with pytest.raises(UploadError) as refused:
         decode_upload(b"not a DICOM file", "notes.dcm", spec, folder, max_pixels=50_000_000)
     assert refused.value.status == 422 and "not a readable DICOM file" in str(refused.value)
+
+
+@pytest.mark.parametrize("size", [float("nan"), float("inf"), 0.0, -1.0, 5000.0])
+def test_an_upload_limit_that_is_no_size_is_refused(size):
+    with pytest.raises(ConfigError, match="--max-upload-mb"):
+        ServeOptions(max_upload_mb=size).check()
+    ServeOptions(max_upload_mb=4096).check()

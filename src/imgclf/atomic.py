@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from imgclf.errors import RunDirError
+
 TEXT_ERRORS = "surrogateescape"  # file names that are not UTF-8 keep their bytes; readers use the same
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -44,6 +46,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def inner_folder(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` as a real folder inside ``root``, made if missing: a symbolic link there (a run's plots/
+    pointing at /etc), or a file, would send what imgclf writes elsewhere, so it is refused."""
+    folder = Path(root) / name
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise RunDirError(f"{folder} is a symbolic link or a file, not a folder of its own; imgclf writes only "
+                          "inside the run directory: remove it and run the command again")
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _file_mode(target: Path) -> int:

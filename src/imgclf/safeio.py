@@ -25,10 +25,10 @@ def read_capped(path: str | os.PathLike, limit: int, error: type[ImgclfError], f
         raise
     except OSError as err:
         raise error(f"cannot read {path} ({err.strerror}); {fix}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder with its own error
+        os.close(fd)
+        raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise error(f"{path} is larger than {limit:,} bytes, {why}; {fix}")

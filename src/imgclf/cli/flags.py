@@ -127,11 +127,19 @@ DISK_ERRORS = {
     errno.EROFS: "the file system is read-only; write elsewhere (e.g. another --out)",
     errno.EACCES: "check its permissions or write elsewhere (e.g. another --out)",
     errno.EPERM: "check its permissions or write elsewhere (e.g. another --out)",
+    # a path the user gave that cannot be one (an --out under a file, a broken link in the way, ...)
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "something (a file or a broken link) is in the way; choose another path or remove it",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter path",
+    errno.ELOOP: "a symbolic link in the path loops; fix or remove it",
+    errno.ENOENT: "no such file or folder; check the path",
 }
 
 
 def disk_error_line(err: OSError, fallback: str | None) -> str | None:
-    """One line for a full, read-only or forbidden disk, naming the path; None for any other OSError."""
+    """One line for a full, read-only or forbidden disk or an impossible path, naming it; None for any other
+    OSError."""
     if err.errno not in DISK_ERRORS:
         return None
     path = err.filename or fallback or "the output"

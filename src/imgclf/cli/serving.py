@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imgclf.cli.usage import lazy
+from imgclf.cli.usage import lazy, whole_number
 from imgclf.config.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OPSET
 
 
@@ -17,7 +17,7 @@ def add_serving_parsers(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API and a drop-an-image page for a run")
     p.add_argument("run", help="run or ensemble directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=whole_number(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz, /readyz")
     p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"],
                    help="auto: onnx when RUN/export exists, else torch")

@@ -34,7 +34,7 @@ def build_config(values: dict[str, Any] | None = None) -> Config:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = read_capped(path, MAX_CONFIG_BYTES, ConfigError, "give the YAML config imgclf wrote").decode("utf-8")
+        text = read_capped(path, MAX_CONFIG_BYTES, ConfigError, "give the YAML config imgclf wrote").decode("utf-8-sig")
         values = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from imgclf.config.sections import (
+    MAX_SEED,
     AbsolutePath,
     AugmentConfig,
     DataConfig,
@@ -68,7 +69,7 @@ class TrainConfig(_Section):
     max_seconds: float | None = Field(None, gt=0, description="time limit for the whole training: it ends after "
                                       "the epoch when another would not finish in time, keeping its best epoch")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
-    seed: int = Field(42, ge=0, description="random seed (init, augmentation, order; the split too only "
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="random seed (init, augmentation, order; the split too only "
                                             "with --split-seed null)")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

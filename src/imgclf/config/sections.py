@@ -38,6 +38,7 @@ def _known_device(value: str) -> str:
 
 
 AbsolutePath = Annotated[str | None, AfterValidator(_absolute)]
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; larger seeds overflowed deep in a library
 Widths = Annotated[list[int], Field(max_length=64), AfterValidator(_positive)]
 Device = Annotated[str, AfterValidator(_known_device)]
 
@@ -71,8 +72,9 @@ class DataConfig(_Section):
         None, gt=0, le=4096, description="square input size in px (default: the model's own, 64 for simple_cnn)")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale input, 3 = RGB")
     split_seed: int | None = Field(
-        42, ge=0, description="seed of the train/val/test split and of CV folds; fixed, so runs trained with other "
-                              "--seed values share a split (null: follow --seed, as runs before 0.2 did)")
+        42, ge=0, le=MAX_SEED,
+        description="seed of the train/val/test split and of CV folds; fixed, so runs trained with other --seed "
+                    "values share a split (null: follow --seed, as runs before 0.2 did)")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
     cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
@@ -101,7 +103,7 @@ class AugmentConfig(_Section):
     fill_mode: Literal["nearest", "constant", "reflect"] | None = Field(
         None, description="how pixels outside the image are filled")
     cval: int = Field(0, ge=0, le=255, description="fill value for fill_mode=constant")
-    brightness_range: list[float] | None = Field(
+    brightness_range: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]] | None = Field(
         None, min_length=2, max_length=2, description="brightness factor range, e.g. 0.8,1.2")
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,15 @@ from imgclf.errors import DataError
 
 # Beyond this many pixels an image is treated as a decompression bomb rather than decoded.
 MAX_PIXELS = 16_000 * 16_000
+# PIL warns from 89.5M pixels and refuses from twice that. Its refusal, like MAX_PIXELS (checked on the header),
+# ends in one line naming the file; its warning for the images in between would be raw two-line noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
                   Image.DecompressionBombError, IndexError)
+
+
+# evaluate, explain and report have no --skip-bad-images: they score or show a run's own images
+SKIP_HINT = "fix or delete it (train and predict skip such images with --skip-bad-images)"
 
 
 class BadImage(DataError):
@@ -40,7 +48,7 @@ class BadImage(DataError):
 
     def __init__(self, path: Path, reason: str):
         self.path, self.reason = Path(path), reason
-        super().__init__(f"cannot read image {path}: {reason}; fix or delete it, or pass --skip-bad-images")
+        super().__init__(f"cannot read image {path}: {reason}; {SKIP_HINT}")
 
 
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,

@@ -14,6 +14,7 @@ UTF-8 keep their original bytes (surrogateescape), so they round-trip through sa
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ from imgclf import atomic
 from imgclf.config import DataConfig
 from imgclf.data.images import special_file_kind
 from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders, visible_dirs
-from imgclf.errors import DataError
+from imgclf.errors import DataError, RunDirError
 from imgclf.logs import get_logger
+from imgclf.safeio import require_regular
 
 SPLITS = ("train", "val", "test")
 log = get_logger("index")
@@ -79,6 +81,7 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, path: Path, root: Path, classes: list[str]) -> DatasetIndex:
+        require_regular(path, RunDirError, "the run directory is damaged; re-train it")  # a FIFO would block
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
             rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
         paths, labels, splits = zip(*rows, strict=True) if rows else ((), (), ())
@@ -200,6 +203,8 @@ def check_classes(index: DatasetIndex, source: str) -> None:
     present = set(index.splits)
     if "train" not in present:
         raise DataError(f"{source}: the train split is empty")
+    for name in index.classes:
+        require_utf8(name, f"{source}: class {name!r}")
     if len(index.classes) < 2:
         raise DataError(f"{source}: training needs at least 2 classes, found {list(index.classes)}")
     for split in ("val", "test"):
@@ -223,3 +228,12 @@ def warn_tiny_classes(index: DatasetIndex) -> None:
                           for c in tiny)
         log.warning("warning: class(es) with fewer than %d training images: %s; their metrics are noisy and "
                     "the model may never predict them; add images if you can", TINY_CLASS, shown)
+
+
+def require_utf8(text: str, what: str) -> None:
+    """A name imgclf writes into its JSON files and draws on its figures must be text: a file name whose bytes
+    are not UTF-8 (Python holds them as lone surrogates) is refused before any work, not after training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{what} is not a valid UTF-8 name (its bytes: {os.fsencode(text)!r}); rename it") from None

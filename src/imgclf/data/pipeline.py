@@ -13,7 +13,7 @@ from imgclf.config import AugmentConfig, DataConfig
 from imgclf.data.cache import DecodedImages, decode_all
 from imgclf.data.cachedir import keep_within_limit, limit_bytes
 from imgclf.data.datasets import AugmentedBatches, CachedImages, make_loader
-from imgclf.data.images import BadImage
+from imgclf.data.images import SKIP_HINT, BadImage
 from imgclf.data.index import DatasetIndex
 from imgclf.data.samplers import ShardView
 from imgclf.data.transforms import BatchAugment, build_eval_transform
@@ -53,8 +53,7 @@ def prepare(index: DatasetIndex, preprocess: Preprocess, cfg: DataConfig) -> Pre
     if decoded.bad and not cfg.skip_bad_images:
         first = decoded.bad[0]
         more = f" (and {len(decoded.bad) - 1} more)" if len(decoded.bad) > 1 else ""
-        raise DataError(f"cannot read image {first.path}: {first.reason}{more}; fix or delete it, "
-                        f"or pass --skip-bad-images")
+        raise DataError(f"cannot read image {first.path}: {first.reason}{more}; {SKIP_HINT}")
     bad_paths = {b.path for b in decoded.bad}
     keep = [i for i, p in enumerate(paths) if p not in bad_paths]
     for bad in decoded.bad:

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imgclf.data.transforms import tta_views
+from imgclf.errors import RunDirError
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute
 
@@ -22,6 +23,7 @@ def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, co
     model.eval()
     views = tta_views(tta)
     probs = np.full((len(loader.dataset), objective.num_classes), np.nan)
+    seen = np.zeros(len(loader.dataset), dtype=bool)
     for images, _, positions in loader:
         batch = compute.batch(images)
         total = 0
@@ -29,6 +31,11 @@ def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, co
             with compute.autocast():
                 total = total + objective.probabilities(model(view(batch)).float())
         probs[positions.numpy()] = (total / len(views)).cpu().numpy()
-    if np.isnan(probs).any():
+        seen[positions.numpy()] = True
+    if not seen.all():
         raise RuntimeError("some images received no prediction; the loader skipped items")
+    if not np.isfinite(probs).all():
+        raise RunDirError(f"the model's output is not a number for {int((~np.isfinite(probs).all(1)).sum())} "
+                         "image(s): its weights are damaged (NaN or infinite values, or a negative BatchNorm "
+                         "variance); re-train the run or restore its model.safetensors")
     return probs

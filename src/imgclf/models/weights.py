@@ -34,6 +34,7 @@ from torch import nn
 
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
+from imgclf.safeio import require_regular
 
 log = get_logger("weights")
 
@@ -50,8 +51,9 @@ HUB_CHECK_SECONDS = 1.0  # a reachable host answers a TCP connect in well under 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors or torch file; torch files are read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"weights file {path} does not exist")
+    require_regular(path, ConfigError, "give a safetensors or torch state-dict file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -60,8 +62,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"cannot read weights {path}: {str(err).splitlines()[0][:200]}; "
-                          f"give a safetensors or torch state-dict file") from None
+        why = "it holds more than tensors (imgclf loads tensors only, never code)" if "weights_only" in str(err) \
+            else str(err).splitlines()[0][:200]
+        raise ConfigError(f"cannot read weights {path}: {why}; give a safetensors or torch state-dict file") from None
     for key in WRAPPER_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

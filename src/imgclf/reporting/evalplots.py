@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.evaluation.metrics import reliability
 from imgclf.evaluation.predictions import Predictions
@@ -188,4 +189,4 @@ def draw_evaluations(run, splits) -> None:
         csv_file = run.path / f"predictions_{split}.csv"
         if split in metrics and csv_file.is_file():
             preds = Predictions.from_csv(csv_file, run.classes)
-            plot_evaluation(preds, metrics[split], run.path / "plots", split, run.positive)
+            plot_evaluation(preds, metrics[split], atomic.inner_folder(run.path, "plots"), split, run.positive)

@@ -11,12 +11,14 @@ which validates the whole run before it writes the new manifest.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.logs import get_logger
 from imgclf.runs.files import read_json
+from imgclf.safeio import require_regular
 
 MANIFEST_FILE = "manifest.json"
 INCOMPLETE = "INCOMPLETE"  # in a run directory from its creation until the run is finished and sealed
@@ -39,6 +41,9 @@ def file_sha256(path: Path) -> str:
 def seal(run_dir: str | Path) -> dict[str, str]:
     """Write ``manifest.json`` for the sealed files present now; returns {file: sha256}."""
     run_dir = Path(run_dir)
+    for name in SEALED:  # a FIFO or folder in a sealed file's place is no file to vouch for (it would be skipped)
+        if os.path.lexists(run_dir / name):
+            require_regular(run_dir / name, RunDirError, "put the run's own file back, or re-train")
     files = {name: file_sha256(run_dir / name) for name in SEALED if (run_dir / name).is_file()}
     atomic.write_json(run_dir / MANIFEST_FILE, {"format": FORMAT, "sha256": files})
     return files

@@ -23,6 +23,7 @@ from imgclf.runs.ensemble import ENSEMBLE_FILE, EnsembleRun
 from imgclf.runs.heads import HEAD_FILE
 from imgclf.runs.manifest import file_sha256
 from imgclf.runs.network import MODEL_FILE
+from imgclf.safeio import read_capped
 
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -91,10 +92,8 @@ def verified_onnx_bytes(run) -> tuple[bytes, ExportFile]:
     info = read_export(run)
     folder = export_dir(run)
     path, redo = folder / ONNX_FILE, f"run 'imgclf export {run.path}' again"
-    try:
-        if path.stat().st_size > MAX_ONNX_BYTES:
-            raise RunDirError(f"{path} is larger than any ONNX file imgclf writes; {redo}")
-        data = path.read_bytes()  # hashed and loaded from these bytes: no swap between check and use
+    try:  # hashed and loaded from these bytes: no swap between check and use; never a FIFO's endless wait
+        data = read_capped(path, MAX_ONNX_BYTES, RunDirError, redo, why="larger than any ONNX file imgclf writes")
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing but {folder / EXPORT_FILE} lists it; {redo}") from None
     if hashlib.sha256(data).hexdigest() != info.onnx_sha256:

@@ -23,7 +23,7 @@ from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.runs.ensemble import EnsembleRun
 from imgclf.runs.manifest import file_sha256
-from imgclf.serving.bundle import EXPORT_FILE, FORMAT, ONNX_FILE, export_dir, require, weights_sha256
+from imgclf.serving.bundle import EXPORT_DIR, EXPORT_FILE, FORMAT, ONNX_FILE, export_dir, require, weights_sha256
 from imgclf.serving.graph import InputSpec, build_graph, input_spec, tta_of
 from imgclf.serving.parity import parity_gate, parity_images
 from imgclf.versions import version
@@ -51,7 +51,7 @@ def export_run(run, opset: int = DEFAULT_OPSET, data_root: str | Path | None = N
     onnx.helper.set_model_props(model, props)
     model.producer_name, model.doc_string = "imgclf", props["preprocessing"]
     images, source = parity_images(run, spec, data_root)
-    target = export_dir(run) / ONNX_FILE
+    target = atomic.inner_folder(run.path, EXPORT_DIR) / ONNX_FILE
     with atomic.atomic_path(target) as tmp:
         onnx.save_model(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)

@@ -30,6 +30,7 @@ from imgclf.serving.uploads import UploadError
 log = get_logger("serve")
 OPEN_PATHS = ("/healthz", "/readyz")
 GRACE_SECONDS = 10  # SIGTERM: in-flight requests get this long to finish
+MAX_UPLOAD_MB = 4096  # a request body is held in memory: larger is no image upload
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ServeOptions:
     token: str | None = None
     engine: str = "auto"
     max_batch: int = 16
-    max_upload_mb: float = 10.0
+    max_upload_mb: float = 10.0  # at most MAX_UPLOAD_MB
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
@@ -47,8 +48,11 @@ class ServeOptions:
         return int(self.max_upload_mb * 2**20)
 
     def check(self) -> None:
-        if self.max_batch < 1 or self.max_upload_mb <= 0 or self.max_pixels < 4:
-            raise ConfigError("--max-batch, --max-upload-mb and --max-pixels must be positive")
+        if self.max_batch < 1 or self.max_pixels < 4:
+            raise ConfigError("--max-batch and --max-pixels must be positive")
+        if not 0 < self.max_upload_mb <= MAX_UPLOAD_MB:  # also false for nan; inf is above the bound
+            raise ConfigError(f"--max-upload-mb {self.max_upload_mb}: give a size above 0 and at most "
+                              f"{MAX_UPLOAD_MB:,}")
         if self.token is not None and (len(self.token) < 8 or not self.token.isprintable() or " " in self.token):
             raise ConfigError("--token must be at least 8 printable characters without spaces")
 

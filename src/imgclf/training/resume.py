@@ -28,7 +28,7 @@ from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.logs import get_logger
 from imgclf.models.checkpoint import load_weights
-from imgclf.safeio import read_capped
+from imgclf.safeio import read_capped, require_regular
 
 STATE_DIR = "resume"
 RANKS_FILE = "ranks.pt"
@@ -83,7 +83,7 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
                best_file: Path, rank_states: list[tuple[dict, dict]] | None = None) -> None:
     """``fit_state``: optimizer/schedule state dicts; ``info``: stage, epochs, stopper, history;
     ``rank_states``: every rank's ``capture_rng`` when several processes train."""
-    folder = out / STATE_DIR
+    folder = atomic.inner_folder(out, STATE_DIR)
     final, tmp = folder / f"epoch_{info['epoch']:05d}", folder / f".epoch_{info['epoch']:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -130,6 +130,7 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     try:
         info = json.loads(read_capped(folder / "state.json", MAX_STATE_BYTES, RunDirError, "start the run again"))
         ResumeInfo.model_validate(info)
+        require_regular(folder / "state.pt", RunDirError, "start the run again")  # a FIFO would block torch.load
         tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("torch_rng", "data_rng")):
             raise ValueError("state.pt lacks the RNG states")
@@ -154,6 +155,7 @@ def restore_best_file(out: Path, best_file: Path) -> None:
     pairs = ((folder / "best.safetensors", best_file), (folder / "best.json", best_file.with_suffix(".json")))
     for source, target in pairs:
         if source.exists():
+            require_regular(source, RunDirError, "start the run again")  # not /dev/zero copied until the disk fills
             with atomic.atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
 
@@ -184,6 +186,7 @@ def _rank_states(folder: Path) -> list[dict]:
     """ranks.pt, checked: a list of RNG-state dicts (the values are checked by ``restore_rng``)."""
     path = folder / RANKS_FILE
     try:
+        require_regular(path, RunDirError, "start the run again")
         states = torch.load(path, map_location="cpu", weights_only=True)
         keys = ("torch_rng", "data_rng", "numpy_rng", "python_rng")
         if not isinstance(states, list) or not all(isinstance(s, dict) and all(k in s for k in keys)

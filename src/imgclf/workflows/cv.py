@@ -31,7 +31,7 @@ from imgclf.runs.files import read_grid_best
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, setting
-from imgclf.workflows.summary import describe, train_job
+from imgclf.workflows.summary import describe, open_experiment, train_job
 
 log = get_logger("cv")
 DEFAULT_FOLDS = 5
@@ -45,7 +45,8 @@ def fold_configs(config: Config, out: Path, folds: int | None, group_column: str
     predefined = predefined_folds(root)
     if predefined:
         _check_predefined(root, predefined, folds, group_column, config.data.layout)
-    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, folds or DEFAULT_FOLDS, group_column, config)
+    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, DEFAULT_FOLDS if folds is None else folds,
+                                                              group_column, config)
     configs = []
     for i, source in enumerate(sources):
         values = {**base, "out": str(out / f"fold_{i}"), "versions": {}}
@@ -123,7 +124,7 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
                    backend: str = "sequential", n_jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
-    out.mkdir(parents=True, exist_ok=True)
+    open_experiment(out, "cv")
     configs = fold_configs(config, out, folds, group_column)
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)
     results = run_jobs(train_job, [(c.model_dump(), True) for c in configs], backend, n_jobs, ray_address)
@@ -136,7 +137,7 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     _, oof_metrics = save_and_score(oof, out / "predictions_oof.csv", config.data.positive_class)
     atomic.write_json(out / "metrics_oof.json", oof_metrics)
 
-    plot_folds(rows, out / "plots" / "folds.png")
+    plot_folds(rows, atomic.inner_folder(out, "plots") / "folds.png")
     if config.evaluate.report:
         write_report(out)
     return {"folds": rows, "summary": summary, "oof": oof_metrics}

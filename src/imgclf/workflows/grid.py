@@ -25,7 +25,7 @@ from imgclf.runs.base import open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
-from imgclf.workflows.summary import train_job
+from imgclf.workflows.summary import open_experiment, train_job
 
 __all__ = ["grid_search", "parse_params", "trial_configs"]  # parse_params: the CLI's way in
 log = get_logger("grid")
@@ -68,7 +68,8 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     """
     out = Path(config.out or "grid")
     keys = rank_keys(rank_by)
-    trials = trial_configs(config, grid, out)
+    trials = trial_configs(config, grid, out)  # every trial's settings checked before the folder is claimed
+    open_experiment(out, "grid")
     log.info("grid: %d trials over %s, backend %s, ranked by %s", len(trials), ", ".join(grid), backend,
              " then ".join(keys))
     jobs = [(c.model_dump(), False, {"params": p}) for _, p, c in trials]  # trials never read test

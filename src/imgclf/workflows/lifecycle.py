@@ -49,7 +49,7 @@ from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
 from imgclf.workflows.plan import plan_lines
-from imgclf.workflows.settings import check_binary_settings, unused_settings
+from imgclf.workflows.settings import check_binary_settings, check_paths, unused_settings
 
 log = get_logger("lifecycle")
 
@@ -127,6 +127,7 @@ def _check_settings(config: Config) -> tuple[Compute, Preprocess]:
     """Model, device and stage settings, checked before any data is read."""
     check_model_name(config.model.name)
     check_weights_file(config)
+    check_paths(config)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     resolve_stages(config)  # stage settings fail here, before any decoding
     _warn_recipe_overrides(config)

@@ -3,7 +3,10 @@ named in a warning when they would have no effect, before any time is spent on t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.data.index import require_utf8
 from imgclf.data.transforms import resolve_augment
 from imgclf.errors import ConfigError
 
@@ -26,6 +29,17 @@ def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
     if binary_only and len(classes) != 2:
         raise ConfigError(f"{' and '.join(binary_only)}: for a binary task; {len(classes)} classes found, drop "
                           f"{'them' if len(binary_only) > 1 else 'it'}")
+
+
+def check_paths(config: Config) -> None:
+    """The dataset and --out paths: text (UTF-8), and the run not inside a dataset folder, where the next run
+    on it would read this run's files as images (its plots/ a new class)."""
+    for flag, path in (("the dataset path", config.data.path), ("--out", config.out)):
+        require_utf8(path or "", f"{flag} {path!r}")
+    data, out = Path(config.data.path or "").expanduser().resolve(), Path(config.out or "runs").expanduser().resolve()
+    if data.is_dir() and out.is_relative_to(data):
+        raise ConfigError(f"--out {config.out or 'runs/...'} is inside the dataset folder {data}: the next run on it "
+                          "would read this run's files as images; choose an --out outside it")
 
 
 def unused_settings(config: Config, stages: list[tuple[str, TrainConfig]]) -> list[str]:

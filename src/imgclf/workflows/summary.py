@@ -18,6 +18,7 @@ from imgclf.runs.files import read_json
 from imgclf.workflows.train import train
 
 RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
+EXPERIMENT_FILE = "experiment.json"  # {"kind": "cv" | "grid"}: the folder is an experiment's, resumable
 SETTINGS_KEY = "settings"  # result.json's record of the config the fold or trial was trained with
 HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
 BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "auc", "sensitivity",
@@ -53,6 +54,26 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
               "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
     atomic.write_json(done, {**result, SETTINGS_KEY: settings})
     return result
+
+
+def open_experiment(out: Path, kind: str) -> None:
+    """Claim ``out`` for a cv or grid: an empty or new folder, or one this kind of experiment wrote before
+    (its EXPERIMENT_FILE, or folds/trials with their result files from before that file existed). Any other
+    folder is the user's, and its files (a summary.csv of theirs) are not replaced."""
+    marker = out / EXPERIMENT_FILE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the {kind}")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    earlier = any(out.glob(f"*/{RESULT_FILE}")) or any(out.glob(f"trials/*/{RESULT_FILE}"))
+    if marker.is_file():
+        written = read_json(marker)
+        if not isinstance(written, dict) or written.get("kind") != kind:
+            raise ConfigError(f"--out {out} holds an imgclf experiment of another kind; choose another --out")
+    elif held and not earlier:
+        raise ConfigError(f"--out {out} already holds files ({', '.join(held[:3])}) that no imgclf {kind} wrote; "
+                          "choose another --out, or empty it")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(marker, {"kind": kind})
 
 
 def check_same_settings(done: Path, saved: Any, asked: dict) -> None:

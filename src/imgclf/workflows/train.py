@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from imgclf import atomic
 from imgclf.config import Config
 from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError, RunDirError
@@ -126,7 +127,7 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
     def write_final() -> None:
         if not keep_best:
             save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
-        plot_curves(history, out / "plots" / "curves.png", best["epoch"])
+        plot_curves(history, atomic.inner_folder(out, "plots") / "curves.png", best["epoch"])
 
     main_only(ctx, write_final)
     return finish_run(s, evaluate_test, best["epoch"], val_probs)
