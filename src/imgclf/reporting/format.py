@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import math
 import re
 from pathlib import Path
+
+from imgclf.errors import RunDirError
+from imgclf.safeio import read_capped
 
 DECIMALS = 3
 INTEGER = re.compile(r"[-+]?\d+")
 DECIMAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
 VERBATIM_PREFIXES = ("param_",)  # settings, not measurements
+MAX_HISTORY_BYTES = 8 << 20  # history.csv: ~400 bytes an epoch; parsed rows take ~30x the file (as compare reads it)
+MAX_HISTORY_COLUMNS = 64
+TEXT_COLUMNS = ("stage", "param")  # history.csv's words; every other cell is a number
+HISTORY_FIX = "restore it, or delete it to report the run without its training history"
 
 
 def fmt(value) -> str:
@@ -42,6 +50,42 @@ def with_ci(value, interval) -> str:
 def read_rows(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv, size-capped and checked: an epoch on every row, a finite number (or nothing: None) in every
+    cell but ``TEXT_COLUMNS``; none when the run has no history.csv. A damaged one is a one-line RunDirError."""
+    if not (path.exists() or path.is_symlink()):
+        return []
+    try:
+        text = read_capped(path, MAX_HISTORY_BYTES, RunDirError, HISTORY_FIX).decode("utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if len(reader.fieldnames or ()) > MAX_HISTORY_COLUMNS:  # each metric column becomes a figure
+            raise RunDirError(f"{path} has {len(reader.fieldnames)} columns, more than imgclf writes "
+                              f"({MAX_HISTORY_COLUMNS} at most); {HISTORY_FIX}")
+        return [_history_row(row, path, line) for line, row in enumerate(reader, 2)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RunDirError(f"{path} is not a readable CSV ({err}); {HISTORY_FIX}") from None
+
+
+def _history_row(row: dict, path: Path, line: int) -> dict:
+    """One row of history.csv with its numbers parsed (cells beyond the header, which have no name, dropped)."""
+    clean = {key: None if value in (None, "") else value if key in TEXT_COLUMNS else _number(value, key, path, line)
+             for key, value in row.items() if key is not None}
+    if clean.get("epoch") is None:
+        raise RunDirError(f"{path}:{line}: no epoch number; {HISTORY_FIX}")
+    return clean
+
+
+def _number(text: str, key: str, path: Path, line: int) -> int | float:
+    """A cell as the number it writes: an integer stays one (epochs, counts), so the page shows it as written."""
+    try:
+        number = int(text) if INTEGER.fullmatch(text.strip()) else float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise RunDirError(f"{path}:{line}: {key} is {text[:40]!r}, not a finite number; {HISTORY_FIX}")
+    return number
 
 
 def table(rows: list[dict]) -> str:

@@ -17,15 +17,22 @@ from imgclf.evaluation.metrics import expected_calibration_error
 from imgclf.evaluation.predictions import Predictions
 from imgclf.reporting.baselines import baselines_html
 from imgclf.reporting.evalplots import plot_evaluation
-from imgclf.reporting.format import esc, fmt, read_rows, table, with_ci
+from imgclf.reporting.format import esc, fmt, read_history, read_rows, table, with_ci
 from imgclf.reporting.gallery import render_cases
 from imgclf.reporting.plots import PAGE_WIDTH_PX
 from imgclf.runs import files as runfiles
 from imgclf.runs.base import load_run
+from imgclf.safeio import read_capped
 from imgclf.versions import version
 
 REPORT_FILE = "report.html"
 __all__ = ["esc", "fmt", "image", "read_rows", "render_page", "table", "write_report"]  # compare.py's too
+# Each embedded PNG, read at most this far: a figure imgclf draws is at most PAGE_WIDTH_PX wide and well under 1 MB
+# (a confusion matrix of a thousand classes a few MB), so 32 MB is generous for any of them, while a 400 MB file
+# named curves.png can no longer swell the page (and the memory of its base64 copy) to gigabytes.
+MAX_PNG_BYTES = 32 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOT_FIX = "delete it (imgclf report draws missing evaluation plots again)"
 # The text column is as wide as the figures are drawn (plots.PAGE_WIDTH_PX), so each PNG shows at its natural size:
 # a full-width one (curves, confusion matrices) alone on its line, half-width ones two to a line. Wide tables scroll.
 CSS = (f"body{{font:15px/1.45 system-ui,sans-serif;max-width:{PAGE_WIDTH_PX}px;margin:2em auto;padding:0 1em;"
@@ -89,8 +96,8 @@ def summary_html(run, splits: list[str]) -> str:
     if splits:
         last = splits[-1]
         m = run.metrics[last]
-        items.append(f"{esc(last)}: accuracy {with_ci(m['accuracy'], m.get('intervals', {}).get('accuracy'))}, "
-                     f"macro F1 {fmt(m['f1_macro'])}, ROC-AUC {fmt(m['roc_auc_ovr'])} on {m['n']} images")
+        items.append(f"{esc(last)}: accuracy {with_ci(m.get('accuracy'), (m.get('intervals') or {}).get('accuracy'))}"
+                     f", macro F1 {fmt(m.get('f1_macro'))}, ROC-AUC {fmt(m.get('roc_auc_ovr'))} on {m['n']} images")
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
@@ -107,7 +114,7 @@ def dataset_html(path: Path) -> str:
 
 
 def training_html(path: Path) -> str:
-    history = read_rows(path / "history.csv") if (path / "history.csv").is_file() else []
+    history = read_history(path / "history.csv")
     if not history:
         return "<p>No training: an ensemble of trained runs.</p>" if (path / "ensemble.json").is_file() \
             else "<p>No training history.</p>"
@@ -115,41 +122,43 @@ def training_html(path: Path) -> str:
         return "<p>Candidates fitted on the frozen features, scored on validation:</p>" + table(history)
     stages: dict[str, list[dict]] = {}
     for row in history:
-        stages.setdefault(row.get("stage", "train"), []).append(row)
+        stages.setdefault(row.get("stage") or "train", []).append(row)
     summary = [{"stage": name, "epochs": f"{rows[0]['epoch']}-{rows[-1]['epoch']}",
-                "best val loss": min((float(r["val_loss"]) for r in rows if r.get("val_loss")), default=None),
-                "seconds": sum(float(r["seconds"]) for r in rows)} for name, rows in stages.items()]
+                "best val loss": min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=None),
+                "seconds": seconds_of(rows)} for name, rows in stages.items()]
     return table(summary) + figure(path / "plots" / "curves.png", "training curves")
 
 
 def training_seconds(path: Path) -> float | None:
     """The run's training time: the sum of history.csv's seconds, where it records them."""
-    history = read_rows(path / "history.csv") if (path / "history.csv").is_file() else []
-    try:
-        return sum(float(row["seconds"]) for row in history) if history else None
-    except (KeyError, TypeError, ValueError):
-        return None
+    return seconds_of(read_history(path / "history.csv"))
+
+
+def seconds_of(rows: list[dict]) -> float | None:
+    """The sum of the rows' seconds; None when a row does not record its own (an older or edited history)."""
+    seconds = [row.get("seconds") for row in rows]
+    return sum(seconds) if seconds and None not in seconds else None
 
 
 def metrics_html(metrics: dict, splits: list[str], note: str = "") -> str:
     rows = []
     for split in splits:
-        m, ci = metrics[split], metrics[split].get("intervals", {})
-        row = {"split": split, "n": m["n"], "accuracy": with_ci(m["accuracy"], ci.get("accuracy")),
-               "balanced acc.": fmt(m["balanced_accuracy"]), "macro F1": fmt(m["f1_macro"]),
-               "ROC-AUC": with_ci(m["roc_auc_ovr"], ci.get("roc_auc")), "log loss": fmt(m["log_loss"]),
+        m, ci = metrics[split], metrics[split].get("intervals") or {}  # read_metrics checked their types
+        row = {"split": split, "n": m["n"], "accuracy": with_ci(m.get("accuracy"), ci.get("accuracy")),
+               "balanced acc.": fmt(m.get("balanced_accuracy")), "macro F1": fmt(m.get("f1_macro")),
+               "ROC-AUC": with_ci(m.get("roc_auc_ovr"), ci.get("roc_auc")), "log loss": fmt(m.get("log_loss")),
                "ECE": fmt(m.get("ece"))}
         if "sensitivity" in m:
             row.update({"sensitivity": with_ci(m["sensitivity"], ci.get("sensitivity")),
-                        "specificity": with_ci(m["specificity"], ci.get("specificity")),
-                        "PPV": fmt(m["ppv"]), "NPV": fmt(m["npv"])})
+                        "specificity": with_ci(m.get("specificity"), ci.get("specificity")),
+                        "PPV": fmt(m.get("ppv")), "NPV": fmt(m.get("npv"))})
         rows.append(row)
     parts = [note, table(rows), "<p>95% intervals: Wilson for proportions, seeded percentile bootstrap for "
                                 "ROC-AUC. ECE: expected calibration error of the top-class confidence.</p>"]
     for split in splits:
         per_class = [{"class": c, "precision": fmt(v["precision"]), "recall": fmt(v["recall"]),
                       "F1": fmt(v["f1-score"]), "support": int(v["support"])}
-                     for c, v in metrics[split]["per_class"].items()]
+                     for c, v in (metrics[split].get("per_class") or {}).items()]
         parts.append(f"<h3>Per class: {esc(split)}</h3>{table(per_class)}")
     return "".join(parts)
 
@@ -171,7 +180,7 @@ def evaluation_plots_html(run, split: str) -> str:
 def gallery_html(run, split: str) -> str:
     preds = Predictions.from_csv(run.path / f"predictions_{split}.csv", run.classes)
     root = Path(runfiles.read_dataset(run.path / "dataset.json").root)
-    groups, note = render_cases(run, preds, root)
+    groups, note = render_cases(run, preds, root, split)
     parts = [f'<p class="warn">{esc(note)}</p>' if note else ""]
     for name, cases in groups.items():
         cards = "".join(
@@ -214,12 +223,29 @@ def _threshold_note(path: Path) -> str:
 
 
 def image(path: Path, alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="{data_uri(path.read_bytes())}">' if path.is_file() else ""
+    """A PNG embedded in the page; none when it is missing, a note instead of one that is not a figure imgclf drew."""
+    if not (path.exists() or path.is_symlink()):
+        return ""
+    try:
+        return f'<img alt="{esc(alt)}" src="{data_uri(read_png(path))}">'
+    except RunDirError as err:
+        return f'<p class="warn">{esc(path.name)} left out: {esc(err)}</p>'
+
+
+def read_png(path: Path) -> bytes:
+    """A plot's bytes: a regular file in the run (not a link out of it), a PNG, at most MAX_PNG_BYTES."""
+    if path.is_symlink():
+        raise RunDirError(f"{path} is a link, not a figure imgclf drew; {PLOT_FIX}")
+    png = read_capped(path, MAX_PNG_BYTES, RunDirError, PLOT_FIX, why="far more than any figure imgclf draws")
+    if not png.startswith(PNG_SIGNATURE):
+        raise RunDirError(f"{path} is not a PNG image; {PLOT_FIX}")
+    return png
 
 
 def figure(path: Path, alt: str) -> str:
     """An image on a line of its own, at its natural width up to the page's."""
-    return f'<div class="figure">{image(path, alt)}</div>' if path.is_file() else ""
+    shown = image(path, alt)
+    return f'<div class="figure">{shown}</div>' if shown else ""
 
 
 def data_uri(png: bytes) -> str:

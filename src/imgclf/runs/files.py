@@ -1,9 +1,8 @@
 """The files of a run directory, as schemas: each is validated before any of it is used.
 
-A run directory is a file from a stranger. Every JSON file is read with a size cap, parsed, and
-checked against a schema whose bounds match what training can write; a problem is one line that
-names the file and the field. Nothing here executes what it reads.
-"""
+A run directory is a file from a stranger. Every JSON file is read with a size cap, parsed, and checked against
+a schema whose bounds match what training (and the report that reads it) can use; a problem is one line that
+names the file and the field. Nothing here executes what it reads."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
 
 from imgclf.config import EvaluateConfig
 from imgclf.errors import ConfigError, RunDirError
@@ -37,16 +37,12 @@ MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
 
 T = TypeVar("T")
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # an int is taken too (1 for 1.0), never NaN or inf
+Interval = tuple[Finite, Finite] | None  # [low, high] of a 95% interval; None where it could not be computed
 
 
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _finite(values: list[float], name: str) -> list[float]:
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite numbers")
-    return values
 
 
 class PreprocessFile(_File):
@@ -54,7 +50,7 @@ class PreprocessFile(_File):
 
     size: StrictInt = Field(ge=1, le=4096)
     channels: Literal[1, 3]
-    mean: list[StrictFloat]
+    mean: list[Finite]
     std: list[StrictFloat]
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
@@ -62,7 +58,6 @@ class PreprocessFile(_File):
     def _per_channel(self) -> PreprocessFile:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean and std need one value per channel ({self.channels})")
-        _finite(self.mean, "mean")
         if not all(math.isfinite(s) and s > 0 for s in self.std):
             raise ValueError("std must be positive finite numbers")
         return self
@@ -127,6 +122,21 @@ class DatasetFile(BaseModel):
     warnings: list[str] = []
 
 
+class Intervals(BaseModel):
+    """A split's ``intervals``: metric name -> [low, high] or null, as ``confidence_intervals`` writes them."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Interval]  # a metric this version does not know still holds an interval
+    level: Finite | None = None
+    auc_resamples: StrictInt | None = Field(None, ge=0)
+    per_class: dict[str, dict[str, Interval]] | None = Field(None, max_length=MAX_CLASSES)
+
+
+# One class's row of ``per_class`` (scikit-learn's classification report): the four numbers a report shows.
+ClassScores = TypedDict("ClassScores", {"precision": Finite, "recall": Finite, "f1-score": Finite,
+                                        "support": Annotated[Finite, Field(ge=0)]})
+
+
 class SplitMetrics(BaseModel):
     """The numbers of one split in metrics.json that reports format; the rest is shown as stored."""
 
@@ -138,6 +148,13 @@ class SplitMetrics(BaseModel):
     roc_auc_ovr: StrictFloat | None = None
     log_loss: StrictFloat | None = None
     ece: StrictFloat | None = None
+    sensitivity: StrictFloat | None = None
+    specificity: StrictFloat | None = None
+    ppv: StrictFloat | None = None
+    npv: StrictFloat | None = None
+    threshold: Finite | None = None
+    intervals: Intervals | None = None
+    per_class: dict[str, ClassScores] | None = Field(None, max_length=MAX_CLASSES)
     confusion_matrix: list[list[Annotated[StrictInt, Field(ge=0)]]] | None = Field(None, max_length=MAX_CLASSES)
 
     @field_validator("confusion_matrix")
@@ -155,12 +172,6 @@ class GridBest(BaseModel):
     best_trial: str
     params: dict[str, Any]
     test: SplitMetrics | None = None
-
-
-def _classes_are_names(classes: list[str]) -> list[str]:
-    if any(not c for c in classes) or len(set(classes)) != len(classes):
-        raise ValueError("class names must be unique and non-empty")
-    return classes
 
 
 CLASSES = TypeAdapter(list[str])
@@ -225,10 +236,8 @@ BASELINES = TypeAdapter(list[Baseline])
 
 def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0) -> dict:
     """metrics.json's splits ({split: metrics}) or, with ``one_split``, one split's metrics, checked before
-    formatting. Its ``baselines`` entry is checked too, and read with ``read_baselines``.
-
-    Its confusion matrices are K x K numbers a split (written indented, a line each): the size cap grows
-    with the run's ``n_classes`` as they do, so a run of thousands of classes reads back."""
+    formatting; its ``baselines`` entry is checked too, and read with ``read_baselines``. Confusion matrices are
+    K x K numbers a split (indented, a line each): the size cap grows with ``n_classes`` as they do."""
     data = read_json(path, MAX_JSON_BYTES + 2 * CONFUSION_CELL_BYTES * n_classes ** 2)
     splits = {"all": data} if one_split else data
     if not isinstance(splits, dict):
@@ -278,10 +287,9 @@ def read_classes(path: Path) -> list[str]:
         raise RunDirError(f"{path}: {_first_problem(err, 'classes')}; {FIX}") from None
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise RunDirError(f"{path}: a run has 2 to {MAX_CLASSES} classes, this lists {len(classes)}; {FIX}")
-    try:
-        return _classes_are_names(classes)
-    except ValueError as err:
-        raise RunDirError(f"{path}: {err}; {FIX}") from None
+    if any(not c for c in classes) or len(set(classes)) != len(classes):
+        raise RunDirError(f"{path}: class names must be unique and non-empty; {FIX}")
+    return classes
 
 
 def _first_problem(err: ValidationError, root: str = "") -> str:
