@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 import imgclf
-from imgclf.config import DataConfig
+from imgclf.config import DataConfig, build_config
 from imgclf.data.index import DatasetIndex, build_index, detect_layout
 from imgclf.errors import ConfigError, DataError
+from imgclf.workflows.settings import check_paths
 
 from conftest import tiny_config
 from imagefactory import make_class_folders, make_csv, make_split_folders
@@ -262,4 +263,11 @@ def test_a_run_inside_its_dataset_folder_is_refused_before_anything_is_written(t
     data = make_class_folders(tmp_path / "d", 3)
     with pytest.raises(ConfigError, match="is inside the dataset folder .* read this run's files as images"):
         imgclf.train(tiny_config(data, data / "runx"))
-    assert not (data / "runx").exists()
+    with pytest.raises(ConfigError, match="is inside the dataset folder"):
+        imgclf.cross_validate(tiny_config(data, data / "cv"), folds=2)  # its folds' data are CSVs: checked first
+    assert sorted(p.name for p in data.iterdir()) == ["left bar", "right bar", "top bar"]
+    split = make_split_folders(tmp_path / "s", {"train": 3, "val": 2})
+    check_paths(tiny_config(split, split / "runs" / "x"))  # beside train/ and val/: never read as data
+    check_paths(build_config({}))  # no dataset given: that is said elsewhere
+    with pytest.raises(ConfigError, match="inside the dataset folder"):
+        check_paths(tiny_config(split, split / "train" / "x"))

@@ -1,6 +1,7 @@
 """`imgclf train DATA` with no model chosen: candidates on validation, the best kept, the others as baselines."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ from clitools import assert_clean_error, imgclf
 from imgclf.cli.parser import main
 from imgclf.config import build_config
 from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import setup_logging
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
 from imgclf.workflows.autoselect import CLOSING_S, SELECTION_FILE, Pace, _limited, train_auto
@@ -63,10 +65,15 @@ def test_every_candidate_trains_the_best_on_val_is_the_run_and_only_it_reads_tes
     assert (tmp_path / "run" / "plots" / "confusion_test.png").is_file()
 
 
-def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_comparison(tmp_path, capsys):
+def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_comparison(tmp_path, capsys, caplog,
+                                                                                     monkeypatch):
     data = make_class_folders(tmp_path / "data", 14)  # clean bars: the probe is perfect on validation
+    setup_logging()  # as the CLI does first (it turns propagation off), so that the patch below holds
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="imgclf")
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "2",
                  "--no-report"]) == 0
+    assert "no effect" not in caplog.text  # --epochs is for every candidate: the probe is no reason to warn
     out = capsys.readouterr().out
     assert "This model vs baselines, on the same images:" in out and "majority class (baseline)" in out
     assert "linear probe (EfficientNet-Lite0 features) (baseline)" not in out  # the chosen probe is the model

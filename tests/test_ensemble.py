@@ -11,6 +11,7 @@ import imgclf
 from imgclf.cli import main
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import setup_logging
 from imgclf.runs.base import load_run
 from imgclf.runs.ensemble import combine
 from imgclf.runs.heads import HEAD_FILE
@@ -164,7 +165,8 @@ def test_features_of_a_named_backbone_come_from_the_weights_asked_for(members, t
     torch.save({k: torch.zeros_like(v) for k, v in timm.create_model("resnet10t", num_classes=0).state_dict().items()},
                zeros)
     argv = ["features", "resnet10t", root, "--image-size", "32", "--out"]
-    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # the CLI turns it off
+    setup_logging()  # as the CLI does first (it turns propagation off), so that the patch below holds
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
     assert main([*argv, str(tmp_path / "zero.npz"), "--weights", str(zeros)]) == 0
     assert "random" not in caplog.text
     assert main([*argv, str(tmp_path / "random.npz")]) == 0
@@ -172,6 +174,8 @@ def test_features_of_a_named_backbone_come_from_the_weights_asked_for(members, t
     assert not np.load(tmp_path / "zero.npz")["features"].any() and np.load(tmp_path / "random.npz")["features"].any()
     assert main(["features", str(members[0].path), "--image-size", "32", "--out", str(tmp_path / "x.npz")]) == 2
     assert "drop --image-size" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+    assert main([*argv, str(tmp_path / "y.npz"), "--pretrained", "--weights", str(zeros)]) == 2
+    assert "keep one" in capsys.readouterr().err
 
 
 def test_weight_averaging_keeps_the_average_only_when_validation_agrees():

@@ -240,6 +240,11 @@ def test_cv_resumes_after_a_killed_fold(tmp_path, pool_dataset, monkeypatch):
     with pytest.raises(ConfigError, match=r"fold_0 was trained with other settings.*train.epochs: 2 -> 3"):
         cross_validate(tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 3}), folds=2)
     assert len(trained) == 1
+    (tmp_path / "x").mkdir()  # the same folder spelt otherwise, with other loader processes: the same experiment
+    respelt = config.model_copy(update={"out": str(tmp_path / "x" / ".." / "cv"),
+                                        "data": config.data.model_copy(update={"workers": 1})})
+    again = cross_validate(respelt, folds=2)["folds"]
+    assert len(trained) == 1 and [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in first["folds"]]
     record = tmp_path / "cv" / "fold_0" / "result.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "run": "/elsewhere"}))
     with pytest.raises(RunDirError, match="is not the record of"):
@@ -359,6 +364,9 @@ def test_two_grids_that_disagree_on_a_shared_setting_are_an_error(tmp_path):
     assert with_grid_winners(config, [f"model1={two}", f"model2={two}"], frozenset({"augment.preset"})).augment.preset \
         == "none" == config.augment.preset
     assert with_grid_winners(config, [f"model1={two}", f"model2={two}"]).augment.preset == "light"
+    lr = write_best(tmp_path / "c", {"lr": 0.5})
+    assert with_grid_winners(config, [f"model1={lr}"], frozenset({"train.lr"})).stages[0].lr == config.stages[0].lr
+    assert with_grid_winners(config, [f"model1={lr}"]).stages[0].lr == 0.5
     with pytest.raises(ConfigError, match="no such stage"):
         with_grid_winners(config, [f"model9={one}"])
 

@@ -118,8 +118,8 @@ def test_schedule_stage_and_augment_settings_that_do_nothing_are_said():
                            "stages": [{"name": "a", "epochs": 1, "lr": 0.01}, {"name": "b", "epochs": 1, "lr": 0.1}]})
     text = "\n".join(unused_settings(config, [("a", config.train)]))
     for said in ("step_size=3 has no effect with the cosine schedule", "gamma=0.5 has no effect with the cosine",
-                 "patience=2 has no effect without early stopping", "backbone_lr_mult=3 has no effect with the "
-                 "backbone frozen", "--lr 0.5 reaches no stage", "--cval 100 has no effect with fill_mode reflect",
+                 "patience=2 has no effect without early stopping", "backbone_lr_mult=3 has no effect: the "
+                 "backbone is frozen", "--lr 0.5 reaches no stage", "--cval 100 has no effect with fill_mode reflect",
                  "--fill-mode reflect has no effect", "--average-best 3 has no effect with --no-restore-best"):
         assert said in text
     assert "--epochs" not in text  # the default reaches no stage either, but nobody asked for it
@@ -130,6 +130,9 @@ def test_schedule_stage_and_augment_settings_that_do_nothing_are_said():
                       "stage, and only a frozen backbone's features are cached"]
     recipe = [("head", TrainConfig(freeze="backbone", feature_views=3)), ("tune", TrainConfig(feature_views=3))]
     assert unused_settings(build_config({}), recipe) == []  # the head stage caches its 3 views
+    tuned = [("head", TrainConfig(freeze="backbone", backbone_lr_mult=0.1)),
+             ("tune", TrainConfig(backbone_lr_mult=0.1))]
+    assert unused_settings(build_config({}), tuned) == []  # the fine-tune reads it
     one_sets_lr = config.model_copy(update={"stages": [config.stages[0], config.stages[1].model_copy(
         update={"lr": None})]})
     assert "reaches no stage" not in "\n".join(unused_settings(one_sets_lr, [("a", config.train)]))

@@ -135,13 +135,14 @@ DISK_ERRORS = {
     errno.ELOOP: "a symbolic link in the path loops; fix or remove it",
     errno.ENOENT: "no such file or folder; check the path",
 }
+PATH_ERRORS = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT)
 
 
 def disk_error_line(err: OSError, fallback: str | None) -> str | None:
     """One line for a full, read-only or forbidden disk or an impossible path, naming it; None for any other
     OSError."""
-    if err.errno not in DISK_ERRORS:
-        return None
+    if err.errno not in DISK_ERRORS or (err.errno in PATH_ERRORS and not err.filename):
+        return None  # a path error without the path: imgclf's own bug, kept as a traceback
     path = err.filename or fallback or "the output"
     return f"{path}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}); {DISK_ERRORS[err.errno]}"
 

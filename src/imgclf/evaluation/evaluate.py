@@ -36,6 +36,6 @@ def predict_probs(model: nn.Module, objective: Objective, loader: DataLoader, co
         raise RuntimeError("some images received no prediction; the loader skipped items")
     if not np.isfinite(probs).all():
         raise RunDirError(f"the model's output is not a number for {int((~np.isfinite(probs).all(1)).sum())} "
-                         "image(s): its weights are damaged (NaN or infinite values, or a negative BatchNorm "
-                         "variance); re-train the run or restore its model.safetensors")
+                         "image(s): its weights hold NaN or infinite values (training diverged: lower --lr; or a "
+                         "damaged model.safetensors: restore it or re-train)")
     return probs

@@ -46,7 +46,9 @@ from imgclf.workflows.candidates import (
     pretrained_input_size,
     weighs_balanced,
 )
+from imgclf.workflows.classical import train_classical
 from imgclf.workflows.lifecycle import mark_finished, new_run_dir
+from imgclf.workflows.settings import check_paths
 from imgclf.workflows.train import train
 
 log = get_logger("auto")
@@ -64,6 +66,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
         raise ConfigError(f"--budget {budget_s:g}: give the seconds the default may spend, e.g. --budget 120")
     start = time.perf_counter()
     size, counts = _scan(config)  # scans the data first: a missing or empty folder makes no run directory
+    check_paths(config)
     out = new_run_dir(config.out)
     log.info("no --model given: trying %s within %.0f s, chosen on validation macro-F1 (--model X trains one model)",
              ", then ".join(CANDIDATES), budget_s)
@@ -149,7 +152,9 @@ def _train_candidates(config: Config, out: Path, pace: Pace, pretrained_size: in
             log.info("skipped %s: %s", name, reason)
             continue
         began = time.perf_counter()
-        run = train(_limited(cfg, left * SHARES[name]), evaluate_test=False)
+        limited = _limited(cfg, left * SHARES[name])
+        run = (train_classical(limited, evaluate_test=False, candidate=True) if cfg.model.head != "linear"
+               else train(limited, evaluate_test=False))
         seconds = time.perf_counter() - began
         tried[name] = {"path": run.path, "val": row_metrics(run.metrics["val"]), "seconds": seconds}
         log.info("candidate %s: val macro-F1 %.3f in %.0f s", name, tried[name]["val"]["f1_macro"], seconds)

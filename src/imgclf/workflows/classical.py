@@ -30,8 +30,11 @@ from imgclf.workflows.lifecycle import finish_run, setup_run
 log = get_logger("classical")
 
 
-def train_classical(config: Config, evaluate_test: bool = True):
-    """Fit each candidate of the head's grid on the training features; keep the best on validation."""
+def train_classical(config: Config, evaluate_test: bool = True, candidate: bool = False):
+    """Fit each candidate of the head's grid on the training features; keep the best on validation.
+
+    ``candidate``: the default's linear probe, which takes the settings given for every candidate: those
+    it cannot apply are no news about it (the candidates that train a network apply them)."""
     s = setup_run(config)
     cfg, index, kind = s.config, s.index, s.config.model.head
     model = build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=s.init_weights is None)
@@ -39,7 +42,8 @@ def train_classical(config: Config, evaluate_test: bool = True):
         load_weights(model, s.init_weights)
     else:
         _warn_untrained(model, cfg, kind)
-    _warn_unused(cfg, kind)
+    if not candidate:
+        _warn_unused(cfg, kind)
     model = s.compute.prepare(model)
     batch = inference_batch(cfg.train.batch_size, index.splits.count("train"))  # as the run predicts later
     features = {split: embed(Embedder(model), eval_loader(s.prepared, split, s.preprocess, batch, cfg.data.workers),

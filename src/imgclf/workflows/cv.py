@@ -31,6 +31,7 @@ from imgclf.runs.files import read_grid_best
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, setting
+from imgclf.workflows.settings import check_paths
 from imgclf.workflows.summary import describe, open_experiment, train_job
 
 log = get_logger("cv")
@@ -124,6 +125,7 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
                    backend: str = "sequential", n_jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
+    check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
     open_experiment(out, "cv")
     configs = fold_configs(config, out, folds, group_column)
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)
@@ -169,7 +171,7 @@ def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] 
         _check_stage(config, stage, source)
         best = read_grid_best(path)
         params = {_winner_key(key, stage, path): value for key, value in best["params"].items()}
-        kept = [key for key in params if setting(key).describe() in given]
+        kept = [key for key in params if _given(setting(key), given)]
         if kept:
             log.info("--from-grid %s: %s not applied: given on the command line", source,
                      ", ".join(f"{key}={params.pop(key)}" for key in kept))
@@ -186,6 +188,11 @@ def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] 
             raise ConfigError(f"--from-grid {source}: {path}'s params {params}: {err}") from None
         log.info("from %s (%s): %s", path, best["best_trial"], ", ".join(f"{k}={v}" for k, v in params.items()))
     return build_config(values)
+
+
+def _given(target, given: frozenset[str]) -> bool:
+    """Whether the command line set ``target`` (a stage's lr counts as set by --lr, which every stage inherits)."""
+    return target.describe() in given or (target.section == "stages" and f"train.{target.name}" in given)
 
 
 def _grid_source(source: str) -> tuple[str | None, Path]:

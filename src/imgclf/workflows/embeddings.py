@@ -50,6 +50,8 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         if data is None:
             raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")
         check_model_name(str(source))
+        if pretrained and weights:  # as train refuses them: one would be dropped
+            raise ConfigError(f"--pretrained and --weights {weights} both give the backbone's weights; keep one")
         cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)
         channels = channels or 3
         preprocess = resolve_preprocess(cfg, image_size, channels)

@@ -25,6 +25,7 @@ from imgclf.runs.base import open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
+from imgclf.workflows.settings import check_paths
 from imgclf.workflows.summary import open_experiment, train_job
 
 __all__ = ["grid_search", "parse_params", "trial_configs"]  # parse_params: the CLI's way in
@@ -69,6 +70,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     out = Path(config.out or "grid")
     keys = rank_keys(rank_by)
     trials = trial_configs(config, grid, out)  # every trial's settings checked before the folder is claimed
+    check_paths(config.model_copy(update={"out": str(out)}))
     open_experiment(out, "grid")
     log.info("grid: %d trials over %s, backend %s, ranked by %s", len(trials), ", ".join(grid), backend,
              " then ".join(keys))

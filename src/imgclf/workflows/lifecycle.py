@@ -97,6 +97,8 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     resume reads its saved split, never a new one. Errors every rank meets alike are said by rank 0.
     """
     ctx, dist = ctx or DistContext(), dist or DistSettings()
+    if resume_dir is None:  # a resumed run keeps the paths it began with
+        one_voice(ctx, lambda: check_paths(config))
     compute, preprocess = one_voice(ctx, lambda: _check_settings(config))
     check_world(ctx, [cfg.batch_size for _, cfg in resolve_stages(config)], compute.device, config.train.sync_bn)
     if ctx.distributed:  # after the checks that need no other rank: a wrong setting never waits for peers
@@ -127,7 +129,6 @@ def _check_settings(config: Config) -> tuple[Compute, Preprocess]:
     """Model, device and stage settings, checked before any data is read."""
     check_model_name(config.model.name)
     check_weights_file(config)
-    check_paths(config)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     resolve_stages(config)  # stage settings fail here, before any decoding
     _warn_recipe_overrides(config)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.data.audit import predefined_folds
 from imgclf.data.index import require_utf8
+from imgclf.data.scan import split_folders
 from imgclf.data.transforms import resolve_augment
 from imgclf.errors import ConfigError
 
@@ -32,12 +34,16 @@ def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
 
 
 def check_paths(config: Config) -> None:
-    """The dataset and --out paths: text (UTF-8), and the run not inside a dataset folder, where the next run
-    on it would read this run's files as images (its plots/ a new class)."""
+    """The dataset and --out paths: text (UTF-8), and the run not inside a folder a scan of the dataset reads
+    (the whole folder, or its split or fold folders), where the next run would read this run's files as images."""
     for flag, path in (("the dataset path", config.data.path), ("--out", config.out)):
         require_utf8(path or "", f"{flag} {path!r}")
-    data, out = Path(config.data.path or "").expanduser().resolve(), Path(config.out or "runs").expanduser().resolve()
-    if data.is_dir() and out.is_relative_to(data):
+    data = Path(config.data.path).expanduser().resolve() if config.data.path else None
+    if data is None or not data.is_dir():
+        return
+    out = Path(config.out or "runs").expanduser().resolve()
+    read = list(split_folders(data).values()) or predefined_folds(data) or [data]
+    if any(out.is_relative_to(folder) for folder in read):
         raise ConfigError(f"--out {config.out or 'runs/...'} is inside the dataset folder {data}: the next run on it "
                           "would read this run's files as images; choose an --out outside it")
 
@@ -51,6 +57,10 @@ def unused_settings(config: Config, stages: list[tuple[str, TrainConfig]]) -> li
             found.setdefault(what, []).append(name)
     lines = [f"warning: {what}, in stage(s) {', '.join(names)}" for what, names in found.items()]
     lines += [f"warning: {what}" for what in _cache_unused(stages)]
+    mults = {f"{cfg.backbone_lr_mult:g}" for _, cfg in stages if cfg.backbone_lr_mult != 1}
+    if mults and all(cfg.freeze == "backbone" for _, cfg in stages):
+        lines.append(f"warning: backbone_lr_mult={', '.join(sorted(mults))} has no effect: the backbone is frozen "
+                     "in every stage")
     lines += [f"warning: {what}" for what in _overridden_by_stages(config) + _augment_unused(config.augment)]
     if config.train.sampler == "weighted" and config.train.class_weight == "balanced":
         lines.append("warning: --sampler weighted and --class-weight balanced both balance the classes: rare "
@@ -73,8 +83,6 @@ def _stage_unused(cfg: TrainConfig, patience_given: bool) -> list[str]:
         unused.append("nesterov has no effect with momentum=0 (Nesterov needs momentum)")
     if patience_given and cfg.patience is not None and not cfg.early_stopping and cfg.schedule != "plateau":
         unused.append(f"patience={cfg.patience} has no effect without early stopping (or the plateau schedule)")
-    if cfg.backbone_lr_mult != 1 and cfg.freeze == "backbone":
-        unused.append(f"backbone_lr_mult={cfg.backbone_lr_mult:g} has no effect with the backbone frozen")
     return unused
 
 

@@ -14,6 +14,7 @@ from scipy import stats
 from imgclf import atomic
 from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
+from imgclf.logs import get_logger
 from imgclf.runs.files import read_json
 from imgclf.workflows.train import train
 
@@ -21,6 +22,7 @@ RESULT_FILE = "result.json"  # written last in a finished fold or trial: the res
 EXPERIMENT_FILE = "experiment.json"  # {"kind": "cv" | "grid"}: the folder is an experiment's, resumable
 SETTINGS_KEY = "settings"  # result.json's record of the config the fold or trial was trained with
 HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
+log = get_logger("experiments")
 BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "auc", "sensitivity",
                   "specificity", "ppv", "npv")
 
@@ -39,13 +41,13 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
     """
     out = Path(config_values["out"])
     done = out / RESULT_FILE
-    settings = json.loads(json.dumps(config_values, default=str))  # as result.json stores them
+    settings = comparable(json.loads(json.dumps(config_values, default=str)))  # as result.json stores them
     if done.exists():
         result = read_json(done)
-        if not isinstance(result, dict) or result.get("run") != str(out):
-            raise RunDirError(f"{done} is not the record of {out}; delete {out} to train it again")
+        if not isinstance(result, dict) or Path(str(result.get("run"))).name != out.name:
+            raise RunDirError(f"{done} is not the record of {out.name}; delete {out} to train it again")
         check_same_settings(done, result.get(SETTINGS_KEY), settings)
-        return {k: v for k, v in result.items() if k != SETTINGS_KEY}
+        return {**{k: v for k, v in result.items() if k != SETTINGS_KEY}, "run": str(out)}  # as --out is spelt now
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
@@ -76,15 +78,31 @@ def open_experiment(out: Path, kind: str) -> None:
     atomic.write_json(marker, {"kind": kind})
 
 
+# what may differ between two spellings of one experiment: where it is written, how paths were typed, how
+# many loader processes and which cache folder; none of them changes a result
+NOT_COMPARED = {"out", "versions", "workers", "cache_dir"}
+
+
+def comparable(values: Any) -> Any:
+    """Settings as two runs of the same experiment must agree on them (without NOT_COMPARED and *_as_typed)."""
+    if not isinstance(values, dict):
+        return values
+    return {k: comparable(v) for k, v in values.items() if k not in NOT_COMPARED and not k.endswith("_as_typed")}
+
+
 def check_same_settings(done: Path, saved: Any, asked: dict) -> None:
-    """A finished fold or trial is reused only for the very settings it was trained with."""
-    if saved == asked:
+    """A finished fold or trial is reused only for the very settings it was trained with; one from before
+    result.json recorded them is reused with a warning (as a run from before manifests opens with one)."""
+    if saved is None:
+        log.warning("warning: %s does not record its settings (an older imgclf): reused as it is; delete it to "
+                    "train it again with the settings asked now", done.parent)
         return
-    where = done.parent.parent
-    why = (f"{first_difference(saved, asked)} differs" if isinstance(saved, dict)
-           else "it does not record its settings (an older imgclf)")
+    if comparable(saved) == asked:
+        return
+    why = f"{first_difference(comparable(saved), asked)} differs" if isinstance(saved, dict) else "damaged record"
     raise ConfigError(f"{done.parent} was trained with other settings than asked now ({why}); it is reused only "
-                      f"to finish the same experiment: pass a new --out, or delete {where} to start again")
+                      f"to finish the same experiment: pass a new --out, or delete {done.parent.parent} to start "
+                      "again")
 
 
 def first_difference(saved: Any, asked: Any, key: str = "") -> str:
