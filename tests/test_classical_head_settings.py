@@ -110,7 +110,7 @@ def test_more_neighbours_than_training_images_is_said_and_recorded_as_used(tmp_p
     caplog.set_level("INFO")
     run = imgclf.train(tiny_config(pool_dataset, tmp_path / "r", model={"head": "knn"}, train={"head_param": 500}))
     n_train = sum(json.loads((run.path / "dataset.json").read_text())["counts"]["train"].values())
-    assert f"knn n_neighbors=500 is more than the {n_train} training images" in caplog.text
+    assert f"knn n_neighbors=500: more than the {n_train} training images" in caplog.text
     assert load_head(run.path / HEAD_FILE, "knn")[-1].n_neighbors == n_train
     first = next(csv.DictReader(open(run.path / "history.csv")))
     assert first["param"] == f"n_neighbors={n_train}"

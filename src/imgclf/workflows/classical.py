@@ -51,15 +51,15 @@ def train_classical(config: Config, evaluate_test: bool = True, candidate: bool 
                 for split in ("train", "val")}
     train, val = index.subset("train"), index.subset("val")
     name, values = head_candidates(cfg)
+    if kind == "knn" and max(values) > len(train):
+        log.warning("warning: knn n_neighbors=%s: more than the %d training images; it uses all %d",
+                    ",".join(str(v) for v in values if v > len(train)), len(train), len(train))
+        values = list(dict.fromkeys(min(v, len(train)) for v in values))  # each k fitted once
     balanced, scale = cfg.train.class_weight == "balanced", cfg.train.head_scale
     sign = 1 if cfg.train.monitor.endswith("loss") else -1
     history, best = [], None
     for epoch, value in enumerate(values, 1):
         start = time.perf_counter()
-        if kind == "knn" and value > len(train):
-            log.warning("warning: knn n_neighbors=%s is more than the %d training images: it uses all %d",
-                        value, len(train), len(train))
-            value = len(train)
         head = make_head(kind, value, cfg.train.seed, balanced, train.targets, scale).fit(features["train"],
                                                                                          train.targets)
         row = validation_row(compute_metrics(Predictions.of_index(val, head.predict_proba(features["val"])),
