@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import Config, build_config, config_fields, flag_name, load_config
+from imgclf.config import Config, build_config, cli_flag, config_fields, flag_name, load_config
 from imgclf.config.sections import TYPED_SUFFIX
 from imgclf.errors import ConfigError
 
@@ -199,5 +199,5 @@ def refuse_settings_with_resume(args: argparse.Namespace) -> None:
 def _typed_flag(key: str, value: Any) -> str:
     """The flag as the user typed it, from its ``cfg__SECTION__NAME`` destination (``--no-X`` when off)."""
     _, section, name = key.split("__", 2)
-    flag = flag_name(section or None, name).replace("_", "-")
-    return f"--no-{flag}" if value is False else f"--{flag}"
+    flag = cli_flag(section or None, name)
+    return f"--no-{flag[2:]}" if value is False else flag

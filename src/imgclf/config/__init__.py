@@ -7,6 +7,7 @@ dicts and YAML files into a ``Config`` and walks its fields (the CLI derives a f
 from imgclf.config.io import (
     SECTIONS,
     build_config,
+    cli_flag,
     config_fields,
     config_to_yaml,
     flag_name,
@@ -25,5 +26,5 @@ from imgclf.config.sections import (
 )
 
 __all__ = ["SECTIONS", "AugmentConfig", "Config", "DataConfig", "EvaluateConfig", "ModelConfig", "StageConfig",
-           "TrainConfig", "build_config", "check_policy", "config_fields", "config_to_yaml", "flag_name",
+           "TrainConfig", "build_config", "check_policy", "cli_flag", "config_fields", "config_to_yaml", "flag_name",
            "load_config", "one_line"]

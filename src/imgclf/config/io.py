@@ -99,3 +99,8 @@ def config_fields() -> list[tuple[str | None, str, Any]]:
 
 def flag_name(section: str | None, name: str) -> str:
     return FLAG_NAMES.get((section, name), name) if section else name
+
+
+def cli_flag(section: str | None, name: str) -> str:
+    """The command line's flag for a config field: ``("train", "label_smoothing")`` -> ``--label-smoothing``."""
+    return "--" + flag_name(section, name).replace("_", "-")

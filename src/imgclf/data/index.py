@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import atomic
-from imgclf.config import DataConfig
+from imgclf.config import DataConfig, cli_flag
 from imgclf.data.images import special_file_kind
 from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders, visible_dirs
 from imgclf.errors import DataError, RunDirError
@@ -130,7 +130,7 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
 def warn_unused_fractions(cfg: DataConfig, given: list[str], path: Path) -> None:
     """A held-out fraction that the dataset's own splits make moot is said, not ignored."""
     defaults = DataConfig.model_fields
-    unused = [f"--{name.replace('_', '-')} {getattr(cfg, name):g}" for name, moot in (
+    unused = [f"{cli_flag('data', name)} {getattr(cfg, name):g}" for name, moot in (
         ("test_fraction", any(given)), ("val_fraction", "val" in given))
         if moot and getattr(cfg, name) != defaults[name].default]
     if unused:

@@ -11,7 +11,6 @@ which validates the whole run before it writes the new manifest.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from imgclf import atomic
@@ -31,6 +30,8 @@ _warned: set[Path] = set()
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a regular file, streamed; a FIFO, device or folder there is a RunDirError, never waited on."""
+    require_regular(path, RunDirError, "put the run's own file back, or re-train")
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -41,10 +42,8 @@ def file_sha256(path: Path) -> str:
 def seal(run_dir: str | Path) -> dict[str, str]:
     """Write ``manifest.json`` for the sealed files present now; returns {file: sha256}."""
     run_dir = Path(run_dir)
-    for name in SEALED:  # a FIFO or folder in a sealed file's place is no file to vouch for (it would be skipped)
-        if os.path.lexists(run_dir / name):
-            require_regular(run_dir / name, RunDirError, "put the run's own file back, or re-train")
-    files = {name: file_sha256(run_dir / name) for name in SEALED if (run_dir / name).is_file()}
+    # every sealed name present, a FIFO or folder in its place included: file_sha256 refuses those, not skips them
+    files = {name: file_sha256(run_dir / name) for name in SEALED if (run_dir / name).exists()}
     atomic.write_json(run_dir / MANIFEST_FILE, {"format": FORMAT, "sha256": files})
     return files
 

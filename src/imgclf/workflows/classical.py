@@ -14,7 +14,7 @@ import time
 import numpy as np
 from torch import nn
 
-from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.config import AugmentConfig, Config, TrainConfig, cli_flag
 from imgclf.data.pipeline import eval_loader, inference_batch
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import compute_metrics, validation_row
@@ -116,8 +116,7 @@ HEAD_USES = {"batch_size", "class_weight", "monitor", "seed", "device", "precisi
 def head_unused_settings(cfg: Config, kind: str) -> list[str]:
     """The flags set away from their defaults that a scikit-learn head ``kind`` cannot apply."""
     def changed(section: str, values, defaults) -> list[str]:
-        return [f"--{name.replace('_', '-')}" if section == "train" or name != "preset" else "--augment"
-                for name in type(values).model_fields
+        return [cli_flag(section, name) for name in type(values).model_fields
                 if (section != "train" or name not in HEAD_USES) and getattr(values, name) != getattr(defaults, name)]
 
     unused = changed("train", cfg.train, TrainConfig()) + changed("augment", cfg.augment, AugmentConfig())

@@ -11,7 +11,7 @@ from scipy.special import softmax
 
 from imgclf import atomic
 from imgclf.config import config_to_yaml
-from imgclf.errors import ConfigError, RunDirError
+from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
@@ -19,7 +19,6 @@ from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, write_kind
 from imgclf.runs.ensemble import ENSEMBLE_FILE, METHODS, EnsembleRun, check_listed_once, count_models
 from imgclf.runs.manifest import file_sha256
-from imgclf.safeio import require_regular
 
 log = get_logger("ensemble")
 
@@ -49,18 +48,12 @@ def check_members(runs: list[Run]) -> None:
         if run.classes != first.classes:
             raise ConfigError(f"{run.path} has classes {run.classes}, {first.path} has {first.classes}; "
                               "ensemble runs trained on the same classes")
-        if split_hash(run) != split_hash(first):
+        if file_sha256(run.path / "split.csv") != file_sha256(first.path / "split.csv"):  # streamed
             raise ConfigError(f"{run.path} split its images differently from {first.path}; ensemble runs that "
                               "share a split (same data and --split-seed, or the same train/val/test folders)")
         if scoring(run) != scoring(first):
             log.warning("warning: the ensemble scores as %s does (%s), not as %s (%s)", first.path,
                         scoring_words(first), run.path, scoring_words(run))
-
-
-def split_hash(run: Run) -> str:
-    """split.csv's sha256, streamed (a member's file need not fit in memory), never waiting on a FIFO."""
-    require_regular(run.path / "split.csv", RunDirError, f"{run.path} is damaged; re-train it")
-    return file_sha256(run.path / "split.csv")
 
 
 def scoring(run: Run) -> tuple:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from imgclf import atomic
-from imgclf.config import Config, config_to_yaml
+from imgclf.config import Config, cli_flag, config_to_yaml
 from imgclf.config.stages import recipe_overrides, resolve_stages
 from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
@@ -149,7 +149,7 @@ def _warn_recipe_overrides(config: Config) -> None:
     """Settings the default transfer recipe replaces are said, not dropped in silence."""
     replaced = recipe_overrides(config)
     if replaced:
-        given = ", ".join(f"--{name.replace('_', '-')} {getattr(config.train, name)}" for name in replaced)
+        given = ", ".join(f"{cli_flag('train', name)} {getattr(config.train, name)}" for name in replaced)
         log.warning("warning: the default transfer recipe (stages head, then finetune) sets its own %s, so "
                     "these settings do not apply: %s; give the stages yourself (--stage name=head,"
                     "freeze=backbone,lr=...) to choose them", ", ".join(replaced), given)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgclf.config import AugmentConfig, Config, TrainConfig
+from imgclf.config import AugmentConfig, Config, TrainConfig, cli_flag
 from imgclf.data.audit import predefined_folds
 from imgclf.data.index import require_utf8
 from imgclf.data.scan import split_folders
@@ -101,7 +101,7 @@ def _overridden_by_stages(config: Config) -> list[str]:
     """A train setting that every explicit stage sets for itself reaches none of them: said, not lost."""
     train, defaults = config.train, TrainConfig()
     own = [stage.model_dump(exclude={"name"}, exclude_none=True) for stage in config.stages]
-    return [f"--{name.replace('_', '-')} {getattr(train, name)} reaches no stage: every stage sets its own {name}"
+    return [f"{cli_flag('train', name)} {getattr(train, name)} reaches no stage: every stage sets its own {name}"
             for name in TrainConfig.model_fields
             if own and getattr(train, name) != getattr(defaults, name) and all(name in values for values in own)]
 
