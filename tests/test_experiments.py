@@ -11,7 +11,7 @@ import imgclf
 import imgclf.workflows.summary
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
-from imgclf.errors import ConfigError, RunDirError
+from imgclf.errors import ConfigError, DataError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.network import NetworkRun as Run
@@ -57,6 +57,7 @@ def test_predefined_fold_folders(tmp_path):
         with pytest.raises(ConfigError, match="has its own 3 folds .Fold0..Fold2., which decide the splits"):
             cross_validate(config.model_copy(update={"data": config.data.model_copy(update={"layout": layout})}),
                            folds=folds, group_column=group)
+    assert not (tmp_path / "cv").exists()  # refused before the folder was claimed
     cross_validate(config, folds=3)  # the number it has
     folds = read(tmp_path / "cv" / "folds.csv")
     assert len(folds) == 3
@@ -397,3 +398,32 @@ def test_a_folder_that_no_experiment_wrote_is_not_written_into(tmp_path, pool_da
         grid_search(tiny_config(pool_dataset, mine, train={"epochs": 1}), parse_params(["lr=0.1,0.01"]))
     assert sorted(p.name for p in mine.iterdir()) == ["summary.csv"] and (mine / "summary.csv").read_text() == \
         "precious\n"
+
+
+@pytest.mark.parametrize("planted", ["splits", "fold_0", "trials", "trials/trial_000"])
+def test_a_link_planted_inside_an_experiment_is_refused_before_anything_is_written_through_it(
+        tmp_path, pool_dataset, planted):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kind = "grid" if planted.startswith("trials") else "cv"
+    out = tmp_path / kind
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"kind": kind}))
+    (out / planted).parent.mkdir(parents=True, exist_ok=True)
+    (out / planted).symlink_to(elsewhere)
+    config = tiny_config(pool_dataset, out, train={"epochs": 1})
+    with pytest.raises(RunDirError, match=f"{planted} is a symbolic link or a file, not a folder of its own"):
+        if kind == "cv":
+            cross_validate(config, folds=2)
+        else:
+            grid_search(config, parse_params(["lr=0.1,0.01"]))
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_fold_settings_the_data_cannot_take_leave_no_folder_behind(tmp_path, pool_dataset):
+    config = tiny_config(pool_dataset, tmp_path / "cv", train={"epochs": 1})
+    with pytest.raises(ConfigError, match="needs at least 2 folds"):
+        cross_validate(config, folds=1)
+    with pytest.raises(DataError, match="--group-column 'patient' needs a CSV dataset"):
+        cross_validate(config, folds=2, group_column="patient")
+    assert not (tmp_path / "cv").exists()

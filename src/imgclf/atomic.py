@@ -51,11 +51,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def inner_folder(root: str | os.PathLike, name: str) -> Path:
     """``root/name`` as a real folder inside ``root``, made if missing: a symbolic link there (a run's plots/
     pointing at /etc), or a file, would send what imgclf writes elsewhere, so it is refused."""
-    folder = Path(root) / name
+    folder = own_folder(Path(root) / name)
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def own_folder(folder: Path) -> Path:
+    """``folder`` unchanged when it is missing or a real folder; a symbolic link or a file there is refused."""
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise RunDirError(f"{folder} is a symbolic link or a file, not a folder of its own; imgclf writes only "
                           "inside the run directory: remove it and run the command again")
-    folder.mkdir(exist_ok=True)
     return folder
 
 

@@ -43,9 +43,7 @@ def fold_configs(config: Config, out: Path, folds: int | None, group_column: str
     DEFAULT_FOLDS; with Fold0..FoldK folders, their number or None)."""
     root = Path(config.data.path or "").expanduser().resolve()
     base = config.model_dump()
-    predefined = predefined_folds(root)
-    if predefined:
-        _check_predefined(root, predefined, folds, group_column, config.data.layout)
+    predefined = check_fold_settings(config, folds, group_column)
     sources = [str(p) for p in predefined] or _kfold_csvs(root, out, DEFAULT_FOLDS if folds is None else folds,
                                                               group_column, config)
     configs = []
@@ -55,6 +53,20 @@ def fold_configs(config: Config, out: Path, folds: int | None, group_column: str
         values["train"] = {**base["train"], "seed": derive_seed(config.train.seed, f"fold{i}")}
         configs.append(build_config(values))
     return configs
+
+
+def check_fold_settings(config: Config, folds: int | None, group_column: str | None) -> list[Path]:
+    """The dataset's Fold0..FoldK folders (none: imgclf makes the folds), once the fold settings are known to
+    apply to it; refused before anything is written."""
+    root = Path(config.data.path or "").expanduser().resolve()
+    predefined = predefined_folds(root)
+    if predefined:
+        _check_predefined(root, predefined, folds, group_column, config.data.layout)
+    elif folds is not None and folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    elif group_column and (detect_layout(root) if config.data.layout == "auto" else config.data.layout) != "csv":
+        raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
+    return predefined
 
 
 def _check_predefined(root: Path, predefined: list[Path], folds: int | None, group_column: str | None,
@@ -75,13 +87,9 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
     base_dir = root.parent if layout == "csv" else root
     paths = [str(base_dir / p) for p, _, _ in rows]
     labels = np.array([label for _, label, _ in rows])
-    if folds < 2:
-        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
     # folds follow the split seed, never the training seed: retraining with another --seed keeps them
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     if group_column:
-        if layout != "csv":
-            raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
         groups = _groups(root, group_column, [p for p, _, _ in rows])
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=split_seed % 2**32)
         splits = splitter.split(paths, labels, groups)
@@ -94,7 +102,7 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
     written = []
     for i, (_, test_idx) in enumerate(splits):
         test = set(test_idx.tolist())
-        path = out / "splits" / f"fold_{i}.csv"
+        path = atomic.inner_folder(out, "splits") / f"fold_{i}.csv"
 
         def write(fh, test=test) -> None:
             w = csv.writer(fh)
@@ -126,8 +134,11 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
     check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
+    check_fold_settings(config, folds, group_column)
     open_experiment(out, "cv")
     configs = fold_configs(config, out, folds, group_column)
+    for fold in configs:  # a fold_<i> planted as a link would take a fold's run elsewhere
+        atomic.own_folder(Path(fold.out))
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)
     results = run_jobs(train_job, [(c.model_dump(), True) for c in configs], backend, n_jobs, ray_address)
     rows = [{"fold": i, **r} for i, r in enumerate(results)]
