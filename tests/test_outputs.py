@@ -3,6 +3,7 @@ labels from class sub-folders, audit of Fold0..FoldK, and what train prints at i
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -166,6 +167,10 @@ def test_compare_names_a_damaged_history_file_and_line(two_runs, tmp_path):
     write_csv(copy / "history.csv", [{**row, **{f"val_m{k}": "0.5" for k in range(100)}} for row in rows])
     with pytest.raises(RunDirError, match=r"history.csv has 1\d\d columns, more than imgclf writes \(64 at most\)"):
         compare_runs([wide.path, copy], tmp_path / "cmp")  # each would have been a curves_val_mK.png
+    (copy / "history.csv").unlink()
+    os.mkfifo(copy / "history.csv")  # read as the report reads it: capped, regular files only, never waited on
+    with pytest.raises(RunDirError, match=r"history.csv is not a regular file"):
+        compare_runs([wide.path, copy], tmp_path / "cmp")
 
 
 # -- explain --feature-maps --layers ------------------------------------------------------------------------------

@@ -217,3 +217,13 @@ def test_a_saved_best_file_that_is_a_device_is_not_copied_until_the_disk_fills(r
     best.symlink_to("/dev/zero")
     with pytest.raises(imgclf.errors.RunDirError, match="best.safetensors is not a regular file"):
         restore_best_file(run, run / "model.safetensors")
+
+
+def test_a_split_csv_swollen_past_the_images_dataset_json_counts_is_refused_as_it_is_read(runs, tmp_path, capsys):
+    run = copy_of(runs, "net", tmp_path)
+    lines = (run / "split.csv").read_text().splitlines()
+    with open(run / "split.csv", "a") as fh:  # the rows repeated: a file that grows without bound reads the same
+        fh.write("\n".join(lines[1:] * 50) + "\n")
+    manifest.seal(run)
+    line = error_line(capsys, "evaluate", run, "--split", "val")
+    assert "split.csv lists more images than the" in line and "dataset.json counts" in line

@@ -14,6 +14,7 @@ UTF-8 keep their original bytes (surrogateescape), so they round-trip through sa
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -80,10 +81,17 @@ class DatasetIndex:
         atomic.write_with(path, write)
 
     @classmethod
-    def load(cls, path: Path, root: Path, classes: list[str]) -> DatasetIndex:
+    def load(cls, path: Path, root: Path, classes: list[str], max_rows: int | None = None) -> DatasetIndex:
+        """A run's split.csv; ``max_rows`` (the images its dataset.json counts): more rows is damage, refused
+        as soon as the first extra row is read, so a swollen file never costs more memory than the run's own."""
         require_regular(path, RunDirError, "the run directory is damaged; re-train it")  # a FIFO would block
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
+            rows = [(r["path"], r["label"], r["split"]) for r in itertools.islice(csv.DictReader(fh),
+                                                                                 None if max_rows is None
+                                                                                 else max_rows + 1)]
+        if max_rows is not None and len(rows) > max_rows:
+            raise RunDirError(f"{path} lists more images than the {max_rows} its dataset.json counts; the run "
+                              "directory is damaged: re-train it")
         paths, labels, splits = zip(*rows, strict=True) if rows else ((), (), ())
         return cls(Path(root), tuple(paths), tuple(labels), tuple(splits), tuple(classes))
 

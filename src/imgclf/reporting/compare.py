@@ -8,21 +8,19 @@ training time; one PNG per metric with every run's curves overlaid (``curves_<me
 
 from __future__ import annotations
 
-import csv
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import atomic
 from imgclf.config.stages import resolve_stages
-from imgclf.errors import ConfigError, RunDirError
+from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.freeze import apply_freeze
-from imgclf.reporting.html import esc, fmt, image, read_rows, render_page, table
+from imgclf.reporting.format import read_history
+from imgclf.reporting.html import esc, fmt, image, render_page, table
 from imgclf.reporting.plots import curve_names, plot_overlaid
-from imgclf.runs import files as runfiles
 from imgclf.runs.base import Run, load_run
 from imgclf.runs.ensemble import EnsembleRun
 from imgclf.runs.heads import ClassicalRun
@@ -31,8 +29,6 @@ log = get_logger("compare")
 HTML_FILE, CSV_FILE = "compare.html", "compare.csv"
 METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
            "recall_weighted", "f1_weighted", "roc_auc_ovr", "log_loss")
-MAX_HISTORY_BYTES = 8 << 20  # history.csv: ~400 bytes an epoch; parsed rows take ~30x the file
-MAX_HISTORY_COLUMNS = 64
 CURVE_NAME = re.compile(r"^[a-z0-9_]+$")  # a column name from a run's history.csv becomes a file name
 
 
@@ -47,7 +43,7 @@ class Compared:
     @property
     def epochs(self) -> list[dict]:
         """Training epochs (a scikit-learn head's history lists candidates instead: no curves)."""
-        return [] if any("param" in row for row in self.history) else self.history
+        return [] if any(row.get("param") is not None for row in self.history) else self.history
 
 
 def compare_runs(paths: list[str | Path], out: str | Path) -> dict:
@@ -83,49 +79,10 @@ def load_compared(paths: list[str | Path]) -> list[Compared]:
     return [Compared(name, run, read_history(run.path / "history.csv")) for name, run in zip(names, runs, strict=True)]
 
 
-def read_history(path: Path) -> list[dict]:
-    """history.csv with its numbers parsed; a value that is not a number is an error naming file and line."""
-    if not path.is_file():
-        return []
-    if path.stat().st_size > MAX_HISTORY_BYTES:
-        raise RunDirError(f"{path} is over {MAX_HISTORY_BYTES >> 20} MB, far more than imgclf writes; {runfiles.FIX}")
-    try:
-        rows = read_rows(path)
-    except (UnicodeDecodeError, ValueError, csv.Error) as err:
-        raise RunDirError(f"{path} is not a readable CSV ({err}); {runfiles.FIX}") from None
-    if rows and len(rows[0]) > MAX_HISTORY_COLUMNS:  # each metric column becomes a figure
-        raise RunDirError(f"{path} has {len(rows[0])} columns, more than imgclf writes ({MAX_HISTORY_COLUMNS} at "
-                          f"most); {runfiles.FIX}")
-    parsed = []
-    for line, row in enumerate(rows, 2):
-        clean: dict = {}
-        for key, value in row.items():
-            if key is None:  # fields beyond the header: nothing to name them by
-                continue
-            if key in ("stage", "param"):
-                clean[key] = value
-            elif value not in (None, ""):
-                clean[key] = _number(value, path, line, key)
-        if "epoch" not in clean:
-            raise RunDirError(f"{path}:{line}: no epoch number; {runfiles.FIX}")
-        parsed.append(clean)
-    return parsed
-
-
-def _number(value: str, path: Path, line: int, key: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise RunDirError(f"{path}:{line}: {key} is {value[:40]!r}, not a finite number; {runfiles.FIX}")
-    return number
-
-
 def table_row(c: Compared) -> dict:
     """The run's row of compare.csv: what it is, its size and training time, then val and test metrics."""
     total, trainable = parameter_counts(c.run)
-    seconds = [row["seconds"] for row in c.history if "seconds" in row]
+    seconds = [row["seconds"] for row in c.history if row.get("seconds") is not None]
     row = {"run": c.name, "path": str(c.run.path), "model": c.run.describe(), "parameters": total,
            "trainable_parameters": trainable, "epochs": len(c.epochs) or None,
            "training_seconds": round(sum(seconds), 2) if seconds else None}
@@ -168,7 +125,9 @@ def comparability_notes(compared: list[Compared]) -> list[str]:
 def write_curves(compared: list[Compared], out: Path) -> dict[str, Path]:
     """``curves_<metric>.png`` per metric some run recorded per epoch, every run's curve on one axis."""
     histories = {c.name: c.epochs for c in compared if c.epochs}
-    names = [n for n in curve_names([row for h in histories.values() for row in h]) if CURVE_NAME.match(n)]
+    rows = [row for h in histories.values() for row in h]
+    names = [n for n in curve_names(rows) if CURVE_NAME.match(n)  # a column left empty throughout draws nothing
+             and any(row.get(f"{split}_{n}") is not None for row in rows for split in ("train", "val"))]
     written = {}
     for name in names:
         written[name] = out / f"curves_{name}.png"

@@ -144,8 +144,10 @@ class NetworkRun:
         if not root.is_dir():
             raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
         path = self.path / "split.csv"
+        counted = sum(n for split in runfiles.read_dataset(self.path / "dataset.json").counts.values()
+                      for n in split.values())
         try:
-            index = DatasetIndex.load(path, root, self.classes)
+            index = DatasetIndex.load(path, root, self.classes, max_rows=counted)
         except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
             raise RunDirError(f"{path} is damaged ({type(err).__name__}: {err}); {runfiles.FIX}") from None
         odd = next((i for i in range(len(index)) if index.labels[i] not in self.classes
