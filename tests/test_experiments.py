@@ -427,3 +427,13 @@ def test_fold_settings_the_data_cannot_take_leave_no_folder_behind(tmp_path, poo
     with pytest.raises(DataError, match="--group-column 'patient' needs a CSV dataset"):
         cross_validate(config, folds=2, group_column="patient")
     assert not (tmp_path / "cv").exists()
+
+
+def test_a_warning_every_trial_meets_is_printed_once(tmp_path):
+    data = make_split_folders(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
+    path = tmp_path / "config.yaml"  # its val/test fractions: moot for a dataset with its own splits
+    path.write_text(json.dumps(tiny_config(data, tmp_path / "x", train={"epochs": 1}).model_dump()))
+    grid = run_cli("grid", data, "--config", path, "--param", "lr=0.01,0.002", "--out", tmp_path / "g")
+    assert grid.returncode == 0, grid.stderr
+    moot = [line for line in grid.stderr.splitlines() if "no effect" in line and "has its own splits" in line]
+    assert len(moot) == 1 and "--val-fraction 0.2" in moot[0], grid.stderr

@@ -17,6 +17,7 @@ import imgclf as api
 from clitools import assert_clean_error, imgclf
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger, setup_logging
 from imgclf.models import weights
 from imgclf.training.fit import EarlyStopping, count, early_stop_message
 
@@ -195,3 +196,23 @@ def test_early_stop_message_words():
     assert early_stop_message("head", 2, TrainConfig(epochs=4, patience=0), zero).endswith(
         "val_loss has not improved for 1 epoch (best val_loss 1.0000 at epoch 1)")
     assert (count(1, "epoch"), count(2, "epoch"), count(0, "epoch")) == ("1 epoch", "2 epochs", "0 epochs")
+
+
+def test_each_warning_is_printed_once_per_command_and_again_in_the_next(capsys):
+    logger = logging.getLogger("imgclf")
+    saved = logger.handlers
+    logger.handlers = []
+    try:
+        setup_logging()
+        log = get_logger("test")
+        for _ in range(3):
+            log.warning("warning: the same words")
+            log.info("an info line repeats")
+        log.warning("warning: other words")
+        setup_logging()  # the next command
+        log.warning("warning: the same words")
+    finally:
+        logger.handlers = saved
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the same words", "an info line repeats", "an info line repeats", "an info line repeats",
+        "warning: other words", "warning: the same words"]

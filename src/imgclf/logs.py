@@ -32,8 +32,27 @@ class _MainProcessFilter(logging.Filter):
         return is_main_process() or record.levelno >= logging.WARNING
 
 
+class _SaidOnce(logging.Filter):
+    """A warning whose words were already printed is not printed again: a cv's folds, a grid's trials and the
+    default model's candidates each scan the same data and meet the same settings, and one line says it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text in self.said:
+            return False
+        self.said.add(text)
+        return True
+
+
 def setup_logging(verbose: bool = False) -> logging.Logger:
-    """Configure the ``imgclf`` logger once: INFO on rank 0, warnings on every rank."""
+    """Configure the ``imgclf`` logger: INFO on rank 0, warnings on every rank, each warning once per command
+    (every call starts a command afresh)."""
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -41,6 +60,10 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
         handler.addFilter(_MainProcessFilter())
         logger.addHandler(handler)
         logger.propagate = False
+    for handler in logger.handlers:
+        for once in [f for f in handler.filters if isinstance(f, _SaidOnce)]:
+            handler.removeFilter(once)
+        handler.addFilter(_SaidOnce())
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     return logger
 
