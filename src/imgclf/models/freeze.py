@@ -33,8 +33,9 @@ def weighted_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
             if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
 
 
-def apply_freeze(model: nn.Module, policy: str, freeze_bn: bool = False) -> None:
-    """Set ``requires_grad`` on ``model.backbone`` by ``policy``; the head always trains."""
+def apply_freeze(model: nn.Module, policy: str, freeze_bn: bool = False, say: bool = True) -> None:
+    """Set ``requires_grad`` on ``model.backbone`` by ``policy``; the head always trains. ``say``: warn when the
+    policy cannot do what it says (off where a finished run's counts are only read back: its training said it)."""
     check_policy(policy)
     backbone = model.backbone
     for p in model.parameters():
@@ -44,7 +45,7 @@ def apply_freeze(model: nn.Module, policy: str, freeze_bn: bool = False) -> None
     elif policy == "backbone":
         trainable = set()
     elif policy.startswith("last:"):
-        trainable = _last_layers(backbone, int(policy.split(":")[1]), freeze_bn)
+        trainable = _last_layers(backbone, int(policy.split(":")[1]), freeze_bn, say)
     else:
         pattern = re.compile(policy.split(":", 1)[1])
         trainable = {name for name, _ in backbone.named_parameters() if pattern.search(name)}
@@ -59,12 +60,12 @@ def apply_freeze(model: nn.Module, policy: str, freeze_bn: bool = False) -> None
                     param.requires_grad = False
 
 
-def _last_layers(backbone: nn.Module, n: int, freeze_bn: bool) -> set[str]:
+def _last_layers(backbone: nn.Module, n: int, freeze_bn: bool, say: bool) -> set[str]:
     layers = weighted_layers(backbone)
     counted = [i for i, (_, m) in enumerate(layers) if not isinstance(m, NORM_TYPES)]
     if n == 0:
         return set()
-    if n > len(counted):
+    if n > len(counted) and say:
         log.warning("warning: freeze last:%d: the backbone has %d layers with weights, so all of them train", n,
                     len(counted))
     first = counted[-n] if n <= len(counted) else 0

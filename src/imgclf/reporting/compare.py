@@ -104,7 +104,7 @@ def parameter_counts(run: Run) -> tuple[int, int | None]:
     if isinstance(run, ClassicalRun):
         return total, None
     _, last = resolve_stages(run.config)[-1]
-    apply_freeze(model, last.freeze, last.freeze_bn)
+    apply_freeze(model, last.freeze, last.freeze_bn, say=False)  # its training warned, if it had to
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
