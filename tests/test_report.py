@@ -1,9 +1,11 @@
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import imgclf
@@ -16,6 +18,7 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.models.objective import Objective
 from imgclf.reporting.explain import Explainer, cam_layer
 from imgclf.reporting.html import write_report
+from imgclf.runs import manifest
 from imgclf.runtime import Compute
 
 from conftest import tiny_config
@@ -92,6 +95,23 @@ def test_gradcam_points_at_the_bar_that_decides_the_class(binary_run):
     left = np.mean([e.heatmap[:, :8].mean() - e.heatmap[:, 8:].mean() for e in explained if e.target == 0])
     right = np.mean([e.heatmap[:, 8:].mean() - e.heatmap[:, :8].mean() for e in explained if e.target == 1])
     assert left > 0 and right > 0
+
+
+def test_explain_decides_and_scores_as_the_run_predicts_with_its_test_time_views(binary_run, tmp_path):
+    run_dir = tmp_path / "tta_run"
+    shutil.copytree(binary_run.path, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["evaluate"]["tta"] = "flip_shift"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    manifest.seal(run_dir)
+    run = imgclf.load_run(run_dir)
+    index = run.index()
+    paths = [index.abspath(i) for i in range(len(index))]
+    explained = Explainer(run).explain(paths)
+    predicted, plain = run.predict(paths), run.predict(paths, tta="none")
+    probs = np.stack([e.probs for e in explained])
+    assert np.allclose(probs, predicted.probs, atol=1e-5) and not np.allclose(probs, plain.probs, atol=1e-5)
+    assert [e.target for e in explained] == predicted.pred.tolist()
 
 
 def test_explain_cli_writes_overlays_and_feature_maps(binary_run, tmp_path, capsys):

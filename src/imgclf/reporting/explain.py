@@ -22,7 +22,7 @@ from torch import nn
 
 from imgclf.data.images import load_image
 from imgclf.data.inputs import expand_inputs
-from imgclf.data.transforms import build_eval_transform
+from imgclf.data.transforms import build_eval_transform, tta_views
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
@@ -103,8 +103,7 @@ class Explainer:
         images = [self.load(p) for p in paths]
         batch = torch.stack([self.transform(torch.from_numpy(a.transpose(2, 0, 1).copy())) for a in images])
         batch = batch.to(self.run.device)
-        with torch.no_grad():
-            probs = self.run.objective.probabilities(self.model(batch)).cpu().numpy()
+        probs = self.probabilities(batch)
         chosen = list(targets) if targets is not None else self.decide(probs)
         with torch.enable_grad():
             attribution = self.cam.attribute(batch, target=chosen, relu_attributions=True)
@@ -114,6 +113,14 @@ class Explainer:
         heat = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
         return [Explanation(str(p), a, t, pr, h) for p, a, t, pr, h in
                 zip(paths, images, chosen, probs, heat, strict=True)]
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """The run's probabilities, as ``predict`` gives them: averaged over its test-time views (config.yaml's
+        ``evaluate.tta``), so the class explained is the one the run decides. Grad-CAM maps the image as given."""
+        views = tta_views(self.run.config.evaluate.tta)
+        total = sum(self.run.objective.probabilities(self.model(view(batch))) for view in views)
+        return (total / len(views)).cpu().numpy()
 
     def decide(self, probs: np.ndarray) -> list[int]:
         """The run's decisions: its binary threshold where it has one, else the most probable class."""
