@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -216,6 +217,24 @@ def test_a_rechosen_threshold_makes_the_export_stale(gray_binary, tmp_path):
     load_run(copy).choose_threshold("argmax")
     with pytest.raises(RunDirError, match="carries threshold"):
         OnnxEngine(load_run(copy))
+
+
+def test_test_time_views_edited_into_the_config_make_the_export_stale(gray_binary, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    assert config["evaluate"]["tta"] == "none"
+    config["evaluate"]["tta"] = "flip"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    check_and_seal(copy)
+    with pytest.raises(RunDirError, match="export computes test-time augmentation 'none' in its graph, the run now "
+                                          "predicts with 'flip'"):
+        OnnxEngine(load_run(copy))
+    image = str(gray_binary.index().abspath(0))
+    assert main(["predict", str(copy), image, "--engine", "onnx", "--out", str(tmp_path / "p.csv")]) == 2
+    assert "imgclf export" in capsys.readouterr().err
+    assert_clean_error(imgclf_cli("serve", copy, "--engine", "onnx", "--port", "0", timeout=120),
+                       "test-time augmentation")  # refused before it listens: a server would not return
 
 
 @pytest.mark.slow

@@ -15,11 +15,11 @@ import numpy as np
 
 from imgclf.data.images import BadImage, load_image
 from imgclf.data.inputs import expand_inputs
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.runs.predict import folder_labels
-from imgclf.serving.bundle import has_export, require, verified_onnx_bytes
+from imgclf.serving.bundle import ExportFile, has_export, require, verified_onnx_bytes
 from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
 
 log = get_logger("predict")
@@ -42,17 +42,27 @@ class OnnxEngine:
 
     def __init__(self, run):
         ort = require("onnxruntime", "export")
-        data, self.info = verified_onnx_bytes(run)
-        self.run, self.spec, self.tta = run, InputSpec(self.info.image_size, self.info.channels,
-                                                       self.info.resize_filter), self.info.tta
-        if self.spec != input_spec(run):
-            raise ConfigError(f"{run.path}/export was made for {self.spec}, the run takes {input_spec(run)}; "
-                              f"run 'imgclf export {run.path}' again")
+        data, self.info = verified_export(run)
+        self.run, self.spec, self.tta = run, input_spec(run), self.info.tta
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self.version = ort.__version__
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {"images": np.ascontiguousarray(images)})[0].astype(np.float64)
+
+
+def verified_export(run) -> tuple[bytes, ExportFile]:
+    """The export's ONNX bytes and record, once they answer as the run does now: its weights, classes and
+    threshold (``verified_onnx_bytes``), its input and its test-time views (config.yaml's, edited since?)."""
+    data, info = verified_onnx_bytes(run)
+    made_for = InputSpec(info.image_size, info.channels, info.resize_filter)
+    redo = f"run 'imgclf export {run.path}' again"
+    if made_for != input_spec(run):
+        raise ConfigError(f"{run.path}/export was made for {made_for}, the run takes {input_spec(run)}; {redo}")
+    if info.tta != tta_of(run):
+        raise RunDirError(f"{run.path}/export computes test-time augmentation {info.tta!r} in its graph, the run "
+                          f"now predicts with {tta_of(run)!r} (config.yaml's evaluate.tta); {redo}")
+    return data, info
 
 
 class TorchEngine:

@@ -25,8 +25,8 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.explain import Explainer
 from imgclf.reporting.plots import overlay
-from imgclf.serving.bundle import read_export, require, verified_onnx_bytes
-from imgclf.serving.engine import Engine, choose_engine, open_engine
+from imgclf.serving.bundle import read_export, require
+from imgclf.serving.engine import Engine, choose_engine, open_engine, verified_export
 from imgclf.serving.graph import input_spec
 from imgclf.serving.uploads import UploadError, decode_upload
 from imgclf.versions import version
@@ -45,7 +45,7 @@ class Service:
         self.spec = input_spec(run)
         if self.kind == "onnx":
             require("onnxruntime", "export")
-            verified_onnx_bytes(run)
+            verified_export(run)  # refused before the server starts
         self.lock = threading.Lock()  # the torch model: one user at a time (Grad-CAM hooks into it)
         self.ready = threading.Event()
         self.engine: Engine | None = None
