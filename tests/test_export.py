@@ -270,3 +270,15 @@ def test_export_cli_prints_the_parity_figures(gray_binary, capsys):
     assert "top-1 agreement 100%" in out and "model.onnx (opset 18)" in out
     array = load_image(gray_binary.index().abspath(0), 16, 1)
     assert OnnxEngine(load_run(gray_binary.path)).predict(array[None]).shape == (1, 2)
+
+
+def test_a_data_folder_given_for_the_parity_gate_must_hold_the_runs_images(gray_binary, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    shutil.rmtree(copy / "export")
+    assert main(["export", str(copy), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    other = make_class_folders(tmp_path / "other", per_class=3, classes=["cats", "dogs"])  # not the run's images
+    assert main(["export", str(copy), "--data", str(other)]) == 2
+    assert "none of the" in capsys.readouterr().err and not (copy / "export" / "model.onnx").exists()
+    assert main(["export", str(copy), "--data", str(gray_binary.index().root)]) == 0  # where they are: exported

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.images import BadImage, load_image
-from imgclf.errors import ConfigError, ImgclfError
+from imgclf.errors import ConfigError, DataError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.serving.graph import InputSpec, engine_probs, reference_probs, run_computes
 
@@ -37,6 +37,9 @@ def parity_images(run, spec: InputSpec, data_root: str | Path | None = None) -> 
             arrays.append(load_image(path, spec.size, spec.channels, spec.interpolation))
         except BadImage:
             unreadable += 1
+    if unreadable and data_root is not None and not arrays:  # the folder the user named is not the run's data
+        raise DataError(f"--data {data_root}: none of the {len(paths)} {split} images the parity gate chose could be "
+                        "read there; give the folder the run was trained on (its new location)")
     if unreadable:
         log.warning("warning: %d of the %d %s images chosen for the parity gate could not be read and were left "
                     "out", unreadable, len(paths), split)
@@ -47,10 +50,13 @@ def parity_images(run, spec: InputSpec, data_root: str | Path | None = None) -> 
 
 
 def _validation_paths(run, data_root: str | Path | None) -> tuple[list[Path], str]:
-    """Up to 64 images of the run's val split (test where it has none), or none when the data is gone."""
+    """Up to 64 images of the run's val split (test where it has none), or none when the data is gone (a
+    ``data_root`` the user gave must hold them: its errors stand)."""
     try:
         index = run.index(data_root)
     except ImgclfError as err:
+        if data_root is not None:
+            raise
         log.warning("warning: the parity gate checks random images only: %s", err)
         return [], "none"
     for split in ("val", "test"):
