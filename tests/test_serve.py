@@ -223,15 +223,20 @@ def test_bad_requests_get_a_json_error_and_never_stop_the_server(client):
         (422, "empty", {"files": {"file": ("empty.png", b"")}}),
         (413, "decompression bomb", {"files": {"file": ("bomb.png", bomb())}}),
         (413, "too many files: at most 16", {"files": [("file", (f"{i}.png", good)) for i in range(17)]}),
-        (400, "multipart/form-data parts named 'file'", {"data": {"note": "no file"}}),
+        (422, "part 'note' is a text field", {"data": {"note": "no file"}}),
+        (422, "part 'image' is a file: send each image as a file part named 'file'",  # never dropped in silence
+         {"files": [("file", ("a.png", good)), ("image", ("b.png", good))]}),
+        (422, "part 'file' is a text field", {"files": [("file", ("a.png", good))], "data": {"file": "hello"}}),
         (400, "multipart/form-data parts named 'file'", {"content": b"{}", "headers": {"content-type": "x/json"}}),
     ]
     for status, fragment, kwargs in cases:
         response = client.post("/v1/predict", **kwargs)
         assert response.status_code == status and fragment in response.json()["error"], (status, response.text)
-    for query in ("top_k=0", "top_k=3", "top_k=two", "explain=maybe"):
+    for query in ("top_k=0", "top_k=3", "top_k=two", "explain=maybe", "topk=1", "threshold=0.9&tta=flip"):
         response = client.post(f"/v1/predict?{query}", files={"file": ("a.png", good)})
         assert response.status_code == 422 and "error" in response.json(), query
+    unknown = client.post("/v1/predict?topk=1&tta=flip", files={"file": ("a.png", good)}).json()["error"]
+    assert "unknown query parameter(s) topk, tta: /v1/predict takes top_k and explain" in unknown
     assert client.get("/v1/predict").status_code == 405 and "error" in client.get("/v1/predict").json()
     assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
     assert client.get("/healthz").status_code == 200  # still up, and still answering

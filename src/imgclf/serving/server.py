@@ -123,8 +123,16 @@ def default_top_k(classes: int) -> int:
     return min(3, classes)
 
 
+QUERY_PARAMETERS = ("top_k", "explain")
+
+
 def query_options(request, classes: int) -> tuple[int, bool]:
-    """``top_k`` (1 to the number of classes, default 3) and ``explain`` (true/false) from the query."""
+    """``top_k`` (1 to the number of classes, default 3) and ``explain`` (true/false) from the query; any other
+    parameter (``topk``, ``threshold``...) is refused rather than ignored."""
+    unknown = sorted(set(request.query_params) - set(QUERY_PARAMETERS))
+    if unknown:
+        raise UploadError(422, f"unknown query parameter(s) {', '.join(unknown)}: /v1/predict takes "
+                               f"{' and '.join(QUERY_PARAMETERS)}; its threshold and test-time views are the run's")
     raw_k = request.query_params.get("top_k")
     try:
         top_k = default_top_k(classes) if raw_k is None else int(raw_k)
@@ -149,7 +157,13 @@ async def read_uploads(request, max_batch: int) -> list[tuple[str, bytes]]:
             raise UploadError(413, f"too many files: at most {max_batch} per request (--max-batch)") from None
         raise UploadError(400, f"the multipart body cannot be parsed: {err.detail}") from None
     try:
-        files = [value for key, value in form.multi_items() if key == "file" and hasattr(value, "read")]
+        items = form.multi_items()
+        other = next(((key, value) for key, value in items if key != "file" or not hasattr(value, "read")), None)
+        if other is not None:  # an image sent under another name, or a text field: said, not dropped
+            what = "a text field" if isinstance(other[1], str) else "a file"
+            raise UploadError(422, f"part {other[0][:40]!r} is {what}: send each image as a file part named 'file', "
+                                   "and nothing else")
+        files = [value for _, value in items]
         if not files:
             raise UploadError(400, "no images: send them as multipart/form-data parts named 'file'")
         return [(f.filename or "", await f.read()) for f in files]
