@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("IMGCLF_CACHE_DIR", None)
     else:
         os.environ["IMGCLF_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _imgclf_logger_as_found():
+    """Each test finds the ``imgclf`` logger as the session began: a CLI call in an earlier test leaves it a
+    handler on that test's captured stderr (closed since) and propagation off, which hides the next test's
+    warnings from caplog, or makes them a "Logging error" traceback."""
+    logger = logging.getLogger("imgclf")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers, logger.propagate, logger.level = saved
 
 
 @pytest.fixture

@@ -76,6 +76,23 @@ def test_hidden_files_ignored_non_images_and_empty_classes_warned(pool_dataset, 
     assert "empty class" in messages and "Thumbs" not in messages and "DS_Store" not in messages
 
 
+def test_a_hidden_image_and_a_linked_sub_folder_are_counted_in_warnings_not_dropped_in_silence(pool_dataset, caplog,
+                                                                                              tmp_path):
+    source = sorted((pool_dataset / "left bar").iterdir())[0]
+    shutil.copy(source, pool_dataset / "left bar" / ".copy.png")
+    shutil.copy(source, pool_dataset / "left bar" / "._fork.png")  # macOS's resource fork: not an image
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(source, outside / "x.png")
+    (pool_dataset / "top bar" / "more").symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        index = index_of(pool_dataset)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 1 hidden image file(s)" in messages and ".copy.png" in messages and "fork" not in messages
+    assert "did not follow 1 linked folder(s)" in messages and "top bar/more" in messages
+    assert not any(".copy" in p or "more/" in p for p in index.paths)
+
+
 def test_nested_folders_belong_to_their_class_and_unicode_names_work(tmp_path):
     root = make_class_folders(tmp_path / "d", 8, classes=["Ärzte", "normal"])
     moved = sorted((root / "normal").iterdir())[0]

@@ -1,10 +1,12 @@
 """Walk dataset folders and CSVs into (path, label, split) rows; nothing is dropped or invented silently.
 
 Deliberate behaviour for what real exports contain:
-- hidden files (``.DS_Store``, ``._x.jpg``) and OS litter (``Thumbs.db``, ``desktop.ini``) are ignored;
+- hidden files (``.DS_Store``, ``._x.jpg``) and OS litter (``Thumbs.db``, ``desktop.ini``) are ignored; a hidden
+  file named as an image (``.x.jpg``, not a macOS ``._`` fork) is counted in a warning;
 - other non-image files are skipped with one warning that counts them and names a few;
 - a class folder is searched recursively (nested sub-folders belong to that class);
-- symlinked folders are not followed, so a symlink loop cannot hang the scan;
+- symlinked folders below a class folder are not followed, so a symlink loop cannot hang the scan; a
+  warning counts them;
 - a folder that cannot be listed (dataset root, split, class or any sub-folder) is an error naming it;
 - a readable class folder holding no image files is skipped with a warning that says so;
 - only regular files (after following a file symlink) are images. A FIFO, device or socket found in
@@ -86,6 +88,8 @@ class Skipped:
     def __init__(self) -> None:
         self.non_images: list[Path] = []
         self.special: list[tuple[Path, str]] = []
+        self.links: list[Path] = []  # linked sub-folders, not followed
+        self.hidden: list[Path] = []  # hidden files named as images (``.x.jpg``; not macOS's ``._x.jpg`` forks)
 
     def warn(self, folder: Path, root: Path) -> None:
         if self.non_images:
@@ -96,6 +100,14 @@ class Skipped:
             examples = ", ".join(f"{p.relative_to(root)} ({kind})" for p, kind in self.special[:3])
             log.warning("warning: skipped %d file(s) under %s that are not regular files (e.g. %s); only regular "
                         "image files are read", len(self.special), folder, examples)
+        if self.links:
+            log.warning("warning: did not follow %d linked folder(s) under %s (e.g. %s): a link can loop; give the "
+                        "folder it points to, or move it in", len(self.links), folder,
+                        ", ".join(str(p.relative_to(root)) for p in self.links[:3]))
+        if self.hidden:
+            log.warning("warning: skipped %d hidden image file(s) under %s (e.g. %s): names starting with '.' are "
+                        "not read; rename them to use them", len(self.hidden), folder,
+                        ", ".join(str(p.relative_to(root)) for p in self.hidden[:3]))
 
 
 def scan_class_folders(folder: Path, split: str, root: Path) -> list[Row]:
@@ -127,9 +139,12 @@ def walk_images(folder: Path, skipped: Skipped) -> list[Path]:
     images: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        skipped.links += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if is_ignored(name):
+                if is_image(name) and not name.startswith("._"):
+                    skipped.hidden.append(path)
                 continue
             if not is_image(name):
                 skipped.non_images.append(path)
