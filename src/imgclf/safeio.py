@@ -46,3 +46,10 @@ def require_regular(path: str | os.PathLike, error: type[ImgclfError], fix: str)
         raise error(f"cannot read {path} ({err.strerror}); {fix}") from None
     if not stat.S_ISREG(mode):
         raise error(f"{path} is not a regular file (a FIFO, device or folder); {fix}")
+
+
+def printable(text: str) -> str:
+    """A file name for a terminal or a figure: bytes that are not UTF-8 appear as ``\\xNN`` and control
+    characters (a newline in a name) as their escapes, never raw."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

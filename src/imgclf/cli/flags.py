@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import types
 import typing
 from pathlib import Path
@@ -148,12 +149,25 @@ def disk_error_line(err: OSError, fallback: str | None) -> str | None:
 
 
 def refuse_existing_file(path: str | Path, flag: str, overwrite: bool) -> None:
-    """No command replaces a user's file unless told to (``--overwrite``)."""
+    """No command replaces a user's file unless told to (``--overwrite``); a link (dangling or not) is the user's
+    too, and what is not a regular file (a device such as /dev/null, a FIFO) is never replaced."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
+    if not_regular(path):
+        raise ConfigError(f"{flag} {path} is a device, FIFO or socket, which imgclf never replaces; give the path "
+                          "of a regular file")
+    if os.path.lexists(path) and not overwrite:
         raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
+
+
+def not_regular(path: Path) -> bool:
+    """Whether ``path`` (after links) exists and is something other than a regular file or a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def refuse_filled_folder(path: str | Path, flag: str, overwrite: bool, allowed: tuple[str, ...] = ()) -> None:

@@ -210,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"imgclf: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # under torchrun: another rank died or hung; torchrun ends the job and says which
+        if out_of_memory(err):
+            print(f"imgclf: error: {OUT_OF_MEMORY} ({' '.join(str(err).split())[:160]})", file=sys.stderr)
+            return 2
         ddp = sys.modules.get("imgclf.training.ddp")  # not loaded: no collective ran, so no peer was lost
         if ddp is None or not ddp.lost_peer(err):
             raise
@@ -226,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf: error: {line}", file=sys.stderr)
         return 2
+
+
+OUT_OF_MEMORY = "out of memory; lower --batch-size (or --image-size), or run it where there is more memory"
+
+
+def out_of_memory(err: RuntimeError) -> bool:
+    """torch's allocation failures: a CUDA OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
 
 
 def _rank_zero() -> bool:

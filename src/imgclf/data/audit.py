@@ -12,7 +12,6 @@ device files are skipped with a warning, and no file is ever opened unless it is
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from imgclf.data.index import detect_layout, scan_rows
 from imgclf.data.scan import visible_dirs
 from imgclf.errors import DataError, ImgclfError
 from imgclf.logs import get_logger
+from imgclf.safeio import printable as shown
 
 log = get_logger("audit")
 FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
@@ -278,6 +278,3 @@ def fold_lines(report: dict) -> list[str]:
     return lines
 
 
-def shown(text: str) -> str:
-    """``text`` for a terminal: bytes of a file name that are not UTF-8 appear as ``\\xNN``, never raw."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
 from imgclf.data.images import special_file_kind
@@ -48,7 +49,7 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def _glob_files(pattern: str) -> list[Path]:
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    matches = _glob(pattern)
     special = [(p, kind) for p in matches if (kind := special_file_kind(p)) and kind != "folder"]
     for p, kind in special:
         log.warning("warning: skipped %s matched by %s: it is a %s, not a regular file", p, pattern, kind)
@@ -56,6 +57,23 @@ def _glob_files(pattern: str) -> list[Path]:
     if not files and not special:
         raise DataError(f"{pattern} is not a file or folder and matches no files")
     return list(dict.fromkeys(files))  # a folder and the files in it both matched (``**``): each once
+
+
+def _glob(pattern: str) -> list[Path]:
+    """What ``pattern`` matches, sorted. ``**`` descends through real folders only (pathlib's rule; glob's own
+    follows linked folders, and two links back to their folder make its search grow without end), and like glob
+    matches no hidden names unless the pattern spells a leading dot."""
+    if "**" not in pattern:
+        return sorted(Path(p) for p in glob.glob(pattern))
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if MAGIC.search(part))
+    base, rest = Path(*parts[:first]) if first else Path("."), Path(*parts[first:])
+    dotted = any(part.startswith(".") for part in rest.parts)
+    return sorted(m for m in base.glob(str(rest))
+                  if dotted or not any(part.startswith(".") for part in m.relative_to(base).parts))
+
+
+MAGIC = re.compile(r"[*?[]")
 
 
 def _once_each(paths: list[Path]) -> list[Path]:

@@ -190,6 +190,8 @@ def _read_csv_rows(csv_path: Path, require_label: bool) -> tuple[list[Row], list
                 lines.append(reader.line_num)
     except UnicodeDecodeError:
         raise DataError(f"{csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
+    except csv.Error as err:  # a field over the csv module's limit (131,072 characters), a NUL byte...
+        raise DataError(f"{csv_path}:{reader.line_num}: not a readable CSV row ({err}); fix the file") from None
     except OSError as err:
         raise DataError(f"cannot read {csv_path}: {err.strerror or err}; fix its permissions") from None
     return rows, lines

@@ -14,7 +14,7 @@ from imgclf.evaluation.metrics import reliability
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting import plots
-from imgclf.reporting.plots import HALF_WIDTH_PX, PAGE_WIDTH_PX, SMALL_PT, MaxNLocator, inches, plt
+from imgclf.reporting.plots import HALF_WIDTH_PX, PAGE_WIDTH_PX, SMALL_PT, MaxNLocator, inches, literal_text, plt
 
 log = get_logger("plots")
 
@@ -42,6 +42,7 @@ def confusion_layout(n: int, longest_name: int) -> tuple[float, float, bool, boo
     return size, label_in, 2 * (label_in + 0.9 + size * n) <= column_in, size >= NUMBER_CELL_IN, labelled
 
 
+@literal_text
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, split: str) -> None:
     """Counts and row-normalised (recall per true class) panels: side by side when both fit the report's
     column at a readable cell size, else one above the other; cells shrink with many classes, never their text
@@ -108,6 +109,7 @@ def curve_styles(names: list[str], named: set[str]) -> list[tuple[str, dict]]:
     return sorted(styled, key=lambda pair: pair[0] in named)
 
 
+@literal_text
 def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = None,
              threshold: float | None = None) -> None:
     """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
@@ -130,6 +132,7 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     plots.save_figure(fig, path)
 
 
+@literal_text
 def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = None) -> None:
     """One-vs-rest precision-recall curve per class, with average precision (the PR AUC)."""
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
@@ -149,6 +152,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
     plots.save_figure(fig, path)
 
 
+@literal_text
 def plot_reliability(bins: list[dict], ece: float | None, path: Path, split: str) -> None:
     """Accuracy against confidence per bin (a calibrated model sits on the diagonal), counts below.
     Empty bins have no accuracy: they are left out of both panels, not drawn at zero."""

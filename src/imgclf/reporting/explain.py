@@ -30,6 +30,7 @@ from imgclf.reporting.plots import save_feature_maps, save_overlay
 from imgclf.runs.heads import ClassicalRun
 
 log = get_logger("explain")
+MAX_STEM = 100  # characters of an image's name kept in the names of its figures
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
@@ -224,7 +225,7 @@ def explain_files(run, inputs: list[str | Path], out: Path, feature_maps: bool =
     rows = []
     for start in range(0, len(paths), batch_size):
         for i, e in enumerate(explainer.explain(paths[start:start + batch_size]), start):
-            name = f"{i:04d}_{Path(e.path).stem}"
+            name = f"{i:04d}_{Path(e.path).stem[:MAX_STEM]}"  # a long image name leaves room for the suffixes
             save_overlay(e, run.classes, out / f"{name}_gradcam.png")
             row = {"path": e.path, "explained_class": run.classes[e.target], "probability": float(e.probs[e.target]),
                    "overlay": f"{name}_gradcam.png", "layer": explainer.layer_name}

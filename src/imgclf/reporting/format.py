@@ -47,9 +47,20 @@ def with_ci(value, interval) -> str:
     return fmt(value) + (f" ({fmt(float(interval[0]))}-{fmt(float(interval[1]))})" if interval else "")
 
 
+MAX_TABLE_BYTES = 16 << 20  # a cv's folds.csv or a grid's leaderboard.csv: a row per fold or trial
+TABLE_FIX = "re-run the cv or grid in that folder to write it again"
+
+
 def read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    """A table an experiment wrote (folds.csv, summary.csv, leaderboard.csv), size-capped; a damaged one is a
+    one-line RunDirError naming it."""
+    try:
+        text = read_capped(path, MAX_TABLE_BYTES, RunDirError, TABLE_FIX).decode("utf-8-sig")
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing; {TABLE_FIX}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RunDirError(f"{path} is not a readable CSV ({err}); {TABLE_FIX}") from None
 
 
 def read_history(path: Path) -> list[dict]:

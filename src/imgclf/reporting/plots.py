@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from imgclf import atomic
+from imgclf.safeio import printable
 
 # Every figure of report.html is drawn at DPI for a page column PAGE_WIDTH_PX wide (html.py's CSS uses the
 # same width), so the browser shows each PNG at its natural size: a PAGE_WIDTH_PX-wide figure fills the column,
@@ -22,6 +23,12 @@ DPI = 110
 PAGE_WIDTH_PX = 1100
 HALF_WIDTH_PX = 540
 SMALL_PT = 8
+
+
+def literal_text(draw):
+    """``draw`` with every text set as written: a class or file name holding ``$`` signs is not mathtext (which
+    would fail to parse, or set it as a formula)."""
+    return matplotlib.rc_context({"text.parse_math": False})(draw)
 
 
 LAYOUT_PASSES = 3  # at most: constrained layout need not settle in one
@@ -62,6 +69,7 @@ def curve_names(history: list[dict]) -> list[str]:
                   key=lambda n: (n != "loss", n))
 
 
+@literal_text
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
     """Loss and each metric, train vs val, one titled panel each; a dotted line marks the best epoch.
 
@@ -98,6 +106,7 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
     save_figure(fig, path)
 
 
+@literal_text
 def plot_overlaid(name: str, histories: dict[str, list[dict]], path: Path) -> None:
     """One metric of several runs on one axis: val solid, train dashed, one colour per run."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
@@ -122,6 +131,7 @@ def stage_starts(history: list[dict]) -> list[tuple[int, str]]:
     return starts if len(starts) > 1 else []
 
 
+@literal_text
 def plot_folds(rows: list[dict], path: Path) -> None:
     """Per-fold test (else val) metrics as points, with the mean as a line."""
     split = "test" if any(k.startswith("test_") for k in rows[0]) else "val"
@@ -172,6 +182,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
     return (rgb * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
 
 
+@literal_text
 def save_overlay(explanation, classes: list[str], path: Path) -> None:
     """The image and its Grad-CAM overlay side by side, titled with the explained class."""
     e = explanation
@@ -179,13 +190,14 @@ def save_overlay(explanation, classes: list[str], path: Path) -> None:
     gray = e.image.shape[2] == 1
     axes[0].imshow(e.image[..., 0] if gray else e.image, cmap="gray" if gray else None)
     axes[1].imshow(overlay(e.image, e.heatmap))
-    axes[0].set_title(Path(e.path).name, fontsize=SMALL_PT)
+    axes[0].set_title(printable(Path(e.path).name), fontsize=SMALL_PT)  # a name's bytes may not be UTF-8
     axes[1].set_title(f"Grad-CAM: {classes[e.target]} ({e.probs[e.target]:.2f})", fontsize=SMALL_PT)
     for ax in axes:
         ax.axis("off")
     save_figure(fig, path)
 
 
+@literal_text
 def save_feature_maps(maps: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per layer, one panel per channel (each scaled to its own range)."""
     columns = max(4, *(len(m) for _, m in maps))

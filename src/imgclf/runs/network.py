@@ -17,7 +17,7 @@ from imgclf import atomic
 from imgclf.config import Config, load_config
 from imgclf.data.index import SPLITS, DatasetIndex
 from imgclf.data.pipeline import PreparedData, eval_loader, inference_batch, prepare
-from imgclf.errors import ConfigError, RunDirError
+from imgclf.errors import ConfigError, DataError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import save_and_score
 from imgclf.evaluation.operating import choose_threshold, positive_index
@@ -140,12 +140,14 @@ class NetworkRun:
         return runfiles.read_metrics(path, n_classes=len(self.classes)) if path.exists() else {}
 
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
-        root = Path(data_root) if data_root else Path(runfiles.read_dataset(self.path / "dataset.json").root)
+        dataset = runfiles.read_dataset(self.path / "dataset.json")
+        root = Path(data_root) if data_root else Path(dataset.root)
+        if data_root and not root.is_dir():
+            raise DataError(f"--data {root} is not a folder; give the folder the run's dataset was moved to")
         if not root.is_dir():
             raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
         path = self.path / "split.csv"
-        counted = sum(n for split in runfiles.read_dataset(self.path / "dataset.json").counts.values()
-                      for n in split.values())
+        counted = sum(n for split in dataset.counts.values() for n in split.values())
         try:
             index = DatasetIndex.load(path, root, self.classes, max_rows=counted)
         except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:

@@ -117,6 +117,7 @@ def readable(paths: list[Path], channels: int, skip_bad_images: bool) -> list[Pa
 def predict_with_onnx(run, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
                       batch_size: int | None = None, tta: str | None = None) -> Predictions:
     """``imgclf predict --engine onnx``: the same Predictions (and CSV) as ``run.predict``, through the export."""
+    choose_engine(run, "onnx")  # a run never exported is told to export, not that export.json is missing
     engine = OnnxEngine(run)
     if tta is not None and tta != engine.tta:
         raise ConfigError(f"--tta {tta}: the export computes test-time augmentation {engine.tta!r} inside its graph; "

@@ -33,6 +33,7 @@ from imgclf.versions import version
 
 log = get_logger("serve")
 HEADLINE = ("n", "accuracy", "balanced_accuracy", "f1_macro", "roc_auc_ovr", "sensitivity", "specificity", "ece")
+DECODE_SLOTS = 2  # uploads decoded at once, across all requests: the server's memory is bounded by them
 OVERLAY_MIN_SIDE = 192  # small model inputs are enlarged (nearest) so the overlay is visible on the page
 
 
@@ -47,6 +48,7 @@ class Service:
             require("onnxruntime", "export")
             verified_export(run)  # refused before the server starts
         self.lock = threading.Lock()  # the torch model: one user at a time (Grad-CAM hooks into it)
+        self.decoding = threading.BoundedSemaphore(DECODE_SLOTS)
         self.ready = threading.Event()
         self.engine: Engine | None = None
         self.explainer: Explainer | None = None
@@ -103,13 +105,19 @@ class Service:
             raise UploadError(422, f"explain=true is not available for this run: {self.explain_refusal}")
         names = [name for name, _ in uploads]
         with tempfile.TemporaryDirectory(prefix="imgclf-upload-") as tmp:
-            decoded = [decode_upload(data, name, self.spec, Path(tmp), self.max_pixels) for name, data in uploads]
+            decoded = [self._decode(data, name, Path(tmp)) for name, data in uploads]
             probs = self.engine.predict(np.stack([array for array, _ in decoded]))
             preds = Predictions(names, self.run.classes, np.full(len(names), -1), probs)
             preds = preds.at_threshold(self.run.threshold, self.run.positive)
             overlays = self._overlays([path for _, path in decoded], preds.pred) if explain else [None] * len(names)
         results = [self._result(names[i], probs[i], int(preds.pred[i]), top_k, overlays[i]) for i in range(len(names))]
         return {"engine": self.engine.name, "results": results}
+
+    def _decode(self, data: bytes, name: str, folder: Path):
+        """One upload decoded while at most DECODE_SLOTS others are: each may take up to --max-pixels of memory
+        (several times that while its mode converts), and requests arrive on many threads at once."""
+        with self.decoding:
+            return decode_upload(data, name, self.spec, folder, self.max_pixels)
 
     def _result(self, name: str, probs: np.ndarray, decided: int, top_k: int, gradcam: str | None) -> dict:
         classes = self.run.classes
