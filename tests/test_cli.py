@@ -3,13 +3,14 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from clitools import assert_clean_error, imgclf, reproducible_metrics
+from clitools import assert_clean_error, imgclf, reproducible_metrics, run_main
 from imgclf.cli import main
 
 from imagefactory import make_class_folders, make_csv, make_split_folders
@@ -184,3 +185,13 @@ def test_the_demos_take_the_epochs_asked_for(tmp_path):
     assert demo_config(tmp_path).train.epochs == 30 and demo_config(tmp_path, transfer=True).train.epochs == 4
     assert demo_config(tmp_path, epochs=20, transfer=True).train.epochs == 20  # once cut to 4 without a word
     assert demo_config(tmp_path, epochs=5).train.epochs == 5
+
+
+def test_dist_flags_on_one_process_are_said_to_have_no_effect(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy)
+    result = run_main("evaluate", copy, "--split", "val", "--dist-timeout", "5")
+    assert result.returncode == 0, result.stderr
+    assert "--dist-timeout 5: no effect, evaluate runs in one process here; they apply under torchrun" in result.stderr
+    plain = run_main("evaluate", copy, "--split", "val")
+    assert plain.returncode == 0 and "no effect" not in plain.stderr

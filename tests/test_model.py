@@ -186,6 +186,24 @@ def test_model_info_of_a_config_file_counts_each_stage(tmp_path, capsys):
     assert "layer4.1.conv2" in out and "last:1" in out
 
 
+def test_model_info_refuses_what_cannot_change_the_model_and_a_model_or_config_given_twice(tmp_path, capsys):
+    def error(*args):
+        assert main(["model-info", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        return err
+
+    assert "--model resnet18: give the model once" in error("simple_cnn", "--model", "resnet18", "--image-size", "32")
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"data": {"image_size": 32}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"data": {"image_size": 48}}))
+    assert "give the config once" in error(tmp_path / "a.yaml", "--config", tmp_path / "b.yaml")
+    line = error("simple_cnn", "--image-size", "32", "--epochs", "7", "--device", "cpu", "--tta", "flip")
+    assert "which --tta, --device, --epochs would not change; drop them" in line
+    assert main(["model-info", "simple_cnn", "--image-size", "32", "--channels", "1", "--freeze", "last:1",
+                 "--dropout", "0.3"]) == 0  # the model, its input and its freezing: each shown
+    assert "input 1x32x32" in capsys.readouterr().out
+
+
 def test_model_info_of_a_run_directory(trained_run, capsys):
     assert main(["model-info", str(trained_run.path)]) == 0
     out = capsys.readouterr().out

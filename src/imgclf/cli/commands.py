@@ -10,9 +10,9 @@ from pathlib import Path
 
 from imgclf.cli.flags import format_metrics, given_settings
 from imgclf.config import EvaluateConfig
-from imgclf.config.defaults import DEFAULT_BUDGET_S
+from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S
 from imgclf.errors import ImgclfError
-from imgclf.logs import is_main_process
+from imgclf.logs import get_logger, is_main_process
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.evalplots import draw_evaluations
@@ -28,6 +28,8 @@ from imgclf.workflows.distributed import evaluate_on_ranks, launch
 from imgclf.workflows.grid import grid_search, parse_params
 from imgclf.workflows.train import resume_training, train
 
+log = get_logger("cli")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train as ``checks.check_train`` found the arguments (it ran first, before torch loaded)."""
@@ -36,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # check_train split every stage's batch over --nproc; a resumed run's were checked when it began
         return launch(args.nproc, without_nproc(args.argv))
     dist = DistSettings(args.dist_backend, args.dist_timeout)
+    if not DistContext.from_env().distributed:
+        warn_unused_dist_flags(args)
     if args.resume:
         run = resume_training(args.resume, dist)
     else:
@@ -102,6 +106,7 @@ def without_nproc(argv: list[str]) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if DistContext.from_env().distributed:
         return _evaluate_on_ranks(args)
+    warn_unused_dist_flags(args)
     run = load_run(args.run)
     if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
         EvaluateConfig.check_threshold(args.threshold)
@@ -116,6 +121,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
           f"and {write_report(run.path)}")
     return 0
+
+
+def warn_unused_dist_flags(args: argparse.Namespace) -> None:
+    """--dist-backend and --dist-timeout say how processes join; one process has none to join."""
+    given = [f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}" for flag, value, default in (
+        ("--dist-backend", args.dist_backend, "auto"), ("--dist-timeout", args.dist_timeout, DEFAULT_DIST_TIMEOUT_S))
+        if value != default]
+    if given:
+        log.warning("warning: %s: no effect, %s runs in one process here; they apply under torchrun%s",
+                    " and ".join(given), args.command, " (or --nproc N)" if args.command == "train" else "")
 
 
 def _evaluate_on_ranks(args: argparse.Namespace) -> int:

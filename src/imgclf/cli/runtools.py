@@ -8,7 +8,8 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from imgclf.cli.flags import config_from_args, format_metrics
+from imgclf.cli.flags import config_from_args, format_metrics, given_settings
+from imgclf.config import cli_flag
 from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
@@ -100,8 +101,9 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         run = load_run(source)
         config, model, pre = run.config, run.model.float().cpu(), run.preprocess  # an ensemble says it has none
     else:
+        refuse_unused_model_info_settings(args, source)
         if source is not None and source.suffix in (".yaml", ".yml"):
-            args.config = args.config or str(source)
+            args.config = str(source)
         elif source is not None:
             args.cfg__model__name = args.source
         args.classes = 2 if args.classes is None else args.classes
@@ -118,6 +120,24 @@ def cmd_model_info(args: argparse.Namespace) -> int:
           "patterns match the names below without 'backbone.'\n")
     print(describe_model(model, (pre.channels, pre.size, pre.size), stages, args.depth))
     return 0
+
+
+# What model-info draws from: the model, the input it takes, and the stages' freezing
+MODEL_INFO_SETTINGS = ("data.image_size", "data.channels", "data.interpolation", "train.freeze", "train.freeze_bn")
+
+
+def refuse_unused_model_info_settings(args: argparse.Namespace, source: Path | None) -> None:
+    """model-info shows a model: a setting that cannot change it is refused, as is a model or config given twice."""
+    given = given_settings(args)
+    if source is not None and source.suffix in (".yaml", ".yml") and args.config:
+        raise ConfigError(f"model-info {source} --config {args.config}: give the config once")
+    if source is not None and source.suffix not in (".yaml", ".yml") and "model.name" in given:
+        raise ConfigError(f"model-info {source} --model {args.cfg__model__name}: give the model once")
+    unused = sorted(name for name in given if not name.startswith("model.") and name not in MODEL_INFO_SETTINGS)
+    if unused:
+        flags = ", ".join(cli_flag(*name.split(".")) if "." in name else cli_flag(None, name) for name in unused)
+        raise ConfigError(f"model-info shows the model, which {flags} would not change; drop "
+                          f"{'them' if len(unused) > 1 else 'it'}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
