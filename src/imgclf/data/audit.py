@@ -276,5 +276,3 @@ def fold_lines(report: dict) -> list[str]:
     lines.append(f"test images in the test split of two or more folds: {len(overlap)} group(s)")
     lines += ["  " + " = ".join(f"{shown(s)}:{shown(p)}" for s, p in g) for g in overlap[:20]]
     return lines
-
-

@@ -85,6 +85,6 @@ def _once_each(paths: list[Path]) -> list[Path]:
         (again if identity in seen else kept).append(path)
         seen.add(identity)
     if again:
-        log.warning("warning: %d image(s) reached more than once (e.g. %s): each is predicted once", len(again),
+        log.warning("warning: %d image(s) reached more than once (e.g. %s): each is read once", len(again),
                     ", ".join(map(str, again[:3])))
     return kept
