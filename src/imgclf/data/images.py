@@ -134,7 +134,7 @@ def to_mode(img: Image.Image, target: str) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # convert would copy an RGBA image whole
         img = Image.new("RGB", rgba.size, 0)  # onto black through the alpha mask: alpha_composite's pixels
         img.paste(rgba, mask=rgba)  # (tested), without its two more full-size RGBA copies
     if img.mode not in ("L", "RGB"):
