@@ -36,6 +36,10 @@ def test_a_glob_over_folders_that_link_back_to_themselves_ends(trained_run, tmp_
     result = run_main("predict", trained_run.path, f"{folder}/**/*.png", "--out", tmp_path / "p.csv")
     assert result.returncode == 0, result.stderr
     assert "predicted 2 images" in result.stdout
+    result = run_main("predict", trained_run.path, f"{folder}/**.png", "--out", tmp_path / "q.csv")
+    assert result.returncode == 0 and "predicted 1 images" in result.stdout  # '**' inside a name is glob's '*'
+    assert_clean_error(run_main("predict", trained_run.path, f"{folder}/**/s**/*.png", "--out", tmp_path / "r.csv"),
+                       "'**' searches folders only as a whole path part")
 
 
 def test_a_csv_field_over_the_csv_modules_limit_is_one_line(trained_run, tmp_path):
@@ -58,19 +62,20 @@ def test_an_experiments_table_is_read_capped_and_checked(tmp_path):
 def test_explain_draws_images_whose_names_are_not_utf8_hold_dollars_or_are_long(trained_run, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    names = [os.fsdecode(b"bad\xff\xfe.png"), "cost $_$ and $\\frac$.png", "n" * 240 + ".png"]
+    names = [os.fsdecode(b"bad\xff\xfe.png"), "cost $_$ and $\\frac$.png", "n" * 240 + ".png",
+             "影像" * 40 + ".png"]  # 244 bytes: a name's limit is in bytes
     for name in names:
         shutil.copy(an_image(trained_run), folder / name)
     result = run_main("explain", trained_run.path, folder, "--out", tmp_path / "ex")
     assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "ex").glob("*_gradcam.png"))) == 3
+    assert len(list((tmp_path / "ex").glob("*_gradcam.png"))) == 4
 
 
 def test_an_out_name_near_the_file_system_limit_is_written(trained_run, tmp_path):
-    out = tmp_path / ("b" * 246 + ".csv")  # 250 characters: the temporary name beside it must stay shorter
-    result = run_main("predict", trained_run.path, an_image(trained_run), "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert out.is_file()
+    for out in (tmp_path / ("b" * 246 + ".csv"), tmp_path / ("😀" * 60 + ".csv")):  # 250 and 244 bytes
+        result = run_main("predict", trained_run.path, an_image(trained_run), "--out", out)
+        assert result.returncode == 0, result.stderr  # the temporary name beside it stays shorter
+        assert out.is_file()
 
 
 def test_out_never_replaces_a_device_or_fifo_and_a_dangling_link_is_the_users(trained_run, tmp_path):
@@ -95,10 +100,14 @@ def test_predict_with_the_onnx_engine_on_a_run_never_exported_says_to_export(tra
                                 "--out", tmp_path / "p.csv"), "has no export", "imgclf export")
 
 
-def test_running_out_of_memory_is_one_line_naming_the_settings(trained_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("message", [
+    "[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "36864000000 bytes. Error code 12 (Cannot allocate memory)",  # Linux, macOS
+    "DefaultCPUAllocator: not enough memory: you tried to allocate 36864000000 bytes.",  # Windows
+    "MPS backend out of memory (MPS allocated: 36864000000 bytes)"])
+def test_running_out_of_memory_is_one_line_naming_the_settings(trained_run, tmp_path, monkeypatch, message):
     def allocate(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 36864000000 bytes. Error code 12 (Cannot allocate memory)")
+        raise RuntimeError(message)
 
     monkeypatch.setattr("imgclf.cli.runtools.write_features", allocate)
     line = assert_clean_error(run_main("features", trained_run.path, an_image(trained_run).parent,

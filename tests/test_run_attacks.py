@@ -227,3 +227,12 @@ def test_a_split_csv_swollen_past_the_images_dataset_json_counts_is_refused_as_i
     manifest.seal(run)
     line = error_line(capsys, "evaluate", run, "--split", "val")
     assert "split.csv lists more images than the" in line and "dataset.json counts" in line
+
+
+def test_a_dataset_json_without_counts_still_reads_its_split(runs, tmp_path):
+    run = copy_of(runs, "net", tmp_path)
+    dataset = json.loads((run / "dataset.json").read_text())
+    del dataset["counts"]  # an older or hand-made record: nothing to bound the rows by, not "0 images"
+    (run / "dataset.json").write_text(json.dumps(dataset))
+    manifest.seal(run)
+    assert len(imgclf.load_run(run).index()) == len((run / "split.csv").read_text().splitlines()) - 1

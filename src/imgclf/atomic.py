@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgclf.errors import RunDirError
+from imgclf.safeio import cut_name
 
 TEXT_ERRORS = "surrogateescape"  # file names that are not UTF-8 keep their bytes; readers use the same
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -35,7 +36,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=".tmp", dir=target.parent)  # room for a long name
+    # a short prefix: a 255-byte target name leaves no room for more around it
+    fd, tmp = tempfile.mkstemp(prefix=f".{cut_name(target.name, 64)}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

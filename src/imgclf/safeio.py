@@ -53,3 +53,9 @@ def printable(text: str) -> str:
     characters (a newline in a name) as their escapes, never raw."""
     text = os.fsencode(text).decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def cut_name(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` bytes as the file system counts them (a file name holds 255), at a
+    whole character: 100 Chinese characters are 300 bytes."""
+    return os.fsencode(name)[:max_bytes].decode("utf-8", "ignore")

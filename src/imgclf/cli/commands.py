@@ -129,8 +129,8 @@ def warn_unused_dist_flags(args: argparse.Namespace) -> None:
         ("--dist-backend", args.dist_backend, "auto"), ("--dist-timeout", args.dist_timeout, DEFAULT_DIST_TIMEOUT_S))
         if value != default]
     if given:
-        log.warning("warning: %s: no effect, %s runs in one process here; they apply under torchrun%s",
-                    " and ".join(given), args.command, " (or --nproc N)" if args.command == "train" else "")
+        log.warning("warning: %s: no effect, %s runs in one process here; they apply when several join (torchrun%s)",
+                    " and ".join(given), args.command, " or --nproc N" if args.command == "train" else "")
 
 
 def _evaluate_on_ranks(args: argparse.Namespace) -> int:

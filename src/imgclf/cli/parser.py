@@ -238,8 +238,11 @@ OUT_OF_MEMORY = "out of memory; lower --batch-size (or --image-size), or run it 
 
 
 def out_of_memory(err: RuntimeError) -> bool:
-    """torch's allocation failures: a CUDA OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
+    """torch's allocation failures: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError (Linux, macOS:
+    "can't allocate memory"; Windows: "not enough memory"), MPS's and CUDA's "out of memory"."""
+    text = str(err).lower()
+    return type(err).__name__ == "OutOfMemoryError" or any(
+        words in text for words in ("can't allocate memory", "not enough memory", "out of memory"))
 
 
 def _rank_zero() -> bool:

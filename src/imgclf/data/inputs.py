@@ -55,7 +55,8 @@ def _glob_files(pattern: str) -> list[Path]:
         log.warning("warning: skipped %s matched by %s: it is a %s, not a regular file", p, pattern, kind)
     files = [image for p in matches for image in (_walk(p) if p.is_dir() else [p] if p.is_file() else [])]
     if not files and not special:
-        raise DataError(f"{pattern} is not a file or folder and matches no files")
+        raise DataError(f"{pattern} matches only folders holding no images" if matches else
+                        f"{pattern} is not a file or folder and matches no files")
     return list(dict.fromkeys(files))  # a folder and the files in it both matched (``**``): each once
 
 
@@ -63,9 +64,12 @@ def _glob(pattern: str) -> list[Path]:
     """What ``pattern`` matches, sorted. ``**`` descends through real folders only (pathlib's rule; glob's own
     follows linked folders, and two links back to their folder make its search grow without end), and like glob
     matches no hidden names unless the pattern spells a leading dot."""
-    if "**" not in pattern:
-        return sorted(Path(p) for p in glob.glob(pattern))
     parts = Path(pattern).parts
+    if not any(part == "**" for part in parts):  # no recursion: a ``**`` inside a name is glob's ``*``
+        return sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if any("**" in part and part != "**" for part in parts):
+        raise DataError(f"{pattern}: '**' searches folders only as a whole path part (a/**/*.jpg); use '*' "
+                        "inside a name")
     first = next(i for i, part in enumerate(parts) if MAGIC.search(part))
     base, rest = Path(*parts[:first]) if first else Path("."), Path(*parts[first:])
     dotted = any(part.startswith(".") for part in rest.parts)

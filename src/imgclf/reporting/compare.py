@@ -19,7 +19,7 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.freeze import apply_freeze
 from imgclf.reporting.format import read_history
-from imgclf.reporting.html import esc, fmt, image, render_page, table
+from imgclf.reporting.html import esc, fmt, image, render_page, seconds_of, table
 from imgclf.reporting.plots import curve_names, plot_overlaid
 from imgclf.runs.base import Run, load_run
 from imgclf.runs.ensemble import EnsembleRun
@@ -82,10 +82,10 @@ def load_compared(paths: list[str | Path]) -> list[Compared]:
 def table_row(c: Compared) -> dict:
     """The run's row of compare.csv: what it is, its size and training time, then val and test metrics."""
     total, trainable = parameter_counts(c.run)
-    seconds = [row["seconds"] for row in c.history if row.get("seconds") is not None]
+    seconds = seconds_of(c.history)  # None unless every row records its own, as the report shows it
     row = {"run": c.name, "path": str(c.run.path), "model": c.run.describe(), "parameters": total,
            "trainable_parameters": trainable, "epochs": len(c.epochs) or None,
-           "training_seconds": round(sum(seconds), 2) if seconds else None}
+           "training_seconds": None if seconds is None else round(seconds, 2)}
     for split in ("val", "test"):
         metrics = c.run.metrics.get(split, {})
         row.update({f"{split}_{name}": metrics.get(name) for name in METRICS})

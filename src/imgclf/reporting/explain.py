@@ -28,9 +28,10 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.plots import save_feature_maps, save_overlay
 from imgclf.runs.heads import ClassicalRun
+from imgclf.safeio import cut_name
 
 log = get_logger("explain")
-MAX_STEM = 100  # characters of an image's name kept in the names of its figures
+MAX_STEM_BYTES = 150  # of an image's name, kept in the names of its figures (a name holds 255 bytes)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
@@ -225,7 +226,7 @@ def explain_files(run, inputs: list[str | Path], out: Path, feature_maps: bool =
     rows = []
     for start in range(0, len(paths), batch_size):
         for i, e in enumerate(explainer.explain(paths[start:start + batch_size]), start):
-            name = f"{i:04d}_{Path(e.path).stem[:MAX_STEM]}"  # a long image name leaves room for the suffixes
+            name = f"{i:04d}_{cut_name(Path(e.path).stem, MAX_STEM_BYTES)}"  # room for the suffixes
             save_overlay(e, run.classes, out / f"{name}_gradcam.png")
             row = {"path": e.path, "explained_class": run.classes[e.target], "probability": float(e.probs[e.target]),
                    "overlay": f"{name}_gradcam.png", "layer": explainer.layer_name}

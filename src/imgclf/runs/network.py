@@ -149,7 +149,7 @@ class NetworkRun:
         path = self.path / "split.csv"
         counted = sum(n for split in dataset.counts.values() for n in split.values())
         try:
-            index = DatasetIndex.load(path, root, self.classes, max_rows=counted)
+            index = DatasetIndex.load(path, root, self.classes, max_rows=counted or None)  # none counted: older
         except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
             raise RunDirError(f"{path} is damaged ({type(err).__name__}: {err}); {runfiles.FIX}") from None
         odd = next((i for i in range(len(index)) if index.labels[i] not in self.classes

@@ -82,8 +82,10 @@ CSV_SUFFIXES = (".csv", ".tsv")
 def csv_labels(csvs: list[Path], paths: list[Path], classes: list[str]) -> tuple[np.ndarray, str | None]:
     """The labels of CSV inputs (``folder_labels``); a split column is said to be unused (every row predicts)."""
     unlabelled = np.full(len(paths), -1, dtype=np.int64)
-    rows = {str(csv.parent / p): (label, split, csv) for csv in csvs for p, label, split in
-            scan_csv(csv, require_label=False)}
+    rows: dict[str, tuple[str, str, Path]] = {}
+    for csv in csvs:
+        for p, label, split in scan_csv(csv, require_label=False):
+            rows.setdefault(str(csv.parent / p), (label, split, csv))  # a path listed again: its first row, as read
     split_note = ("; the split column is not used: every listed image is predicted"
                   if any(split for _, split, _ in rows.values()) else "")
     found = [rows.get(str(p), ("", "", None)) for p in paths]
