@@ -69,6 +69,7 @@ def test_explain_draws_images_whose_names_are_not_utf8_hold_dollars_or_are_long(
     result = run_main("explain", trained_run.path, folder, "--out", tmp_path / "ex")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "ex").glob("*_gradcam.png"))) == 4
+    assert "the figures' font has no glyph for 像, 影 (in a class or file name): shown as boxes" in result.stderr
 
 
 def test_an_out_name_near_the_file_system_limit_is_written(trained_run, tmp_path):

@@ -3,6 +3,8 @@ figure is saved; ``evalplots`` draws the evaluation figures with them. They draw
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +16,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from imgclf import atomic
+from imgclf.logs import get_logger
 from imgclf.safeio import printable
 
 # Every figure of report.html is drawn at DPI for a page column PAGE_WIDTH_PX wide (html.py's CSS uses the
@@ -31,6 +34,8 @@ def literal_text(draw):
     return matplotlib.rc_context({"text.parse_math": False})(draw)
 
 
+MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+log = get_logger("plots")
 LAYOUT_PASSES = 3  # at most: constrained layout need not settle in one
 
 
@@ -40,10 +45,18 @@ def save_figure(fig, path: Path) -> None:
     Constrained layout can swing between passes (rotated tick labels next to fixed-aspect images): a pass
     that leaves any text outside the figure, cut off in the PNG, is followed by another, up to LAYOUT_PASSES."""
     fig.set_dpi(DPI)
-    for _ in range(LAYOUT_PASSES):
-        fig.canvas.draw()
-        if fits_inside(fig):
-            break
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(LAYOUT_PASSES):
+            fig.canvas.draw()
+            if fits_inside(fig):
+                break
+    missing = sorted({chr(int(m[1])) for w in said if (m := MISSING_GLYPH.search(str(w.message)))})
+    for other in (w for w in said if not MISSING_GLYPH.search(str(w.message))):  # said as they would have been
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if missing:  # matplotlib's own warning is two raw lines per character and figure
+        log.warning("warning: the figures' font has no glyph for %s (in a class or file name): shown as boxes in "
+                    "%s and any other figure with it", ", ".join(missing[:5]), path.name)
     with atomic.atomic_path(path) as tmp:
         matplotlib.image.imsave(tmp, np.asarray(fig.canvas.buffer_rgba()), format="png", dpi=DPI)
     plt.close(fig)
