@@ -54,9 +54,9 @@ def save_figure(fig, path: Path) -> None:
     missing = sorted({chr(int(m[1])) for w in said if (m := MISSING_GLYPH.search(str(w.message)))})
     for other in (w for w in said if not MISSING_GLYPH.search(str(w.message))):  # said as they would have been
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
-    if missing:  # matplotlib's own warning is two raw lines per character and figure
-        log.warning("warning: the figures' font has no glyph for %s (in a class or file name): shown as boxes in "
-                    "%s and any other figure with it", ", ".join(missing[:5]), path.name)
+    if missing:  # matplotlib's own warning is two raw lines per character and figure; this one, once a command
+        log.warning("warning: the figures' font has no glyph for %s (in a class or file name): shown as boxes",
+                    ", ".join(missing[:5]))
     with atomic.atomic_path(path) as tmp:
         matplotlib.image.imsave(tmp, np.asarray(fig.canvas.buffer_rgba()), format="png", dpi=DPI)
     plt.close(fig)
