@@ -5,7 +5,8 @@
 - 16-bit PNG, CMYK JPEG, palette PNG with transparency, animated GIF, EXIF-rotated JPEG, DICOM:
   decoded by the documented mode rule;
 - unicode and space names, upper-case extensions, nested folders inside a class: read normally;
-- hidden files and Thumbs.db: ignored; other non-image files: skipped with a warning;
+- .DS_Store and Thumbs.db: ignored; hidden images and folders and other non-image files: skipped with a
+  counted warning;
 - a class folder with no images: skipped with a warning;
 - the same file in train and test: trains with a leakage warning; ``imgclf audit --strict`` exits 1.
 No read permission cannot be tested as root (root reads anything); images.py maps it to "permission denied".

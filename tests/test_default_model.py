@@ -70,10 +70,11 @@ def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_compari
     data = make_class_folders(tmp_path / "data", 14)  # clean bars: the probe is perfect on validation
     setup_logging()  # as the CLI does first (it turns propagation off), so that the patch below holds
     monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
-    caplog.set_level(logging.WARNING, logger="imgclf")
+    caplog.set_level(logging.INFO, logger="imgclf")
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "2",
-                 "--no-report"]) == 0
+                 "--max-seconds", "600", "--no-report"]) == 0
     assert "no effect" not in caplog.text  # --epochs is for every candidate: the probe is no reason to warn
+    assert "--max-seconds 600 limits each network candidate's training (the linear probe has no epochs" in caplog.text
     out = capsys.readouterr().out
     assert "This model vs baselines, on the same images:" in out and "majority class (baseline)" in out
     assert "linear probe (EfficientNet-Lite0 features) (baseline)" not in out  # the chosen probe is the model

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import imgclf
+import imgclf.serving.engine as engine_module
 from clitools import assert_clean_error
 from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
@@ -30,6 +31,7 @@ from imgclf.serving import parity
 from imgclf.serving.engine import OnnxEngine, predict_with_onnx
 from imgclf.serving.export import export_run, to_onnx
 from imgclf.serving.graph import CPU_FP32, InputSpec, NetworkGraph, array_loader, engine_probs, input_spec
+from imgclf.serving.service import Service
 from imgclf.workflows.ensemble import create_ensemble
 
 from conftest import tiny_config
@@ -235,6 +237,24 @@ def test_test_time_views_edited_into_the_config_make_the_export_stale(gray_binar
     assert "imgclf export" in capsys.readouterr().err
     assert_clean_error(imgclf_cli("serve", copy, "--engine", "onnx", "--port", "0", timeout=120),
                        "test-time augmentation")  # refused before it listens: a server would not return
+
+
+def test_an_export_record_edited_to_another_input_is_refused_and_serve_reads_the_export_once(gray_binary, tmp_path,
+                                                                                              monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    reads = []
+    real = engine_module.verified_onnx_bytes
+    monkeypatch.setattr(engine_module, "verified_onnx_bytes", lambda run: reads.append(run) or real(run))
+    service = Service(load_run(copy), "onnx")
+    service.load()
+    assert service.load_error is None and service.engine.name == "onnx" and len(reads) == 1
+    record = json.loads((copy / "export" / "export.json").read_text())
+    record["image_size"] += 8
+    (copy / "export" / "export.json").write_text(json.dumps(record))
+    check_and_seal(copy)
+    with pytest.raises(RunDirError, match=r"export was made for .* the run takes .*; run 'imgclf export"):
+        OnnxEngine(load_run(copy))
 
 
 @pytest.mark.slow

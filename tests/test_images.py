@@ -173,6 +173,7 @@ def test_float_tiffs_outside_the_rule_are_refused(tmp_path, values, reason):
 
 def test_a_fifo_or_device_is_refused_before_it_is_opened(tmp_path, monkeypatch):
     """Opening either would block or never end; the refusal must come from os.stat alone."""
+    from imgclf import safeio
     from imgclf.data import images
 
     os.mkfifo(tmp_path / "pipe.png")
@@ -182,7 +183,7 @@ def test_a_fifo_or_device_is_refused_before_it_is_opened(tmp_path, monkeypatch):
         load_image(tmp_path / "pipe.png", 8, 1)
     with pytest.raises(BadImage, match="zero.jpg: it is a character device"):
         load_image(tmp_path / "zero.jpg", 8, 1)
-    assert images.special_file_kind(tmp_path) == "folder" and images.special_file_kind(tmp_path / "no") is None
+    assert safeio.special_file_kind(tmp_path) == "folder" and safeio.special_file_kind(tmp_path / "no") is None
 
 
 def test_a_name_that_is_not_utf8_decodes(tmp_path):

@@ -85,7 +85,7 @@ def test_out_never_replaces_a_device_or_fifo_and_a_dangling_link_is_the_users(tr
     os.mkfifo(fifo)
     for overwrite in ([], ["--overwrite"]):
         assert_clean_error(run_main("predict", trained_run.path, image, "--out", fifo, *overwrite),
-                           "is a device, FIFO or socket, which imgclf never replaces")
+                           "pipe.csv is a FIFO, which imgclf never replaces")
     assert fifo.is_fifo()
     dangling = tmp_path / "dangling.csv"
     dangling.symlink_to(tmp_path / "nowhere.csv")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import imgclf
-from clitools import assert_clean_error
+from clitools import assert_clean_error, run_main
 from clitools import imgclf as imgclf_cli
 from imgclf.cli import main
 from imgclf.config import config_to_yaml
@@ -120,6 +120,11 @@ def test_compare_writes_a_table_overlaid_curves_and_one_page(two_runs, tmp_path,
     assert page.count("data:image/png;base64,") == len(list((tmp_path / "cmp").glob("curves_*.png")))
     assert "<th>wide</th><th>plain</th>" in page and "different" not in page  # same split: no warning
     assert "parameters" in printed and re.search(r"test accuracy\s+\d\.\d{4}\s+\d\.\d{4}", printed)
+    (tmp_path / "cmp" / "curves_auc_of_an_older_comparison.png").write_bytes(b"png")
+    result = run_main("compare", wide.path, plain.path, "--out", tmp_path / "cmp", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "curves_auc_of_an_older_comparison.png in" in result.stderr and "compare.html does not show it" \
+        in result.stderr
 
 
 def test_compare_counts_an_ensembles_members_and_an_old_run(two_runs, tmp_path):

@@ -5,7 +5,9 @@ audit of the command against the project's rule)."""
 import csv
 import shutil
 
+import imgclf.data.inputs as inputs
 from clitools import run_main
+from imgclf.data.scan import scan_csv
 
 
 def images_of(run, n=4):
@@ -50,6 +52,23 @@ def test_a_csvs_label_column_gives_true_labels_and_its_split_column_is_said_unus
     result = run_main("predict", trained_run.path, listing, "--out", tmp_path / "q.csv")
     assert result.returncode == 0, result.stderr
     assert "predicted unlabelled: label 'zebra' in" in result.stdout
+
+
+def test_a_csvs_labels_beside_other_inputs_are_said_unused_and_a_csv_is_read_once(trained_run, tmp_path,
+                                                                                      monkeypatch):
+    paths, index = images_of(trained_run, 4)
+    listing = tmp_path / "in.csv"
+    write_rows(listing, ["path", "label"], [[str(p), index.labels[i]] for i, p in enumerate(paths[:3])])
+    result = run_main("predict", trained_run.path, listing, paths[3], "--out", tmp_path / "p.csv")
+    assert result.returncode == 0, result.stderr
+    assert f"predicted unlabelled: the label column of {listing} is used only when every input is a CSV" \
+        in result.stdout
+    with open(tmp_path / "p.csv", newline="") as fh:
+        assert all(not r.get("true_label") for r in csv.DictReader(fh))
+    reads = []
+    monkeypatch.setattr(inputs, "scan_csv", lambda *a, **k: reads.append(a) or scan_csv(*a, **k))
+    preds = trained_run.predict([listing])
+    assert len(reads) == 1 and preds.has_labels and preds.label_note.startswith("true labels from the label column")
 
 
 def test_an_image_reached_twice_is_predicted_once_with_a_warning(trained_run, tmp_path):

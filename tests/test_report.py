@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 import shutil
 
@@ -19,7 +20,9 @@ from imgclf.models.objective import Objective
 from imgclf.reporting.explain import Explainer, cam_layer
 from imgclf.reporting.html import write_report
 from imgclf.runs import manifest
+from imgclf.runs.base import load_run
 from imgclf.runtime import Compute
+from imgclf.workflows.ensemble import create_ensemble
 
 from conftest import tiny_config
 from imagefactory import make_class_folders
@@ -46,6 +49,21 @@ def test_threshold_is_chosen_on_val_saved_and_applied_to_test_and_predict(binary
     assert metrics["sensitivity"] == ((test.pred == 1) & (test.true == 1)).sum() / (test.true == 1).sum()
     predicted = binary_run.predict([binary_run.index().abspath(0).parent], out=tmp_path / "p.csv")
     assert predicted.pred.tolist() == (predicted.probs[:, 1] >= t).astype(int).tolist()
+
+
+def test_an_ensemble_decides_by_the_rule_its_first_member_decides_by_now(binary_run, tmp_path, caplog,
+                                                                          monkeypatch):
+    """``evaluate --threshold`` re-chooses in threshold.json, not config.yaml: the ensemble follows the file."""
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="imgclf")
+    rechosen, kept = tmp_path / "rechosen", tmp_path / "kept"
+    for copy in (rechosen, kept):
+        shutil.copytree(binary_run.path, copy, ignore=shutil.ignore_patterns("export"))
+    load_run(rechosen).choose_threshold("youden")
+    ensemble = create_ensemble([rechosen, kept], tmp_path / "ens")
+    assert json.loads((ensemble.path / "threshold.json").read_text())["rule"] == "youden"
+    assert yaml.safe_load((ensemble.path / "config.yaml").read_text())["evaluate"]["threshold"] == "youden"
+    assert f"not as {kept} (positive class the second, threshold sensitivity:0.95" in caplog.text
 
 
 def test_metrics_carry_wilson_and_bootstrap_intervals(binary_run):

@@ -59,3 +59,20 @@ def cut_name(name: str, max_bytes: int) -> str:
     """``name`` cut to at most ``max_bytes`` bytes as the file system counts them (a file name holds 255), at a
     whole character: 100 Chinese characters are 300 bytes."""
     return os.fsencode(name)[:max_bytes].decode("utf-8", "ignore")
+
+
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is not a regular file (after symlinks), else None.
+
+    Checked with ``os.stat`` before anything opens the file: opening a FIFO blocks and ``/dev/zero``
+    never ends. A path that cannot be stat'ed returns None, so the open that follows names the error.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for check, name in kinds if check(mode)), "special file")

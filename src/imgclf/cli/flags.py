@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import stat
 import types
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from imgclf.config import Config, build_config, cli_flag, config_fields, flag_name, load_config
 from imgclf.config.sections import TYPED_SUFFIX
 from imgclf.errors import ConfigError
+from imgclf.safeio import special_file_kind
 
 # What a person reads after a flag in --help: the kind of value, not the config's internal name.
 METAVARS = {"lr": "LR", "device": "DEVICE", "monitor": "METRIC", "freeze": "POLICY", "threshold": "RULE",
@@ -154,20 +154,10 @@ def refuse_existing_file(path: str | Path, flag: str, overwrite: bool) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    if not_regular(path):
-        raise ConfigError(f"{flag} {path} is a device, FIFO or socket, which imgclf never replaces; give the path "
-                          "of a regular file")
+    if kind := special_file_kind(path):  # a folder was refused above
+        raise ConfigError(f"{flag} {path} is a {kind}, which imgclf never replaces; give the path of a regular file")
     if os.path.lexists(path) and not overwrite:
         raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
-
-
-def not_regular(path: Path) -> bool:
-    """Whether ``path`` (after links) exists and is something other than a regular file or a folder."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def refuse_filled_folder(path: str | Path, flag: str, overwrite: bool, allowed: tuple[str, ...] = ()) -> None:

@@ -4,7 +4,6 @@ predict, model-info, export and serve. Like ``commands``, imported only when one
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.files import MAX_CLASSES
-from imgclf.runs.predict import folder_labels
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, serve
@@ -78,13 +76,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     predict = partial(predict_with_onnx, run) if args.engine == "onnx" else run.predict
     preds = predict(args.inputs, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size, tta=args.tta)
-    labels, note = folder_labels(args.inputs, [Path(p) for p in preds.paths], preds.classes)
-    preds = replace(preds, true=labels)  # the same labels whichever engine predicted
     preds.to_csv(Path(args.out))
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    if note:
-        print(note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
+    if preds.label_note:
+        print(preds.label_note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
     print(f"wrote {args.out}")
     return 0
 

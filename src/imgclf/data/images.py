@@ -19,8 +19,6 @@ DICOM files follow the rule in ``dicom.py`` (rescale, window, MONOCHROME1 invert
 
 from __future__ import annotations
 
-import os
-import stat
 import warnings
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgclf.data.dicom import dicom_size, read_dicom
 from imgclf.errors import DataError
+from imgclf.safeio import special_file_kind
 
 # Beyond this many pixels an image is treated as a decompression bomb rather than decoded.
 MAX_PIXELS = 16_000 * 16_000
@@ -82,23 +81,6 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
     except _DECODE_ERRORS as err:
         raise BadImage(path, str(err) or type(err).__name__) from None
     return array[:, :, None] if array.ndim == 2 else array
-
-
-def special_file_kind(path: str | os.PathLike) -> str | None:
-    """What ``path`` is when it exists but is not a regular file (after symlinks), else None.
-
-    Checked with ``os.stat`` before anything opens the file: opening a FIFO blocks and ``/dev/zero``
-    never ends. A path that cannot be stat'ed returns None, so the open that follows names the error.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
-    return next((name for check, name in kinds if check(mode)), "special file")
 
 
 def require_regular_file(path: Path) -> None:

@@ -24,11 +24,10 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.config import DataConfig, cli_flag
-from imgclf.data.images import special_file_kind
 from imgclf.data.scan import Row, drop_repeated_files, scan_class_folders, scan_csv, split_folders, visible_dirs
 from imgclf.errors import DataError, RunDirError
 from imgclf.logs import get_logger
-from imgclf.safeio import require_regular
+from imgclf.safeio import require_regular, special_file_kind
 
 SPLITS = ("train", "val", "test")
 log = get_logger("index")

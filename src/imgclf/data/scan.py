@@ -28,9 +28,9 @@ import csv
 import os
 from pathlib import Path
 
-from imgclf.data.images import special_file_kind
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
+from imgclf.safeio import special_file_kind
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
@@ -87,27 +87,34 @@ class Skipped:
 
     def __init__(self) -> None:
         self.non_images: list[Path] = []
-        self.special: list[tuple[Path, str]] = []
+        self.special: list[tuple[Path, str]] = []  # FIFOs, devices, sockets, with which
         self.links: list[Path] = []  # linked sub-folders, not followed
         self.hidden: list[Path] = []  # hidden files named as images (``.x.jpg``; not macOS's ``._x.jpg`` forks)
+        self.hidden_folders: list[Path] = []  # ``.ipynb_checkpoints``, ``.git``: not searched
 
     def warn(self, folder: Path, root: Path) -> None:
-        if self.non_images:
-            examples = ", ".join(str(p.relative_to(root)) for p in self.non_images[:3])
-            log.warning("warning: skipped %d non-image file(s) under %s (e.g. %s)", len(self.non_images), folder,
-                        examples)
-        if self.special:
-            examples = ", ".join(f"{p.relative_to(root)} ({kind})" for p, kind in self.special[:3])
-            log.warning("warning: skipped %d file(s) under %s that are not regular files (e.g. %s); only regular "
-                        "image files are read", len(self.special), folder, examples)
-        if self.links:
-            log.warning("warning: did not follow %d linked folder(s) under %s (e.g. %s): a link can loop; give the "
-                        "folder it points to, or move it in", len(self.links), folder,
-                        ", ".join(str(p.relative_to(root)) for p in self.links[:3]))
-        if self.hidden:
-            log.warning("warning: skipped %d hidden image file(s) under %s (e.g. %s): names starting with '.' are "
-                        "not read; rename them to use them", len(self.hidden), folder,
-                        ", ".join(str(p.relative_to(root)) for p in self.hidden[:3]))
+        for name, what in SKIPPED_LINES:
+            paths = getattr(self, name)
+            if paths:
+                examples = ", ".join(_shown(p, root) for p in paths[:3])
+                log.warning("warning: %s", what.format(n=len(paths), folder=folder, examples=examples))
+
+
+def _shown(item: Path | tuple[Path, str], root: Path) -> str:
+    return f"{item[0].relative_to(root)} ({item[1]})" if isinstance(item, tuple) else str(item.relative_to(root))
+
+
+SKIPPED_LINES = (  # (Skipped's list, its one line)
+    ("non_images", "skipped {n} non-image file(s) under {folder} (e.g. {examples})"),
+    ("special", "skipped {n} file(s) under {folder} that are not regular files (e.g. {examples}); only regular "
+                "image files are read"),
+    ("links", "did not follow {n} linked folder(s) under {folder} (e.g. {examples}): a link can loop; give the "
+              "folder it points to, or move it in"),
+    ("hidden", "skipped {n} hidden image file(s) under {folder} (e.g. {examples}): names starting with '.' are "
+               "not read; rename them to use them"),
+    ("hidden_folders", "did not search {n} hidden folder(s) under {folder} (e.g. {examples}): names starting with "
+                       "'.' are not read; rename one to use its images"),
+)
 
 
 def scan_class_folders(folder: Path, split: str, root: Path) -> list[Row]:
@@ -119,6 +126,8 @@ def scan_class_folders(folder: Path, split: str, root: Path) -> list[Row]:
     rows: list[Row] = []
     skipped = Skipped()
     for entry in entries:
+        if entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+            skipped.hidden_folders.append(Path(entry.path))
         if is_ignored(entry.name) or not entry.is_dir():
             continue
         images = walk_images(Path(entry.path), skipped)
@@ -138,6 +147,7 @@ def walk_images(folder: Path, skipped: Skipped) -> list[Path]:
 
     images: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=False):
+        skipped.hidden_folders += [Path(dirpath) / d for d in sorted(dirnames) if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         skipped.links += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in sorted(filenames):

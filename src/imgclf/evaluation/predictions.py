@@ -27,6 +27,7 @@ class Predictions:
     true: np.ndarray  # int class index per image, -1 where the label is unknown
     probs: np.ndarray  # N x K float64, rows sum to 1
     decided: np.ndarray | None = None  # predicted class per image when a threshold, not argmax, decided
+    label_note: str | None = None  # where ``true`` came from, or why it is unknown, said to the user
 
     @classmethod
     def of_index(cls, index, probs: np.ndarray, classes: list[str] | tuple[str, ...] | None = None) -> Predictions:

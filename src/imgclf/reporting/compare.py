@@ -57,6 +57,11 @@ def compare_runs(paths: list[str | Path], out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_rows(out / CSV_FILE, rows)
     curves = write_curves(compared, out)
+    stale = sorted(p.name for p in out.glob("curves_*.png") if p not in curves.values())
+    if stale:  # --overwrite replaces same-named files only
+        log.warning("warning: %s in %s %s from an earlier comparison, not of these runs: compare.html does not "
+                    "show %s", ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""), out,
+                    "is" if len(stale) == 1 else "are", "it" if len(stale) == 1 else "them")
     sections = [("runs", "Runs side by side", notes_html(notes) + table(side_by_side(rows)) + TABLE_NOTE),
                 ("curves", "Curves", curves_html(curves, compared))]
     atomic.write_text(out / HTML_FILE, render_page(f"Comparison of {len(rows)} runs", sections,

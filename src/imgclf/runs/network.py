@@ -166,6 +166,13 @@ class NetworkRun:
         return runfiles.read_threshold(path, self.classes).threshold if path.exists() else None
 
     @property
+    def threshold_rule(self) -> str:
+        """The rule the run decides by now: threshold.json's (``evaluate --threshold`` re-chooses it there, not in
+        config.yaml), else argmax."""
+        path = self.path / THRESHOLD_FILE
+        return runfiles.read_threshold(path, self.classes).rule if path.exists() else "argmax"
+
+    @property
     def positive(self) -> int:
         return positive_index(self.classes, self.config.data.positive_class)
 

@@ -14,11 +14,10 @@ from typing import Protocol
 import numpy as np
 
 from imgclf.data.images import BadImage, load_image
-from imgclf.data.inputs import expand_inputs
+from imgclf.data.inputs import read_inputs
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
-from imgclf.runs.predict import folder_labels
 from imgclf.serving.bundle import ExportFile, has_export, require, verified_onnx_bytes
 from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
 
@@ -40,9 +39,10 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, run):
+    def __init__(self, run, verified: tuple[bytes, ExportFile] | None = None):
+        """``verified``: ``verified_export(run)``'s answer when the caller has it already (read and hashed once)."""
         ort = require("onnxruntime", "export")
-        data, self.info = verified_export(run)
+        data, self.info = verified or verified_export(run)
         self.run, self.spec, self.tta = run, input_spec(run), self.info.tta
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self.version = ort.__version__
@@ -58,7 +58,7 @@ def verified_export(run) -> tuple[bytes, ExportFile]:
     made_for = InputSpec(info.image_size, info.channels, info.resize_filter)
     redo = f"run 'imgclf export {run.path}' again"
     if made_for != input_spec(run):
-        raise ConfigError(f"{run.path}/export was made for {made_for}, the run takes {input_spec(run)}; {redo}")
+        raise RunDirError(f"{run.path}/export was made for {made_for}, the run takes {input_spec(run)}; {redo}")
     if info.tta != tta_of(run):
         raise RunDirError(f"{run.path}/export computes test-time augmentation {info.tta!r} in its graph, the run "
                           f"now predicts with {tta_of(run)!r} (config.yaml's evaluate.tta); {redo}")
@@ -91,8 +91,9 @@ def choose_engine(run, kind: str = "auto") -> str:
     return kind
 
 
-def open_engine(run, kind: str = "auto", lock: threading.Lock | None = None) -> Engine:
-    return OnnxEngine(run) if choose_engine(run, kind) == "onnx" else TorchEngine(run, lock)
+def open_engine(run, kind: str = "auto", lock: threading.Lock | None = None,
+                verified: tuple[bytes, ExportFile] | None = None) -> Engine:
+    return OnnxEngine(run, verified) if choose_engine(run, kind) == "onnx" else TorchEngine(run, lock)
 
 
 def decode(paths: list[Path], spec: InputSpec) -> np.ndarray:
@@ -122,12 +123,13 @@ def predict_with_onnx(run, inputs: list[str | Path], out: str | Path | None = No
     if tta is not None and tta != engine.tta:
         raise ConfigError(f"--tta {tta}: the export computes test-time augmentation {engine.tta!r} inside its graph; "
                           "use --engine torch for another")
-    paths = readable(expand_inputs(inputs), engine.spec.channels, skip_bad_images)
+    named = read_inputs(inputs)
+    paths = readable(named.paths, engine.spec.channels, skip_bad_images)
     step = batch_size or run.batch_size
     probs = [engine.predict(decode(paths[i:i + step], engine.spec)) for i in range(0, len(paths), step)]
-    labels, _ = folder_labels(inputs, paths, run.classes)  # class sub-folders give true labels, as run.predict
+    labels, note = named.true_labels(paths, run.classes)  # as run.predict
     preds = Predictions([str(p) for p in paths], run.classes, labels,
-                        np.concatenate(probs) if probs else np.zeros((0, len(run.classes))))
+                        np.concatenate(probs) if probs else np.zeros((0, len(run.classes))), label_note=note)
     preds = preds.at_threshold(run.threshold, run.positive)
     if out:
         preds.to_csv(Path(out))

@@ -44,9 +44,10 @@ class Service:
         self.run, self.max_pixels = run, max_pixels
         self.kind = choose_engine(run, engine)
         self.spec = input_spec(run)
+        self.verified = None  # the export's checked bytes, from here to load(): read and hashed once
         if self.kind == "onnx":
             require("onnxruntime", "export")
-            verified_export(run)  # refused before the server starts
+            self.verified = verified_export(run)  # refused before the server starts
         self.lock = threading.Lock()  # the torch model: one user at a time (Grad-CAM hooks into it)
         self.decoding = threading.BoundedSemaphore(DECODE_SLOTS)
         self.ready = threading.Event()
@@ -59,7 +60,8 @@ class Service:
     def load(self) -> None:
         """Open the engine, answer one blank image (warm-up), prepare Grad-CAM; never raises (see load_error)."""
         try:
-            engine = open_engine(self.run, self.kind, self.lock)
+            engine = open_engine(self.run, self.kind, self.lock, self.verified)
+            self.verified = None
             engine.predict(np.zeros((1, self.spec.size, self.spec.size, self.spec.channels), dtype=np.uint8))
             with self.lock:
                 self._prepare_explainer()

@@ -76,6 +76,9 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     else:
         log.info("the candidates use --class-weight %s and --sampler %s as given, not the default's 'balanced' "
                  "class weights", config.train.class_weight, config.train.sampler)
+    if config.train.max_seconds:
+        log.info("--max-seconds %g limits each network candidate's training (the linear probe has no epochs to "
+                 "stop after); --budget bounds the whole selection", config.train.max_seconds)
     tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))

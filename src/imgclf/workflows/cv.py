@@ -38,12 +38,12 @@ log = get_logger("cv")
 DEFAULT_FOLDS = 5
 
 
-def fold_configs(config: Config, out: Path, folds: int | None, group_column: str | None) -> list[Config]:
+def fold_configs(config: Config, out: Path, folds: int | None, group_column: str | None,
+                 predefined: list[Path]) -> list[Config]:
     """One config per fold: its data, its derived seed and its run directory (``folds``: k for k-fold, default
-    DEFAULT_FOLDS; with Fold0..FoldK folders, their number or None)."""
+    DEFAULT_FOLDS; ``predefined``: the Fold0..FoldK folders ``check_fold_settings`` returned, if any)."""
     root = Path(config.data.path or "").expanduser().resolve()
     base = config.model_dump()
-    predefined = check_fold_settings(config, folds, group_column)
     sources = [str(p) for p in predefined] or _kfold_csvs(root, out, DEFAULT_FOLDS if folds is None else folds,
                                                               group_column, config)
     configs = []
@@ -100,9 +100,10 @@ def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, con
         except ValueError as err:
             raise DataError(f"cannot make {folds} stratified folds of {root}: {err}") from None
     written = []
+    folder = atomic.inner_folder(out, "splits")
     for i, (_, test_idx) in enumerate(splits):
         test = set(test_idx.tolist())
-        path = atomic.inner_folder(out, "splits") / f"fold_{i}.csv"
+        path = folder / f"fold_{i}.csv"
 
         def write(fh, test=test) -> None:
             w = csv.writer(fh)
@@ -134,9 +135,9 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
     check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
-    check_fold_settings(config, folds, group_column)
+    predefined = check_fold_settings(config, folds, group_column)
     open_experiment(out, "cv")
-    configs = fold_configs(config, out, folds, group_column)
+    configs = fold_configs(config, out, folds, group_column, predefined)
     for fold in configs:  # a fold_<i> planted as a link would take a fold's run elsewhere
         atomic.own_folder(Path(fold.out))
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)

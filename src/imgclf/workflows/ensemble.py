@@ -57,8 +57,9 @@ def check_members(runs: list[Run]) -> None:
 
 
 def scoring(run: Run) -> tuple:
-    """The evaluation settings an ensemble takes from its first member's config."""
-    return run.config.data.positive_class, run.config.evaluate.threshold, run.config.evaluate.bootstrap
+    """The evaluation settings an ensemble takes from its first member: its config's, and the threshold rule
+    it decides by now (a rule re-chosen with ``evaluate --threshold`` lives in threshold.json)."""
+    return run.config.data.positive_class, run.threshold_rule, run.config.evaluate.bootstrap
 
 
 def scoring_words(run: Run) -> str:
@@ -82,7 +83,9 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
     first = runs[0]
     for name in ("classes.json", "dataset.json", "split.csv"):
         shutil.copyfile(first.path / name, out / name)
-    config = first.config.model_copy(update={"out": str(out)})
+    rule = first.threshold_rule  # the ensemble's config.yaml says the rule it decides by
+    config = first.config.model_copy(update={"out": str(out), "evaluate": first.config.evaluate.model_copy(
+        update={"threshold": rule})})
     atomic.write_text(out / "config.yaml", config_to_yaml(config))
     write_kind(out, "ensemble")
     has_val = "val" in first.index().splits

@@ -72,8 +72,9 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     trials = trial_configs(config, grid, out)  # every trial's settings checked before the folder is claimed
     check_paths(config.model_copy(update={"out": str(out)}))
     open_experiment(out, "grid")
+    folder = atomic.inner_folder(out, "trials")
     for _, _, trial in trials:  # trials/ or a trial's folder planted as a link would take its run elsewhere
-        atomic.own_folder(atomic.inner_folder(out, "trials") / Path(trial.out).name)
+        atomic.own_folder(folder / Path(trial.out).name)
     log.info("grid: %d trials over %s, backend %s, ranked by %s", len(trials), ", ".join(grid), backend,
              " then ".join(keys))
     jobs = [(c.model_dump(), False, {"params": p}) for _, p, c in trials]  # trials never read test
