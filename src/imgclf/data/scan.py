@@ -2,7 +2,8 @@
 
 Deliberate behaviour for what real exports contain:
 - hidden files (``.DS_Store``, ``._x.jpg``) and OS litter (``Thumbs.db``, ``desktop.ini``) are ignored; a hidden
-  file named as an image (``.x.jpg``, not a macOS ``._`` fork) is counted in a warning;
+  file named as an image (``.x.jpg``, not a macOS ``._`` fork) is counted in a warning, and so is a hidden folder
+  at or below the class level (``.ipynb_checkpoints``: neither a class nor searched);
 - other non-image files are skipped with one warning that counts them and names a few;
 - a class folder is searched recursively (nested sub-folders belong to that class);
 - symlinked folders below a class folder are not followed, so a symlink loop cannot hang the scan; a

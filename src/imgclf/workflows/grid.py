@@ -26,7 +26,7 @@ from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
 from imgclf.workflows.settings import check_paths
-from imgclf.workflows.summary import open_experiment, train_job
+from imgclf.workflows.summary import HEADLINE, open_experiment, train_job
 
 __all__ = ["grid_search", "parse_params", "trial_configs"]  # parse_params: the CLI's way in
 log = get_logger("grid")
@@ -99,11 +99,17 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
 
 
 def rank_keys(rank_by: str | list[str]) -> list[str]:
-    """``"f1_macro,accuracy"`` (or a list) -> ``["val_f1_macro", "val_accuracy"]``: validation metrics, in order."""
+    """``"f1_macro,accuracy"`` (or a list) -> ``["val_f1_macro", "val_accuracy"]``: validation metrics, in order,
+    each one a trial records (``HEADLINE``; ``loss`` is Keras's name for ``log_loss``), checked before any trial."""
     names = rank_by.split(",") if isinstance(rank_by, str) else list(rank_by)
-    keys = [name if name.startswith("val_") else f"val_{name}" for name in (n.strip() for n in names) if name]
+    bases = [name.removeprefix("val_") for name in (n.strip() for n in names) if name]
+    keys = [f"val_{'log_loss' if base == 'loss' else base}" for base in bases]
     if not keys or len(set(keys)) != len(keys):
         raise ConfigError(f"--rank-by {rank_by!r}: give validation metrics, each once, e.g. f1_macro,accuracy")
+    unknown = [base for base in bases if base not in (*HEADLINE, "loss")]
+    if unknown:
+        raise ConfigError(f"--rank-by {unknown[0]!r} is not a metric a trial records; use one of "
+                          f"{', '.join(HEADLINE)} (loss: log_loss)")
     return keys
 
 

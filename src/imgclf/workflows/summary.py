@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,15 @@ from imgclf import atomic
 from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.logs import get_logger
+from imgclf.runs.base import load_run
 from imgclf.runs.files import read_json
+from imgclf.runs.manifest import INCOMPLETE
 from imgclf.workflows.train import train
 
 RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
 EXPERIMENT_FILE = "experiment.json"  # {"kind": "cv" | "grid"}: the folder is an experiment's, resumable
 SETTINGS_KEY = "settings"  # result.json's record of the config the fold or trial was trained with
-HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr")
+HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr", "log_loss")  # per fold or trial
 log = get_logger("experiments")
 BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "auc", "sensitivity",
                   "specificity", "ppv", "npv")
@@ -36,26 +37,36 @@ def fold_metrics(metrics: dict) -> dict:
 def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | None = None) -> dict:
     """Train one fold or trial (a picklable job for any backend) and return its headline metrics.
 
-    Resumable: a finished job is read back from its result file; a half-written one (killed before
-    its result file) is our own output and starts again.
+    Resumable: a finished job is read back, its numbers from its sealed run (``result.json`` only marks it done
+    and records its settings and seconds). An unfinished one (killed before its result file) is continued as
+    ``train`` continues a run: its own files are replaced, any other file in the folder is kept and named.
     """
     out = Path(config_values["out"])
     done = out / RESULT_FILE
     settings = comparable(json.loads(json.dumps(config_values, default=str)))  # as result.json stores them
+    row = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {})}  # --out as spelt now
     if done.exists():
-        result = read_json(done)
-        if not isinstance(result, dict) or Path(str(result.get("run"))).name != out.name:
-            raise RunDirError(f"{done} is not the record of {out.name}; delete {out} to train it again")
-        check_same_settings(done, result.get(SETTINGS_KEY), settings)
-        return {**{k: v for k, v in result.items() if k != SETTINGS_KEY}, "run": str(out)}  # as --out is spelt now
-    if out.exists():
-        shutil.rmtree(out)
+        return {**row, **_finished(out, done, settings)}
+    if (out / "config.yaml").is_file() and not (out / INCOMPLETE).exists():  # killed after the run, before its record
+        atomic.write_text(out / INCOMPLETE, "the fold or trial has no result.json: trained again\n")
     start = time.perf_counter()
     run = train(build_config(config_values), evaluate_test=evaluate_test)
-    result = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {}),
-              "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
+    result = {**row, "seconds": round(time.perf_counter() - start, 2), **fold_metrics(run.metrics)}
     atomic.write_json(done, {**result, SETTINGS_KEY: settings})
     return result
+
+
+def _finished(out: Path, done: Path, settings: dict) -> dict:
+    """A finished fold's or trial's seconds, from ``done``, and metrics, from the run (sealed), never from the
+    record, which nothing seals."""
+    result = read_json(done)
+    if not isinstance(result, dict) or Path(str(result.get("run"))).name != out.name:
+        raise RunDirError(f"{done} is not the record of {out.name}; delete {out} to train it again")
+    check_same_settings(done, result.get(SETTINGS_KEY), settings)
+    seconds = result.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < float("inf"):
+        raise RunDirError(f"{done}: seconds is {seconds!r}, not a number of seconds; delete {out} to train it again")
+    return {"seconds": seconds, **fold_metrics(load_run(out).metrics)}
 
 
 def open_experiment(out: Path, kind: str) -> None:
