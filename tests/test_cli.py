@@ -187,6 +187,26 @@ def test_the_demos_take_the_epochs_asked_for(tmp_path):
     assert demo_config(tmp_path, epochs=5).train.epochs == 5
 
 
+def test_the_demo_writes_its_digits_whole_and_trains_on_nothing_else(tmp_path):
+    from imgclf.workflows.demo import PARTIAL_PREFIX, write_digits
+
+    out = tmp_path / "demo"
+    (out / (PARTIAL_PREFIX + "digits") / "3").mkdir(parents=True)  # a killed demo's half-written folder
+    digits = write_digits(out / "digits")
+    pngs = sorted(digits.rglob("*.png"))
+    assert len(pngs) == 1797 and not (out / (PARTIAL_PREFIX + "digits")).exists()
+    stamp = pngs[3].stat().st_mtime_ns
+    assert write_digits(out / "digits") == digits and pngs[3].stat().st_mtime_ns == stamp  # reused as it is
+    (digits / "cat").mkdir()
+    (digits / "cat" / "mine.png").write_bytes(b"the user's")
+    result = run_main("demo", "--out", out, "--epochs", "1")
+    assert_clean_error(result, "holds files the demo did not write (cat/mine.png)", "choose another --out")
+    assert (digits / "cat" / "mine.png").read_bytes() == b"the user's" and not (out / "runs").exists()
+    shutil.rmtree(digits / "cat")
+    pngs[3].unlink()
+    assert_clean_error(run_main("demo", "--out", out, "--epochs", "1"), "lacks 1 of the demo's images")
+
+
 def test_dist_flags_on_one_process_are_said_to_have_no_effect(trained_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(trained_run.path, copy)

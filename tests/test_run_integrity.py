@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
@@ -203,8 +204,27 @@ def test_a_deliberate_edit_is_resealed_by_the_seal_command(runs, tmp_path, capsy
 
 def test_seal_refuses_a_broken_edit(runs, tmp_path):
     run = copy_of(runs, "net", tmp_path)
+    meta = (run / "model.json").read_bytes()
     edit_json(run / "model.json", lambda d: d["preprocess"].update(std=[0.0, 1.0, 1.0]))
     with pytest.raises(RunDirError, match="std"):
+        check_and_seal(run)
+    (run / "model.json").write_bytes(meta)
+    weights = run / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:1000])  # truncated: seal loads the weights, as predict would
+    with pytest.raises(RunDirError, match="model.safetensors is damaged or truncated"):
+        check_and_seal(run)
+    weights.write_bytes(intact)
+    state = load_np(str(weights))
+    name = next(k for k, v in state.items() if np.issubdtype(v.dtype, np.floating))
+    state[name][..., 0] = np.nan
+    with safe_open(str(weights), "np") as stored:
+        metadata = stored.metadata()
+    save_np(state, str(weights), metadata=metadata)
+    with pytest.raises(RunDirError, match=f"model.safetensors: {name} holds NaN or infinite values"):
+        check_and_seal(run)
+    (run / "INCOMPLETE").write_text("killed")
+    with pytest.raises(RunDirError, match="has not finished"):
         check_and_seal(run)
 
 

@@ -12,8 +12,9 @@ from imgclf.config.stages import SYNC_BN_NEEDS_CUDA, per_rank_batch, resolve_sta
 from imgclf.errors import ConfigError, PeerError
 from imgclf.logs import is_main_process
 from imgclf.workflows.candidates import is_default_request
+from imgclf.workflows.demo import PARTIAL_PREFIX
 
-DEMO_LAYOUT = ("digits", "runs")  # what `imgclf demo` writes into its --out; a later demo reuses them
+DEMO_LAYOUT = ("digits", "runs", PARTIAL_PREFIX + "digits")  # what `imgclf demo` writes into its --out
 
 
 def check_train(args: argparse.Namespace) -> None:

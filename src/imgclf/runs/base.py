@@ -116,5 +116,6 @@ def check_and_seal(path: str | Path) -> dict[str, str]:
     For a user who edited a sealed file on purpose; an edit that breaks a schema or disagrees with
     the rest of the run is refused here, not sealed.
     """
+    manifest.refuse_unfinished(Path(path))  # its files are still being written: nothing to seal yet
     open_run(path).check()
     return manifest.seal(Path(path))

@@ -63,15 +63,19 @@ def reseal(run_dir: Path, *names: str) -> None:
     atomic.write_json(manifest, {"format": FORMAT, "sha256": files})
 
 
+def refuse_unfinished(run_dir: Path) -> None:
+    if (run_dir / INCOMPLETE).is_file():
+        raise RunDirError(f"{run_dir} has not finished (it is running, failed or was killed); continue it with "
+                          f"imgclf train --resume {run_dir}, or train again with the same --out")
+
+
 def verify(run_dir: Path) -> None:
     """Every sealed file matches its recorded hash, and none was added or removed since sealing.
 
     A run without a manifest (written before manifests existed) still opens, with one warning; an
     unfinished run (its ``INCOMPLETE`` marker still there) does not.
     """
-    if (run_dir / INCOMPLETE).is_file():
-        raise RunDirError(f"{run_dir} has not finished (it is running, failed or was killed); continue it with "
-                          f"imgclf train --resume {run_dir}, or train again with the same --out")
+    refuse_unfinished(run_dir)
     if not (run_dir / MANIFEST_FILE).is_file():
         if run_dir not in _warned:
             _warned.add(run_dir)

@@ -210,6 +210,11 @@ class NetworkRun:
     def check(self) -> None:
         _ = self.config, self.classes, self.meta, self.threshold, self.metrics
         runfiles.read_dataset(self.path / "dataset.json")
+        diverged = next((name for name, tensor in self.model.state_dict().items()
+                         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+        if diverged:  # loads, but every answer would be NaN
+            raise RunDirError(f"{self.path / MODEL_FILE}: {diverged} holds NaN or infinite values (training diverged: "
+                              "re-train with a lower --lr; or a damaged file: restore it)")
 
     def score(self, preds: Predictions, split: str) -> dict:
         """Decide at the run's threshold, write predictions_<split>.csv, then metrics and intervals
