@@ -165,3 +165,17 @@ def test_a_data_path_that_is_a_file_is_named_as_such(trained_run, tmp_path):
     assert_clean_error(run_main("evaluate", trained_run.path, "--data", an_image(trained_run)), "--data",
                        "is not a folder")
     assert load_image(an_image(trained_run), 8, 3).shape == (8, 8, 3)
+
+
+def test_a_dataset_or_out_that_is_a_link_loop_and_an_empty_dataset_are_one_line(tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    loop = f"{tmp_path / 'loop1'}: symbolic links that lead back to themselves (a loop)"
+    for command in (("audit", tmp_path / "loop1"), ("train", tmp_path / "loop1", "--model", "simple_cnn"),
+                    ("cv", tmp_path / "loop1", "--model", "simple_cnn"),
+                    ("train", tmp_path / "empty", "--model", "simple_cnn", "--out", tmp_path / "loop1")):
+        assert_clean_error(run_main(*command), loop)
+    assert_clean_error(run_main("audit", tmp_path / "empty"), "empty holds no images; put them in one sub-folder")
+    (tmp_path / "header.csv").write_text("path,label\n")
+    assert_clean_error(run_main("audit", tmp_path / "header.csv"), "header.csv lists no images; add rows")

@@ -133,6 +133,9 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
         return audit_folds(path, folds, near)
     layout = detect_layout(path) if layout == "auto" else layout
     rows = scan_rows(path, layout)
+    if not rows:  # as train would refuse it; there is nothing to count
+        raise DataError(f"{path} lists no images; add rows of path,label" if layout == "csv" else
+                        f"{path} holds no images; put them in one sub-folder per class")
     root = path.parent if layout == "csv" else path
     paths = [root / p for p, _, _ in rows]
     splits = [s or "pool" for _, _, s in rows]
