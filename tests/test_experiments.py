@@ -11,6 +11,7 @@ import imgclf
 import imgclf.workflows.summary
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
+from imgclf.data.audit import predefined_folds
 from imgclf.errors import ConfigError, DataError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
@@ -451,7 +452,35 @@ def test_fold_settings_the_data_cannot_take_leave_no_folder_behind(tmp_path, poo
         cross_validate(config, folds=1)
     with pytest.raises(DataError, match="--group-column 'patient' needs a CSV dataset"):
         cross_validate(config, folds=2, group_column="patient")
+    with pytest.raises(DataError, match=r"--folds 1000: .* holds \d+ images; give at most"):
+        cross_validate(config, folds=1000)
+    lonely = tmp_path / "lonely"
+    shutil.copytree(pool_dataset, lonely)
+    for extra in sorted((lonely / "top bar").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(DataError, match="class 'top bar' of .* has 1 image: the fold that tests it would train"):
+        cross_validate(tiny_config(lonely, tmp_path / "cv"), folds=2)
+    odd = tmp_path / "odd"
+    shutil.copytree(pool_dataset, odd)
+    source = next((odd / "top bar").iterdir())
+    os.rename(source, os.path.join(os.fsencode(source.parent), b"n\xff.png"))
+    with pytest.raises(DataError, match=r"n\\xff.png: its name is not UTF-8 text, and cv lists"):
+        cross_validate(tiny_config(odd, tmp_path / "cv"), folds=2)
     assert not (tmp_path / "cv").exists()
+
+
+def test_fold_folders_numbered_twice_are_refused_and_other_folders_are_said(tmp_path, caplog):
+    for name in ("Fold0", "Fold1", "fold_1"):
+        make_split_folders(tmp_path / "data" / name, {"train": 4, "valid": 2, "test": 2})
+    config = tiny_config(tmp_path / "data", tmp_path / "cv", train={"epochs": 1})
+    with pytest.raises(DataError, match=r"two folders for fold 1 \(Fold1, fold_1\): their test images would be "
+                                        "pooled twice"):
+        cross_validate(config)
+    shutil.rmtree(tmp_path / "data" / "fold_1")
+    (tmp_path / "data" / "extra").mkdir()
+    caplog.set_level("WARNING")
+    assert predefined_folds(tmp_path / "data") == [tmp_path / "data" / "Fold0", tmp_path / "data" / "Fold1"]
+    assert "extra is not a Fold0..FoldK folder: not read" in caplog.text
 
 
 def test_a_warning_every_trial_meets_is_printed_once(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,17 @@ def predefined_folds(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in visible_dirs(root, "dataset folder") if (m := FOLD_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
+    folders = visible_dirs(root, "dataset folder")
+    found = sorted((int(m.group(1)), p) for p in folders if (m := FOLD_DIR.match(p.name)))
+    twice = next(((a, b) for (i, a), (j, b) in pairwise(found) if i == j), None)
+    if twice:
+        raise DataError(f"{root} has two folders for fold {FOLD_DIR.match(twice[0].name).group(1)} ({twice[0].name}, "
+                        f"{twice[1].name}): their test images would be pooled twice; keep one")
+    others = sorted(shown(p.name) for p in folders if not FOLD_DIR.match(p.name))
+    if found and others:
+        log.warning("warning: %s: %s %s not a Fold0..FoldK folder: not read", root, ", ".join(others[:5]),
+                    "is" if len(others) == 1 else "are")
+    return [p for _, p in found]
 
 
 def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> dict:

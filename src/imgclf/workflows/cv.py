@@ -10,17 +10,13 @@ Outputs: ``fold_<i>/`` runs, ``folds.csv``, ``summary.csv`` (describe() + 95% CI
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from imgclf import atomic
 from imgclf.config import Config, StageConfig, build_config
-from imgclf.data.audit import predefined_folds
-from imgclf.data.index import detect_layout, scan_rows
 from imgclf.errors import ConfigError, DataError
 from imgclf.evaluation.metrics import save_and_score
 from imgclf.evaluation.predictions import Predictions
@@ -30,22 +26,18 @@ from imgclf.reporting.plots import plot_folds
 from imgclf.runs.files import read_grid_best
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.folds import FoldPlan, plan_folds, write_fold_csvs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, setting
 from imgclf.workflows.settings import check_paths
 from imgclf.workflows.summary import describe, open_experiment, train_job
 
 log = get_logger("cv")
-DEFAULT_FOLDS = 5
 
 
-def fold_configs(config: Config, out: Path, folds: int | None, group_column: str | None,
-                 predefined: list[Path]) -> list[Config]:
-    """One config per fold: its data, its derived seed and its run directory (``folds``: k for k-fold, default
-    DEFAULT_FOLDS; ``predefined``: the Fold0..FoldK folders ``check_fold_settings`` returned, if any)."""
-    root = Path(config.data.path or "").expanduser().resolve()
+def fold_configs(config: Config, out: Path, plan: FoldPlan) -> list[Config]:
+    """One config per fold of ``plan`` (``plan_folds``): its data, its derived seed and its run directory."""
     base = config.model_dump()
-    sources = [str(p) for p in predefined] or _kfold_csvs(root, out, DEFAULT_FOLDS if folds is None else folds,
-                                                              group_column, config)
+    sources = [str(p) for p in plan.predefined] or write_fold_csvs(plan, out)
     configs = []
     for i, source in enumerate(sources):
         values = {**base, "out": str(out / f"fold_{i}"), "versions": {}}
@@ -55,89 +47,14 @@ def fold_configs(config: Config, out: Path, folds: int | None, group_column: str
     return configs
 
 
-def check_fold_settings(config: Config, folds: int | None, group_column: str | None) -> list[Path]:
-    """The dataset's Fold0..FoldK folders (none: imgclf makes the folds), once the fold settings are known to
-    apply to it; refused before anything is written."""
-    root = Path(config.data.path or "").expanduser().resolve()
-    predefined = predefined_folds(root)
-    if predefined:
-        _check_predefined(root, predefined, folds, group_column, config.data.layout)
-    elif folds is not None and folds < 2:
-        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
-    elif group_column and (detect_layout(root) if config.data.layout == "auto" else config.data.layout) != "csv":
-        raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
-    return predefined
-
-
-def _check_predefined(root: Path, predefined: list[Path], folds: int | None, group_column: str | None,
-                      layout: str) -> None:
-    """Fold0..FoldK folders decide the folds: a setting that would decide them otherwise is refused."""
-    asked = [flag for flag, given in ((f"--folds {folds}", folds is not None and folds != len(predefined)),
-                                      (f"--group-column {group_column}", group_column is not None),
-                                      (f"--layout {layout}", layout != "auto")) if given]
-    if asked:
-        raise ConfigError(f"{' and '.join(asked)}: {root} has its own {len(predefined)} folds ({predefined[0].name}.."
-                          f"{predefined[-1].name}), which decide the splits; drop {'them' if len(asked) > 1 else 'it'}")
-
-
-def _kfold_csvs(root: Path, out: Path, folds: int, group_column: str | None, config: Config) -> list[str]:
-    """Write ``splits/fold_<i>.csv`` (absolute paths; test = fold i, the rest train) for a pool or CSV."""
-    layout = detect_layout(root) if config.data.layout == "auto" else config.data.layout
-    rows = scan_rows(root, layout)
-    base_dir = root.parent if layout == "csv" else root
-    paths = [str(base_dir / p) for p, _, _ in rows]
-    labels = np.array([label for _, label, _ in rows])
-    # folds follow the split seed, never the training seed: retraining with another --seed keeps them
-    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
-    if group_column:
-        groups = _groups(root, group_column, [p for p, _, _ in rows])
-        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=split_seed % 2**32)
-        splits = splitter.split(paths, labels, groups)
-    else:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=split_seed % 2**32)
-        try:
-            splits = list(splitter.split(paths, labels))
-        except ValueError as err:
-            raise DataError(f"cannot make {folds} stratified folds of {root}: {err}") from None
-    written = []
-    folder = atomic.inner_folder(out, "splits")
-    for i, (_, test_idx) in enumerate(splits):
-        test = set(test_idx.tolist())
-        path = folder / f"fold_{i}.csv"
-
-        def write(fh, test=test) -> None:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "split"])
-            w.writerows([p, label, "test" if j in test else "train"] for j, (p, label) in enumerate(zip(paths, labels,
-                                                                                                  strict=True)))
-
-        atomic.write_with(path, write)
-        written.append(str(path))
-    return written
-
-
-def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
-    """The group of each scanned row, looked up by its path (the scan keeps one row per file)."""
-    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
-    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if column not in (reader.fieldnames or []):
-            raise DataError(f"{csv_path} has no {column!r} column (found {reader.fieldnames})")
-        path_column = next(c for c in reader.fieldnames or [] if c.strip().lower() == "path")
-        lookup: dict[str, str] = {}
-        for row in reader:  # the first row of a repeated path wins, as in the scan
-            lookup.setdefault((row[path_column] or "").strip(), row[column])
-    return [lookup[p] for p in paths]
-
-
 def cross_validate(config: Config, folds: int | None = None, group_column: str | None = None,
                    backend: str = "sequential", n_jobs: int = 1, ray_address: str | None = None) -> dict:
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
     check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
-    predefined = check_fold_settings(config, folds, group_column)
+    plan = plan_folds(config, folds, group_column)  # every refusal before the folder is claimed
     open_experiment(out, "cv")
-    configs = fold_configs(config, out, folds, group_column, predefined)
+    configs = fold_configs(config, out, plan)
     for fold in configs:  # a fold_<i> planted as a link would take a fold's run elsewhere
         atomic.own_folder(Path(fold.out))
     log.info("cross-validation: %d folds, backend %s", len(configs), backend)

@@ -1,0 +1,138 @@
+"""``imgclf cv``'s folds, planned before its folder is claimed: predefined Fold0..FoldK folders, or stratified
+(group) k-fold of a pool or CSV, checked against the data (images a class, names a fold CSV can hold), then
+written as ``splits/fold_<i>.csv``."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from imgclf import atomic
+from imgclf.config import Config
+from imgclf.data.audit import predefined_folds
+from imgclf.data.index import detect_layout, scan_rows
+from imgclf.errors import ConfigError, DataError
+from imgclf.logs import get_logger
+from imgclf.safeio import printable
+
+log = get_logger("cv")
+DEFAULT_FOLDS = 5
+
+
+@dataclass
+class FoldPlan:
+    """The dataset's own Fold0..FoldK folders, or the images, labels and each fold's test rows imgclf made."""
+
+    predefined: list[Path] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    tests: list[np.ndarray] = field(default_factory=list)
+
+
+def plan_folds(config: Config, folds: int | None, group_column: str | None) -> FoldPlan:
+    """The folds, once the fold settings are known to apply to the data; refused before anything is written."""
+    root = Path(config.data.path or "").expanduser().resolve()
+    predefined = predefined_folds(root)
+    if predefined:
+        _check_predefined(root, predefined, folds, group_column, config.data.layout)
+        return FoldPlan(predefined)
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    layout = detect_layout(root) if config.data.layout == "auto" else config.data.layout
+    if group_column and layout != "csv":
+        raise DataError(f"--group-column {group_column!r} needs a CSV dataset with that column")
+    rows = scan_rows(root, layout)
+    base_dir = root.parent if layout == "csv" else root
+    paths, labels = [str(base_dir / p) for p, _, _ in rows], [label for _, label, _ in rows]
+    k = DEFAULT_FOLDS if folds is None else folds
+    _check_data(root, paths, labels, k)
+    groups = _groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
+    return FoldPlan([], paths, labels, _split(root, labels, groups, k, config))
+
+
+def _check_data(root: Path, paths: list[str], labels: list[str], folds: int) -> None:
+    """Every fold trains on every class, and lists its images in a UTF-8 CSV."""
+    if len(paths) < folds:
+        raise DataError(f"--folds {folds}: {root} holds {len(paths)} images; give at most {len(paths)} folds")
+    counts = Counter(labels)
+    single = sorted(name for name, n in counts.items() if n < 2)
+    if single:
+        raise DataError(f"class {printable(single[0])!r} of {root} has 1 image: the fold that tests it would train "
+                        "without it; cross-validation needs at least 2 images a class (add images or drop it)")
+    scarce = sorted((n, name) for name, n in counts.items() if n < folds)
+    if scarce:
+        log.warning("warning: class %r has %d images, fewer than the %d folds: some folds test none of it",
+                    printable(scarce[0][1]), scarce[0][0], folds)
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{printable(path)}: its name is not UTF-8 text, and cv lists each fold's images in a "
+                            "UTF-8 CSV; rename it (train reads it as it is)") from None
+
+
+def _split(root: Path, labels: list[str], groups: list[str] | None, folds: int, config: Config) -> list[np.ndarray]:
+    """Each fold's test rows, stratified by class (and by group); they follow the split seed, never the training
+    seed: retraining with another --seed keeps them."""
+    split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
+    kind = StratifiedGroupKFold if groups else StratifiedKFold
+    splitter = kind(folds, shuffle=True, random_state=split_seed % 2**32)
+    try:
+        with warnings.catch_warnings():  # sklearn's "least populated class" warning is said above, in one line
+            warnings.simplefilter("ignore", UserWarning)
+            return [test for _, test in splitter.split(np.zeros(len(labels)), np.array(labels), groups)]
+    except ValueError as err:
+        raise DataError(f"cannot make {folds} stratified folds of {root}: {err}") from None
+
+
+def write_fold_csvs(plan: FoldPlan, out: Path) -> list[str]:
+    """``out/splits/fold_<i>.csv`` per planned fold (absolute paths; test = fold i, the rest train)."""
+    folder = atomic.inner_folder(out, "splits")
+    written = []
+    for i, test_rows in enumerate(plan.tests):
+        test = set(test_rows.tolist())
+        path = folder / f"fold_{i}.csv"
+
+        def write(fh, test=test) -> None:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "split"])
+            w.writerows([p, label, "test" if j in test else "train"]
+                        for j, (p, label) in enumerate(zip(plan.paths, plan.labels, strict=True)))
+
+        atomic.write_with(path, write)
+        written.append(str(path))
+    return written
+
+
+def _check_predefined(root: Path, predefined: list[Path], folds: int | None, group_column: str | None,
+                      layout: str) -> None:
+    """Fold0..FoldK folders decide the folds: a setting that would decide them otherwise is refused."""
+    asked = [flag for flag, given in ((f"--folds {folds}", folds is not None and folds != len(predefined)),
+                                      (f"--group-column {group_column}", group_column is not None),
+                                      (f"--layout {layout}", layout != "auto")) if given]
+    if asked:
+        raise ConfigError(f"{' and '.join(asked)}: {root} has its own {len(predefined)} folds ({predefined[0].name}.."
+                          f"{predefined[-1].name}), which decide the splits; drop {'them' if len(asked) > 1 else 'it'}")
+
+
+def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
+    """The group of each scanned row, looked up by its path (the scan keeps one row per file)."""
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            if column not in (reader.fieldnames or []):
+                raise DataError(f"{csv_path} has no {column!r} column (found {reader.fieldnames})")
+            path_column = next(c for c in reader.fieldnames or [] if c.strip().lower() == "path")
+            lookup: dict[str, str] = {}
+            for row in reader:  # the first row of a repeated path wins, as in the scan
+                lookup.setdefault((row[path_column] or "").strip(), row[column])
+    except csv.Error as err:
+        raise DataError(f"{csv_path}:{reader.line_num}: {err}; fix that line") from None
+    return [lookup[p] for p in paths]
