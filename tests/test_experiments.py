@@ -491,3 +491,21 @@ def test_a_warning_every_trial_meets_is_printed_once(tmp_path):
     assert grid.returncode == 0, grid.stderr
     moot = [line for line in grid.stderr.splitlines() if "no effect" in line and "has its own splits" in line]
     assert len(moot) == 1 and "--val-fraction 0.2" in moot[0], grid.stderr
+
+
+def test_settings_given_twice_are_refused_and_a_configs_out_is_the_experiments(tmp_path, pool_dataset):
+    error = assert_clean_error
+    error(run_cli("grid", pool_dataset, "--lr", "0.01", "--param", "lr=0.1,0.2", "--out", tmp_path / "g"),
+          "train.lr: set on the command line and varied by the grid; drop one")
+    error(run_cli("grid", pool_dataset, "--param", "out=a,b", "--out", tmp_path / "g"),
+          "grid out: not a setting a grid varies")
+    for command in ("cv", "grid", "train"):
+        error(run_cli(command, pool_dataset, "--data", tmp_path / "other", "--out", tmp_path / "g"),
+              f"DATA {pool_dataset} and --data {tmp_path / 'other'}: give the dataset once")
+    assert not (tmp_path / "g").exists()
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(tiny_config(pool_dataset, tmp_path / "from_config", train={"epochs": 1}).model_dump(
+        mode="json")))
+    result = run_cli("cv", "--config", path, "--folds", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from_config" / "folds.csv").is_file() and not (tmp_path / "cv").exists()

@@ -22,8 +22,8 @@ def check_train(args: argparse.Namespace) -> None:
     ``args.default`` (no model setting given: the default tries its candidates)."""
     if args.resume:
         refuse_settings_with_resume(args)
-    elif args.data_dir:
-        args.cfg__data__path = args.data_dir
+    else:
+        _take_data_dir(args)
     config = None if args.resume else config_from_args(args)
     default = config is not None and is_default_request(config)
     if args.budget is not None and not default:
@@ -68,11 +68,18 @@ def check_experiment(args: argparse.Namespace) -> None:
     if args.ray_address and args.backend != "ray":
         raise ConfigError(f"--ray-address is for --backend ray (this is --backend {args.backend}); add it, or drop "
                           "--ray-address")
+    _take_data_dir(args)
+    config = config_from_args(args)
+    args.experiment_config = config if config.out else config.model_copy(update={"out": args.command})
+
+
+def _take_data_dir(args: argparse.Namespace) -> None:
+    """DATA is ``--data``; both, naming different datasets, are refused rather than one dropped."""
+    given = getattr(args, "cfg__data__path", None)
+    if args.data_dir and given is not None and given != args.data_dir:
+        raise ConfigError(f"DATA {args.data_dir} and --data {given}: give the dataset once")
     if args.data_dir:
         args.cfg__data__path = args.data_dir
-    if not getattr(args, "cfg____out", None):
-        args.cfg____out = args.command
-    args.experiment_config = config_from_args(args)
 
 
 def _several_processes(args: argparse.Namespace) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from imgclf.cli.flags import format_metrics, given_settings
 from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S
-from imgclf.errors import ImgclfError
+from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger, is_main_process
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
@@ -26,6 +26,7 @@ from imgclf.workflows.cv import cross_validate, with_grid_winners
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.distributed import evaluate_on_ranks, launch
 from imgclf.workflows.grid import grid_search, parse_params
+from imgclf.workflows.gridparams import varied_settings
 from imgclf.workflows.train import resume_training, train
 
 log = get_logger("cli")
@@ -73,9 +74,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     config = args.experiment_config
-
-    result = grid_search(config, parse_params(args.param or [], args.grid), args.rank_by, args.backend, args.jobs,
-                         args.ray_address)
+    grid = parse_params(args.param or [], args.grid)
+    given = given_settings(args)
+    twice = [name for name in (target.describe() for target in varied_settings(grid)) if name in given]
+    if twice:  # the grid's values would replace it in every trial
+        raise ConfigError(f"{', '.join(twice)}: set on the command line and varied by the grid; drop one")
+    result = grid_search(config, grid, args.rank_by, args.backend, args.jobs, args.ray_address)
     for row in result["leaderboard"][:10]:
         params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))
         scores = "  ".join(f"{k}={_number(row[k])}" for k in result["rank_by"])

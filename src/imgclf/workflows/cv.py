@@ -100,7 +100,7 @@ def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] 
         _check_stage(config, stage, source)
         best = read_grid_best(path)
         params = {_winner_key(key, stage, path): value for key, value in best["params"].items()}
-        kept = [key for key in params if _given(setting(key), given)]
+        kept = [key for key in params if setting(key).given_in(given)]
         if kept:
             log.info("--from-grid %s: %s not applied: given on the command line", source,
                      ", ".join(f"{key}={params.pop(key)}" for key in kept))
@@ -117,11 +117,6 @@ def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] 
             raise ConfigError(f"--from-grid {source}: {path}'s params {params}: {err}") from None
         log.info("from %s (%s): %s", path, best["best_trial"], ", ".join(f"{k}={v}" for k, v in params.items()))
     return build_config(values)
-
-
-def _given(target, given: frozenset[str]) -> bool:
-    """Whether the command line set ``target`` (a stage's lr counts as set by --lr, which every stage inherits)."""
-    return target.describe() in given or (target.section == "stages" and f"train.{target.name}" in given)
 
 
 def _grid_source(source: str) -> tuple[str | None, Path]:

@@ -39,6 +39,11 @@ class Setting(NamedTuple):
             return f"stages.{self.stage}.{self.name}"
         return f"{self.section}.{self.name}" if self.section else self.name
 
+    def given_in(self, given: frozenset[str]) -> bool:
+        """Whether the command line (``given``: dotted names) set it; a stage's lr counts as set by --lr, which
+        every stage inherits."""
+        return self.describe() in given or (self.section == "stages" and f"train.{self.name}" in given)
+
 
 def setting(key: str) -> Setting:
     """``lr``, ``batch-size``, ``model``, ``train.lr``, ``stages.1.lr`` or ``stages`` -> where it lands."""
@@ -125,9 +130,18 @@ def _read_grid_file(path: str) -> dict[str, list]:
     return {str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()}
 
 
-def _check_axes(grid: dict[str, list]) -> None:
-    """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes."""
-    seen: dict[Setting, str] = {}
+def varied_settings(grid: dict[str, list]) -> list[Setting]:
+    """The settings a (checked) grid varies, coupled axes' included."""
+    return list(_check_axes(grid))
+
+
+NOT_VARIED = {"out": "every trial writes into OUT/trials/<trial>", "versions": "imgclf records it"}
+
+
+def _check_axes(grid: dict[str, list]) -> dict[Setting, str | None]:
+    """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes; returns
+    each setting with its coupled axis (None: its own)."""
+    seen: dict[Setting, str | None] = {}
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"grid {key}: no values; list at least one")
@@ -139,6 +153,8 @@ def _check_axes(grid: dict[str, list]) -> None:
         points = values if coupled else [{key: v} for v in values]
         for name in dict.fromkeys(k for point in points for k in point):
             target = setting(str(name))
+            if target.section is None and target.name in NOT_VARIED:
+                raise ConfigError(f"grid {name}: not a setting a grid varies ({NOT_VARIED[target.name]})")
             where = key if coupled else None
             if target in seen and seen[target] != where:
                 raise ConfigError(f"grid: {target.describe()} is varied twice ({seen[target] or 'its own axis'} and "
@@ -147,6 +163,7 @@ def _check_axes(grid: dict[str, list]) -> None:
             for point in points:
                 if name in point:
                     _check_list_value(target, name, point[name])
+    return seen
 
 
 def _check_list_value(target: Setting, key: str, value: Any) -> None:
