@@ -186,6 +186,11 @@ def test_the_cache_command_lists_prunes_and_clears(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("IMGCLF_CACHE_DIR", str(cache))
     code, out, _ = cli(capsys, "cache", "--clear")
     assert code == 0 and "removed 1 entry" in out and keys(cache) == set() and "0 entries" in out
+    monkeypatch.setenv("IMGCLF_CACHE_MAX_GB", "abc")  # a bad limit blocks only what needs it: a prune to it
+    code, out, _ = cli(capsys, "cache", "--clear")
+    assert code == 0 and "limit unreadable: IMGCLF_CACHE_MAX_GB='abc' is not a size in GB" in out
+    code, _, err = cli(capsys, "cache", "--prune")
+    assert code == 2 and "IMGCLF_CACHE_MAX_GB='abc' is not a size in GB" in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -194,6 +199,7 @@ def test_the_cache_command_lists_prunes_and_clears(tmp_path, capsys, monkeypatch
     (["--prune", "--max-gb", "nan"], "--max-gb nan: use a size in GB"),
     (["--dir", "FILE"], "is not a folder; pass --dir"),
     (["--dir", "a" * 300], "(File name too long); pass --dir"),
+    (["--dir", "NOWHERE", "--clear"], "NOWHERE: no such folder; pass the cache's folder"),
 ])
 def test_the_cache_command_refuses_bad_settings_in_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("x")

@@ -25,9 +25,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError("--max-gb goes with --prune (imgclf cache --prune --max-gb GB)")
     if args.max_gb is not None and not args.max_gb >= 0:
         raise ConfigError(f"--max-gb {args.max_gb}: use a size in GB of 0 or more")
-    limit = limit_bytes()
+    if args.dir:
+        _require_folder(folder)
+    limit: float | str  # the limit, or why IMGCLF_CACHE_MAX_GB gives none (needed only to prune to it)
+    try:
+        limit = limit_bytes()
+    except ConfigError as err:
+        if args.prune and args.max_gb is None:
+            raise
+        limit = str(err)
     if args.prune or args.clear:
-        target = 0.0 if args.clear else limit if args.max_gb is None else args.max_gb * 1e9
+        target = 0.0 if args.clear else args.max_gb * 1e9 if args.max_gb is not None else float(limit)
         result = prune(folder, target)
         freed = sum(e.size for e in result.removed)
         print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} "
@@ -38,12 +46,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_contents(folder: Path, limit: float) -> None:
+def _require_folder(folder: Path) -> None:
+    """A misspelt --dir would look like an empty cache; other stat errors are left to the listing to name."""
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        raise ConfigError(f"--dir {folder}: no such folder; pass the cache's folder (by default "
+                          f"{default_cache_dir()})") from None
+    except OSError:
+        pass
+
+
+def _print_contents(folder: Path, limit: float | str) -> None:
     contents = scan(folder)
     count = len(contents.entries)
     source = f"set by {MAX_GB_ENV}" if os.environ.get(MAX_GB_ENV, "").strip() else f"{MAX_GB_ENV} changes it"
-    print(f"decode cache {folder}: {count} entr{'y' if count == 1 else 'ies'}, {size_text(contents.size)} "
-          f"(limit {size_text(limit)}, {source})")
+    shown = f"limit {size_text(limit)}, {source}" if isinstance(limit, float) else f"limit unreadable: {limit}"
+    print(f"decode cache {folder}: {count} entr{'y' if count == 1 else 'ies'}, {size_text(contents.size)} ({shown})")
     if count:
         print(f"  {'last used':<16}  {'size':>10}  {'kind':<14}  key")
     for entry in reversed(contents.entries):
