@@ -13,7 +13,7 @@ import imgclf
 from browser import chromium_page
 from imgclf.cli import main
 from imgclf.data.transforms import tta_views
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.predictions import Predictions
 from imgclf.models.objective import Objective
@@ -215,6 +215,16 @@ def test_cv_and_grid_directories_get_their_own_report(tmp_path, pool_dataset):
     assert 'id="leaderboard"' in page and "param_<wbr>lr" in page and "Best trial on test" in page
     link = re.search(r'href="([^"#]+)"', page).group(1)  # to the best trial's own report
     assert 'id="plots-test"' in (tmp_path / "g" / link).read_text()
+    (tmp_path / "cv" / "metrics_oof.json").unlink()  # a tampered experiment folder: said, not left out
+    (tmp_path / "g" / "best.json").unlink()
+    for folder in ("cv", "g"):
+        write_report(tmp_path / folder)
+    cv_page = (tmp_path / "cv" / "report.html").read_text()
+    assert "metrics_oof.json is missing; re-run the cv or grid in that folder" in cv_page
+    assert "best.json is missing; re-run the cv or grid" in (tmp_path / "g" / "report.html").read_text()
+    (tmp_path / "cv" / "metrics_oof.json").write_text("{")
+    with pytest.raises(RunDirError, match="metrics_oof.json is damaged .*; re-run the cv or grid in that folder"):
+        write_report(tmp_path / "cv")
 
 
 def test_gradcam_on_a_timm_run(tmp_path, pool_dataset):

@@ -17,7 +17,7 @@ from imgclf.evaluation.metrics import expected_calibration_error
 from imgclf.evaluation.predictions import Predictions
 from imgclf.reporting.baselines import baselines_html
 from imgclf.reporting.evalplots import plot_evaluation
-from imgclf.reporting.format import esc, fmt, read_history, read_rows, table, with_ci
+from imgclf.reporting.format import TABLE_FIX, esc, fmt, read_history, read_rows, table, with_ci
 from imgclf.reporting.gallery import render_cases
 from imgclf.reporting.plots import PAGE_WIDTH_PX
 from imgclf.runs import files as runfiles
@@ -196,17 +196,19 @@ def cv_sections(path: Path) -> list[tuple[str, str, str]]:
     sections = [("folds", "Folds", table(read_rows(path / "folds.csv"))),
                 ("summary", "Summary over folds", table(read_rows(path / "summary.csv"))
                  + figure(path / "plots" / "folds.png", "metrics per fold"))]
-    if (path / "metrics_oof.json").is_file():
-        oof = runfiles.read_metrics(path / "metrics_oof.json", one_split=True)
-        sections.append(("metrics", "Pooled out-of-fold metrics", metrics_html({"out-of-fold": oof}, ["out-of-fold"])))
-    return sections
+    oof = path / "metrics_oof.json"
+    body = (metrics_html({"out-of-fold": runfiles.read_metrics(oof, one_split=True, fix=TABLE_FIX)}, ["out-of-fold"])
+            if oof.exists() or oof.is_symlink() else f'<p class="warn">{esc(oof)} is missing; {TABLE_FIX}.</p>')
+    return [*sections, ("metrics", "Pooled out-of-fold metrics", body)]
 
 
 def grid_sections(path: Path) -> list[tuple[str, str, str]]:
-    best = runfiles.read_grid_best(path / "best.json") if (path / "best.json").is_file() else {}
+    file = path / "best.json"
+    best = runfiles.read_grid_best(file) if file.exists() or file.is_symlink() else {}
     note = (f"<p>Best trial <code>{esc(best['best_trial'])}</code>, parameters {esc(json.dumps(best['params']))}; "
             f'its <a href="trials/{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
-            f"validation; test was read once, for the best trial.</p>") if best else ""
+            f"validation; test was read once, for the best trial.</p>") if best else \
+        f'<p class="warn">{esc(file)} is missing; {TABLE_FIX}.</p>'
     sections = [("leaderboard", "Leaderboard", note + table(read_rows(path / "leaderboard.csv")))]
     if best.get("test"):
         sections.append(("metrics", "Best trial on test", metrics_html({"test": best["test"]}, ["test"])))

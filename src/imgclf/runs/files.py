@@ -35,6 +35,7 @@ MAX_JSON_BYTES = 64 << 20
 CONFUSION_CELL_BYTES = 20  # a confusion-matrix count in indented JSON: "        1234,\n" is 14
 MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
+EVALUATE_FIX = "delete it and evaluate again"
 
 T = TypeVar("T")
 Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # an int is taken too (1 for 1.0), never NaN or inf
@@ -177,16 +178,16 @@ class GridBest(BaseModel):
 CLASSES = TypeAdapter(list[str])
 
 
-def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """A JSON file of a run directory, size-capped; missing or damaged is a one-line RunDirError."""
+def read_json(path: Path, limit: int = MAX_JSON_BYTES, fix: str = FIX) -> Any:
+    """A JSON file of a run directory, size-capped; missing or damaged is a one-line RunDirError (with ``fix``)."""
     try:
-        return json.loads(read_capped(path, limit, RunDirError, FIX).decode("utf-8"))
+        return json.loads(read_capped(path, limit, RunDirError, fix).decode("utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path} is damaged ({getattr(err, 'msg', err)}); {FIX}") from None
+        raise RunDirError(f"{path} is damaged ({getattr(err, 'msg', err)}); {fix}") from None
     except RecursionError:
-        raise RunDirError(f"{path} is nested far deeper than any file imgclf writes; {FIX}") from None
+        raise RunDirError(f"{path} is nested far deeper than any file imgclf writes; {fix}") from None
 
 
 def validate(path: Path, schema: type[T], data: Any) -> T:
@@ -234,14 +235,14 @@ class Baseline(BaseModel):
 BASELINES = TypeAdapter(list[Baseline])
 
 
-def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0) -> dict:
+def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0, fix: str = EVALUATE_FIX) -> dict:
     """metrics.json's splits ({split: metrics}) or, with ``one_split``, one split's metrics, checked before
     formatting; its ``baselines`` entry is checked too, and read with ``read_baselines``. Confusion matrices are
     K x K numbers a split (indented, a line each): the size cap grows with ``n_classes`` as they do."""
-    data = read_json(path, MAX_JSON_BYTES + 2 * CONFUSION_CELL_BYTES * n_classes ** 2)
+    data = read_json(path, MAX_JSON_BYTES + 2 * CONFUSION_CELL_BYTES * n_classes ** 2, fix)
     splits = {"all": data} if one_split else data
     if not isinstance(splits, dict):
-        raise RunDirError(f"{path} must hold an object of splits; delete it and evaluate again")
+        raise RunDirError(f"{path} must hold an object of splits; {fix}")
     if not one_split and BASELINES_KEY in splits:
         _checked_baselines(path, splits[BASELINES_KEY])
         splits = {k: v for k, v in splits.items() if k != BASELINES_KEY}
@@ -250,7 +251,7 @@ def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0) -> dic
             SplitMetrics.model_validate(metrics)
         except ValidationError as err:
             where = "" if one_split else f"{split}."
-            raise RunDirError(f"{path}: {where}{_first_problem(err)}; delete it and evaluate again") from None
+            raise RunDirError(f"{path}: {where}{_first_problem(err)}; {fix}") from None
     return data if one_split else splits
 
 
@@ -271,7 +272,7 @@ def _checked_baselines(path: Path, rows: Any) -> list[dict]:
 
 
 def read_grid_best(path: Path) -> dict:
-    data = read_json(path)
+    data = read_json(path, fix="run the grid again")
     try:
         GridBest.model_validate(data)
     except ValidationError as err:
