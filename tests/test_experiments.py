@@ -365,7 +365,7 @@ def test_cv_takes_a_chains_settings_from_its_grids_winners(tmp_path):
 @pytest.mark.parametrize("content,message", [
     ("{not json", "best.json is damaged"),
     ('{"best_trial": "t", "params": [1]}', "params"),
-    ('{"best_trial": "t", "params": {"__class__": 1}}', "best.json: params: --param '__class__' is not a config"),
+    ('{"best_trial": "t", "params": {"__class__": 1}}', "best.json: params: grid setting '__class__' is not a config"),
     ('{"best_trial": "t", "params": {"lr": "fast"}}', "lr"),
     ('{"best_trial": "t", "params": {"stages.0.lr": 0.1}}', "varied stages.0.lr, a stage of its own config"),
 ])

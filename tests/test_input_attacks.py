@@ -179,3 +179,16 @@ def test_a_dataset_or_out_that_is_a_link_loop_and_an_empty_dataset_are_one_line(
     assert_clean_error(run_main("audit", tmp_path / "empty"), "empty holds no images; put them in one sub-folder")
     (tmp_path / "header.csv").write_text("path,label\n")
     assert_clean_error(run_main("audit", tmp_path / "header.csv"), "header.csv lists no images; add rows")
+
+
+def test_paths_that_cannot_be_what_a_flag_needs_are_named_before_any_work(trained_run, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    data = trained_run.index().root
+    assert_clean_error(run_main("audit", data, "--json", tmp_path / "afile" / "x.json"),
+                       "afile is a file, not a folder; give a path in a folder")
+    assert_clean_error(run_main("predict", trained_run.path, an_image(trained_run), "--out",
+                                tmp_path / "afile" / "p.csv"), "afile is a file, not a folder")
+    assert_clean_error(run_main("features", tmp_path, data, "--out", tmp_path / "f.npz"),
+                       "a folder, but not a run directory (no config.yaml)")
+    assert_clean_error(run_main("cv", data, "--from-grid", tmp_path / "nowhere", cwd=tmp_path),
+                       "nowhere holds no best.json; give the --out folder of a finished imgclf grid")

@@ -35,7 +35,6 @@ MAX_JSON_BYTES = 64 << 20
 CONFUSION_CELL_BYTES = 20  # a confusion-matrix count in indented JSON: "        1234,\n" is 14
 MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
-EVALUATE_FIX = "delete it and evaluate again"
 
 T = TypeVar("T")
 Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # an int is taken too (1 for 1.0), never NaN or inf
@@ -235,7 +234,8 @@ class Baseline(BaseModel):
 BASELINES = TypeAdapter(list[Baseline])
 
 
-def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0, fix: str = EVALUATE_FIX) -> dict:
+def read_metrics(path: Path, one_split: bool = False, n_classes: int = 0,
+                 fix: str = "delete it and evaluate again") -> dict:
     """metrics.json's splits ({split: metrics}) or, with ``one_split``, one split's metrics, checked before
     formatting; its ``baselines`` entry is checked too, and read with ``read_baselines``. Confusion matrices are
     K x K numbers a split (indented, a line each): the size cap grows with ``n_classes`` as they do."""

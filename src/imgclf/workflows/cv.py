@@ -122,9 +122,12 @@ def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] 
 def _grid_source(source: str) -> tuple[str | None, Path]:
     """``[STAGE=]GRID_DIR`` -> (the stage or None, the grid's best.json)."""
     stage, sep, rest = source.partition("=")
-    if sep and rest and not Path(source).expanduser().exists():
-        return stage.strip(), Path(rest).expanduser() / "best.json"
-    return None, Path(source).expanduser() / "best.json"
+    staged = bool(sep and rest and not Path(source).expanduser().exists())
+    best = Path(rest if staged else source).expanduser() / "best.json"
+    if not (best.exists() or best.is_symlink()):
+        raise ConfigError(f"--from-grid {source}: {best.parent} holds no best.json; give the --out folder of a "
+                          "finished imgclf grid")
+    return (stage.strip() if staged else None), best
 
 
 def _check_stage(config: Config, stage: str | None, source: str) -> None:

@@ -47,6 +47,9 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         seed = run.config.train.seed if data_cfg.split_seed is None else data_cfg.split_seed
         index = build_index(data_cfg.model_copy(update={"path": str(data)}), seed) if data else run.index()
     else:
+        if Path(source).is_dir():
+            raise ConfigError(f"features {source}: a folder, but not a run directory (no config.yaml); give a run "
+                              "directory or a model name")
         if data is None:
             raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")
         check_model_name(str(source))

@@ -56,10 +56,10 @@ def setting(key: str) -> Setting:
     parts = key.split(".")
     if len(parts) == 3 and parts[0] == "stages":
         if parts[2] not in StageConfig.model_fields or parts[2] == "name":
-            raise ConfigError(f"--param {key!r}: stages have no field {parts[2]!r}; they have "
+            raise ConfigError(f"grid setting {key!r}: stages have no field {parts[2]!r}; they have "
                               f"{', '.join(n for n in StageConfig.model_fields if n != 'name')}")
         return Setting("stages", parts[2], parts[1])
-    raise ConfigError(f"--param {key!r} is not a config field (see imgclf train --help); a stage's field is "
+    raise ConfigError(f"grid setting {key!r} is not a config field (see imgclf train --help); a stage's field is "
                       "stages.N.FIELD, e.g. stages.1.lr")
 
 
