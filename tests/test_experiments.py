@@ -496,7 +496,9 @@ def test_a_warning_every_trial_meets_is_printed_once(tmp_path):
 def test_settings_given_twice_are_refused_and_a_configs_out_is_the_experiments(tmp_path, pool_dataset):
     error = assert_clean_error
     error(run_cli("grid", pool_dataset, "--lr", "0.01", "--param", "lr=0.1,0.2", "--out", tmp_path / "g"),
-          "train.lr: set on the command line and varied by the grid; drop one")
+          "train.lr: set on the command line, and the grid sets other values; drop one")
+    error(run_cli("grid", pool_dataset, "--lr", "0.01", "--param", "lr=0.01", "--param", "epochs=1", "--out",
+                  tmp_path / "g", "--rank-by", "bogus"), "--rank-by 'bogus'")  # the same value: nothing replaced
     error(run_cli("grid", pool_dataset, "--param", "out=a,b", "--out", tmp_path / "g"),
           "grid out: not a setting a grid varies")
     for command in ("cv", "grid", "train"):

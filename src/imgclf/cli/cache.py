@@ -25,7 +25,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError("--max-gb goes with --prune (imgclf cache --prune --max-gb GB)")
     if args.max_gb is not None and not args.max_gb >= 0:
         raise ConfigError(f"--max-gb {args.max_gb}: use a size in GB of 0 or more")
-    if args.dir:
+    if args.dir and (args.prune or args.clear):
         _require_folder(folder)
     limit: float | str  # the limit, or why IMGCLF_CACHE_MAX_GB gives none (needed only to prune to it)
     try:
@@ -47,7 +47,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _require_folder(folder: Path) -> None:
-    """A misspelt --dir would look like an empty cache; other stat errors are left to the listing to name."""
+    """Pruning a misspelt --dir would look like success; other stat errors are left to the listing to name."""
     try:
         os.stat(folder)
     except FileNotFoundError:
@@ -62,7 +62,9 @@ def _print_contents(folder: Path, limit: float | str) -> None:
     count = len(contents.entries)
     source = f"set by {MAX_GB_ENV}" if os.environ.get(MAX_GB_ENV, "").strip() else f"{MAX_GB_ENV} changes it"
     shown = f"limit {size_text(limit)}, {source}" if isinstance(limit, float) else f"limit unreadable: {limit}"
-    print(f"decode cache {folder}: {count} entr{'y' if count == 1 else 'ies'}, {size_text(contents.size)} ({shown})")
+    absent = "" if folder.exists() else ": the folder does not exist (yet)"
+    print(f"decode cache {folder}{absent}: {count} entr{'y' if count == 1 else 'ies'}, {size_text(contents.size)} "
+          f"({shown})")
     if count:
         print(f"  {'last used':<16}  {'size':>10}  {'kind':<14}  key")
     for entry in reversed(contents.entries):

@@ -26,7 +26,7 @@ from imgclf.workflows.cv import cross_validate, with_grid_winners
 from imgclf.workflows.demo import TRANSFER_MODEL, demo_config, write_digits
 from imgclf.workflows.distributed import evaluate_on_ranks, launch
 from imgclf.workflows.grid import grid_search, parse_params
-from imgclf.workflows.gridparams import varied_settings
+from imgclf.workflows.gridparams import overridden
 from imgclf.workflows.train import resume_training, train
 
 log = get_logger("cli")
@@ -75,10 +75,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     config = args.experiment_config
     grid = parse_params(args.param or [], args.grid)
-    given = given_settings(args)
-    twice = [name for name in (target.describe() for target in varied_settings(grid)) if name in given]
-    if twice:  # the grid's values would replace it in every trial
-        raise ConfigError(f"{', '.join(twice)}: set on the command line and varied by the grid; drop one")
+    replaced = overridden(config, grid, given_settings(args))
+    if replaced:  # the grid's values would replace what was asked
+        raise ConfigError(f"{', '.join(replaced)}: set on the command line, and the grid sets other values; drop one")
     result = grid_search(config, grid, args.rank_by, args.backend, args.jobs, args.ray_address)
     for row in result["leaderboard"][:10]:
         params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))

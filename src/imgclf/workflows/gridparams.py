@@ -130,17 +130,28 @@ def _read_grid_file(path: str) -> dict[str, list]:
     return {str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()}
 
 
-def varied_settings(grid: dict[str, list]) -> list[Setting]:
-    """The settings a (checked) grid varies, coupled axes' included."""
-    return list(_check_axes(grid))
+def overridden(config: Config, grid: dict[str, list], given: frozenset[str]) -> list[str]:
+    """The settings in ``given`` (set on the command line, as dotted names) that the grid would set to another
+    value in some trial: what the user asked would be replaced."""
+    replaced = []
+    for key, values in grid.items():
+        points = values if all(isinstance(v, dict) for v in values) else [{key: v} for v in values]
+        for name, value in ((name, value) for point in points for name, value in point.items()):
+            target = setting(str(name))
+            if target.describe() in given and target.section != "stages" and value != _current(config, target):
+                replaced.append(target.describe())
+    return list(dict.fromkeys(replaced))
+
+
+def _current(config: Config, target: Setting) -> Any:
+    return getattr(getattr(config, target.section) if target.section else config, target.name)
 
 
 NOT_VARIED = {"out": "every trial writes into OUT/trials/<trial>", "versions": "imgclf records it"}
 
 
-def _check_axes(grid: dict[str, list]) -> dict[Setting, str | None]:
-    """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes; returns
-    each setting with its coupled axis (None: its own)."""
+def _check_axes(grid: dict[str, list]) -> None:
+    """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes."""
     seen: dict[Setting, str | None] = {}
     for key, values in grid.items():
         if not values:
@@ -163,7 +174,6 @@ def _check_axes(grid: dict[str, list]) -> dict[Setting, str | None]:
             for point in points:
                 if name in point:
                     _check_list_value(target, name, point[name])
-    return seen
 
 
 def _check_list_value(target: Setting, key: str, value: Any) -> None:
