@@ -80,6 +80,8 @@ def test_ensemble_is_a_run_whose_probabilities_are_the_members_mean(members, tmp
         row = next(csv.DictReader(fh))
     single = [m.predict([members[0].index().abspath(0)]).probs[0] for m in members]
     assert float(row[f"prob_{ensemble.classes[0]}"]) == pytest.approx(np.mean(single, axis=0)[0])
+    folder = members[0].index().root  # class sub-folders: the ensemble says where its true labels came from
+    assert ensemble.predict([folder]).label_note.startswith("true labels from the class sub-folders of")
 
 
 def test_weighted_and_majority_ensembles(members, tmp_path):

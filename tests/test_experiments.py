@@ -499,6 +499,9 @@ def test_settings_given_twice_are_refused_and_a_configs_out_is_the_experiments(t
           "train.lr: set on the command line, and the grid sets other values; drop one")
     error(run_cli("grid", pool_dataset, "--lr", "0.01", "--param", "lr=0.01", "--param", "epochs=1", "--out",
                   tmp_path / "g", "--rank-by", "bogus"), "--rank-by 'bogus'")  # the same value: nothing replaced
+    (tmp_path / "grid.yaml").write_text("lr: [1e-3]\n")  # YAML reads 1e-3 as a string; the trial takes 0.001
+    error(run_cli("grid", pool_dataset, "--lr", "0.001", "--grid", tmp_path / "grid.yaml", "--out", tmp_path / "g",
+                  "--rank-by", "bogus"), "--rank-by 'bogus'")
     error(run_cli("grid", pool_dataset, "--param", "out=a,b", "--out", tmp_path / "g"),
           "grid out: not a setting a grid varies")
     for command in ("cv", "grid", "train"):

@@ -177,6 +177,9 @@ def test_a_dataset_or_out_that_is_a_link_loop_and_an_empty_dataset_are_one_line(
                     ("train", tmp_path / "empty", "--model", "simple_cnn", "--out", tmp_path / "loop1")):
         assert_clean_error(run_main(*command), loop)
     assert_clean_error(run_main("audit", tmp_path / "empty"), "empty holds no images; put them in one sub-folder")
+    assert_clean_error(run_main("cv", tmp_path / "empty", "--out", tmp_path / "cv"), "empty holds no images")
+    (tmp_path / "it's").symlink_to(tmp_path / "it's")  # a quote in the name: repr() switches to double quotes
+    assert_clean_error(run_main("audit", tmp_path / "it's"), f"{tmp_path / 'it'}'s: symbolic links that lead back")
     (tmp_path / "header.csv").write_text("path,label\n")
     assert_clean_error(run_main("audit", tmp_path / "header.csv"), "header.csv lists no images; add rows")
 
@@ -188,6 +191,13 @@ def test_paths_that_cannot_be_what_a_flag_needs_are_named_before_any_work(traine
                        "afile is a file, not a folder; give a path in a folder")
     assert_clean_error(run_main("predict", trained_run.path, an_image(trained_run), "--out",
                                 tmp_path / "afile" / "p.csv"), "afile is a file, not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert_clean_error(run_main("predict", trained_run.path, an_image(trained_run), "--out",
+                                tmp_path / "dangling" / "p.csv"), "dangling is a link that leads nowhere")
+    assert_clean_error(run_main("train", data, "--data", f"{data}/", "--epochs", "0"), "train.epochs")  # one dataset
+    (tmp_path / "simple_cnn").mkdir()  # a folder named as a model: the model is meant
+    result = run_main("features", "simple_cnn", data, "--out", tmp_path / "g.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     assert_clean_error(run_main("features", tmp_path, data, "--out", tmp_path / "f.npz"),
                        "a folder, but not a run directory (no config.yaml)")
     assert_clean_error(run_main("cv", data, "--from-grid", tmp_path / "nowhere", cwd=tmp_path),

@@ -76,7 +76,7 @@ def check_experiment(args: argparse.Namespace) -> None:
 def _take_data_dir(args: argparse.Namespace) -> None:
     """DATA is ``--data``; both, naming different datasets, are refused rather than one dropped."""
     given = getattr(args, "cfg__data__path", None)
-    if args.data_dir and given is not None and given != args.data_dir:
+    if args.data_dir and given is not None and os.path.realpath(given) != os.path.realpath(args.data_dir):
         raise ConfigError(f"DATA {args.data_dir} and --data {given}: give the dataset once")
     if args.data_dir:
         args.cfg__data__path = args.data_dir

@@ -156,7 +156,8 @@ def refuse_existing_file(path: str | Path, flag: str, overwrite: bool) -> None:
         raise ConfigError(f"{flag} {path} is a folder; give a file name")
     nearest = next((p for p in path.parents if os.path.lexists(p)), None)  # what the file would be made in
     if nearest is not None and not nearest.is_dir():
-        raise ConfigError(f"{flag} {path}: {nearest} is a file, not a folder; give a path in a folder")
+        what = "a link that leads nowhere (or in a loop)" if not nearest.exists() else "a file"
+        raise ConfigError(f"{flag} {path}: {nearest} is {what}, not a folder; give a path in a folder")
     if kind := special_file_kind(path):  # a folder was refused above
         raise ConfigError(f"{flag} {path} is a {kind}, which imgclf never replaces; give the path of a regular file")
     if os.path.lexists(path) and not overwrite:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
 import logging
 import os
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgclf: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # under torchrun: another rank died or hung; torchrun ends the job and says which
-        if (loop := LINK_LOOP.match(str(err))) is not None:  # pathlib's resolve() up to Python 3.12
-            print(f"imgclf: error: {loop[1]}: {LINK_LOOP_FIX}", file=sys.stderr)
+        if (loop := LINK_LOOP.match(str(err))) is not None:  # pathlib's resolve() up to Python 3.12: a repr
+            print(f"imgclf: error: {ast.literal_eval(loop[1])}: {LINK_LOOP_FIX}", file=sys.stderr)
             return 2
         if out_of_memory(err):
             print(f"imgclf: error: {OUT_OF_MEMORY} ({' '.join(str(err).split())[:160]})", file=sys.stderr)
@@ -234,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # only a full, read-only or forbidden disk is the user's; anything else is a bug
         line = cliflags.disk_error_line(err, getattr(args, "out", None) or getattr(args, "cfg____out", None))
         if err.errno == errno.ELOOP:
-            line = f"{err.filename}: {LINK_LOOP_FIX}"
+            line = f"{err.filename or 'a path'}: {LINK_LOOP_FIX}"
         if line is None:
             raise
         print(f"imgclf: error: {line}", file=sys.stderr)
         return 2
 
 
-LINK_LOOP = re.compile(r"Symlink loop from '(.*)'$", re.DOTALL)
+LINK_LOOP = re.compile(r"Symlink loop from ('.*'|\".*\")$", re.DOTALL)
 LINK_LOOP_FIX = "symbolic links that lead back to themselves (a loop); point the link at a real file or folder"
 OUT_OF_MEMORY = "out of memory; lower --batch-size (or --image-size), or run it where there is more memory"
 

@@ -3,7 +3,8 @@
 Deliberate behaviour for what real exports contain:
 - hidden files (``.DS_Store``, ``._x.jpg``) and OS litter (``Thumbs.db``, ``desktop.ini``) are ignored; a hidden
   file named as an image (``.x.jpg``, not a macOS ``._`` fork) is counted in a warning, and so is a hidden folder
-  at or below the class level (``.ipynb_checkpoints``: neither a class nor searched);
+  at or below the class level (``.old``: neither a class nor searched), but not a tool's (``.git``,
+  ``.ipynb_checkpoints``);
 - other non-image files are skipped with one warning that counts them and names a few;
 - a class folder is searched recursively (nested sub-folders belong to that class);
 - symlinked folders below a class folder are not followed, so a symlink loop cannot hang the scan; a
@@ -35,6 +36,7 @@ from imgclf.safeio import special_file_kind
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+TOOL_FOLDERS = frozenset({".git", ".hg", ".svn", ".dvc", ".ipynb_checkpoints", ".idea", ".vscode"})  # not data
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -44,6 +46,11 @@ log = get_logger("scan")
 
 def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in OS_LITTER
+
+
+def hidden_folder(name: str) -> bool:
+    """A hidden folder that may hold images someone hid (said when skipped); a tool's own (.git) is not."""
+    return name.startswith(".") and name not in TOOL_FOLDERS
 
 
 def is_image(name: str) -> bool:
@@ -91,7 +98,7 @@ class Skipped:
         self.special: list[tuple[Path, str]] = []  # FIFOs, devices, sockets, with which
         self.links: list[Path] = []  # linked sub-folders, not followed
         self.hidden: list[Path] = []  # hidden files named as images (``.x.jpg``; not macOS's ``._x.jpg`` forks)
-        self.hidden_folders: list[Path] = []  # ``.ipynb_checkpoints``, ``.git``: not searched
+        self.hidden_folders: list[Path] = []  # ``.old``: not searched (tools' own, TOOL_FOLDERS, go unsaid)
 
     def warn(self, folder: Path, root: Path) -> None:
         for name, what in SKIPPED_LINES:
@@ -114,7 +121,7 @@ SKIPPED_LINES = (  # (Skipped's list, its one line)
     ("hidden", "skipped {n} hidden image file(s) under {folder} (e.g. {examples}): names starting with '.' are "
                "not read; rename them to use them"),
     ("hidden_folders", "did not search {n} hidden folder(s) under {folder} (e.g. {examples}): names starting with "
-                       "'.' are not read; rename one to use its images"),
+                       "'.' are not read; rename one to have its images read"),
 )
 
 
@@ -127,7 +134,7 @@ def scan_class_folders(folder: Path, split: str, root: Path) -> list[Row]:
     rows: list[Row] = []
     skipped = Skipped()
     for entry in entries:
-        if entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+        if hidden_folder(entry.name) and entry.is_dir(follow_symlinks=False):
             skipped.hidden_folders.append(Path(entry.path))
         if is_ignored(entry.name) or not entry.is_dir():
             continue
@@ -148,7 +155,7 @@ def walk_images(folder: Path, skipped: Skipped) -> list[Path]:
 
     images: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=False):
-        skipped.hidden_folders += [Path(dirpath) / d for d in sorted(dirnames) if d.startswith(".")]
+        skipped.hidden_folders += [Path(dirpath) / d for d in sorted(dirnames) if hidden_folder(d)]
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         skipped.links += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in sorted(filenames):

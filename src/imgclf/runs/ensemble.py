@@ -90,7 +90,7 @@ class EnsembleRun(NetworkRun):
 
     def combined(self, parts: list[Predictions]) -> Predictions:
         probs = combine([p.probs for p in parts], self.spec.method, self.spec.weights)
-        return Predictions(parts[0].paths, self.classes, parts[0].true, probs)
+        return Predictions(parts[0].paths, self.classes, parts[0].true, probs, label_note=parts[0].label_note)
 
     def probabilities(self, split: str, data_root=None, shuffle: bool = False, prepared=None,
                       tta: str | None = None) -> Predictions:

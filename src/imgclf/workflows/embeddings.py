@@ -47,12 +47,15 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         seed = run.config.train.seed if data_cfg.split_seed is None else data_cfg.split_seed
         index = build_index(data_cfg.model_copy(update={"path": str(data)}), seed) if data else run.index()
     else:
-        if Path(source).is_dir():
-            raise ConfigError(f"features {source}: a folder, but not a run directory (no config.yaml); give a run "
-                              "directory or a model name")
         if data is None:
             raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")
-        check_model_name(str(source))
+        try:
+            check_model_name(str(source))
+        except ConfigError:
+            if Path(source).is_dir():  # a folder, not a model name: not a run either
+                raise ConfigError(f"features {source}: a folder, but not a run directory (no config.yaml); give a "
+                                  "run directory or a model name") from None
+            raise
         if pretrained and weights:  # as train refuses them: one would be dropped
             raise ConfigError(f"--pretrained and --weights {weights} both give the backbone's weights; keep one")
         cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)

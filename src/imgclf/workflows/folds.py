@@ -58,6 +58,8 @@ def plan_folds(config: Config, folds: int | None, group_column: str | None) -> F
 
 def _check_data(root: Path, paths: list[str], labels: list[str], folds: int) -> None:
     """Every fold trains on every class, and lists its images in a UTF-8 CSV."""
+    if not paths:
+        raise DataError(f"{root} holds no images; put them in one sub-folder per class (or list them in a CSV)")
     if len(paths) < folds:
         raise DataError(f"--folds {folds}: {root} holds {len(paths)} images; give at most {len(paths)} folds")
     counts = Counter(labels)
@@ -78,8 +80,8 @@ def _check_data(root: Path, paths: list[str], labels: list[str], folds: int) -> 
 
 
 def _split(root: Path, labels: list[str], groups: list[str] | None, folds: int, config: Config) -> list[np.ndarray]:
-    """Each fold's test rows, stratified by class (and by group); they follow the split seed, never the training
-    seed: retraining with another --seed keeps them."""
+    """Each fold's test rows, stratified by class (and by group); they follow the split seed (``--seed`` only when
+    no split seed is set), so retraining with another --seed and a split seed keeps them."""
     split_seed = config.train.seed if config.data.split_seed is None else config.data.split_seed
     kind = StratifiedGroupKFold if groups else StratifiedKFold
     splitter = kind(folds, shuffle=True, random_state=split_seed % 2**32)

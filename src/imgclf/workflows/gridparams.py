@@ -138,13 +138,21 @@ def overridden(config: Config, grid: dict[str, list], given: frozenset[str]) -> 
         points = values if all(isinstance(v, dict) for v in values) else [{key: v} for v in values]
         for name, value in ((name, value) for point in points for name, value in point.items()):
             target = setting(str(name))
-            if target.describe() in given and target.section != "stages" and value != _current(config, target):
+            if target.describe() in given and target.section != "stages" and _differs(config, target, value):
                 replaced.append(target.describe())
     return list(dict.fromkeys(replaced))
 
 
-def _current(config: Config, target: Setting) -> Any:
-    return getattr(getattr(config, target.section) if target.section else config, target.name)
+def _differs(config: Config, target: Setting, value: Any) -> bool:
+    """Whether ``value``, validated as the config would take it (YAML's 1e-3 is a string), is not the setting's."""
+    if target.section is None:
+        return value != getattr(config, target.name)
+    section = getattr(config, target.section)
+    try:
+        taken = type(section).model_validate({**section.model_dump(), target.name: value})
+    except ValueError:  # the trial's own check names it
+        return True
+    return getattr(taken, target.name) != getattr(section, target.name)
 
 
 NOT_VARIED = {"out": "every trial writes into OUT/trials/<trial>", "versions": "imgclf records it"}

@@ -29,17 +29,18 @@ BOUNDED_SCORES = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", 
 
 
 def fold_metrics(metrics: dict) -> dict:
-    """Headline numbers per split, e.g. ``val_accuracy`` and ``test_f1_macro``."""
-    return {f"{split}_{name}": metrics[split][name] for split in ("val", "test") if split in metrics
+    """Headline numbers per split, e.g. ``val_accuracy`` and ``test_f1_macro`` (None where a split lacks one)."""
+    return {f"{split}_{name}": metrics[split].get(name) for split in ("val", "test") if split in metrics
             for name in HEADLINE}
 
 
 def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | None = None) -> dict:
     """Train one fold or trial (a picklable job for any backend) and return its headline metrics.
 
-    Resumable: a finished job is read back, its numbers from its sealed run (``result.json`` only marks it done
-    and records its settings and seconds). An unfinished one (killed before its result file) is continued as
-    ``train`` continues a run: its own files are replaced, any other file in the folder is kept and named.
+    Resumable: a finished job is read back, its numbers from its run's metrics.json, read and checked as any
+    command reads a run (``result.json`` only marks it done and records its settings and seconds). An unfinished
+    one (killed before its result file) is trained again in its folder as ``train`` reuses an unfinished run's:
+    imgclf's own files are replaced, any other file is kept and named.
     """
     out = Path(config_values["out"])
     done = out / RESULT_FILE
@@ -57,8 +58,8 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
 
 
 def _finished(out: Path, done: Path, settings: dict) -> dict:
-    """A finished fold's or trial's seconds, from ``done``, and metrics, from the run (sealed), never from the
-    record, which nothing seals."""
+    """A finished fold's or trial's seconds, from ``done``, and metrics, from the run (``load_run`` checks its
+    files), never from the record, which nothing checks."""
     result = read_json(done)
     if not isinstance(result, dict) or Path(str(result.get("run"))).name != out.name:
         raise RunDirError(f"{done} is not the record of {out.name}; delete {out} to train it again")
