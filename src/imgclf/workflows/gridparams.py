@@ -135,12 +135,16 @@ def overridden(config: Config, grid: dict[str, list], given: frozenset[str]) -> 
     value in some trial: what the user asked would be replaced."""
     replaced = []
     for key, values in grid.items():
-        points = values if all(isinstance(v, dict) for v in values) else [{key: v} for v in values]
-        for name, value in ((name, value) for point in points for name, value in point.items()):
+        for name, value in ((name, value) for point in axis_points(key, values) for name, value in point.items()):
             target = setting(str(name))
             if target.describe() in given and target.section != "stages" and _differs(config, target, value):
                 replaced.append(target.describe())
     return list(dict.fromkeys(replaced))
+
+
+def axis_points(key: str, values: list) -> list[dict]:
+    """An axis's trials as settings: a coupled axis's mappings as they are, else ``{key: value}`` each."""
+    return values if all(isinstance(v, dict) for v in values) else [{key: v} for v in values]
 
 
 def _differs(config: Config, target: Setting, value: Any) -> bool:
@@ -169,7 +173,7 @@ def _check_axes(grid: dict[str, list]) -> None:
             raise ConfigError(f"grid {key}: mixes mappings and plain values; a coupled axis lists mappings only, "
                               "e.g. [{optimizer: adam, lr: 1.0e-4}, {optimizer: sgd, lr: 1.0e-2}]")
         coupled = all(mappings)
-        points = values if coupled else [{key: v} for v in values]
+        points = axis_points(key, values)
         for name in dict.fromkeys(k for point in points for k in point):
             target = setting(str(name))
             if target.section is None and target.name in NOT_VARIED:
