@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import imgclf
+import imgclf.workflows.grid
 import imgclf.workflows.summary
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
@@ -132,8 +133,12 @@ def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch):
     assert without_time(first["leaderboard"]) == without_time(second["leaderboard"])
     record = tmp_path / "g" / "trials" / "trial_001" / "result.json"  # a hand-made winner: not believed
     record.write_text(json.dumps({**json.loads(record.read_text()), "val_f1_macro": 9.0, "params": {"lr": 0.5}}))
+    rows = []  # the rows the trials give: a resumed best trial's as fresh, though it was scored on test since
+    real_jobs = imgclf.workflows.grid.run_jobs
+    monkeypatch.setattr(imgclf.workflows.grid, "run_jobs", lambda *a, **k: rows.extend(real_jobs(*a, **k)) or rows)
     third = grid_search(config, grid)
     assert len(trained) == 1 and without_time(third["leaderboard"]) == without_time(first["leaderboard"])
+    assert rows and not any(key.startswith("test_") for row in rows for key in row)
     assert all("param_lr" not in row for row in third["leaderboard"])
 
 

@@ -47,7 +47,7 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
     settings = comparable(json.loads(json.dumps(config_values, default=str)))  # as result.json stores them
     row = {"run": str(out), "seed": config_values["train"]["seed"], **(extra or {})}  # --out as spelt now
     if done.exists():
-        return {**row, **_finished(out, done, settings)}
+        return {**row, **_finished(out, done, settings, evaluate_test)}
     if (out / "config.yaml").is_file() and not (out / INCOMPLETE).exists():  # killed after the run, before its record
         atomic.write_text(out / INCOMPLETE, "the fold or trial has no result.json: trained again\n")
     start = time.perf_counter()
@@ -57,7 +57,7 @@ def train_job(config_values: dict, evaluate_test: bool, extra: dict[str, Any] | 
     return result
 
 
-def _finished(out: Path, done: Path, settings: dict) -> dict:
+def _finished(out: Path, done: Path, settings: dict, evaluate_test: bool) -> dict:
     """A finished fold's or trial's seconds, from ``done``, and metrics, from the run (``load_run`` checks its
     files), never from the record, which nothing checks."""
     result = read_json(done)
@@ -67,7 +67,9 @@ def _finished(out: Path, done: Path, settings: dict) -> dict:
     seconds = result.get("seconds")
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < float("inf"):
         raise RunDirError(f"{done}: seconds is {seconds!r}, not a number of seconds; delete {out} to train it again")
-    return {"seconds": seconds, **fold_metrics(load_run(out).metrics)}
+    metrics = load_run(out).metrics  # a grid's best trial was scored on test after its row was made: not in it
+    scored = metrics if evaluate_test else {split: m for split, m in metrics.items() if split == "val"}
+    return {"seconds": seconds, **fold_metrics(scored)}
 
 
 def open_experiment(out: Path, kind: str) -> None:
