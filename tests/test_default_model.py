@@ -73,7 +73,9 @@ def test_the_cli_default_stops_when_validation_is_perfect_and_prints_the_compari
     caplog.set_level(logging.INFO, logger="imgclf")
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "2",
                  "--max-seconds", "600", "--no-report"]) == 0
-    assert "no effect" not in caplog.text  # --epochs is for every candidate: the probe is no reason to warn
+    assert "no effect" not in caplog.text  # --epochs is for every candidate: the probe's fit is no reason to warn
+    # ... but once the probe is chosen, and nothing else trained, the user learns --epochs shaped nothing
+    assert "the chosen linear probe applied none of --epochs: it fits logistic regression" in caplog.text
     assert "--max-seconds 600 limits each network candidate's training (the linear probe has no epochs" in caplog.text
     out = capsys.readouterr().out
     assert "This model vs baselines, on the same images:" in out and "majority class (baseline)" in out

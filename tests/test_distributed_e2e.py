@@ -143,7 +143,7 @@ def test_torchrun_trains_a_run_rank_0_alone_writes_and_it_evaluates_and_predicts
     env = _env(cache, AUDIT_ROOTS=os.pathsep.join(map(str, (run, cache))), AUDIT_OUT=str(audit))
     result = _torchrun(2, tmp_path / "audit.py", "train", data, *TINY, "--batch-size", "8", "--sampler", "weighted",
                        "--stage", "name=head,freeze=backbone,epochs=2", "--stage", "name=all,freeze=none,epochs=2",
-                       "--out", run, env=env, cwd=tmp_path, module=False,
+                       "--max-seconds", "900", "--out", run, env=env, cwd=tmp_path, module=False,
                        launcher=("--log-dir", str(logs), "--redirects", "3"))
     assert result.returncode == 0, _rank_log(logs, 0, "stderr")[-3000:] + result.stderr[-2000:]
 
@@ -157,6 +157,7 @@ def test_torchrun_trains_a_run_rank_0_alone_writes_and_it_evaluates_and_predicts
     rank0, rank1 = _rank_log(logs, 0, "stderr"), _rank_log(logs, 1, "stderr")
     assert "2 processes (gloo)" in rank0 and "stage head" in rank0 and "stage all" in rank0
     assert "batch size 8 (4 per process)" in rank0
+    assert "--max-seconds ends training between epochs only (an epoch is never given up part-way)" in rank0
     for line in ("data: train", "stage head", "head 1/2", "run written", "decoding", "imgclf: error"):
         assert line not in rank1, f"rank 1 logged {line!r}"
     assert _rank_log(logs, 1, "stdout").strip() == ""

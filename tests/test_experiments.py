@@ -115,6 +115,9 @@ def test_grid_ranks_on_validation_and_reads_test_once_for_the_best(tmp_path, poo
     trials = tmp_path / "g" / "trials"
     assert [p.name for p in trials.glob("*/predictions_test.csv")] == ["predictions_test.csv"]
     assert result["test"]["n"] == 9
+    best = trials / board[0]["trial"]  # closed as any run: baselines and summary.md beside its test scores
+    assert "test" in json.loads((best / "metrics.json").read_text())["baselines"][0]
+    assert "| test |" in (best / "summary.md").read_text()
     splits = {(trials / t / "split.csv").read_text() for t in ("trial_000", "trial_003")}
     assert len(splits) == 1  # every trial is judged on the same val (and test) images
 

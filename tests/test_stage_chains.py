@@ -232,8 +232,9 @@ def test_rmsprop_rho_is_keras_for_new_runs_and_torch_for_runs_that_predate_it():
 def test_settings_the_default_transfer_recipe_replaces_are_named():
     values = {"model": {"name": "resnet18", "pretrained": True},
               "train": {"lr": 1e-4, "freeze": "backbone", "epochs": 5}}
-    assert recipe_overrides(build_config(values)) == ["freeze", "lr"]  # --epochs caps the fine-tune: it applies
-    assert recipe_overrides(build_config({**values, "stages": [{"name": "only"}]})) == []
+    # --epochs caps the fine-tune: it applies; --lr 1e-4 is the fine-tune's own: it reaches the head alone
+    assert recipe_overrides(build_config(values)) == {"lr": {"head": 1e-3}, "freeze": {"finetune": "none"}}
+    assert recipe_overrides(build_config({**values, "stages": [{"name": "only"}]})) == {}
     chained = build_config({**values, "train": {**values["train"], "init_from": "/runs/a"}})
     assert [name for name, _ in resolve_stages(chained)] == ["train"]  # a trained head: no head-only recipe
 

@@ -46,7 +46,7 @@ from imgclf.workflows.candidates import (
     pretrained_input_size,
     weighs_balanced,
 )
-from imgclf.workflows.classical import train_classical
+from imgclf.workflows.classical import head_unused_settings, train_classical
 from imgclf.workflows.lifecycle import mark_finished, new_run_dir
 from imgclf.workflows.settings import check_paths
 from imgclf.workflows.train import train
@@ -82,6 +82,10 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
+    unused = head_unused_settings(config, "logreg") if name == PROBE_CANDIDATE else []
+    if unused:
+        log.warning("warning: the chosen linear probe applied none of %s: it fits logistic regression on frozen "
+                    "features once (pass --model X to train the network they shape)", ", ".join(unused))
     run = _promote(out, winner["path"], config)
     prepared = prepare(run.index(), run.preprocess, run.config.data)  # the chosen run's images, read once
     if evaluate_test and "test" in prepared.index.splits:

@@ -105,7 +105,8 @@ def probe_row(prepared: PreparedData, preprocess: Preprocess, compute: Compute, 
     fit = probecache.fit_key(prepared.index, targets[sample], splits, config, ROW_METRICS)
     stored = probecache.read_row(kept, fit, {s: len(prepared.index.subset(s)) for s in splits}, ROW_METRICS)
     if stored is None:
-        features = cached_probe_features(prepared, preprocess, compute, config.train.batch_size, splits, sample)
+        features = cached_probe_features(prepared, preprocess, compute, config.train.batch_size, splits, sample,
+                                         config.data.workers)
         value, head = _fit_probe(features, targets[sample], prepared.index, config)
         scored = _score(head, features, prepared.index, splits, config.data.positive_class)
         probecache.write_row(kept, fit, value, scored)
@@ -154,7 +155,8 @@ def _fit_probe(features: dict[str, np.ndarray], targets: np.ndarray, index, cfg:
 
 
 def cached_probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
-                          splits: list[str], train_sample: np.ndarray) -> dict[str, np.ndarray]:
+                          splits: list[str], train_sample: np.ndarray, workers: int | None = None
+                          ) -> dict[str, np.ndarray]:
     """``probe_features``, read from the cache when the same images were embedded the same way before."""
     npy, positions = probe_cache_entry(prepared, run_preprocess, compute, splits, train_sample)
     cached = read_features(npy, (sum(len(p) for p in positions.values()), PROBE_FEATURES), PROBE_RANGE)
@@ -162,7 +164,7 @@ def cached_probe_features(prepared: PreparedData, run_preprocess: Preprocess, co
         log.info("baseline %s: features read from the cache (%s)", PROBE_NAME, npy.name)
         bounds = np.cumsum([len(p) for p in positions.values()])[:-1]
         return dict(zip(positions, np.split(cached, bounds), strict=True))
-    features = probe_features(prepared, run_preprocess, compute, batch_size, splits, train_sample)
+    features = probe_features(prepared, run_preprocess, compute, batch_size, splits, train_sample, workers)
     write_features(npy, np.concatenate([features[split] for split in positions]))
     keep_within_limit(npy.parent, frozenset({npy.name.split(".")[0], prepared.decoded.file.stem}))
     return features
@@ -182,7 +184,7 @@ def probe_cache_entry(prepared: PreparedData, run_preprocess: Preprocess, comput
 
 
 def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: Compute, batch_size: int,
-                   splits: list[str], train_sample: np.ndarray) -> dict[str, np.ndarray]:
+                   splits: list[str], train_sample: np.ndarray, workers: int | None = None) -> dict[str, np.ndarray]:
     """Pooled Lite0 features of the run's decoded images, normalised as Lite0 expects: of the training
     images at positions ``train_sample``, and of every image of ``splits``."""
     probe_cfg = ModelConfig(name=PROBE_MODEL, pretrained=True)
@@ -191,9 +193,9 @@ def probe_features(prepared: PreparedData, run_preprocess: Preprocess, compute: 
     model = folded(build_model(probe_cfg, len(prepared.index.classes), preprocess, load_pretrained=True),
                    preprocess.channels)
     embedder = Embedder(compute.prepare(model))
-    train = shard_loader(prepared, "train", train_sample, preprocess, batch_size, None, compute.device)
+    train = shard_loader(prepared, "train", train_sample, preprocess, batch_size, None, compute.device, workers)
     return {"train": embed(embedder, train, compute)[0],
-            **{split: embed(embedder, eval_loader(prepared, split, preprocess, batch_size), compute)[0]
+            **{split: embed(embedder, eval_loader(prepared, split, preprocess, batch_size, workers), compute)[0]
                for split in splits}}
 
 

@@ -10,6 +10,7 @@ the head has never trained, and the log says so loudly.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -30,12 +31,17 @@ from imgclf.workflows.lifecycle import finish_run, setup_run
 log = get_logger("classical")
 
 
-def train_classical(config: Config, evaluate_test: bool = True, candidate: bool = False):
+def train_classical(config: Config, evaluate_test: bool = True, candidate: bool = False,
+                    resume_dir: Path | None = None):
     """Fit each candidate of the head's grid on the training features; keep the best on validation.
 
     ``candidate``: the default's linear probe, which takes the settings given for every candidate: those
-    it cannot apply are no news about it (the candidates that train a network apply them)."""
-    s = setup_run(config)
+    it cannot apply are no news about it (the candidates that train a network apply them). ``resume_dir``:
+    a killed run, fitted again (a head has no epochs to continue) on its saved split, in its folder."""
+    if resume_dir is not None:
+        log.info("--head %s has no epochs to continue: fitted again on the run's saved split",
+                 config.model.head)
+    s = setup_run(config, resume_dir)
     cfg, index, kind = s.config, s.index, s.config.model.head
     model = build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=s.init_weights is None)
     if s.init_weights is not None:
@@ -120,6 +126,10 @@ def head_unused_settings(cfg: Config, kind: str) -> list[str]:
                 if (section != "train" or name not in HEAD_USES) and getattr(values, name) != getattr(defaults, name)]
 
     unused = changed("train", cfg.train, TrainConfig()) + changed("augment", cfg.augment, AugmentConfig())
+    model = cfg.model  # the features stop before the classifier, and nothing in the head trains
+    unused += [flag for flag, given in (("--binary-head sigmoid", model.binary_head == "sigmoid"),
+                                        (f"--dropout {model.dropout}", bool(model.dropout)),
+                                        ("--head-batchnorm", bool(model.head_batchnorm))) if given]
     if kind == "knn" and cfg.train.class_weight == "balanced":  # k-nearest neighbours takes no class weights
         unused.append("--class-weight balanced")
     return unused + ["--stage"] * bool(cfg.stages)

@@ -65,6 +65,9 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     summary = describe(rows, [*metric_names, "seconds"])  # seconds: each fold's training time
     atomic.write_rows(out / "summary.csv", summary)
     oof = pooled_predictions([Path(r["run"]) for r in results])
+    if oof.decided is not None:
+        log.info("pooled out-of-fold decisions: each fold's, at the threshold it chose on its own validation "
+                 "(--threshold %s)", config.evaluate.threshold)
     _, oof_metrics = save_and_score(oof, out / "predictions_oof.csv", config.data.positive_class)
     atomic.write_json(out / "metrics_oof.json", oof_metrics)
 
@@ -80,8 +83,10 @@ def pooled_predictions(runs: list[Path]) -> Predictions:
     classes = parts[0].classes
     if any(p.classes != classes for p in parts):
         raise DataError("folds have different classes; every fold's train split must hold every class")
+    thresholded = any(part.decided is not None for part in parts)  # each fold decided at its own threshold
     return Predictions([p for part in parts for p in part.paths], classes,
-                       np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]))
+                       np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]),
+                       np.concatenate([part.pred for part in parts]) if thresholded else None)
 
 
 def with_grid_winners(config: Config, sources: list[str], given: frozenset[str] = frozenset()) -> Config:

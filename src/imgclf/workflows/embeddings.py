@@ -72,7 +72,7 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
     index = prepared.index
     dataset = CachedImages(prepared.decoded.file, prepared.cache_rows, index.targets,
                            build_eval_transform(preprocess.mean, preprocess.std))
-    features = embed(Embedder(model), make_loader(dataset, batch_size), compute)[0]
+    features = embed(Embedder(model), make_loader(dataset, batch_size, workers=data_cfg.workers), compute)[0]
     arrays = {"features": features, "labels": index.targets, "classes": np.array(index.classes),
               "paths": np.array([str(p) for p in index.paths]), "splits": np.array(index.splits),
               "root": np.array(str(index.root))}

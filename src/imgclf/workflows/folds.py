@@ -52,6 +52,11 @@ def plan_folds(config: Config, folds: int | None, group_column: str | None) -> F
     paths, labels = [str(base_dir / p) for p, _, _ in rows], [label for _, label, _ in rows]
     k = DEFAULT_FOLDS if folds is None else folds
     _check_data(root, paths, labels, k)
+    given = sorted({split for _, _, split in rows if split})
+    if given:  # the user's split is not kept: said, since a test split is usually held out for a reason
+        log.warning("warning: cv pools the %s images of %s (%s) into %d folds, each tested once by the model that "
+                    "did not train on it; the dataset's own split is not kept (to hold a test split out, run cv on "
+                    "the other images alone)", f"{len(paths):,}", root, "+".join(given), k)
     groups = _groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
     return FoldPlan([], paths, labels, _split(root, labels, groups, k, config))
 

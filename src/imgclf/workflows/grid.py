@@ -17,13 +17,16 @@ from sklearn.model_selection import ParameterGrid
 
 from imgclf import atomic
 from imgclf.config import Config, build_config
+from imgclf.data.pipeline import prepare
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
 from imgclf.reporting.evalplots import draw_evaluations
 from imgclf.reporting.html import write_report
-from imgclf.runs.base import open_run
+from imgclf.reporting.plots import write_summary
+from imgclf.runs.base import Run, open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
 from imgclf.workflows.settings import check_paths
 from imgclf.workflows.summary import HEADLINE, open_experiment, train_job
@@ -87,8 +90,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     atomic.write_rows(out / "leaderboard.csv", rows)
 
     best = open_run(ranked[0]["run"])
-    test = best.evaluate("test") if "test" in best.index().splits else None  # the only time test is read
-    draw_evaluations(best, ("test",))
+    test = _close_best(best)
     summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], "rank_by": keys,
                **{k: ranked[0][k] for k in keys}, "test": test}
     atomic.write_json(out / "best.json", summary)
@@ -96,6 +98,19 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
         write_report(best.path)  # now with its test split
         write_report(out)
     return {"leaderboard": rows, **summary}
+
+
+def _close_best(best: Run) -> dict | None:
+    """The best trial's only test pass, then what any finished run holds beside it: its baselines on val and test
+    (the linear probe too, which trials skip) and summary.md with the test row."""
+    prepared = prepare(best.index(), best.preprocess, best.config.data)
+    splits = [split for split in ("val", "test") if split in prepared.index.splits]
+    test = best.evaluate("test", prepared=prepared) if "test" in splits else None
+    write_baselines(best.path, baseline_rows(prepared, best.preprocess, best.compute, best.config, splits))
+    write_summary(best.path, best.config.model_dump(mode="json"), prepared.index.counts(), best.metrics,
+                  best.meta.epoch)
+    draw_evaluations(best, ("test",))
+    return test
 
 
 def rank_keys(rank_by: str | list[str]) -> list[str]:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from imgclf import atomic
-from imgclf.config import Config, cli_flag, config_to_yaml
-from imgclf.config.stages import recipe_overrides, resolve_stages
+from imgclf.config import Config, config_to_yaml
+from imgclf.config.stages import resolve_stages
 from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
 from imgclf.data.pipeline import PreparedData, prepare, write_skipped
 from imgclf.data.samplers import rank_seed
-from imgclf.errors import ConfigError, DataError
+from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.models.networks import (
     Preprocess,
@@ -49,7 +49,13 @@ from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
 from imgclf.workflows.plan import plan_lines
-from imgclf.workflows.settings import check_binary_settings, check_paths, unused_settings
+from imgclf.workflows.settings import (
+    check_binary_settings,
+    check_paths,
+    refuse_without_validation,
+    unused_settings,
+    warn_replaced_settings,
+)
 
 log = get_logger("lifecycle")
 
@@ -103,12 +109,15 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     check_world(ctx, [cfg.batch_size for _, cfg in resolve_stages(config)], compute.device, config.train.sync_bn)
     if ctx.distributed:  # after the checks that need no other rank: a wrong setting never waits for peers
         compute = replace(compute, device=ctx.init(compute.device, dist.backend, dist.timeout_s))
-        log.info("%d processes (%s): the global batch is split evenly over them", ctx.world_size, backend_name())
+        log.info("%d processes (%s): the global batch is split evenly over them%s", ctx.world_size, backend_name(),
+                 "; --max-seconds ends training between epochs only (an epoch is never given up part-way)"
+                 if config.train.max_seconds else "")
     else:
         ctx.init(compute.device, dist.backend, dist.timeout_s)  # checks the flags; joins nobody
     generator = seed_everything(rank_seed(config.train.seed, ctx.rank))  # rank 0 keeps the run's seed
     index, warnings = one_voice(ctx, lambda: _dataset_index(config, resume_dir))
-    start = one_voice(ctx, lambda: init_weights(config, index.classes, preprocess)) if resume_dir is None else None
+    refit = resume_dir is None or config.model.head != "linear"  # a resumed network starts from its checkpoint
+    start = one_voice(ctx, lambda: init_weights(config, index.classes, preprocess)) if refit else None
     with local_main_first(ctx):  # one rank per machine decodes; the others then read its cache entry
         prepared = one_voice(ctx, lambda: prepare(index, preprocess, config.data))
     if resume_dir is None:
@@ -131,7 +140,7 @@ def _check_settings(config: Config) -> tuple[Compute, Preprocess]:
     check_weights_file(config)
     compute = Compute.resolve(config.train.device, config.train.precision, config.train.channels_last)
     resolve_stages(config)  # stage settings fail here, before any decoding
-    _warn_recipe_overrides(config)
+    warn_replaced_settings(config)
     preprocess = resolve_preprocess(config.model, config.data.image_size, config.data.channels,
                                     config.data.interpolation)
     check_input_size(config.model, preprocess)  # before seeding: the probe model draws no seeded numbers
@@ -145,16 +154,6 @@ def _create_run(config: Config, prepared: PreparedData, warnings: list[str]) -> 
     return out
 
 
-def _warn_recipe_overrides(config: Config) -> None:
-    """Settings the default transfer recipe replaces are said, not dropped in silence."""
-    replaced = recipe_overrides(config)
-    if replaced:
-        given = ", ".join(f"{cli_flag('train', name)} {getattr(config.train, name)}" for name in replaced)
-        log.warning("warning: the default transfer recipe (stages head, then finetune) sets its own %s, so "
-                    "these settings do not apply: %s; give the stages yourself (--stage name=head,"
-                    "freeze=backbone,lr=...) to choose them", ", ".join(replaced), given)
-
-
 def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetIndex, list[str]]:
     """The split to train on (drawn now, or the resumed run's saved one) and its data warnings."""
     if resume_dir is None:
@@ -166,12 +165,8 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
     warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
     warnings += warn_imbalance(index.counts().get("train", {}), balanced)
-    if "val" not in index.splits and config.model.head != "linear":
-        raise DataError(f"no validation images: --head {config.model.head} chooses its parameter on them; "
-                        "raise --val-fraction")
-    if "val" not in index.splits and any(c.early_stopping or c.restore_best for _, c in resolve_stages(config)):
-        raise DataError("no validation images: early stopping and restore-best need them; "
-                        "raise --val-fraction or pass --no-early-stopping --no-restore-best")
+    if "val" not in index.splits:
+        refuse_without_validation(config, resolve_stages(config))
     return index, warnings
 
 

@@ -28,6 +28,9 @@ def plan_lines(config: Config, preprocess: Preprocess, stages: list[tuple[str, T
     total = sum(cfg.epochs for _, cfg in stages)
     if len(stages) > 1:
         lines.append(f"  at most {total} epochs in all")
+    if config.evaluate.tta != "none":
+        lines.append(f"  --tta {config.evaluate.tta}: the final val and test predictions; the per-epoch validation "
+                     "that picks the best epoch scores without it")
     return lines
 
 

@@ -6,15 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import AugmentConfig, Config, TrainConfig, cli_flag
+from imgclf.config.stages import given_train_settings, recipe_overrides
 from imgclf.data.audit import predefined_folds
 from imgclf.data.index import require_utf8
 from imgclf.data.scan import split_folders
 from imgclf.data.transforms import resolve_augment
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, DataError
+from imgclf.logs import get_logger
+
+log = get_logger("lifecycle")
 
 # Settings that always carry a value, and what reads them: an optimizer, or a learning-rate schedule
 OPTIMIZER_READERS = {"momentum": ("sgd", "rmsprop"), "rho": ("rmsprop", "adadelta"), "nesterov": ("sgd",)}
 SCHEDULE_READERS = {"step_size": ("step",), "gamma": ("step", "plateau")}
+
 # the augmentations that uncover pixels, which fill_mode and cval fill
 UNCOVERING = ("rotation_range", "zoom_range", "shear_range", "width_shift_range", "height_shift_range")
 
@@ -31,6 +36,36 @@ def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
     if binary_only and len(classes) != 2:
         raise ConfigError(f"{' and '.join(binary_only)}: for a binary task; {len(classes)} classes found, drop "
                           f"{'them' if len(binary_only) > 1 else 'it'}")
+
+
+def refuse_without_validation(config: Config, stages: list[tuple[str, TrainConfig]]) -> None:
+    """Settings that act on the validation split, when the split has no images: refused, not skipped."""
+    if config.model.head != "linear":  # fitted once: no epochs, so no stopping or schedule
+        needs = [f"--head {config.model.head} chooses its parameter on them"]
+    else:
+        needs = ["early stopping and restore-best need them (or pass --no-early-stopping --no-restore-best)"
+                 ] if any(cfg.early_stopping or cfg.restore_best for _, cfg in stages) else []
+        if any(cfg.schedule == "plateau" for _, cfg in stages):
+            needs.append("--schedule plateau lowers the learning rate when val_loss stops improving")
+    if config.evaluate.threshold != "argmax":
+        needs.append(f"--threshold {config.evaluate.threshold} chooses the threshold on them")
+    if needs:
+        raise DataError(f"no validation images: {'; '.join(needs)}; raise --val-fraction")
+
+
+def warn_replaced_settings(config: Config) -> None:
+    """Settings the default transfer recipe replaces, or that no weights file reads, are said, not dropped."""
+    if config.model.weights_map != "auto" and not config.model.weights:
+        log.warning("warning: --weights-map %s has no effect without --weights FILE (the offline ImageNet weights "
+                    "load by position, timm's hub by name, --init-from a run by name)", config.model.weights_map)
+    replaced = recipe_overrides(config)
+    if replaced:
+        given = ", ".join(f"{cli_flag('train', name)} {getattr(config.train, name)} (stage "
+                          f"{', '.join(f'{stage}: {value}' for stage, value in stages.items())})"
+                          for name, stages in replaced.items())
+        log.warning("warning: the default transfer recipe (stages head, then finetune) sets its own %s, so "
+                    "these settings do not apply there: %s; give the stages yourself (--stage name=head,"
+                    "freeze=backbone,lr=...) to choose them", ", ".join(replaced), given)
 
 
 def check_paths(config: Config) -> None:
@@ -81,6 +116,9 @@ def _stage_unused(cfg: TrainConfig, patience_given: bool) -> list[str]:
                if getattr(cfg, setting) != defaults[setting].default and cfg.schedule not in readers]
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
         unused.append("nesterov has no effect with momentum=0 (Nesterov needs momentum)")
+    if cfg.min_delta != defaults["min_delta"].default and not (cfg.early_stopping or cfg.restore_best):
+        unused.append(f"min_delta={cfg.min_delta:g} has no effect without early stopping or restore-best (it "
+                      "decides which epoch is the best)")
     if patience_given and cfg.patience is not None and not cfg.early_stopping and cfg.schedule != "plateau":
         unused.append(f"patience={cfg.patience} has no effect without early stopping (or the plateau schedule)")
     return unused
@@ -98,12 +136,13 @@ def _cache_unused(stages: list[tuple[str, TrainConfig]]) -> list[str]:
 
 
 def _overridden_by_stages(config: Config) -> list[str]:
-    """A train setting that every explicit stage sets for itself reaches none of them: said, not lost."""
-    train, defaults = config.train, TrainConfig()
+    """A train setting given that every explicit stage sets for itself, one of them to another value, reaches
+    none of them: said, not lost."""
     own = [stage.model_dump(exclude={"name"}, exclude_none=True) for stage in config.stages]
-    return [f"{cli_flag('train', name)} {getattr(train, name)} reaches no stage: every stage sets its own {name}"
-            for name in TrainConfig.model_fields
-            if own and getattr(train, name) != getattr(defaults, name) and all(name in values for values in own)]
+    return [f"{cli_flag('train', name)} {getattr(config.train, name)} reaches no stage: every stage sets its own "
+            f"{name}" for name in sorted(given_train_settings(config) & TrainConfig.model_fields.keys())
+            if own and all(name in values for values in own)
+            and any(values[name] != getattr(config.train, name) for values in own)]
 
 
 def _augment_unused(cfg: AugmentConfig) -> list[str]:

@@ -62,7 +62,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
     if config.model.head != "linear":
         if ctx.distributed:
             one_voice(ctx, lambda: _refuse_head(config.model.head))
-        return train_classical(config, evaluate_test)
+        return train_classical(config, evaluate_test, resume_dir=resume_dir)
     try:
         s = setup_run(config, resume_dir, ctx, dist)
         with naming_path(s.out):

@@ -1,0 +1,170 @@
+"""Settings a run cannot honour are said or refused, never dropped: an audit of every setting against every
+mode (a threshold or plateau schedule with no validation split, feature-cache settings of a partly frozen
+backbone, explicit default values the transfer recipe replaces, a classical head's resume and its unused
+model flags, the grid winner's baselines, cv's pooled thresholds and pooled split folders)."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+import imgclf
+from imgclf.config import build_config
+from imgclf.config.stages import recipe_overrides
+from imgclf.errors import DataError
+from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+from imgclf.models.networks import resolve_preprocess
+from imgclf.runs.manifest import INCOMPLETE
+from imgclf.workflows.classical import head_unused_settings
+from imgclf.workflows.cv import pooled_predictions
+from imgclf.workflows.folds import plan_folds
+from imgclf.workflows.plan import plan_lines
+from imgclf.workflows.settings import unused_settings, warn_replaced_settings
+from imgclf.workflows.train import resume_training
+
+from conftest import tiny_config
+from imagefactory import make_class_folders, make_split_folders
+
+NO_VAL = {"val_fraction": 0.0, "test_fraction": 0.2}
+NO_STOPPING = {"early_stopping": False, "restore_best": False, "epochs": 1}
+
+
+@pytest.fixture
+def logged(caplog):
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old_level)
+
+
+@pytest.fixture
+def two_classes(tmp_path):
+    return make_class_folders(tmp_path / "data", per_class=10, classes=["cat", "dog"])
+
+
+@pytest.mark.parametrize("sections,said", [
+    ({"evaluate": {"threshold": "max_f1", "report": False}}, "--threshold max_f1 chooses the threshold on them"),
+    ({"train": {**NO_STOPPING, "schedule": "plateau"}}, "--schedule plateau lowers the learning rate"),
+])
+def test_settings_that_read_validation_are_refused_without_it(tmp_path, two_classes, sections, said):
+    config = tiny_config(two_classes, tmp_path / "run", data={"val_fraction": 0.0}, **{"train": NO_STOPPING,
+                                                                                        **sections})
+    with pytest.raises(DataError, match="no validation images") as err:
+        imgclf.train(config)
+    assert said in str(err.value) and "--val-fraction" in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+def test_a_run_without_validation_still_trains_when_nothing_needs_it(tmp_path, two_classes):
+    run = imgclf.train(tiny_config(two_classes, tmp_path / "run", data=NO_VAL, train=NO_STOPPING))
+    assert "test" in run.metrics and "val" not in run.metrics
+
+
+def test_feature_cache_settings_of_a_partly_frozen_backbone_are_said(tmp_path, pool_dataset, logged):
+    imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train={"freeze": "last:1", "feature_views": 3,
+                                                                     "epochs": 1}))
+    assert ("stage train: feature_views=3 has no effect with freeze=last:1: part of the backbone trains"
+            in logged.text)
+
+
+def test_a_frozen_backbone_reads_its_feature_settings_without_a_warning(tmp_path, pool_dataset, logged):
+    imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train={"freeze": "backbone", "feature_views": 2,
+                                                                     "epochs": 1}))
+    assert "has no effect with freeze" not in logged.text and "head trained on cached features" in logged.text
+
+
+def test_typed_defaults_that_the_transfer_recipe_replaces_are_named():
+    typed = build_config({"model": {"name": "resnet18", "pretrained": True},
+                          "train": {"lr": 0.001, "freeze": "none", "freeze_bn": False}})
+    assert recipe_overrides(typed) == {"freeze": {"head": "backbone"}, "freeze_bn": {"finetune": True},
+                                       "lr": {"finetune": 1e-4}}
+    # a config rebuilt from a whole dump (a run's config.yaml, a cv fold's) counts only values off the defaults
+    assert recipe_overrides(build_config(typed.model_dump())) == {}
+    off = build_config({**typed.model_dump(), "train": {**typed.train.model_dump(), "lr": 0.01}})
+    assert recipe_overrides(off) == {"lr": {"head": 0.001, "finetune": 1e-4}}
+    # a value the recipe uses anyway is no news: --freeze-bn is what its fine-tune does
+    assert recipe_overrides(build_config({"model": {"name": "resnet18", "pretrained": True},
+                                          "train": {"freeze_bn": True}})) == {}
+
+
+def test_a_setting_every_stage_replaces_is_said_only_when_a_stage_differs():
+    stages = [{"name": "a", "lr": 0.01}, {"name": "b", "lr": 0.001}]
+    config = build_config({"train": {"lr": 0.001}, "stages": stages})
+    assert any("--lr 0.001 reaches no stage" in line for line in unused_settings(config, [("a", config.train)]))
+    same = build_config({"train": {"lr": 0.01}, "stages": [{"name": "a", "lr": 0.01}]})
+    assert not any("reaches no stage" in line for line in unused_settings(same, [("a", same.train)]))
+
+
+def test_min_delta_without_a_best_epoch_to_pick_is_said():
+    config = build_config({"train": {"min_delta": 0.01, **NO_STOPPING}})
+    assert any("min_delta=0.01 has no effect" in line for line in unused_settings(config, [("t", config.train)]))
+    kept = build_config({"train": {"min_delta": 0.01}})
+    assert not any("min_delta" in line for line in unused_settings(kept, [("t", kept.train)]))
+
+
+def test_weights_map_without_a_weights_file_and_recipe_replacements_are_said(logged):
+    warn_replaced_settings(build_config({"model": {"name": "resnet18", "pretrained": True, "weights_map": "name"},
+                                         "train": {"lr": 0.001}}))
+    assert "--weights-map name has no effect without --weights FILE" in logged.text
+    assert "these settings do not apply there: --lr 0.001 (stage finetune: 0.0001)" in logged.text
+    logged.clear()
+    warn_replaced_settings(build_config({"model": {"name": "resnet18", "weights": "/w.pth", "weights_map": "name"}}))
+    assert logged.text == ""
+
+
+def test_a_classical_head_names_the_model_flags_it_cannot_apply():
+    config = build_config({"model": {"name": "resnet18", "head": "svm", "binary_head": "sigmoid", "dropout": 0.3,
+                                     "head_batchnorm": True}})
+    assert {"--binary-head sigmoid", "--dropout 0.3", "--head-batchnorm"} <= set(head_unused_settings(config, "svm"))
+    assert head_unused_settings(build_config({"model": {"head": "svm"}}), "svm") == []
+
+
+def test_tta_is_said_to_skip_the_per_epoch_validation():
+    config = build_config({"evaluate": {"tta": "flip"}})
+    lines = plan_lines(config, resolve_preprocess(config.model, 16, 1, "bilinear"),
+                       [("train", config.train)], None)
+    assert any("--tta flip" in line and "per-epoch validation" in line for line in lines)
+
+
+def test_a_resumed_classical_head_is_fitted_again_on_its_saved_split(tmp_path, pool_dataset, logged):
+    config = tiny_config(pool_dataset, tmp_path / "run", model={"name": "simple_cnn", "conv_filters": [8],
+                                                                "head": "logreg"})
+    imgclf.train(config)
+    split = (tmp_path / "run" / "split.csv").read_text()
+    (tmp_path / "run" / INCOMPLETE).write_text("")  # as a kill leaves it
+    shutil.copy(next((pool_dataset / "left bar").iterdir()), pool_dataset / "left bar" / "added later.png")
+    run = resume_training(tmp_path / "run")
+    assert "--head logreg has no epochs to continue: fitted again on the run's saved split" in logged.text
+    assert (tmp_path / "run" / "split.csv").read_text() == split  # not a fresh scan (it would hold the new image)
+    assert not (tmp_path / "run" / INCOMPLETE).exists() and "test" in run.metrics
+    assert "replacing its files" not in logged.text
+
+
+def _fold_run(folder, paths, true, probs, decided):
+    folder.mkdir()
+    Predictions(paths, ["neg", "pos"], np.array(true), np.array(probs), np.array(decided)).to_csv(
+        folder / "predictions_test.csv")
+    return folder
+
+
+def test_pooled_out_of_fold_decisions_keep_each_folds_threshold(tmp_path):
+    # each fold decided "pos" at its own low threshold, though argmax says "neg"
+    a = _fold_run(tmp_path / "a", ["x.png", "y.png"], [1, 0], [[0.7, 0.3], [0.9, 0.1]], [1, 0])
+    b = _fold_run(tmp_path / "b", ["z.png"], [1], [[0.6, 0.4]], [1])
+    pooled = pooled_predictions([a, b])
+    assert pooled.pred.tolist() == [1, 0, 1]
+    assert pooled_predictions([a]).probs.argmax(axis=1).tolist() == [0, 0]  # what argmax would have said
+
+
+def test_cv_over_a_datasets_own_split_says_it_pools_it(tmp_path, logged):
+    data = make_split_folders(tmp_path / "data", {"train": 4, "val": 2, "test": 2})
+    plan_folds(tiny_config(data, tmp_path / "cv"), 2, None)
+    assert "cv pools the 24 images of" in logged.text and "(test+train+val) into 2 folds" in logged.text
+    logged.clear()
+    plan_folds(tiny_config(make_class_folders(tmp_path / "pool", 4), tmp_path / "cv2"), 2, None)
+    assert "cv pools" not in logged.text
