@@ -12,7 +12,7 @@ import pytest
 import imgclf
 from imgclf.config import build_config
 from imgclf.config.stages import recipe_overrides
-from imgclf.errors import DataError
+from imgclf.errors import DataError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.networks import resolve_preprocess
@@ -21,7 +21,7 @@ from imgclf.workflows.classical import head_unused_settings
 from imgclf.workflows.cv import pooled_predictions
 from imgclf.workflows.folds import plan_folds
 from imgclf.workflows.plan import plan_lines
-from imgclf.workflows.settings import unused_settings, warn_replaced_settings
+from imgclf.workflows.settings import refuse_without_validation, unused_settings, warn_replaced_settings
 from imgclf.workflows.train import resume_training
 
 from conftest import tiny_config
@@ -68,14 +68,18 @@ def test_a_run_without_validation_still_trains_when_nothing_needs_it(tmp_path, t
 def test_feature_cache_settings_of_a_partly_frozen_backbone_are_said(tmp_path, pool_dataset, logged):
     imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train={"freeze": "last:1", "feature_views": 3,
                                                                      "epochs": 1}))
-    assert ("stage train: feature_views=3 has no effect with freeze=last:1: part of the backbone trains"
+    assert ("feature_views=3 has no effect: no stage freezes the whole backbone (last:1 trains part of it)"
             in logged.text)
+    logged.clear()  # a stage that freezes it whole reads the setting: the next stage's last:1 is no news
+    stages = [{"name": "head", "freeze": "backbone", "epochs": 1}, {"name": "some", "freeze": "last:1", "epochs": 1}]
+    imgclf.train(tiny_config(pool_dataset, tmp_path / "two", stages=stages, train={"feature_views": 3}))
+    assert "has no effect" not in logged.text
 
 
 def test_a_frozen_backbone_reads_its_feature_settings_without_a_warning(tmp_path, pool_dataset, logged):
     imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train={"freeze": "backbone", "feature_views": 2,
                                                                      "epochs": 1}))
-    assert "has no effect with freeze" not in logged.text and "head trained on cached features" in logged.text
+    assert "has no effect" not in logged.text and "head trained on cached features" in logged.text
 
 
 def test_typed_defaults_that_the_transfer_recipe_replaces_are_named():
@@ -87,6 +91,12 @@ def test_typed_defaults_that_the_transfer_recipe_replaces_are_named():
     assert recipe_overrides(build_config(typed.model_dump())) == {}
     off = build_config({**typed.model_dump(), "train": {**typed.train.model_dump(), "lr": 0.01}})
     assert recipe_overrides(off) == {"lr": {"head": 0.001, "finetune": 1e-4}}
+    older = typed.model_dump()  # a run's config.yaml from before a train field existed: still a dump
+    del older["train"]["average_best"]
+    assert recipe_overrides(build_config({**older, "versions": {"imgclf": "0.1"}})) == {}
+    # a classical head trains no stage: no recipe replaces anything
+    assert recipe_overrides(build_config({"model": {"name": "resnet18", "pretrained": True, "head": "svm"},
+                                          "train": {"lr": 0.001}})) == {}
     # a value the recipe uses anyway is no news: --freeze-bn is what its fine-tune does
     assert recipe_overrides(build_config({"model": {"name": "resnet18", "pretrained": True},
                                           "train": {"freeze_bn": True}})) == {}
@@ -113,6 +123,10 @@ def test_weights_map_without_a_weights_file_and_recipe_replacements_are_said(log
     assert "--weights-map name has no effect without --weights FILE" in logged.text
     assert "these settings do not apply there: --lr 0.001 (stage finetune: 0.0001)" in logged.text
     logged.clear()
+    warn_replaced_settings(build_config({"model": {"name": "resnet18", "pretrained": True},
+                                         "train": {"freeze_bn": False}}))
+    assert "--no-freeze-bn (stage finetune: True)" in logged.text
+    logged.clear()
     warn_replaced_settings(build_config({"model": {"name": "resnet18", "weights": "/w.pth", "weights_map": "name"}}))
     assert logged.text == ""
 
@@ -122,6 +136,9 @@ def test_a_classical_head_names_the_model_flags_it_cannot_apply():
                                      "head_batchnorm": True}})
     assert {"--binary-head sigmoid", "--dropout 0.3", "--head-batchnorm"} <= set(head_unused_settings(config, "svm"))
     assert head_unused_settings(build_config({"model": {"head": "svm"}}), "svm") == []
+    # --init-from requires the source run's head layout, whose trained layers the features pass through
+    chained = build_config({**config.model_dump(), "train": {"init_from": "/runs/a"}})
+    assert head_unused_settings(chained, "svm") == []
 
 
 def test_tta_is_said_to_skip_the_per_epoch_validation():
@@ -135,6 +152,8 @@ def test_a_resumed_classical_head_is_fitted_again_on_its_saved_split(tmp_path, p
     config = tiny_config(pool_dataset, tmp_path / "run", model={"name": "simple_cnn", "conv_filters": [8],
                                                                 "head": "logreg"})
     imgclf.train(config)
+    with pytest.raises(RunDirError, match="is a finished --head logreg run: nothing to resume"):
+        resume_training(tmp_path / "run")
     split = (tmp_path / "run" / "split.csv").read_text()
     (tmp_path / "run" / INCOMPLETE).write_text("")  # as a kill leaves it
     shutil.copy(next((pool_dataset / "left bar").iterdir()), pool_dataset / "left bar" / "added later.png")
@@ -168,3 +187,14 @@ def test_cv_over_a_datasets_own_split_says_it_pools_it(tmp_path, logged):
     logged.clear()
     plan_folds(tiny_config(make_class_folders(tmp_path / "pool", 4), tmp_path / "cv2"), 2, None)
     assert "cv pools" not in logged.text
+
+
+def test_a_resumed_run_from_before_the_refusals_is_warned_not_blocked(logged):
+    config = build_config({"train": {**NO_STOPPING, "schedule": "plateau"}, "evaluate": {"threshold": "youden"}})
+    refuse_without_validation(config, [("train", config.train)], resumed=True)
+    assert "do nothing: --schedule plateau" in logged.text and "--threshold youden chooses" in logged.text
+    with pytest.raises(DataError, match="or pass --threshold argmax"):
+        refuse_without_validation(config, [("train", config.train)])
+    stopping = build_config({"train": {"schedule": "plateau"}})  # early stopping was refused before, and still is
+    with pytest.raises(DataError, match="early stopping and restore-best need them"):
+        refuse_without_validation(stopping, [("train", stopping.train)], resumed=True)

@@ -45,18 +45,20 @@ def default_stages(config: Config) -> list[StageConfig]:
 def given_train_settings(config: Config) -> set[str]:
     """The train settings the user gave: those typed (pydantic's ``model_fields_set``, so ``--lr 0.001`` counts
     though 0.001 is the default) and those away from their defaults. A config rebuilt from a whole dump (a run's
-    config.yaml, a cv fold's, a grid trial's) sets every field: there only values away from the defaults count."""
+    config.yaml, which records ``versions``, even one from before a field existed; a cv fold's, a grid trial's)
+    sets every field: there only values away from the defaults count."""
     defaults = TrainConfig()
     changed = {name for name in TrainConfig.model_fields if getattr(config.train, name) != getattr(defaults, name)}
     typed = config.train.model_fields_set
-    return changed | (set() if typed >= TrainConfig.model_fields.keys() else typed)
+    dumped = bool(config.versions) or typed >= TrainConfig.model_fields.keys()
+    return changed | (set() if dumped else typed)
 
 
 def recipe_overrides(config: Config) -> dict[str, dict[str, object]]:
     """Train settings the user gave that a stage of the default transfer recipe replaces with another value:
     {name: {stage: its value}} (for a warning). ``--epochs`` bounds the recipe's total, so it applies."""
     given, replaced = given_train_settings(config), {}
-    for stage in default_stages(config):
+    for stage in default_stages(config) if config.model.head == "linear" else []:  # a classical head trains no stage
         for name, value in stage.model_dump(exclude={"name", "epochs"}, exclude_none=True).items():
             if name in given and value != getattr(config.train, name):
                 replaced.setdefault(name, {})[stage.name] = value

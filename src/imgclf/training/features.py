@@ -45,17 +45,6 @@ def cache_plan(cfg: TrainConfig, augment: AugmentConfig) -> tuple[int | None, st
     return cfg.feature_views, f"head trained on cached features of {cfg.feature_views} augmented views per image"
 
 
-def cache_settings_unused(cfg: TrainConfig) -> str:
-    """For a stage whose backbone partly trains (``last:N``, a regex): its feature-cache settings, which only a
-    wholly frozen backbone reads, or "" when none was given."""
-    given = [f"{name}={getattr(cfg, name)}" for name in ("feature_views", "feature_cache")
-             if getattr(cfg, name) != TrainConfig.model_fields[name].default]
-    if not given:
-        return ""
-    return (f"{' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with freeze={cfg.freeze}: "
-            "part of the backbone trains, and only a wholly frozen backbone's features are cached")
-
-
 class HeadOnly(nn.Module):
     """A classifier's head as a model over cached features; ``fit`` and ``predict_probs`` use it as is."""
 

@@ -43,7 +43,7 @@ from imgclf.training.distributed import (
     main_first,
     wrap,
 )
-from imgclf.training.features import HeadOnly, cache_plan, cache_settings_unused, extract_features, feature_loader
+from imgclf.training.features import HeadOnly, cache_plan, extract_features, feature_loader
 from imgclf.training.fit import EarlyStopping, fit
 from imgclf.training.resume import capture_rng, restore_rng, save_state
 
@@ -110,10 +110,7 @@ class StageRunner:
                 continue
             apply_freeze(self.model, cfg.freeze, cfg.freeze_bn)
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            frozen = backbone_is_frozen(self.model)
-            views, how = cache_plan(cfg, self.config.augment) if frozen else (None, "")
-            if not frozen and cfg.freeze != "none" and (unused := cache_settings_unused(cfg)):
-                log.warning("warning: stage %s: %s", name, unused)
+            views, how = cache_plan(cfg, self.config.augment) if backbone_is_frozen(self.model) else (None, "")
             share = f" ({rank_batch(self.ctx, cfg.batch_size)} per process)" if self.ctx.distributed else ""
             log.info("stage %s: freeze=%s, %s trainable parameters, batch size %d%s%s", name, cfg.freeze,
                      f"{trainable:,}", cfg.batch_size, share, f"; {how}" if how else "")

@@ -82,7 +82,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
     tried = _train_candidates(config, out, Pace(start + budget_s, counts, config.evaluate.baseline), size)
     name, winner = max(tried.items(), key=lambda item: _rank(item[1]["val"]))
     log.info("chose %s: %s", name, _why(name, tried))
-    unused = head_unused_settings(config, "logreg") if name == PROBE_CANDIDATE else []
+    unused = _unused_by_probe(config) if name == PROBE_CANDIDATE else []
     if unused:
         log.warning("warning: the chosen linear probe applied none of %s: it fits logistic regression on frozen "
                     "features once (pass --model X to train the network they shape)", ", ".join(unused))
@@ -195,6 +195,12 @@ def _limited(cfg: Config, seconds: float) -> Config:
 
 def _rank(val: dict) -> tuple[float, float]:
     return val["f1_macro"], -val["log_loss"]
+
+
+def _unused_by_probe(config: Config) -> list[str]:
+    """The training flags given that the chosen linear probe never applied (as a candidate it says none)."""
+    weighted = ["--sampler weighted"] if config.train.sampler == "weighted" else []
+    return head_unused_settings(config, "logreg") + weighted
 
 
 def _why(name: str, tried: dict[str, dict]) -> str:

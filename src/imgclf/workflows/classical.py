@@ -17,7 +17,7 @@ from torch import nn
 
 from imgclf.config import AugmentConfig, Config, TrainConfig, cli_flag
 from imgclf.data.pipeline import eval_loader, inference_batch
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger, is_main_process
@@ -25,6 +25,7 @@ from imgclf.models.checkpoint import load_weights, save_weights
 from imgclf.models.networks import Classifier, build_model
 from imgclf.reporting.plots import write_history
 from imgclf.runs.heads import GRIDS, HEAD_FILE, Embedder, embed, make_head, save_head
+from imgclf.runs.manifest import INCOMPLETE
 from imgclf.runs.network import MODEL_FILE
 from imgclf.workflows.lifecycle import finish_run, setup_run
 
@@ -38,6 +39,9 @@ def train_classical(config: Config, evaluate_test: bool = True, candidate: bool 
     ``candidate``: the default's linear probe, which takes the settings given for every candidate: those
     it cannot apply are no news about it (the candidates that train a network apply them). ``resume_dir``:
     a killed run, fitted again (a head has no epochs to continue) on its saved split, in its folder."""
+    if resume_dir is not None and not (resume_dir / INCOMPLETE).is_file():
+        raise RunDirError(f"{resume_dir} is a finished --head {config.model.head} run: nothing to resume; train "
+                          "again with another --out")
     if resume_dir is not None:
         log.info("--head %s has no epochs to continue: fitted again on the run's saved split",
                  config.model.head)
@@ -126,10 +130,11 @@ def head_unused_settings(cfg: Config, kind: str) -> list[str]:
                 if (section != "train" or name not in HEAD_USES) and getattr(values, name) != getattr(defaults, name)]
 
     unused = changed("train", cfg.train, TrainConfig()) + changed("augment", cfg.augment, AugmentConfig())
-    model = cfg.model  # the features stop before the classifier, and nothing in the head trains
-    unused += [flag for flag, given in (("--binary-head sigmoid", model.binary_head == "sigmoid"),
+    model = cfg.model  # the features stop before the classifier; nothing in the head trains, unless a trained
+    unused += [flag for flag, given in (("--binary-head sigmoid", model.binary_head == "sigmoid"),  # run's is read
                                         (f"--dropout {model.dropout}", bool(model.dropout)),
-                                        ("--head-batchnorm", bool(model.head_batchnorm))) if given]
+                                        ("--head-batchnorm", bool(model.head_batchnorm)))
+               if given and not cfg.train.init_from]  # --init-from requires the source run's head layout
     if kind == "knn" and cfg.train.class_weight == "balanced":  # k-nearest neighbours takes no class weights
         unused.append("--class-weight balanced")
     return unused + ["--stage"] * bool(cfg.stages)

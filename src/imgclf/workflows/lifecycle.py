@@ -166,7 +166,7 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
     warnings += warn_imbalance(index.counts().get("train", {}), balanced)
     if "val" not in index.splits:
-        refuse_without_validation(config, resolve_stages(config))
+        refuse_without_validation(config, resolve_stages(config), resumed=resume_dir is not None)
     return index, warnings
 
 

@@ -38,17 +38,24 @@ def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
                           f"{'them' if len(binary_only) > 1 else 'it'}")
 
 
-def refuse_without_validation(config: Config, stages: list[tuple[str, TrainConfig]]) -> None:
-    """Settings that act on the validation split, when the split has no images: refused, not skipped."""
+def refuse_without_validation(config: Config, stages: list[tuple[str, TrainConfig]], resumed: bool = False) -> None:
+    """Settings that act on the validation split, when the split has no images: refused, not skipped. A run
+    resumed from before the threshold and schedule were refused here has them named in a warning instead."""
     if config.model.head != "linear":  # fitted once: no epochs, so no stopping or schedule
         needs = [f"--head {config.model.head} chooses its parameter on them"]
     else:
         needs = ["early stopping and restore-best need them (or pass --no-early-stopping --no-restore-best)"
                  ] if any(cfg.early_stopping or cfg.restore_best for _, cfg in stages) else []
-        if any(cfg.schedule == "plateau" for _, cfg in stages):
-            needs.append("--schedule plateau lowers the learning rate when val_loss stops improving")
+    later = ["--schedule plateau lowers the learning rate when val_loss stops improving (or choose another "
+             "--schedule)"] if config.model.head == "linear" and any(c.schedule == "plateau" for _, c in stages) else []
     if config.evaluate.threshold != "argmax":
-        needs.append(f"--threshold {config.evaluate.threshold} chooses the threshold on them")
+        later.append(f"--threshold {config.evaluate.threshold} chooses the threshold on them (or pass --threshold "
+                     "argmax)")
+    if resumed and later:
+        log.warning("warning: no validation images, so these settings of the resumed run do nothing: %s",
+                    "; ".join(later))
+    elif later:
+        needs += later
     if needs:
         raise DataError(f"no validation images: {'; '.join(needs)}; raise --val-fraction")
 
@@ -60,7 +67,7 @@ def warn_replaced_settings(config: Config) -> None:
                     "load by position, timm's hub by name, --init-from a run by name)", config.model.weights_map)
     replaced = recipe_overrides(config)
     if replaced:
-        given = ", ".join(f"{cli_flag('train', name)} {getattr(config.train, name)} (stage "
+        given = ", ".join(f"{typed_flag(name, getattr(config.train, name))} (stage "
                           f"{', '.join(f'{stage}: {value}' for stage, value in stages.items())})"
                           for name, stages in replaced.items())
         log.warning("warning: the default transfer recipe (stages head, then finetune) sets its own %s, so "
@@ -125,24 +132,36 @@ def _stage_unused(cfg: TrainConfig, patience_given: bool) -> list[str]:
 
 
 def _cache_unused(stages: list[tuple[str, TrainConfig]]) -> list[str]:
-    """Feature-cache settings when no stage freezes anything: only a frozen backbone's features are cached."""
+    """Feature-cache settings when no stage freezes the whole backbone: only its features are cached (a regex may
+    freeze it whole, so a stage with one counts as reading them)."""
     defaults = TrainConfig.model_fields
-    if any(cfg.freeze != "none" for _, cfg in stages):
+    if any(cfg.freeze == "backbone" or cfg.freeze.startswith("regex:") for _, cfg in stages):
         return []
     given = {f"{name}={getattr(cfg, name)}" for _, cfg in stages for name in ("feature_views", "feature_cache")
              if getattr(cfg, name) != defaults[name].default}
-    return [f"{' and '.join(sorted(given))} has no effect: every layer trains in every stage, and only a frozen "
-            "backbone's features are cached"] if given else []
+    partly = sorted({cfg.freeze for _, cfg in stages if cfg.freeze != "none"})
+    why = (f"no stage freezes the whole backbone ({', '.join(partly)} trains part of it)" if partly
+           else "every layer trains in every stage")
+    return [f"{' and '.join(sorted(given))} has no effect: {why}, and only a frozen backbone's features are "
+            "cached"] if given else []
 
 
 def _overridden_by_stages(config: Config) -> list[str]:
     """A train setting given that every explicit stage sets for itself, one of them to another value, reaches
     none of them: said, not lost."""
     own = [stage.model_dump(exclude={"name"}, exclude_none=True) for stage in config.stages]
-    return [f"{cli_flag('train', name)} {getattr(config.train, name)} reaches no stage: every stage sets its own "
+    return [f"{typed_flag(name, getattr(config.train, name))} reaches no stage: every stage sets its own "
             f"{name}" for name in sorted(given_train_settings(config) & TrainConfig.model_fields.keys())
             if own and all(name in values for values in own)
             and any(values[name] != getattr(config.train, name) for values in own)]
+
+
+def typed_flag(name: str, value: object) -> str:
+    """A train setting as the command line spells it: ``--lr 0.001``, ``--no-freeze-bn``, ``--patience (default)``."""
+    flag = cli_flag("train", name)
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag.removeprefix('--')}"
+    return f"{flag} {'(default)' if value is None else value}"
 
 
 def _augment_unused(cfg: AugmentConfig) -> list[str]:
