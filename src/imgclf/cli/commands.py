@@ -111,8 +111,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_on_ranks(args)
     warn_unused_dist_flags(args)
     run = load_run(args.run)
-    if args.threshold:  # chosen on validation predictions made as this evaluation makes them (tta)
+    if args.threshold is not None:  # chosen on validation predictions made as predict makes them
         EvaluateConfig.check_threshold(args.threshold)
+        run.refuse_threshold_on_other_tta(args.threshold, args.tta)
         value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta))
         print("threshold: argmax" if value is None else f"threshold ({args.threshold}, on val): {value:.4f}")
     if args.threshold and args.split == "val":
@@ -121,9 +122,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = run.evaluate(args.split, data_root=args.data, tta=args.tta)
     draw_evaluations(run, {"val", args.split} if args.threshold else {args.split})
     print(format_metrics(args.split, metrics))
+    _say_other_tta(metrics)
     print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
           f"and {write_report(run.path)}")
     return 0
+
+
+def _say_other_tta(metrics: dict) -> None:
+    if "tta" in metrics:  # scored with another --tta than the run's
+        print(f"scored with --tta {metrics['tta']}, recorded in metrics.json; predict, serve and the export average "
+              "as the run does (its config.yaml's tta)")
 
 
 def warn_unused_dist_flags(args: argparse.Namespace) -> None:
@@ -138,7 +146,7 @@ def warn_unused_dist_flags(args: argparse.Namespace) -> None:
 
 def _evaluate_on_ranks(args: argparse.Namespace) -> int:
     """``evaluate`` under torchrun: every rank predicts its shard; rank 0 writes and prints."""
-    if args.threshold:
+    if args.threshold is not None:
         EvaluateConfig.check_threshold(args.threshold)
     run, chosen, metrics = evaluate_on_ranks(args.run, args.split, args.data, args.tta, args.threshold,
                                              DistSettings(args.dist_backend, args.dist_timeout))
@@ -146,6 +154,7 @@ def _evaluate_on_ranks(args: argparse.Namespace) -> int:
         if args.threshold:
             print("threshold: argmax" if chosen is None else f"threshold ({args.threshold}, on val): {chosen:.4f}")
         print(format_metrics(args.split, metrics))
+        _say_other_tta(metrics)
         print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
               f"and {run.path / 'report.html'}")
     return 0

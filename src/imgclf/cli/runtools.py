@@ -111,9 +111,12 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         check_input_size(config.model, pre)
         model = build_model(config.model, args.classes, pre)
     stages = [(name, cfg.freeze, cfg.freeze_bn) for name, cfg in resolve_stages(config)]
+    kind = config.model.head
+    answer = f"{model.head.fc.out_features} output(s)" if kind == "linear" else (
+        f"a scikit-learn {kind} classifier fitted on these features (the final linear layer 'fc' below is unused)")
     print(f"{config.model.name}: input {pre.channels}x{pre.size}x{pre.size}, mean {pre.mean} std {pre.std}; head "
-          f"{', '.join(config.model.head_layers or [])} -> {model.head.fc.out_features} output(s); freeze "
-          "patterns match the names below without 'backbone.'\n")
+          f"{', '.join(config.model.head_layers or [])} -> {answer}; freeze patterns match the names below without "
+          "'backbone.'\n")
     print(describe_model(model, (pre.channels, pre.size, pre.size), stages, args.depth))
     return 0
 
@@ -130,6 +133,7 @@ def refuse_unused_model_info_settings(args: argparse.Namespace, source: Path | N
     if source is not None and source.suffix not in (".yaml", ".yml") and "model.name" in given:
         raise ConfigError(f"model-info {source} --model {args.cfg__model__name}: give the model once")
     unused = sorted(name for name in given if not name.startswith("model.") and name not in MODEL_INFO_SETTINGS)
+    unused += ["model.weights_map"] if "model.weights_map" in given and "model.weights" not in given else []
     if unused:
         flags = ", ".join(cli_flag(*name.split(".")) if "." in name else cli_flag(None, name) for name in unused)
         raise ConfigError(f"model-info shows the model, which {flags} would not change; drop "

@@ -92,6 +92,9 @@ class EnsembleRun(NetworkRun):
         probs = combine([p.probs for p in parts], self.spec.method, self.spec.weights)
         return Predictions(parts[0].paths, self.classes, parts[0].true, probs, label_note=parts[0].label_note)
 
+    def is_own_tta(self, tta: str | None) -> bool:
+        return tta is None or all(member.is_own_tta(tta) for member in self.members)
+
     def probabilities(self, split: str, data_root=None, shuffle: bool = False, prepared=None,
                       tta: str | None = None) -> Predictions:
         return self.combined([m.probabilities(split, data_root, shuffle, None, tta) for m in self.members])
@@ -107,7 +110,8 @@ class EnsembleRun(NetworkRun):
 
     @property
     def model(self):
-        raise ConfigError(f"{self.path} is an ensemble: it has no single model; explain or export its members")
+        raise ConfigError(f"{self.path} is an ensemble: it has no single model; give one of its members (its "
+                          f"{ENSEMBLE_FILE} lists them)")
 
     @property
     def head(self):

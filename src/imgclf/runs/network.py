@@ -183,7 +183,18 @@ class NetworkRun:
         Decisions use the run's threshold (binary tasks, ``threshold.json``), probabilities the
         test-time augmentation ``tta`` (default: the run's ``evaluate.tta``).
         """
-        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split)
+        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split, tta)
+
+    def is_own_tta(self, tta: str | None) -> bool:
+        """Whether ``tta`` (None: the run's) averages the views that predict, serve and the export average."""
+        return tta is None or tta == self.config.evaluate.tta
+
+    def refuse_threshold_on_other_tta(self, rule: str | None, tta: str | None) -> None:
+        """A threshold is chosen on the probabilities that predict, serve and the export later decide on."""
+        if rule and not self.is_own_tta(tta):
+            raise ConfigError(f"--threshold {rule} with --tta {tta}: it would be chosen on {tta}-averaged "
+                              f"probabilities, but predict, serve and the export decide on the run's own "
+                              f"(tta {self.config.evaluate.tta}); drop --tta, or train with --tta {tta}")
 
     def probabilities(self, split: str, data_root: str | Path | None = None, shuffle: bool = False,
                       prepared: PreparedData | None = None, tta: str | None = None) -> Predictions:
@@ -216,13 +227,16 @@ class NetworkRun:
             raise RunDirError(f"{self.path / MODEL_FILE}: {diverged} holds NaN or infinite values (training diverged: "
                               "re-train with a lower --lr; or a damaged file: restore it)")
 
-    def score(self, preds: Predictions, split: str) -> dict:
+    def score(self, preds: Predictions, split: str, tta: str | None = None) -> dict:
         """Decide at the run's threshold, write predictions_<split>.csv, then metrics and intervals
-        from that file as read back (the reporting wing draws them: ``evalplots.draw_evaluations``)."""
+        from that file as read back (the reporting wing draws them: ``evalplots.draw_evaluations``). Scores
+        averaged over another ``tta`` than the run's record it."""
         preds = preds.at_threshold(self.threshold, self.positive)
         saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
                                         self.config.data.positive_class)
         metrics["threshold"] = self.threshold
+        if not self.is_own_tta(tta):
+            metrics["tta"] = tta
         metrics["intervals"] = confidence_intervals(saved, self.config.data.positive_class,
                                                     self.config.evaluate.bootstrap, self.config.train.seed)
         baselines = runfiles.read_baselines(self.path / "metrics.json")  # kept beside the splits

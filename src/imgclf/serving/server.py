@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from imgclf.config.defaults import DEFAULT_MAX_PIXELS
+from imgclf.data.images import decodable_pixels
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.serving.bundle import require
@@ -50,6 +51,9 @@ class ServeOptions:
     def check(self) -> None:
         if self.max_batch < 1 or self.max_pixels < 4:
             raise ConfigError("--max-batch and --max-pixels must be positive")
+        if self.max_pixels > decodable_pixels():  # a higher limit would be Pillow's, not the one given
+            raise ConfigError(f"--max-pixels {self.max_pixels:,}: images over {decodable_pixels():,} pixels are "
+                              f"refused as decompression bombs whatever the limit; give at most {decodable_pixels():,}")
         if not 0 < self.max_upload_mb <= MAX_UPLOAD_MB:  # also false for nan; inf is above the bound
             raise ConfigError(f"--max-upload-mb {self.max_upload_mb}: give a size above 0 and at most "
                               f"{MAX_UPLOAD_MB:,}")

@@ -61,8 +61,9 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
     ctx = DistContext.from_env()
     try:
         run = one_voice(ctx, lambda: load_run(run_dir))
-        if not isinstance(run, NetworkRun):
+        if type(run) is not NetworkRun:  # an ensemble or a --head run is a NetworkRun subclass
             one_voice(ctx, _refuse_kind)
+        one_voice(ctx, lambda: run.refuse_threshold_on_other_tta(threshold, tta))
         device = ctx.init(run.compute.device, dist.backend, dist.timeout_s)
         with local_main_first(ctx):
             prepared = one_voice(ctx, lambda: prepare(run.index(data_root), run.preprocess, run.config.data))
@@ -74,7 +75,7 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
             metrics = main_only(ctx, lambda: run.metrics["val"])
         else:
             preds = exact_predictions(run, split, prepared, ctx, device, tta)
-            metrics = main_only(ctx, lambda: run.score(preds, split))
+            metrics = main_only(ctx, lambda: run.score(preds, split, tta))
         main_only(ctx, lambda: _draw_and_report(run, {"val", split} if threshold else {split}))
         return run, chosen, metrics
     finally:

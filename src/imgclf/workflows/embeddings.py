@@ -18,10 +18,11 @@ from imgclf.data.datasets import CachedImages, make_loader
 from imgclf.data.index import build_index
 from imgclf.data.pipeline import prepare
 from imgclf.data.transforms import build_eval_transform
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.logs import get_logger
 from imgclf.models.networks import build_model, check_model_name, resolve_preprocess
 from imgclf.runs.base import load_run
+from imgclf.runs.files import read_dataset
 from imgclf.runs.heads import Embedder, embed
 from imgclf.runtime import Compute
 
@@ -42,6 +43,10 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
             raise ConfigError(f"features {source}: a run embeds with its own trained weights and input; drop "
                               f"{', '.join(given)} (they are for a backbone given by name)")
         run = load_run(source)
+        root = Path(read_dataset(run.path / "dataset.json").root)
+        if data is None and not root.is_dir():
+            raise RunDirError(f"dataset folder {root} is gone; give where it is now: imgclf features {source} "
+                              "NEW_LOCATION --out ...")
         model, preprocess, compute = run.model, run.preprocess, run.compute
         data_cfg = run.config.data
         seed = run.config.train.seed if data_cfg.split_seed is None else data_cfg.split_seed

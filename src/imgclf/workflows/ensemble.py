@@ -76,6 +76,11 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
     runs = [load_run(p) for p in run_dirs]
     count_models(runs, "the ensemble")
     check_members(runs)
+    thresholded = [str(r.path) for r in runs if r.threshold is not None]
+    if method == "majority" and thresholded:
+        log.warning("warning: a majority vote counts each member's most probable class, not the decision %s makes "
+                    "at its own threshold; --method soft averages probabilities and decides at one threshold",
+                    ", ".join(thresholded))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; choose another --out")

@@ -1,0 +1,95 @@
+"""Commands that use a trained run do what they are asked or say why not: evaluate under torchrun refuses a
+classical head (it scored the untrained linear layer), a threshold is never chosen on views predict does not
+average, scores under another --tta record it, a majority vote says it drops members' thresholds, model-info
+says what a classical head classifies with, serve's pixel limit cannot exceed what Pillow decodes."""
+
+import json
+import shutil
+
+import pytest
+
+import imgclf
+from clitools import assert_clean_error, run_main
+from imgclf.errors import ConfigError
+from imgclf.serving.server import ServeOptions
+from imgclf.training.ddp import DistSettings
+from imgclf.workflows.distributed import evaluate_on_ranks
+from imgclf.workflows.ensemble import create_ensemble
+
+from conftest import tiny_config
+from imagefactory import make_class_folders
+
+BINARY = {"threshold": "max_f1", "report": False, "bootstrap": 0, "baseline": False}
+
+
+@pytest.fixture(scope="module")
+def binary_runs(tmp_path_factory):
+    """Two binary runs deciding at a max-F1 threshold, and a logistic-regression head run, on one split."""
+    base = tmp_path_factory.mktemp("binary")
+    data = make_class_folders(base / "data", per_class=10, classes=["cat", "dog"])
+    runs = [imgclf.train(tiny_config(data, base / f"run{seed}", train={"epochs": 2, "seed": seed},
+                                     evaluate=BINARY)) for seed in (1, 2)]
+    head = imgclf.train(tiny_config(data, base / "logreg", model={"head": "logreg"}, train={"epochs": 1}))
+    return runs, head
+
+
+def test_evaluate_under_torchrun_refuses_a_classical_head_run(binary_runs):
+    _, head = binary_runs
+    with pytest.raises(ConfigError, match="an ensemble or a --head run evaluates on one process"):
+        evaluate_on_ranks(head.path, "test", None, None, None, DistSettings())
+
+
+def test_a_threshold_is_never_chosen_on_views_predict_does_not_average(binary_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    chosen = json.loads((run / "threshold.json").read_text())
+    assert_clean_error(run_main("evaluate", run, "--tta", "flip", "--threshold", "youden"),
+                       "--threshold youden with --tta flip", "predict, serve and the export decide on the run's own")
+    assert json.loads((run / "threshold.json").read_text()) == chosen  # refused before anything was written
+    assert_clean_error(run_main("evaluate", run, "--threshold", ""), "threshold must be argmax")
+
+
+def test_scores_under_another_tta_record_it_and_the_runs_own_do_not(binary_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    result = run_main("evaluate", run, "--tta", "flip")
+    assert result.returncode == 0, result.stderr
+    assert "scored with --tta flip, recorded in metrics.json" in result.stdout
+    assert json.loads((run / "metrics.json").read_text())["test"]["tta"] == "flip"
+    again = run_main("evaluate", run, "--tta", "none")  # the run's own: nothing to record
+    assert again.returncode == 0 and "scored with --tta" not in again.stdout
+    assert "tta" not in json.loads((run / "metrics.json").read_text())["test"]
+
+
+def test_a_majority_vote_says_it_counts_members_argmax_not_their_thresholds(binary_runs, tmp_path, caplog):
+    runs, _ = binary_runs
+    caplog.set_level("WARNING", logger="imgclf")
+    create_ensemble([r.path for r in runs], tmp_path / "vote", method="majority")
+    assert "a majority vote counts each member's most probable class, not the decision" in caplog.text
+    caplog.clear()
+    create_ensemble([r.path for r in runs], tmp_path / "soft", method="soft")
+    assert "majority vote" not in caplog.text
+
+
+def test_model_info_says_a_classical_head_classifies_and_refuses_a_weights_map_alone(binary_runs):
+    shown = run_main("model-info", binary_runs[1].path)
+    assert shown.returncode == 0 and "a scikit-learn logreg classifier fitted on these features" in shown.stdout
+    named = run_main("model-info", "simple_cnn", "--head", "svm", "--image-size", "16")
+    assert named.returncode == 0 and "scikit-learn svm classifier" in named.stdout
+    assert_clean_error(run_main("model-info", "simple_cnn", "--weights-map", "position"),
+                       "model-info shows the model, which --weights-map would not change")
+
+
+def test_serve_refuses_a_pixel_limit_that_pillow_would_override():
+    with pytest.raises(ConfigError, match="refused as decompression bombs whatever the limit; give at most"):
+        ServeOptions(max_pixels=500_000_000).check()
+    ServeOptions(max_pixels=100_000_000).check()
+
+
+def test_features_of_a_run_whose_dataset_moved_says_how_to_give_it(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    run = imgclf.train(tiny_config(data, tmp_path / "run", train={"epochs": 1}))
+    data.rename(tmp_path / "moved")
+    assert_clean_error(run_main("features", run.path, "--out", tmp_path / "f.npz"), "is gone; give where it is now",
+                       f"imgclf features {run.path} NEW_LOCATION")
+    assert run_main("features", run.path, tmp_path / "moved", "--out", tmp_path / "f.npz").returncode == 0
