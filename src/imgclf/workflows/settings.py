@@ -40,24 +40,25 @@ def check_binary_settings(config: Config, classes: tuple[str, ...]) -> None:
 
 def refuse_without_validation(config: Config, stages: list[tuple[str, TrainConfig]], resumed: bool = False) -> None:
     """Settings that act on the validation split, when the split has no images: refused, not skipped. A run
-    resumed from before the threshold and schedule were refused here has them named in a warning instead."""
-    if config.model.head != "linear":  # fitted once: no epochs, so no stopping or schedule
-        needs = [f"--head {config.model.head} chooses its parameter on them"]
-    else:
-        needs = ["early stopping and restore-best need them (or pass --no-early-stopping --no-restore-best)"
-                 ] if any(cfg.early_stopping or cfg.restore_best for _, cfg in stages) else []
-    later = ["--schedule plateau lowers the learning rate when val_loss stops improving (or choose another "
-             "--schedule)"] if config.model.head == "linear" and any(c.schedule == "plateau" for _, c in stages) else []
+    resumed from before the threshold and the schedule were refused here has those two said in a warning."""
+    network = config.model.head == "linear"  # a classical head is fitted once: no stopping or schedule
+    needs, newer = [], []
+    if not network:
+        needs.append(f"--head {config.model.head} chooses its parameter on them")
+    elif any(cfg.early_stopping or cfg.restore_best for _, cfg in stages):
+        needs.append("early stopping and restore-best need them (or pass --no-early-stopping --no-restore-best)")
+    if network and any(cfg.schedule == "plateau" for _, cfg in stages):
+        newer.append("--schedule plateau lowers the learning rate when val_loss stops improving (or choose "
+                     "another --schedule)")
     if config.evaluate.threshold != "argmax":
-        later.append(f"--threshold {config.evaluate.threshold} chooses the threshold on them (or pass --threshold "
+        newer.append(f"--threshold {config.evaluate.threshold} chooses the threshold on them (or pass --threshold "
                      "argmax)")
-    if resumed and later:
+    if resumed and newer:
         log.warning("warning: no validation images, so these settings of the resumed run do nothing: %s",
-                    "; ".join(later))
-    elif later:
-        needs += later
-    if needs:
-        raise DataError(f"no validation images: {'; '.join(needs)}; raise --val-fraction")
+                    "; ".join(newer))
+        newer = []
+    if needs or newer:
+        raise DataError(f"no validation images: {'; '.join(needs + newer)}; raise --val-fraction")
 
 
 def warn_replaced_settings(config: Config) -> None:
