@@ -130,11 +130,13 @@ def head_unused_settings(cfg: Config, kind: str) -> list[str]:
                 if (section != "train" or name not in HEAD_USES) and getattr(values, name) != getattr(defaults, name)]
 
     unused = changed("train", cfg.train, TrainConfig()) + changed("augment", cfg.augment, AugmentConfig())
-    model = cfg.model  # the features stop before the classifier; nothing in the head trains, unless a trained
-    unused += [flag for flag, given in (("--binary-head sigmoid", model.binary_head == "sigmoid"),  # run's is read
+    # The features stop before the classifier, and no head layer trains: these change nothing, unless --init-from
+    # reads a trained run's head (whose layout it requires, so they cannot be dropped there)
+    model = cfg.model
+    unused += [flag for flag, given in (("--binary-head sigmoid", model.binary_head == "sigmoid"),
                                         (f"--dropout {model.dropout}", bool(model.dropout)),
                                         ("--head-batchnorm", bool(model.head_batchnorm)))
-               if given and not cfg.train.init_from]  # --init-from requires the source run's head layout
+               if given and not cfg.train.init_from]
     if kind == "knn" and cfg.train.class_weight == "balanced":  # k-nearest neighbours takes no class weights
         unused.append("--class-weight balanced")
     return unused + ["--stage"] * bool(cfg.stages)
