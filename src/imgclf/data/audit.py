@@ -12,7 +12,6 @@ device files are skipped with a warning, and no file is ever opened unless it is
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter, defaultdict
 from itertools import pairwise
 from pathlib import Path
@@ -22,13 +21,12 @@ from PIL import Image
 
 from imgclf.data.images import BadImage, load_image, open_image, require_regular_file
 from imgclf.data.index import detect_layout, scan_rows
-from imgclf.data.scan import visible_dirs
+from imgclf.data.scan import FOLD_DIR, visible_dirs
 from imgclf.errors import DataError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.safeio import printable as shown
 
 log = get_logger("audit")
-FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
 NEAR_DUPLICATE_BITS = 4  # perceptual-hash Hamming distance (of 64 bits) that counts as "near"
 
 

@@ -4,13 +4,16 @@ Only a regular file (after following a symlink) is opened: a FIFO or device file
 BadImage before any read, because reading it would never end.
 
 Mode rule (after EXIF orientation is applied; animated files use their first frame):
-- 16/32-bit integer grayscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (value / 257 for 16-bit);
+- 16-bit integer grayscale (``I;16``, and 16-bit PGM, which Pillow opens as ``I``) is scaled by its bit depth:
+  value / 257; other 32-bit integer grayscale (``I``, e.g. TIFF) by the range its values span: within [0, 255]
+  kept as they are, else / 257 (16-bit data stored in 32 bits) with values above 65535 clipped;
 - 32-bit float grayscale (``F``, float TIFFs) is scaled by the range its values span: any NaN or
   infinity refuses the image (BadImage); values within [0, 1] are x 255; within [0, 255] kept as they
   are; within [0, 65535] / 257 (16-bit data stored as float); anything else (negative values, or
   above 65535) refuses the image, since no fixed rule maps it to 8 bits without guessing;
 - palette (``P``) expands to RGB, or RGBA when it has transparency; ``1`` becomes ``L``;
-- alpha (``LA``, ``RGBA``, ``PA``) is composited onto black, so transparent areas read as 0;
+- alpha (``LA``, ``RGBA``, ``PA``, and a gray or RGB PNG's transparent colour, ``tRNS``) is composited onto
+  black, so transparent areas read as 0;
 - ``CMYK`` and other colour spaces are converted to RGB by Pillow;
 - finally ``channels=1`` takes the luma (ITU-R 601) and ``channels=3`` replicates gray to RGB.
 Images are resized to a square ``size`` x ``size`` (no crop, as Keras' ``target_size`` does).
@@ -77,8 +80,9 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
             if img.format == "JPEG":
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # decode at reduced scale
             img.load()
+            sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")  # PGM: 16-bit
             img = ImageOps.exif_transpose(img)
-            img = to_mode(img, "RGB" if channels == 3 else "L")
+            img = to_mode(img, "RGB" if channels == 3 else "L", sixteen_bit)
             img = img.resize((size, size), RESAMPLING[interpolation], reducing_gap=2.0)
             array = np.asarray(img, dtype=np.uint8)
     except BadImage:
@@ -111,17 +115,20 @@ def image_size(path: Path) -> tuple[int, int]:
         return img.width, img.height
 
 
-def to_mode(img: Image.Image, target: str) -> Image.Image:
-    """Convert any Pillow mode to ``L`` or ``RGB`` by the module's documented rule."""
+def to_mode(img: Image.Image, target: str, sixteen_bit: bool = False) -> Image.Image:
+    """Convert any Pillow mode to ``L`` or ``RGB`` by the module's documented rule; ``sixteen_bit``: the file
+    stores 16-bit samples (Pillow opens a 16-bit PGM as 32-bit ``I``)."""
     if img.mode == "F":
         with np.errstate(invalid="ignore"):  # NaN is refused by the rule, not warned about by numpy
             img = Image.fromarray(float_to_uint8(np.asarray(img, dtype=np.float64)))
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        img = Image.fromarray(integer_to_uint8(np.asarray(img), img.mode.startswith("I;16")))
+        img = Image.fromarray(integer_to_uint8(np.asarray(img), sixteen_bit or img.mode.startswith("I;16")))
     if img.mode == "1":
         img = img.convert("L")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # a palette's, or a PNG's tRNS colour
+        img = img.convert("RGBA")
     if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        img = img.convert("RGB")
     if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
         rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # convert would copy an RGBA image whole
         img = Image.new("RGB", rgba.size, 0)  # onto black through the alpha mask: alpha_composite's pixels

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 from imgclf.errors import DataError
@@ -37,7 +38,9 @@ from imgclf.safeio import special_file_kind
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 TOOL_FOLDERS = frozenset({".git", ".hg", ".svn", ".dvc", ".ipynb_checkpoints", ".idea", ".vscode"})  # not data
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)  # Fold0..FoldK: cross-validation folds
 SPLIT_ORDER = ("train", "val", "test")
 
 Row = tuple[str, str, str]  # (path relative to the dataset root, label, split)

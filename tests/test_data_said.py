@@ -1,0 +1,84 @@
+"""Data ingestion never reads a dataset otherwise than it looks without saying so: fold folders are not classes,
+Kaggle's Training/Testing are splits, split-like class folders and loose images beside split folders are said,
+and a file decodes by its format, not its content (16-bit PGM, PNG transparency)."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.config import DataConfig
+from imgclf.data.index import build_index
+from imgclf.data.images import load_image
+from imgclf.errors import DataError
+from imgclf.logs import get_logger
+
+from imagefactory import make_class_folders, make_split_folders
+
+
+@pytest.fixture
+def logged(caplog):
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def index_of(path, **data):
+    return build_index(DataConfig(path=str(path), **data), 0)
+
+
+def test_fold_folders_given_to_train_are_refused_not_read_as_classes(tmp_path):
+    for i in range(2):
+        make_split_folders(tmp_path / "data" / f"Fold{i}", {"train": 4, "valid": 2, "test": 2}, seed=i)
+    with pytest.raises(DataError, match="holds cross-validation folds \\(Fold0, Fold1...\\), not class folders"):
+        index_of(tmp_path / "data")
+    assert index_of(tmp_path / "data" / "Fold0").classes == ("left bar", "right bar", "top bar")  # one fold trains
+    explicit = index_of(tmp_path / "data", layout="class_folders")  # asked for by name: read as asked
+    assert explicit.classes == ("Fold0", "Fold1")
+
+
+def test_training_and_testing_folders_are_splits(tmp_path):
+    make_split_folders(tmp_path / "data", {"Training": 6, "Testing": 3})
+    index = index_of(tmp_path / "data")
+    assert set(index.splits) == {"train", "val", "test"} and "Training" not in index.classes
+    assert index.counts()["test"] == {name: 3 for name in index.classes}
+
+
+def test_class_folders_that_all_hold_the_same_sub_folders_are_said_to_look_like_splits(tmp_path, logged):
+    make_split_folders(tmp_path / "data", {"seg_train": 6, "seg_test": 3})
+    index = index_of(tmp_path / "data")
+    assert index.classes == ("seg_test", "seg_train")  # read as asked...
+    assert "each hold the same sub-folders (left bar, right bar, top bar)" in logged.text  # ...and said
+    logged.clear()
+    index_of(make_class_folders(tmp_path / "plain", 4))
+    assert "same sub-folders" not in logged.text
+
+
+def test_images_beside_split_folders_are_said_not_read(tmp_path, logged):
+    data = make_split_folders(tmp_path / "data", {"train": 6, "val": 2})
+    shutil.copy(next((data / "train" / "left bar").iterdir()), data / "stray.png")
+    index = index_of(data)
+    assert "stray.png" not in index.paths and len(index) == 24
+    assert "1 image(s) directly in" in logged.text and "(stray.png, ...) are not read" in logged.text
+
+
+def test_a_16_bit_pgm_decodes_by_its_bit_depth_whatever_its_values(tmp_path):
+    dark = np.full((8, 8), 250, np.uint16)
+    bright = dark.copy()
+    bright[0, 0] = 300
+    for name, values in (("dark.pgm", dark), ("bright.pgm", bright)):
+        Image.fromarray(values).save(tmp_path / name)
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"  # how Pillow opens it: the content decided, before
+    assert load_image(tmp_path / "dark.pgm", 8, 1)[4, 4, 0] == load_image(tmp_path / "bright.pgm", 8, 1)[4, 4, 0] == 1
+
+
+@pytest.mark.parametrize("mode,white,channels", [("RGB", (255, 255, 255), 3), ("L", 255, 1)])
+def test_a_pngs_transparent_colour_is_composited_onto_black_as_alpha_is(tmp_path, mode, white, channels):
+    Image.new(mode, (8, 8), white).save(tmp_path / "t.png", transparency=white)
+    assert (load_image(tmp_path / "t.png", 8, channels) == 0).all()
+    Image.new(mode, (8, 8), white).save(tmp_path / "opaque.png")
+    assert (load_image(tmp_path / "opaque.png", 8, channels) == 255).all()
