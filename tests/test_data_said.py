@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import imgclf
 from imgclf.config import DataConfig
-from imgclf.data.index import build_index
 from imgclf.data.images import load_image
+from imgclf.data.index import build_index
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
 
-from imagefactory import make_class_folders, make_split_folders
+from conftest import tiny_config
+from imagefactory import make_class_folders, make_csv, make_split_folders
 
 
 @pytest.fixture
@@ -82,3 +84,26 @@ def test_a_pngs_transparent_colour_is_composited_onto_black_as_alpha_is(tmp_path
     assert (load_image(tmp_path / "t.png", 8, channels) == 0).all()
     Image.new(mode, (8, 8), white).save(tmp_path / "opaque.png")
     assert (load_image(tmp_path / "opaque.png", 8, channels) == 255).all()
+
+
+def test_class_names_that_differ_only_in_case_are_said(tmp_path, logged):
+    data = make_class_folders(tmp_path / "data", 4, classes=["Cat", "cat", "dog"])
+    assert index_of(data).classes == ("Cat", "cat", "dog")
+    assert "classes 'Cat', 'cat' differ only in letter case" in logged.text
+
+
+def test_csv_columns_train_does_not_read_are_said(tmp_path, logged):
+    csv_path = make_csv(tmp_path, per_class=4, with_split=False)
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",patient_id"] + [f"{row},p{i % 3}" for i, row in enumerate(rows[1:])]))
+    index_of(csv_path)
+    assert "column(s) patient_id are not read" in logged.text and "--group-column" in logged.text
+
+
+def test_a_class_whose_every_training_image_is_skipped_is_refused(tmp_path):
+    data = make_class_folders(tmp_path / "data", 6, classes=["good", "broken"])
+    for image in (data / "broken").iterdir():
+        image.write_bytes(b"not an image")
+    config = tiny_config(data, tmp_path / "run", data={"skip_bad_images": True})
+    with pytest.raises(DataError, match="every training image of class 'broken' is unreadable"):
+        imgclf.train(config)

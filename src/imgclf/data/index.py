@@ -24,8 +24,13 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.config import DataConfig, cli_flag
+from imgclf.data.layout_checks import (
+    refuse_fold_folders,
+    warn_case_twins,
+    warn_split_like_classes,
+    warn_unread_columns,
+)
 from imgclf.data.scan import (
-    FOLD_DIR,
     Row,
     drop_repeated_files,
     is_ignored,
@@ -126,7 +131,7 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     path = Path(cfg.path).expanduser().resolve()
     layout = detect_layout(path) if cfg.layout == "auto" else cfg.layout
     if cfg.layout == "auto" and layout == "class_folders":
-        _refuse_fold_folders(path)
+        refuse_fold_folders(path)
     root = path.parent if layout == "csv" else path
     rows = scan_rows(path, layout)
     if not rows:
@@ -143,6 +148,9 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
     index = _make_index(root, rows)
     check_classes(index, source=str(path))
+    warn_case_twins(index.classes)
+    if layout == "csv":
+        warn_unread_columns(path)
     warn_tiny_classes(index)
     return index
 
@@ -171,7 +179,7 @@ def _rows_of_layout(path: Path, layout: str) -> list[Row]:
     if layout == "csv":
         return scan_csv(path)
     if layout == "class_folders":
-        _warn_split_like_classes(path)
+        warn_split_like_classes(path)
         return [(p, label, "") for p, label, _ in scan_class_folders(path, "", path)]
     folders = split_folders(path)
     if "train" not in folders:
@@ -192,28 +200,6 @@ def _rows_of_layout(path: Path, layout: str) -> list[Row]:
             raise DataError(f"split folder {folder} holds no images; fill it or remove it")
         rows += found
     return rows
-
-
-def _refuse_fold_folders(path: Path) -> None:
-    """Fold0..FoldK folders are cross-validation folds (cv and audit read them so), never classes."""
-    folds = sorted(d.name for d in visible_dirs(path, "dataset folder") if FOLD_DIR.match(d.name))
-    if folds:
-        raise DataError(f"{path} holds cross-validation folds ({', '.join(folds[:3])}...), not class folders: run "
-                        f"imgclf cv {path}, or train one fold (imgclf train {path / folds[0]})")
-
-
-def _warn_split_like_classes(path: Path) -> None:
-    """Class folders that all hold the same sub-folders look like splits the aliases missed (seg_train/seg_test):
-    their sub-folders, likely the real classes, would be pooled. Said, since the folders are read as asked."""
-    try:
-        tops = visible_dirs(path, "dataset folder")
-        inner = {frozenset(d.name for d in visible_dirs(top)) for top in tops}
-    except DataError:  # an unreadable folder: the scan that follows names it
-        return
-    if len(tops) >= 2 and len(inner) == 1 and len(shared := next(iter(inner))) >= 2:
-        log.warning("warning: the class folders of %s (%s) each hold the same sub-folders (%s), which are pooled "
-                    "into them; if those are the classes, name the outer folders train, val and test", path,
-                    ", ".join(sorted(t.name for t in tops)[:4]), ", ".join(sorted(shared)[:4]))
 
 
 def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,

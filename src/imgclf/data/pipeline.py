@@ -65,6 +65,15 @@ def prepare(index: DatasetIndex, preprocess: Preprocess, cfg: DataConfig) -> Pre
     return PreparedData(kept, decoded, np.array(keep, dtype=np.int64), decoded.bad)
 
 
+def refuse_lost_classes(prepared: PreparedData) -> None:
+    """Training after --skip-bad-images: a class whose every training image was skipped would never be learned."""
+    kept = set(prepared.index.subset("train").labels)
+    lost = [name for name in prepared.index.classes if name not in kept]
+    if lost:
+        raise DataError(f"every training image of class {lost[0]!r} is unreadable (skipped with --skip-bad-images): "
+                        "the model would never learn it; fix its images or remove the class")
+
+
 def write_skipped(prepared: PreparedData, path) -> None:
     def write(fh) -> None:
         out = csv.writer(fh)

@@ -42,6 +42,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)  # Fold0..FoldK: cross-validation folds
 SPLIT_ORDER = ("train", "val", "test")
+CSV_COLUMNS = ("path", "label", "split")  # what a dataset CSV's columns mean to train
 
 Row = tuple[str, str, str]  # (path relative to the dataset root, label, split)
 log = get_logger("scan")

@@ -23,7 +23,7 @@ from imgclf.config import Config, config_to_yaml
 from imgclf.config.stages import resolve_stages
 from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
-from imgclf.data.pipeline import PreparedData, prepare, write_skipped
+from imgclf.data.pipeline import PreparedData, prepare, refuse_lost_classes, write_skipped
 from imgclf.data.samplers import rank_seed
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
@@ -120,6 +120,7 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
     start = one_voice(ctx, lambda: init_weights(config, index.classes, preprocess)) if refit else None
     with local_main_first(ctx):  # one rank per machine decodes; the others then read its cache entry
         prepared = one_voice(ctx, lambda: prepare(index, preprocess, config.data))
+    one_voice(ctx, lambda: refuse_lost_classes(prepared))
     if resume_dir is None:
         out = Path(main_only(ctx, lambda: str(_create_run(config, prepared, warnings))))
         config = config.model_copy(update={"out": str(out), "versions": library_versions()})
