@@ -107,3 +107,11 @@ def test_a_class_whose_every_training_image_is_skipped_is_refused(tmp_path):
     config = tiny_config(data, tmp_path / "run", data={"skip_bad_images": True})
     with pytest.raises(DataError, match="every training image of class 'broken' is unreadable"):
         imgclf.train(config)
+
+
+def test_nearest_interpolation_of_a_jpeg_picks_pixels_and_does_not_average_them(tmp_path):
+    board = (np.indices((64, 64)).sum(axis=0) // 2 % 2 * 255).astype(np.uint8)  # 2-pixel checkerboard
+    Image.fromarray(board).save(tmp_path / "board.jpg", quality=100)
+    nearest = load_image(tmp_path / "board.jpg", 16, 1, "nearest")
+    assert ((nearest < 40) | (nearest > 215)).all()  # pixels picked, black or white (the DCT draft gives ~128)
+    assert 90 < load_image(tmp_path / "board.jpg", 16, 1, "bilinear").mean() < 165

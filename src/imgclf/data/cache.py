@@ -50,7 +50,7 @@ from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
 
-CACHE_VERSION = 3  # bumped whenever load_image decodes some file differently (3: 16-bit PGM, PNG tRNS)
+CACHE_VERSION = 3  # bumped whenever load_image decodes some file differently (3: 16-bit PGM, PNG tRNS, JPEG at nearest)
 SAMPLE_BYTES = 64 * 1024
 MAX_NPY_HEADER = 64 * 1024  # bytes an entry's .npy header may take
 MAX_SIDECAR_BYTES_PER_IMAGE = 8 * 1024  # a failed image's path and reason, in a decode entry's sidecar

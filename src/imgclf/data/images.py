@@ -77,7 +77,7 @@ def load_image(path: str | Path, size: int, channels: int, interpolation: str = 
                 raise BadImage(path, f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
             if img.width < 2 or img.height < 2:
                 raise BadImage(path, f"image is only {img.width}x{img.height} pixels")
-            if img.format == "JPEG":
+            if img.format == "JPEG" and interpolation != "nearest":  # the DCT scaling averages: not nearest
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # decode at reduced scale
             img.load()
             sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")  # PGM: 16-bit
