@@ -34,9 +34,9 @@ TRACE_BATCH = 2  # a batch of 1 would let the exporter specialise the batch dime
 PREPROCESSING = ("Input 'images': uint8, N x {size} x {size} x {channels} (batch, height, width, channels). Decode "
                  "the file (a JPEG, unless the filter is NEAREST, in Pillow's draft mode: libjpeg's DCT scaling by "
                  "the largest of 1/2, 1/4, 1/8 that keeps it at least {size} x {size}), apply its EXIF orientation, "
-                 "convert to {mode} (alpha composited onto black, 16-bit divided by 257, palette expanded), resize to {size} x {size} with "
-                 "Pillow's {filter} filter (reducing_gap=2.0), keep uint8. Scaling, normalisation, the network and "
-                 "its softmax or sigmoid run inside the graph.")
+                 "convert to {mode} (alpha composited onto black, 16-bit divided by 257, palette expanded), resize "
+                 "to {size} x {size} with Pillow's {filter} filter (reducing_gap=2.0), keep uint8. Scaling, "
+                 "normalisation, the network and its softmax or sigmoid run inside the graph.")
 
 
 def export_run(run, opset: int = DEFAULT_OPSET, data_root: str | Path | None = None) -> dict:
