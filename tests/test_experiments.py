@@ -522,3 +522,13 @@ def test_settings_given_twice_are_refused_and_a_configs_out_is_the_experiments(t
     result = run_cli("cv", "--config", path, "--folds", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "from_config" / "folds.csv").is_file() and not (tmp_path / "cv").exists()
+
+
+def test_a_grid_setting_given_twice_is_refused_not_replaced(tmp_path):
+    with pytest.raises(ConfigError, match=r"lr is varied twice \(axes lr and train.lr\)"):
+        parse_params(["lr=0.1,0.2", "train.lr=0.3"])  # both trials would have trained at 0.3
+    with pytest.raises(ConfigError, match="grid setting 'lr' is given twice"):
+        parse_params(["lr=0.1,0.2", "lr=0.3"])
+    (tmp_path / "grid.yaml").write_text("lr: [0.5, 0.6]\n")
+    with pytest.raises(ConfigError, match="grid setting 'lr' is given twice"):
+        parse_params(["lr=0.1"], str(tmp_path / "grid.yaml"))

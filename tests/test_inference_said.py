@@ -10,11 +10,14 @@ import pytest
 
 import imgclf
 from clitools import assert_clean_error, run_main
+from imgclf.config import build_config
 from imgclf.errors import ConfigError
 from imgclf.serving.server import ServeOptions
 from imgclf.training.ddp import DistSettings
+from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.distributed import evaluate_on_ranks
 from imgclf.workflows.ensemble import create_ensemble
+from imgclf.workflows.settings import warn_replaced_settings
 
 from conftest import tiny_config
 from imagefactory import make_class_folders
@@ -93,3 +96,27 @@ def test_features_of_a_run_whose_dataset_moved_says_how_to_give_it(tmp_path):
     assert_clean_error(run_main("features", run.path, "--out", tmp_path / "f.npz"), "is gone; give where it is now",
                        f"imgclf features {run.path} NEW_LOCATION")
     assert run_main("features", run.path, tmp_path / "moved", "--out", tmp_path / "f.npz").returncode == 0
+
+
+def test_model_info_refuses_stage_keys_that_do_not_shape_the_model_and_says_the_recipes_freeze(tmp_path):
+    assert_clean_error(run_main("model-info", "simple_cnn", "--stage", "name=a,lr=0.5,epochs=3"),
+                       "which --stage epochs, lr would not change")
+    assert run_main("model-info", "simple_cnn", "--image-size", "16", "--stage", "name=a,freeze=last:1").returncode == 0
+    shown = run_main("model-info", "tf_efficientnet_lite0", "--pretrained", "--freeze", "last:2", "--image-size", "64",
+                     "--depth", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "these settings do not apply there: --freeze last:2 (stage head: backbone, finetune: none)" in shown.stderr
+
+
+def test_audit_refuses_overwrite_without_a_file_to_overwrite(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    assert_clean_error(run_main("audit", data, "--overwrite", "--no-near"), "audit writes no file without --json")
+
+
+def test_warnings_logged_in_worker_processes_reach_the_command(caplog):
+    config = build_config({"model": {"name": "resnet18", "pretrained": True, "weights_map": "name"}})
+    caplog.set_level("WARNING", logger="imgclf")
+    results = run_jobs(warn_replaced_settings, [(config,), (config,)], "processes", 2)
+    assert results == [None, None]
+    said = [r.getMessage() for r in caplog.records if "--weights-map name has no effect" in r.getMessage()]
+    assert len(said) == 2  # one per job here; a command's console says a repeated warning once

@@ -93,6 +93,8 @@ def refuse_to_overwrite(args: argparse.Namespace) -> None:
     """What is at a command's --out (audit's --json) is the user's: replaced only with --overwrite."""
     if args.command == "audit" and args.json:
         refuse_existing_file(args.json, "--json", args.overwrite)
+    elif args.command == "audit" and args.overwrite:
+        raise ConfigError("--overwrite replaces an existing --json file; audit writes no file without --json")
     elif args.command in ("predict", "features"):
         refuse_existing_file(args.out, "--out", args.overwrite)
     elif args.command in ("explain", "compare"):

@@ -7,7 +7,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-from imgclf.cli.flags import config_from_args, format_metrics, given_settings
+from imgclf.cli.flags import config_from_args, format_metrics, given_settings, parse_stage
 from imgclf.config import cli_flag
 from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
@@ -23,6 +23,7 @@ from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, serve
 from imgclf.workflows.embeddings import write_features
 from imgclf.workflows.ensemble import create_ensemble
+from imgclf.workflows.settings import warn_replaced_settings
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -110,6 +111,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         pre = resolve_preprocess(config.model, data.image_size, data.channels, data.interpolation)
         check_input_size(config.model, pre)
         model = build_model(config.model, args.classes, pre)
+        warn_replaced_settings(config)  # --freeze under the default transfer recipe, as train says it
     stages = [(name, cfg.freeze, cfg.freeze_bn) for name, cfg in resolve_stages(config)]
     kind = config.model.head
     answer = f"{model.head.fc.out_features} output(s)" if kind == "linear" else (
@@ -123,6 +125,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 # What model-info draws from: the model, the input it takes, and the stages' freezing
 MODEL_INFO_SETTINGS = ("data.image_size", "data.channels", "data.interpolation", "train.freeze", "train.freeze_bn")
+STAGE_SHAPES = {"name", "freeze", "freeze_bn"}
 
 
 def refuse_unused_model_info_settings(args: argparse.Namespace, source: Path | None) -> None:
@@ -134,6 +137,10 @@ def refuse_unused_model_info_settings(args: argparse.Namespace, source: Path | N
         raise ConfigError(f"model-info {source} --model {args.cfg__model__name}: give the model once")
     unused = sorted(name for name in given if not name.startswith("model.") and name not in MODEL_INFO_SETTINGS)
     unused += ["model.weights_map"] if "model.weights_map" in given and "model.weights" not in given else []
+    stage_keys = sorted({key for text in args.stages or [] for key in parse_stage(text)} - STAGE_SHAPES)
+    if stage_keys:
+        raise ConfigError(f"model-info shows the model, which --stage {', '.join(stage_keys)} would not change; "
+                          "give each stage's name, freeze and freeze_bn only")
     if unused:
         flags = ", ".join(cli_flag(*name.split(".")) if "." in name else cli_flag(None, name) for name in unused)
         raise ConfigError(f"model-info shows the model, which {flags} would not change; drop "

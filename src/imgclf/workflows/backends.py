@@ -6,6 +6,7 @@ arguments, so the backend never changes a result.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -13,6 +14,9 @@ from multiprocessing import get_context
 from typing import Any
 
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
+
+log = get_logger("backends")
 
 BACKENDS = ("sequential", "processes", "ray")
 
@@ -26,11 +30,42 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], backend: str = "sequential", n
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
         with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"), initializer=_limit_threads,
                                  initargs=(threads,)) as pool:
-            futures = [pool.submit(fn, *job) for job in jobs]
-            return [f.result() for f in futures]
+            futures = [pool.submit(_captured, fn, *job) for job in jobs]
+            return _relayed([f.result() for f in futures])
     if backend == "ray":
-        return _run_on_ray(fn, jobs, n_jobs, ray_address)
+        return _relayed(_run_on_ray(fn, jobs, n_jobs, ray_address))
     raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+class _Kept(logging.Handler):
+    """A worker's imgclf warnings, kept to be said by the driver (a worker's own stderr may reach nobody)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+
+
+def _captured(fn: Callable, *args) -> tuple[Any, list[tuple[int, str]]]:
+    """``fn(*args)`` in a worker, with the warnings it logged (Ray drops a worker's log; a process's stderr
+    would print them raw, interleaved with its siblings')."""
+    kept = _Kept()
+    logger = logging.getLogger("imgclf")
+    logger.addHandler(kept)
+    try:
+        return fn(*args), kept.records
+    finally:
+        logger.removeHandler(kept)
+
+
+def _relayed(outcomes: list[tuple[Any, list[tuple[int, str]]]]) -> list[Any]:
+    """The jobs' results; their warnings said here, in job order (one said by every job is said once)."""
+    for _, records in outcomes:
+        for level, message in records:
+            log.log(level, "%s", message)
+    return [result for result, _ in outcomes]
 
 
 def _limit_threads(threads: int) -> None:
@@ -60,4 +95,4 @@ def _run_on_ray(fn: Callable, jobs: Sequence[tuple], n_jobs: int, address: str |
 
 def _ray_job(fn: Callable, threads: int, *args):
     _limit_threads(threads)
-    return fn(*args)
+    return _captured(fn, *args)

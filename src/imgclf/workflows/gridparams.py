@@ -70,6 +70,9 @@ def parse_params(items: list[str], grid_file: str | None = None) -> dict[str, li
         key, sep, values = item.partition("=")
         if not sep or not values.strip():
             raise ConfigError(f"--param {item!r}: use NAME=V1,V2,... (a list field: NAME=[1,2],[3])")
+        if key.strip() in grid:  # a second --param, or --param beside --grid, for one setting would replace it
+            raise ConfigError(f"grid setting {key.strip()!r} is given twice (--param and --grid, or two --param); "
+                              "list all its values once")
         grid[key.strip()] = [_parse_value(key, text) for text in split_values(values)]
     if not grid:
         raise ConfigError("no grid: pass --param NAME=V1,V2 (repeatable) or --grid FILE.yaml")
@@ -164,7 +167,7 @@ NOT_VARIED = {"out": "every trial writes into OUT/trials/<trial>", "versions": "
 
 def _check_axes(grid: dict[str, list]) -> None:
     """Every key a setting, list fields given lists, coupled axes all mappings, no setting on two axes."""
-    seen: dict[Setting, str | None] = {}
+    seen: dict[Setting, str] = {}
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"grid {key}: no values; list at least one")
@@ -172,17 +175,15 @@ def _check_axes(grid: dict[str, list]) -> None:
         if any(mappings) and not all(mappings):
             raise ConfigError(f"grid {key}: mixes mappings and plain values; a coupled axis lists mappings only, "
                               "e.g. [{optimizer: adam, lr: 1.0e-4}, {optimizer: sgd, lr: 1.0e-2}]")
-        coupled = all(mappings)
         points = axis_points(key, values)
         for name in dict.fromkeys(k for point in points for k in point):
             target = setting(str(name))
             if target.section is None and target.name in NOT_VARIED:
                 raise ConfigError(f"grid {name}: not a setting a grid varies ({NOT_VARIED[target.name]})")
-            where = key if coupled else None
-            if target in seen and seen[target] != where:
-                raise ConfigError(f"grid: {target.describe()} is varied twice ({seen[target] or 'its own axis'} and "
-                                  f"{where or 'its own axis'}); keep it on one axis")
-            seen[target] = where
+            if target in seen and seen[target] != key:  # two axes (lr and train.lr): one would be lost
+                raise ConfigError(f"grid: {target.describe()} is varied twice (axes {seen[target]} and {key}); keep "
+                                  "it on one axis")
+            seen[target] = key
             for point in points:
                 if name in point:
                     _check_list_value(target, name, point[name])
