@@ -120,3 +120,10 @@ def test_warnings_logged_in_worker_processes_reach_the_command(caplog):
     assert results == [None, None]
     said = [r.getMessage() for r in caplog.records if "--weights-map name has no effect" in r.getMessage()]
     assert len(said) == 2  # one per job here; a command's console says a repeated warning once
+
+
+def test_explain_refuses_layers_that_name_nothing(binary_runs, tmp_path):
+    image = next(p for p in (binary_runs[0][0].index().root / "cat").iterdir())
+    for empty in ("", ","):
+        assert_clean_error(run_main("explain", binary_runs[0][0].path, image, "--out", tmp_path / "x", "--feature-maps",
+                                    "--layers", empty), "names no layer")

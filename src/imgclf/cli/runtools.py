@@ -38,7 +38,10 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers is not None else None
+    if layers == []:
+        raise ConfigError(f"--layers {args.layers!r} names no layer; give module names, e.g. --layers "
+                          "features.1,features.11 (imgclf model-info RUN lists them)")
     rows = explain_files(load_run(args.run), args.inputs, Path(args.out), feature_maps=args.feature_maps,
                          layers=layers)
     for row in rows:
