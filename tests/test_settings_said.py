@@ -17,6 +17,7 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.networks import resolve_preprocess
 from imgclf.runs.manifest import INCOMPLETE
+from imgclf.workflows.candidates import FINETUNE_CANDIDATE, candidate_config
 from imgclf.workflows.classical import head_unused_settings
 from imgclf.workflows.cv import pooled_predictions
 from imgclf.workflows.folds import plan_folds
@@ -198,3 +199,10 @@ def test_a_resumed_run_from_before_the_refusals_is_warned_not_blocked(logged):
     stopping = build_config({"train": {"schedule": "plateau"}})  # early stopping was refused before, and still is
     with pytest.raises(DataError, match="early stopping and restore-best need them"):
         refuse_without_validation(stopping, [("train", stopping.train)], resumed=True)
+
+
+def test_a_default_candidate_keeps_what_was_typed_so_the_recipe_names_it(tmp_path):
+    base = build_config({"data": {"path": str(tmp_path)}, "train": {"lr": 0.001}})
+    finetune = candidate_config(base, FINETUNE_CANDIDATE, tmp_path / "c")
+    assert recipe_overrides(finetune) == {"lr": {"finetune": 1e-4}}
+    assert finetune.train.lr == 0.001 and finetune.train.feature_views == 2  # the candidate's own views kept

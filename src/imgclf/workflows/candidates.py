@@ -53,6 +53,7 @@ def candidate_config(base: Config, name: str, out: Path, pretrained_size: int | 
     """``base`` with the model of candidate ``name``, writing to ``out``; ``pretrained_size`` is the
     pretrained candidates' input size when the user gave none."""
     values = base.model_dump()
+    values["train"] = base.train.model_dump(exclude_unset=True)  # what was typed stays typed (--lr 0.001)
     values["model"] = dict(CANDIDATES[name])
     values["out"] = str(out)
     if CANDIDATES[name] and base.data.image_size is None and pretrained_size:
