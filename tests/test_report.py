@@ -93,10 +93,13 @@ def test_report_command_rewrites_it_and_names_a_wrong_directory(binary_run, tmp_
 
 
 def test_evaluate_can_rechoose_the_threshold_and_use_tta(binary_run, capsys):
-    assert main(["evaluate", str(binary_run.path), "--threshold", "youden", "--tta", "flip"]) == 0
+    assert main(["evaluate", str(binary_run.path), "--threshold", "youden"]) == 0
     out = capsys.readouterr().out
     assert "threshold (youden, on val)" in out and "sensitivity=" in out
     assert json.loads((binary_run.path / "threshold.json").read_text())["rule"] == "youden"
+    assert main(["evaluate", str(binary_run.path), "--tta", "flip"]) == 0  # scored with it, at the same threshold
+    assert "scored with --tta flip, recorded in metrics.json" in capsys.readouterr().out
+    assert json.loads((binary_run.path / "metrics.json").read_text())["test"]["tta"] == "flip"
     assert main(["evaluate", str(binary_run.path), "--threshold", "argmax"]) == 0
     assert not (binary_run.path / "threshold.json").exists()
     assert main(["evaluate", str(binary_run.path), "--threshold", "sometimes"]) == 2
