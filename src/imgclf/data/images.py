@@ -37,6 +37,9 @@ MAX_PIXELS = 16_000 * 16_000
 # PIL warns from 89.5M pixels and refuses from twice that. Its refusal, like MAX_PIXELS (checked on the header),
 # ends in one line naming the file; its warning for the images in between would be raw two-line noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow warns of damaged metadata ("Corrupt EXIF data", "Tag data larger than file") as it reads on: the
+# image then decodes (with its pixels) or fails as a BadImage naming the file; the warning is two raw lines.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def decodable_pixels() -> int:
@@ -44,9 +47,7 @@ def decodable_pixels() -> int:
     pillow = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else MAX_PIXELS
     return min(MAX_PIXELS, pillow)
 
-# Pillow warns of damaged metadata ("Corrupt EXIF data", "Tag data larger than file") as it reads on: the
-# image then decodes (with its pixels) or fails as a BadImage naming the file; the warning is two raw lines.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
                   Image.DecompressionBombError, IndexError)
 

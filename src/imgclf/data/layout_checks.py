@@ -38,7 +38,7 @@ def warn_split_like_classes(path: Path) -> None:
 
 
 def warn_case_twins(classes: tuple[str, ...]) -> None:
-    """Class names that differ only in letter case or width (``Cat``, ``cat``) are two classes: said."""
+    """Class names that differ only in letter case (``Cat``, ``cat``) are two classes: said."""
     folded = Counter(name.casefold() for name in classes)
     twins = [name for name in classes if folded[name.casefold()] > 1]
     if twins:
