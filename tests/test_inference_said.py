@@ -127,3 +127,17 @@ def test_explain_refuses_layers_that_name_nothing(binary_runs, tmp_path):
     for empty in ("", ","):
         assert_clean_error(run_main("explain", binary_runs[0][0].path, image, "--out", tmp_path / "x", "--feature-maps",
                                     "--layers", empty), "names no layer")
+
+
+def test_compare_says_when_runs_decide_or_test_differently(binary_runs, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(binary_runs[0][0].path, first)
+    shutil.copytree(binary_runs[0][1].path, second)
+    assert run_main("evaluate", second, "--threshold", "argmax").returncode == 0
+    assert run_main("evaluate", second, "--tta", "flip").returncode == 0
+    result = run_main("compare", first, second, "--out", tmp_path / "cmp")
+    assert result.returncode == 0, result.stderr
+    assert "decide by different threshold rules (first: max_f1, second: argmax)" in result.stderr
+    assert "average different test-time augmentations (first: none, second: flip)" in result.stderr
+    same = run_main("compare", first, binary_runs[0][1].path, "--out", tmp_path / "same")
+    assert "threshold rules" not in same.stderr and "test-time augmentations" not in same.stderr

@@ -124,6 +124,20 @@ def comparability_notes(compared: list[Compared]) -> list[str]:
         if all(f.is_file() for f in files) and len({frozenset(Predictions.from_csv(f).paths) for f in files}) > 1:
             notes.append(f"the runs were scored on different {split} images (different data or split seed): "
                          f"their {split} metrics do not compare image for image")
+    return notes + _scoring_notes(compared)
+
+
+def _scoring_notes(compared: list[Compared]) -> list[str]:
+    """Runs that decide at different threshold rules, or were tested with different test-time augmentation."""
+    notes = []
+    rules = {c.name: c.run.threshold_rule for c in compared}
+    if len(set(rules.values())) > 1:
+        notes.append("the runs decide by different threshold rules (" + ", ".join(f"{n}: {r}" for n, r in rules.items())
+                     + "): accuracy, F1, sensitivity and specificity compare decisions made differently")
+    ttas = {c.name: c.run.metrics.get("test", {}).get("tta") or c.run.config.evaluate.tta for c in compared}
+    if len(set(ttas.values())) > 1:
+        notes.append("the runs' test metrics average different test-time augmentations ("
+                     + ", ".join(f"{n}: {t}" for n, t in ttas.items()) + ")")
     return notes
 
 
