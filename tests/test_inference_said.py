@@ -11,10 +11,12 @@ import pytest
 import imgclf
 from clitools import assert_clean_error, run_main
 from imgclf.config import build_config
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, RunDirError
+from imgclf.evaluation.predictions import Predictions
 from imgclf.serving.server import ServeOptions
 from imgclf.training.ddp import DistSettings
 from imgclf.workflows.backends import run_jobs
+from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.distributed import evaluate_on_ranks
 from imgclf.workflows.ensemble import create_ensemble
 from imgclf.workflows.settings import warn_replaced_settings
@@ -141,3 +143,27 @@ def test_compare_says_when_runs_decide_or_test_differently(binary_runs, tmp_path
     assert "average different test-time augmentations (first: none, second: flip)" in result.stderr
     same = run_main("compare", first, binary_runs[0][1].path, "--out", tmp_path / "same")
     assert "threshold rules" not in same.stderr and "test-time augmentations" not in same.stderr
+
+
+def test_a_rechosen_threshold_redecides_every_scored_split_and_the_files_that_show_them(binary_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    before = json.loads((run / "metrics.json").read_text())["test"]
+    assert run_main("evaluate", run, "--threshold", "argmax", "--split", "val").returncode == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["threshold"] is None and metrics["val"]["threshold"] is None  # test too, not just val
+    assert metrics["test"]["roc_auc_ovr"] == before["roc_auc_ovr"]  # the same probabilities, decided again
+    saved = Predictions.from_csv(run / "predictions_test.csv")
+    assert (saved.pred == saved.probs.argmax(axis=1)).all()
+    assert f"| test | {metrics['test']['accuracy']:.4f} |" in (run / "summary.md").read_text()
+    assert run_main("evaluate", run, "--tta", "flip").returncode == 0
+    assert "Scored with another test-time augmentation than the run's: test with" in (run / "report.html").read_text()
+
+
+def test_cv_refuses_to_pool_a_fold_whose_threshold_was_rechosen(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=8, classes=["cat", "dog"])
+    config = tiny_config(data, tmp_path / "cv", train={"epochs": 1})
+    cross_validate(config, folds=2)
+    assert run_main("evaluate", tmp_path / "cv" / "fold_0", "--threshold", "youden").returncode == 0
+    with pytest.raises(RunDirError, match="fold_0 now decides by --threshold youden .* this run asks argmax"):
+        cross_validate(config, folds=2)

@@ -15,7 +15,7 @@ from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger, is_main_process
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
-from imgclf.reporting.evalplots import draw_evaluations
+from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
@@ -120,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = run.metrics["val"]  # scored at the new threshold already
     else:
         metrics = run.evaluate(args.split, data_root=args.data, tta=args.tta)
-    draw_evaluations(run, {"val", args.split} if args.threshold else {args.split})
+    redraw_after_scoring(run, set(run.metrics) if args.threshold else {args.split})  # a threshold re-decides all
     print(format_metrics(args.split, metrics))
     _say_other_tta(metrics)
     print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "

@@ -15,6 +15,7 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting import plots
 from imgclf.reporting.plots import HALF_WIDTH_PX, PAGE_WIDTH_PX, SMALL_PT, MaxNLocator, inches, literal_text, plt
+from imgclf.runs.files import read_dataset
 
 log = get_logger("plots")
 
@@ -184,6 +185,15 @@ def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str,
     plot_pr(preds, folder / f"pr_{split}.png", split, positive)
     bins = reliability(preds.confidence, preds.probs.argmax(axis=1) == preds.true)
     plot_reliability(bins, metrics.get("ece"), folder / f"reliability_{split}.png", split)
+
+
+def redraw_after_scoring(run, splits) -> None:
+    """After ``evaluate`` rescored ``splits``: their plots, and summary.md's table (a run that has one: an
+    ensemble has none), so that no file shows numbers the run's metrics.json no longer holds."""
+    draw_evaluations(run, splits)
+    if (run.path / "summary.md").is_file():
+        counts = read_dataset(run.path / "dataset.json").counts
+        plots.write_summary(run.path, run.config.model_dump(mode="json"), counts, run.metrics, run.meta.epoch)
 
 
 def draw_evaluations(run, splits) -> None:

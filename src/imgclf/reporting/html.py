@@ -79,7 +79,7 @@ def run_sections(path: Path) -> list[tuple[str, str, str]]:
                 ("config", "Configuration", "<details><summary>config.yaml (every setting of the run)</summary>"
                  f"<pre>{esc((path / 'config.yaml').read_text(encoding='utf-8'))}</pre></details>"),
                 ("training", "Training", training_html(path)),
-                ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path)))]
+                ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path) + _tta_note(metrics)))]
     rows = runfiles.read_baselines(path / "metrics.json")
     if rows:
         sections.insert(1, ("baselines", "This model vs baselines",
@@ -213,6 +213,13 @@ def grid_sections(path: Path) -> list[tuple[str, str, str]]:
     if best.get("test"):
         sections.append(("metrics", "Best trial on test", metrics_html({"test": best["test"]}, ["test"])))
     return sections
+
+
+def _tta_note(metrics: dict) -> str:
+    """Splits scored with another test-time augmentation than the run predicts with (``evaluate --tta``)."""
+    other = [f"{split} with <code>{esc(str(m['tta']))}</code>" for split, m in metrics.items() if m.get("tta")]
+    return (f"<p class=\"warn\">Scored with another test-time augmentation than the run's: {', '.join(other)} "
+            "(predict, serve and the export average as config.yaml says).</p>") if other else ""
 
 
 def _threshold_note(path: Path) -> str:

@@ -22,7 +22,7 @@ from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError, ImgclfError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
-from imgclf.reporting.evalplots import draw_evaluations
+from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import load_run
 from imgclf.runs.network import NetworkRun
@@ -76,14 +76,14 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
         else:
             preds = exact_predictions(run, split, prepared, ctx, device, tta)
             metrics = main_only(ctx, lambda: run.score(preds, split, tta))
-        main_only(ctx, lambda: _draw_and_report(run, {"val", split} if threshold else {split}))
+        main_only(ctx, lambda: _draw_and_report(run, set(run.metrics) if threshold else {split}))
         return run, chosen, metrics
     finally:
         ctx.destroy()
 
 
 def _draw_and_report(run: NetworkRun, splits: set[str]) -> None:
-    draw_evaluations(run, splits)
+    redraw_after_scoring(run, splits)
     write_report(run.path)
 
 

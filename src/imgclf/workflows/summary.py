@@ -14,7 +14,7 @@ from imgclf import atomic
 from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.logs import get_logger
-from imgclf.runs.base import load_run
+from imgclf.runs.base import Run, load_run
 from imgclf.runs.files import read_json
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.workflows.train import train
@@ -64,12 +64,24 @@ def _finished(out: Path, done: Path, settings: dict, evaluate_test: bool) -> dic
     if not isinstance(result, dict) or Path(str(result.get("run"))).name != out.name:
         raise RunDirError(f"{done} is not the record of {out.name}; delete {out} to train it again")
     check_same_settings(done, result.get(SETTINGS_KEY), settings)
+    run = load_run(out)
+    _check_same_rule(run, settings)
     seconds = result.get("seconds")
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < float("inf"):
         raise RunDirError(f"{done}: seconds is {seconds!r}, not a number of seconds; delete {out} to train it again")
-    metrics = load_run(out).metrics  # a grid's best trial was scored on test after its row was made: not in it
+    metrics = run.metrics  # a grid's best trial was scored on test after its row was made: not in it
     scored = metrics if evaluate_test else {split: m for split, m in metrics.items() if split == "val"}
     return {"seconds": seconds, **fold_metrics(scored)}
+
+
+def _check_same_rule(run: Run, settings: dict) -> None:
+    """A fold or trial whose threshold was re-chosen since (``evaluate --threshold``) decides by another rule than
+    the one asked for now: its numbers would be pooled under a rule they were not made by."""
+    rule, asked = run.threshold_rule, settings.get("evaluate", {}).get("threshold", "argmax")
+    if rule != asked:
+        raise RunDirError(f"{run.path} now decides by --threshold {rule} (re-chosen with imgclf evaluate), this run "
+                          f"asks {asked}; re-choose it there (imgclf evaluate {run.path} --threshold {asked}), or "
+                          f"delete {run.path} to train it again")
 
 
 def open_experiment(out: Path, kind: str) -> None:
