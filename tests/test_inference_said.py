@@ -156,6 +156,8 @@ def test_a_rechosen_threshold_redecides_every_scored_split_and_the_files_that_sh
     saved = Predictions.from_csv(run / "predictions_test.csv")
     assert (saved.pred == saved.probs.argmax(axis=1)).all()
     assert f"| test | {metrics['test']['accuracy']:.4f} |" in (run / "summary.md").read_text()
+    assert not (run / "report.html").exists()  # trained with --no-report: evaluate keeps it so
+    assert run_main("report", run).returncode == 0  # asked for: from now on evaluate refreshes it
     assert run_main("evaluate", run, "--tta", "flip").returncode == 0
     assert "Scored with another test-time augmentation than the run's: test with" in (run / "report.html").read_text()
 

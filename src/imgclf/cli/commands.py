@@ -16,7 +16,7 @@ from imgclf.logs import get_logger, is_main_process
 from imgclf.models.weights import offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.evalplots import redraw_after_scoring
-from imgclf.reporting.html import write_report
+from imgclf.reporting.html import refresh_report
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
 from imgclf.training.ddp import DistSettings
@@ -123,8 +123,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     redraw_after_scoring(run, set(run.metrics) if args.threshold else {args.split})  # a threshold re-decides all
     print(format_metrics(args.split, metrics))
     _say_other_tta(metrics)
-    print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
-          f"and {write_report(run.path)}")
+    report = refresh_report(run)
+    print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'}"
+          + (f" and {report}" if report else " (no report.html: the run was trained with --no-report)"))
     return 0
 
 
@@ -155,8 +156,8 @@ def _evaluate_on_ranks(args: argparse.Namespace) -> int:
             print("threshold: argmax" if chosen is None else f"threshold ({args.threshold}, on val): {chosen:.4f}")
         print(format_metrics(args.split, metrics))
         _say_other_tta(metrics)
-        print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'} "
-              f"and {run.path / 'report.html'}")
+        print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'}"
+              + (f" and {run.path / 'report.html'}" if (run.path / "report.html").exists() else ""))
     return 0
 
 

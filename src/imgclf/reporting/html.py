@@ -46,6 +46,14 @@ align-items:flex-start}.warn{background:#fff4e0;border-left:4px solid #e69500;pa
 .case img{width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}""")
 
 
+def refresh_report(run) -> Path | None:
+    """report.html again after a command changed the run's files, for a run that keeps one: trained with its
+    report (``--no-report`` keeps none), or holding one already (``imgclf report`` wrote it)."""
+    if run.config.evaluate.report or (run.path / "report.html").exists():
+        return write_report(run.path)
+    return None
+
+
 def write_report(path: str | Path) -> Path:
     """Write ``report.html`` into a run, cross-validation or grid directory; return its path."""
     path = Path(path)

@@ -23,7 +23,7 @@ from imgclf.errors import ConfigError, ImgclfError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.evalplots import redraw_after_scoring
-from imgclf.reporting.html import write_report
+from imgclf.reporting.html import refresh_report
 from imgclf.runs.base import load_run
 from imgclf.runs.network import NetworkRun
 from imgclf.runtime import exact_fp32
@@ -84,7 +84,7 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
 
 def _draw_and_report(run: NetworkRun, splits: set[str]) -> None:
     redraw_after_scoring(run, splits)
-    write_report(run.path)
+    refresh_report(run)
 
 
 def _refuse_kind() -> None:
