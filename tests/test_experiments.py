@@ -122,7 +122,7 @@ def test_grid_ranks_on_validation_and_reads_test_once_for_the_best(tmp_path, poo
     assert len(splits) == 1  # every trial is judged on the same val (and test) images
 
 
-def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch):
+def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch, caplog):
     config = tiny_config(pool_dataset, tmp_path / "g", train={"epochs": 2})
     grid = parse_params(["batch_size=4,8"])
     first = grid_search(config, grid)
@@ -143,6 +143,13 @@ def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch):
     assert len(trained) == 1 and without_time(third["leaderboard"]) == without_time(first["leaderboard"])
     assert rows and not any(key.startswith("test_") for row in rows for key in row)
     assert all("param_lr" not in row for row in third["leaderboard"])
+    trials = tmp_path / "g" / "trials"  # as if an earlier run of this grid had another best, scored on test then
+    other = next(name for name in ("trial_000", "trial_001") if name != third["best_trial"])
+    shutil.copy(trials / third["best_trial"] / "predictions_test.csv", trials / other / "predictions_test.csv")
+    caplog.set_level("WARNING", logger="imgclf")
+    monkeypatch.setattr(imgclf.workflows.grid, "run_jobs", real_jobs)
+    grid_search(config, grid)
+    assert f"{other} was scored on test by an earlier run of this grid" in caplog.text
 
 
 def test_grid_varies_any_field_from_yaml(tmp_path, pool_dataset):

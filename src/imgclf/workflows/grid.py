@@ -90,6 +90,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     atomic.write_rows(out / "leaderboard.csv", rows)
 
     best = open_run(ranked[0]["run"])
+    _say_earlier_test_reads(best.path, [Path(r["run"]) for r in ranked[1:]])
     test = _close_best(best)
     summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], "rank_by": keys,
                **{k: ranked[0][k] for k in keys}, "test": test}
@@ -98,6 +99,16 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
         write_report(best.path)  # now with its test split
         write_report(out)
     return {"leaderboard": rows, **summary}
+
+
+def _say_earlier_test_reads(best: Path, others: list[Path]) -> None:
+    """A trial scored on test by an earlier run of this grid (the best then, no longer): test read more than once."""
+    earlier = [p.name for p in others if (p / "predictions_test.csv").is_file()]
+    if earlier:
+        log.warning("warning: %s %s scored on test by an earlier run of this grid, when %s best; test has now "
+                    "been read for %d trials, so the best trial's test score is no longer an untouched estimate",
+                    ", ".join(earlier), "was" if len(earlier) == 1 else "were", "it was" if len(earlier) == 1
+                    else "each was", len(earlier) + 1)
 
 
 def _close_best(best: Run) -> dict | None:
