@@ -188,8 +188,8 @@ def plot_evaluation(preds: Predictions, metrics: dict, folder: Path, split: str,
 
 
 def redraw_after_scoring(run, splits) -> None:
-    """After ``evaluate`` rescored ``splits``: their plots, and summary.md's table (a run that has one: an
-    ensemble has none), so that no file shows numbers the run's metrics.json no longer holds."""
+    """After a command scored ``splits`` (evaluate; a grid's or the default's closing test pass): their plots, and
+    summary.md's table (a run that has one: an ensemble has none), so no file shows numbers metrics.json lacks."""
     draw_evaluations(run, splits)
     if (run.path / "summary.md").is_file():
         counts = read_dataset(run.path / "dataset.json").counts

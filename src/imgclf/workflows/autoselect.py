@@ -31,9 +31,8 @@ from imgclf.data.index import build_index
 from imgclf.data.pipeline import PreparedData, prepare
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
-from imgclf.reporting.evalplots import draw_evaluations
+from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import write_summary
 from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, open_run
 from imgclf.workflows.baselines import PROBE_MAX_TRAIN, baseline_rows, row_metrics, write_baselines
@@ -92,8 +91,7 @@ def train_auto(config: Config, budget_s: float = DEFAULT_BUDGET_S, evaluate_test
         run.evaluate("test", prepared=prepared)
     rows = _rows(run, prepared, tried, name, evaluate_test)
     write_baselines(out, rows)
-    write_summary(out, run.config.model_dump(mode="json"), prepared.index.counts(), run.metrics, run.meta.epoch)
-    draw_evaluations(run, ("val", "test"))
+    redraw_after_scoring(run, ("val", "test"))
     atomic.write_json(out / SELECTION_FILE, {"chosen": name, "budget_s": budget_s,
                                              "seconds": round(time.perf_counter() - start, 1),
                                              "candidates": {n: _summary(t) for n, t in tried.items()}})

@@ -20,9 +20,8 @@ from imgclf.config import Config, build_config
 from imgclf.data.pipeline import prepare
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger
-from imgclf.reporting.evalplots import draw_evaluations
+from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import write_report
-from imgclf.reporting.plots import write_summary
 from imgclf.runs.base import Run, open_run
 from imgclf.runtime import derive_seed
 from imgclf.workflows.backends import run_jobs
@@ -90,7 +89,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     atomic.write_rows(out / "leaderboard.csv", rows)
 
     best = open_run(ranked[0]["run"])
-    _say_earlier_test_reads(best.path, [Path(r["run"]) for r in ranked[1:]])
+    _say_earlier_test_reads([Path(r["run"]) for r in ranked[1:]])
     test = _close_best(best)
     summary = {"best_trial": rows[0]["trial"], "params": ranked[0]["params"], "rank_by": keys,
                **{k: ranked[0][k] for k in keys}, "test": test}
@@ -101,7 +100,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     return {"leaderboard": rows, **summary}
 
 
-def _say_earlier_test_reads(best: Path, others: list[Path]) -> None:
+def _say_earlier_test_reads(others: list[Path]) -> None:
     """A trial scored on test by an earlier run of this grid (the best then, no longer): test read more than once."""
     earlier = [p.name for p in others if (p / "predictions_test.csv").is_file()]
     if earlier:
@@ -118,9 +117,7 @@ def _close_best(best: Run) -> dict | None:
     splits = [split for split in ("val", "test") if split in prepared.index.splits]
     test = best.evaluate("test", prepared=prepared) if "test" in splits else None
     write_baselines(best.path, baseline_rows(prepared, best.preprocess, best.compute, best.config, splits))
-    write_summary(best.path, best.config.model_dump(mode="json"), prepared.index.counts(), best.metrics,
-                  best.meta.epoch)
-    draw_evaluations(best, ("test",))
+    redraw_after_scoring(best, ("test",))
     return test
 
 
