@@ -123,10 +123,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     redraw_after_scoring(run, set(run.metrics) if args.threshold else {args.split})  # a threshold re-decides all
     print(format_metrics(args.split, metrics))
     _say_other_tta(metrics)
-    report = refresh_report(run)
-    print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'}"
-          + (f" and {report}" if report else " (no report.html: the run was trained with --no-report)"))
+    _say_written(run, args.split, refresh_report(run))
     return 0
+
+
+def _say_written(run, split: str, report: Path | None) -> None:
+    print(f"wrote {run.path / f'predictions_{split}.csv'}, {run.path / 'metrics.json'}"
+          + (f" and {report}" if report else " (no report.html: the run was trained with --no-report)"))
 
 
 def _say_other_tta(metrics: dict) -> None:
@@ -156,8 +159,8 @@ def _evaluate_on_ranks(args: argparse.Namespace) -> int:
             print("threshold: argmax" if chosen is None else f"threshold ({args.threshold}, on val): {chosen:.4f}")
         print(format_metrics(args.split, metrics))
         _say_other_tta(metrics)
-        print(f"wrote {run.path / f'predictions_{args.split}.csv'}, {run.path / 'metrics.json'}"
-              + (f" and {run.path / 'report.html'}" if (run.path / "report.html").exists() else ""))
+        report = run.path / "report.html"  # refreshed by rank 0 when the run keeps one
+        _say_written(run, args.split, report if report.exists() else None)
     return 0
 
 

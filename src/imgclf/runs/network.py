@@ -265,10 +265,11 @@ class NetworkRun:
     def _redecide_saved(self, splits: tuple[str, ...]) -> None:
         """Splits scored before, decided again at the new threshold from their saved probabilities (no image is
         read again), so that no split's metrics stay at a threshold the run no longer decides by."""
+        scored = self.metrics  # read once: scoring one split leaves the others' entries as they are
         for split in splits:
             path = self.path / f"predictions_{split}.csv"
-            if split in self.metrics and path.is_file():
-                self.score(Predictions.from_csv(path, self.classes), split, self.metrics[split].get("tta"))
+            if split in scored and path.is_file():
+                self.score(Predictions.from_csv(path, self.classes), split, scored[split].get("tta"))
 
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
                 batch_size: int | None = None, tta: str | None = None) -> Predictions:

@@ -39,12 +39,11 @@ def train_classical(config: Config, evaluate_test: bool = True, candidate: bool 
     ``candidate``: the default's linear probe, which takes the settings given for every candidate: those
     it cannot apply are no news about it (the candidates that train a network apply them). ``resume_dir``:
     a killed run, fitted again (a head has no epochs to continue) on its saved split, in its folder."""
-    if resume_dir is not None and not (resume_dir / INCOMPLETE).is_file():
-        raise RunDirError(f"{resume_dir} is a finished --head {config.model.head} run: nothing to resume; train "
-                          "again with another --out")
     if resume_dir is not None:
-        log.info("--head %s has no epochs to continue: fitted again on the run's saved split",
-                 config.model.head)
+        if not (resume_dir / INCOMPLETE).is_file():
+            raise RunDirError(f"{resume_dir} is a finished --head {config.model.head} run: nothing to resume; "
+                              "train again with another --out")
+        log.info("--head %s has no epochs to continue: fitted again on the run's saved split", config.model.head)
     s = setup_run(config, resume_dir)
     cfg, index, kind = s.config, s.index, s.config.model.head
     model = build_model(cfg.model, len(index.classes), s.preprocess, load_pretrained=s.init_weights is None)
