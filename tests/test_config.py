@@ -113,3 +113,23 @@ def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump({"train": {"epochs": 5}}).encode())
     assert load_config(path).train.epochs == 5  # a BOM once made the first section unknown ('\ufefftrain')
+
+
+def test_a_config_file_gives_only_the_settings_it_writes(tmp_path):
+    """A file naming only train settings leaves the model unchosen (the default tries its candidates, as with no
+    file) and the class weights its own; a default value it writes out counts as given, as typing it would."""
+    from imgclf.config.stages import given_train_settings, recipe_overrides
+    from imgclf.workflows.candidates import is_default_request, weighs_balanced
+
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump({"train": {"epochs": 2, "lr": 0.001}}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(partial)]))
+    assert is_default_request(cfg) and weighs_balanced(cfg)
+    assert cfg.train.model_fields_set == {"epochs", "lr"} and "lr" in given_train_settings(cfg)
+    pretrained = tmp_path / "pretrained.yaml"
+    pretrained.write_text(yaml.safe_dump({"model": {"name": "resnet18", "pretrained": True}, "train": {"lr": 0.001}}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(pretrained)]))
+    assert not is_default_request(cfg) and recipe_overrides(cfg) == {"lr": {"finetune": 1e-4}}
+    recorded = tmp_path / "config.yaml"  # a run's own record names every setting: its model is chosen
+    recorded.write_text(config_to_yaml(build_config({"train": {"epochs": 2}, "versions": {"imgclf": "0.1"}})))
+    assert not is_default_request(config_from_args(build_parser().parse_args(["train", "--config", str(recorded)])))

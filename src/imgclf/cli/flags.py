@@ -71,8 +71,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults < --config file < flags; validated as one Config."""
-    base = load_config(args.config).model_dump() if getattr(args, "config", None) else {}
+    """Defaults < --config file < flags; validated as one Config. The file's settings are taken as written
+    (``exclude_unset``): a file that names only ``train.epochs`` leaves the model unchosen, as no flag would,
+    and a default value it writes out (``lr: 0.001``) counts as given, as typing it would."""
+    base = load_config(args.config).model_dump(exclude_unset=True) if getattr(args, "config", None) else {}
     if getattr(args, "stages", None):
         base["stages"] = [parse_stage(text) for text in args.stages]
     for key, value in vars(args).items():
