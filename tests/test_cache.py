@@ -94,6 +94,31 @@ def damage_sidecar_failures(entry):
     entry.with_suffix(".json").write_text(json.dumps({**meta, "bad": [["a", "b"]] * (meta["shape"][0] + 1)}))
 
 
+def damage_sidecar_nesting(entry):
+    """Nested past Python's recursion limit, within the sidecar's size cap: a RecursionError, not a traceback."""
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    text = json.dumps(meta)[:-1] + ', "extra": ' + "[" * 20_000 + "]" * 20_000 + "}"
+    entry.with_suffix(".json").write_text(text)
+
+
+def damage_sidecar_foreign_failure(entry):
+    """A failed image that is not one of the entry's: a good image would be refused, or skipped, by its word."""
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    entry.with_suffix(".json").write_text(json.dumps({**meta, "bad": [["/elsewhere/0.bmp", "evil"]]}))
+
+
+def damage_sidecar_long_reason(entry):
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    entry.with_suffix(".json").write_text(json.dumps({**meta, "bad": [[meta["bad"][0][0], "x" * 5000]]}))
+
+
+def damage_pixels(entry):
+    """Every pixel overwritten, header and length kept: only the recorded hash tells."""
+    array = np.load(entry, mmap_mode="r+")
+    array[:] = 255
+    array.flush()
+
+
 def planted(make):
     """Damage that replaces one of the entry's files (the .npy, or its .json sidecar) with ``make(path)``."""
     def damage(entry, suffix):
@@ -147,7 +172,8 @@ def test_what_a_rename_cannot_replace_is_a_one_line_error_naming_it(tmp_path, pl
 
 
 @pytest.mark.parametrize("damage", [damage_truncate, damage_header, damage_sidecar, damage_sidecar_shape,
-                                    damage_sidecar_failures])
+                                    damage_sidecar_failures, damage_sidecar_nesting, damage_sidecar_foreign_failure,
+                                    damage_pixels])
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     paths = bmp_paths(tmp_path / "d")
     entry = decode_all(paths, 8, 1, tmp_path / "c").file
@@ -159,6 +185,31 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     assert any(m.startswith("warning: decode cache entry") and "damaged" in m for m in messages), messages
     assert any("decoding 4 images" in m for m in messages)
     np.testing.assert_array_equal(rebuilt.open(), expected)
+
+
+def test_a_failed_images_reason_must_be_short_and_its_own(tmp_path, caplog):
+    root = make_class_folders(tmp_path / "d", 2)
+    (root / "left bar" / "broken.jpg").write_bytes(b"nope")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    entry = decode_all(paths, 12, 1, tmp_path / "c").file
+    damage_sidecar_long_reason(entry)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        again = decode_all(paths, 12, 1, tmp_path / "c")
+    assert any("damaged" in r.getMessage() and "short text" in r.getMessage() for r in caplog.records)
+    assert [b.path.name for b in again.bad] == ["broken.jpg"] and len(again.bad[0].reason) < 1000
+
+
+def test_a_cache_folder_others_can_write_is_said(tmp_path, caplog):
+    paths = bmp_paths(tmp_path / "d")
+    (tmp_path / "mine").mkdir(mode=0o700)
+    (tmp_path / "shared").mkdir()
+    os.chmod(tmp_path / "shared", 0o777)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        decode_all(paths, 8, 1, tmp_path / "mine")
+        assert not [r for r in caplog.records if "writable by other users" in r.getMessage()]
+        decode_all(paths, 8, 1, tmp_path / "shared")
+    said = [r.getMessage() for r in caplog.records if "writable by other users" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "shared") in said[0] and "IMGCLF_CACHE_DIR" in said[0]
 
 
 def test_orphaned_temp_files_of_the_key_being_built_are_removed(tmp_path):

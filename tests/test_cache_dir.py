@@ -18,8 +18,9 @@ from clitools import release_in_use_mark
 from imgclf.cli import main
 from imgclf.config import build_config
 from imgclf.data import cache, cachedir
-from imgclf.data.cache import decode_all, read_features, write_features
+from imgclf.data.cache import decode_all
 from imgclf.data.cachedir import ORPHAN_AGE_S, keep_within_limit, limit_bytes, prune, scan
+from imgclf.data.cachefiles import read_features, write_features
 from imgclf.data.index import build_index
 from imgclf.data.pipeline import prepare
 from imgclf.errors import ConfigError, DataError

@@ -8,10 +8,13 @@ smaller). An image edited with its size and mtime preserved (``touch -r``) there
 is decoded again; the price is reading up to 128 KiB per image each run. Runs, folds and trials over
 the same images share an entry. Epochs read from the memory map and never decode JPEG/PNG again.
 
-Before use an entry is checked: the sidecar must parse and match the expected shape, and the .npy
-header (magic, shape, dtype, C order) must match with the file exactly as long as the header says.
-A damaged or truncated entry is rebuilt with a warning. The pixel bytes themselves are not
-checksummed (that would mean reading the whole cache every run).
+Before use an entry is checked: the sidecar must parse and match the expected shape, list as failed
+only images of the entry, and the .npy header (magic, shape, dtype, C order) must match with the file
+exactly as long as the header says and its pixels hash (SHA-256) as the sidecar recorded. A damaged,
+truncated or overwritten entry is rebuilt with a warning. The hash reads the whole entry each run, at
+about 1.6 GB/s here (70 ms for 1,800 images at 150 px), in 8 MB pieces (memory stays flat); the epochs
+read the same pages right after. It catches an overwritten or corrupted file, not a colleague who also
+rewrites the sidecar: ``cachedir`` warns when the cache folder is writable by others.
 
 Building takes an exclusive ``fcntl.flock`` on ``KEY.lock``: another rank or process building the
 same key waits, then re-checks and reuses the entry. Holding the lock, the builder removes temporary
@@ -19,11 +22,8 @@ files a killed builder left for this key (no live writer can own them). A finish
 without the lock: the .npy is renamed into place before the sidecar, so a sidecar vouches for a
 complete array.
 
-Feature entries (``read_features``/``write_features``) hold a frozen backbone's features of cached
-images, keyed by their caller (the decode entry, the rows, the model and its settings): a ``.npy`` of
-``rows x D`` float32, opened once as a regular file (no link, no FIFO), its size bounded before its
-header is parsed, its header and exact length checked, and its values finite and within the range
-the backbone can output.
+Feature entries (``cachefiles.read_features``/``write_features``) hold a frozen backbone's features of
+cached images, keyed by their caller (the decode entry, the rows, the model and its settings).
 
 Each use touches its entry; ``cachedir`` keeps the folder within ``IMGCLF_CACHE_MAX_GB`` by removing the
 least recently used entries.
@@ -45,20 +45,24 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import atomic
-from imgclf.data.cachedir import cache_folder, hold_in_use, holds_current, open_lock, touch
+from imgclf.data.cachedir import hold_in_use, holds_current, open_lock, touch
+from imgclf.data.cachefiles import (
+    MAX_NPY_HEADER,
+    DamagedEntry,
+    cache_folder,
+    data_sha256,
+    open_regular,
+    read_npy_header,
+)
 from imgclf.data.images import BadImage, load_image
 from imgclf.errors import DataError
 from imgclf.logs import get_logger
 
-CACHE_VERSION = 3  # bumped whenever load_image decodes some file differently (3: 16-bit PGM, PNG tRNS, JPEG at nearest)
+CACHE_VERSION = 4  # bumped when load_image decodes some file differently or the entry changes (4: pixel hash)
 SAMPLE_BYTES = 64 * 1024
-MAX_NPY_HEADER = 64 * 1024  # bytes an entry's .npy header may take
 MAX_SIDECAR_BYTES_PER_IMAGE = 8 * 1024  # a failed image's path and reason, in a decode entry's sidecar
+MAX_REASON = 1000  # characters of a failed image's reason the sidecar keeps
 log = get_logger("cache")
-
-
-class DamagedEntry(Exception):
-    """A cache entry whose files do not hold what its key promises; it is rebuilt."""
 
 
 @dataclass(frozen=True)
@@ -117,128 +121,93 @@ def decode_all(paths: list[Path], size: int, channels: int, cache_dir: str | Pat
     """Decode ``paths`` into the cache (or reuse a checked entry); failures are returned, not raised."""
     folder = cache_folder(cache_dir)
     key = fingerprint(paths, size, channels, interpolation)
-    npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
-    shape = (len(paths), channels, size, size)
-    hold_in_use(npy)  # before the check: a file marked in use is never pruned
-    bad = _reusable(npy, sidecar, shape, warn=False)
-    if bad is None or not holds_current(npy):  # missing, damaged, or not the file marked (replaced, or new)
-        with _locked(folder / f"{key}.lock", npy):
-            bad = _reusable(npy, sidecar, shape, warn=True)  # another process may have built it meanwhile
+    entry = Entry(folder / f"{key}.npy", folder / f"{key}.json", (len(paths), channels, size, size),
+                  frozenset(map(str, paths)))
+    hold_in_use(entry.npy)  # before the check: a file marked in use is never pruned
+    bad = _reusable(entry, warn=False)
+    if bad is None or not holds_current(entry.npy):  # missing, damaged, or not the file marked (replaced, or new)
+        with _locked(folder / f"{key}.lock", entry.npy):
+            bad = _reusable(entry, warn=True)  # another process may have built it meanwhile
             if bad is None:
-                bad = _build(npy, sidecar, paths, shape, interpolation, threads or default_threads())
-            hold_in_use(npy)  # under the key's lock, which a pruner needs too, so nothing removes it first
+                bad = _build(entry, paths, interpolation, threads or default_threads())
+            hold_in_use(entry.npy)  # under the key's lock, which a pruner needs too, so nothing removes it first
     else:
-        log.debug("decoded-image cache hit: %s", npy)
-        touch(sidecar)
-    return DecodedImages(npy, len(paths), bad)
+        log.debug("decoded-image cache hit: %s", entry.npy)
+        touch(entry.sidecar)
+    return DecodedImages(entry.npy, len(paths), bad)
 
 
-def _reusable(npy: Path, sidecar: Path, shape: tuple[int, ...], warn: bool) -> tuple[BadImage, ...] | None:
+@dataclass(frozen=True)
+class Entry:
+    """A decode entry's files, the array shape its key promises, and the images it was made from."""
+
+    npy: Path
+    sidecar: Path
+    shape: tuple[int, ...]
+    sources: frozenset[str]
+
+
+def _reusable(entry: Entry, warn: bool) -> tuple[BadImage, ...] | None:
     """The entry's failed images when it is complete and valid, else None (with a warning if damaged)."""
     try:
-        return read_entry(npy, sidecar, shape)
+        return read_entry(entry)
     except DamagedEntry as err:
         if warn:
-            log.warning("warning: decode cache entry %s is damaged (%s); rebuilding it", npy, err)
+            log.warning("warning: decode cache entry %s is damaged (%s); rebuilding it", entry.npy, err)
         return None
 
 
-def read_entry(npy: Path, sidecar: Path, shape: tuple[int, ...]) -> tuple[BadImage, ...] | None:
+def read_entry(entry: Entry) -> tuple[BadImage, ...] | None:
     """None when the entry was never finished (no sidecar); DamagedEntry when its files are wrong. Each
-    file is opened without following a link or blocking on a FIFO, and the sidecar's size is bounded by
-    the image count (its list of failed images), so a planted file can neither hang nor bloat a run."""
-    if not os.path.lexists(sidecar):
+    file is opened without following a link or blocking on a FIFO, the sidecar's size is bounded by the
+    image count (its list of failed images), each failed image must be one of the entry's and its reason
+    short, and the pixels must hash as the sidecar says: a planted or overwritten file can neither hang nor
+    bloat a run, drop a good image, nor change what it trains on by accident."""
+    if not os.path.lexists(entry.sidecar):
         return None
-    limit = MAX_NPY_HEADER + MAX_SIDECAR_BYTES_PER_IMAGE * shape[0]
+    limit = MAX_NPY_HEADER + MAX_SIDECAR_BYTES_PER_IMAGE * entry.shape[0]
     try:
-        with _open_regular(sidecar, limit) as fh:
+        with open_regular(entry.sidecar, limit) as fh:
             meta = json.loads(fh.read(limit).decode("utf-8"))
-        if meta["version"] != CACHE_VERSION or meta["shape"] != list(shape) or meta["dtype"] != "uint8":
-            raise DamagedEntry(f"{sidecar.name} describes {meta['shape']} {meta['dtype']}, expected {list(shape)}")
-        if len(meta["bad"]) > shape[0]:  # at most every image failed: checked before one object is made
-            raise DamagedEntry(f"{sidecar.name} lists {len(meta['bad'])} failed images of {shape[0]}")
-        bad = tuple(BadImage(Path(p), str(reason)) for p, reason in meta["bad"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DamagedEntry(f"{sidecar.name} is unreadable: {err}") from None
-    check_npy(npy, shape)
+        bad = _failed_images(meta, entry)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise DamagedEntry(f"{entry.sidecar.name} is unreadable: {reason}") from None
+    if check_npy(entry.npy, entry.shape) != meta["sha256"]:
+        raise DamagedEntry(f"{entry.npy.name}'s pixels do not match the hash its sidecar recorded (overwritten)")
     return bad
 
 
-def check_npy(npy: Path, shape: tuple[int, ...]) -> None:
-    """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes."""
+def _failed_images(meta: dict, entry: Entry) -> tuple[BadImage, ...]:
+    """The sidecar's failed images, each one of the entry's own with a reason of at most MAX_REASON characters."""
+    if meta["version"] != CACHE_VERSION or meta["shape"] != list(entry.shape) or meta["dtype"] != "uint8":
+        raise DamagedEntry(f"{entry.sidecar.name} describes {meta['shape']} {meta['dtype']}, expected "
+                           f"{list(entry.shape)}")
+    if not isinstance(meta["sha256"], str) or len(meta["bad"]) > entry.shape[0]:  # checked before objects are made
+        raise DamagedEntry(f"{entry.sidecar.name} has no pixel hash or lists more failed images than it holds")
+    bad = tuple(BadImage(Path(p), reason) for p, reason in meta["bad"])
+    if any(str(b.path) not in entry.sources or not isinstance(b.reason, str) or len(b.reason) > MAX_REASON
+           for b in bad):
+        raise DamagedEntry(f"{entry.sidecar.name} lists a failed image that is not one of the entry's, or its "
+                           "reason is not a short text")
+    return bad
+
+
+def check_npy(npy: Path, shape: tuple[int, ...]) -> str:
+    """The .npy header must say ``shape`` uint8 in C order and the file must hold exactly that many bytes;
+    the SHA-256 of those bytes (read in pieces: memory stays flat)."""
     try:
-        with _open_regular(npy, MAX_NPY_HEADER + int(np.prod(shape))) as fh:
-            _, (found, fortran_order, dtype) = _read_header(fh)
+        with open_regular(npy, MAX_NPY_HEADER + int(np.prod(shape))) as fh:
+            _, (found, fortran_order, dtype) = read_npy_header(fh)
             header_end, length = fh.tell(), os.fstat(fh.fileno()).st_size
+            if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran_order:
+                raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} uint8")
+            expected = header_end + int(np.prod(shape))
+            if length != expected:
+                raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
+            return data_sha256(fh, header_end)
     except (OSError, ValueError) as err:  # numpy's messages run over several lines: the first says what
         raise DamagedEntry(f"{npy.name} has no valid .npy header: {str(err).splitlines()[0]}") from None
-    if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran_order:
-        raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} uint8")
-    expected = header_end + int(np.prod(shape))
-    if length != expected:
-        raise DamagedEntry(f"{npy.name} is {length} bytes, expected {expected} (truncated or overwritten)")
-
-
-def _read_header(fh) -> tuple[tuple[int, int], tuple]:
-    """(version, (shape, fortran_order, dtype)) of the .npy file ``fh``, read from its start."""
-    version = np.lib.format.read_magic(fh)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return version, read(fh)
-
-
-def read_features(npy: Path, shape: tuple[int, int], value_range: tuple[float, float]) -> np.ndarray | None:
-    """The float32 features of ``shape`` that ``write_features`` saved, each within ``value_range``; None
-    when absent, or damaged (a one-line warning). The file is opened once, without following a link or
-    blocking on a FIFO, and read only after its size has matched its header exactly."""
-    if not os.path.lexists(npy):
-        return None
-    try:
-        features = _read_float32(npy, shape)
-    except (OSError, ValueError, DamagedEntry) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        log.warning("warning: feature cache entry %s is damaged (%s); computing the features again", npy, reason)
-        return None
-    low, high = value_range
-    if not (np.isfinite(features).all() and features.min(initial=low) >= low and features.max(initial=high) <= high):
-        log.warning("warning: feature cache entry %s holds values outside [%g, %g]; computing the features again",
-                    npy, low, high)
-        return None
-    touch(npy)
-    return features
-
-
-def _open_regular(path: Path, max_bytes: int):
-    """``path`` opened for reading if it is a regular file of at most ``max_bytes`` (no link followed,
-    no FIFO waited on), else DamagedEntry; OSError when it cannot be opened."""
-    fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)), "rb")
-    info = os.fstat(fh.fileno())
-    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-        fh.close()
-        raise DamagedEntry(f"{path.name} is not a regular file of at most {max_bytes:,} bytes")
-    return fh
-
-
-def _read_float32(npy: Path, shape: tuple[int, int]) -> np.ndarray:
-    data_bytes = int(np.prod(shape)) * 4
-    with _open_regular(npy, data_bytes + MAX_NPY_HEADER) as fh:
-        info = os.fstat(fh.fileno())
-        version, (found, fortran_order, dtype) = _read_header(fh)
-        if version not in ((1, 0), (2, 0)):
-            raise DamagedEntry(f"{npy.name} has .npy version {version}")
-        if tuple(found) != tuple(shape) or dtype != np.dtype("<f4") or fortran_order:
-            raise DamagedEntry(f"{npy.name} holds {found} {dtype}, expected {shape} float32")
-        if info.st_size != fh.tell() + data_bytes:
-            raise DamagedEntry(f"{npy.name} is {info.st_size} bytes, expected {fh.tell() + data_bytes}")
-        return np.frombuffer(fh.read(data_bytes), dtype="<f4").reshape(shape)
-
-
-def write_features(npy: Path, features: np.ndarray) -> None:
-    """Save ``features`` as float32, atomically; a folder that cannot be written costs a warning, not the run."""
-    try:
-        with atomic.atomic_path(npy) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
-    except OSError as err:
-        log.warning("warning: could not keep features in the cache (%s); they will be computed again next time", err)
 
 
 @contextmanager
@@ -257,9 +226,9 @@ def _locked(lock_file: Path, npy: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _build(npy: Path, sidecar: Path, paths: list[Path], shape: tuple[int, ...], interpolation: str,
-           threads: int) -> tuple[BadImage, ...]:
+def _build(entry: Entry, paths: list[Path], interpolation: str, threads: int) -> tuple[BadImage, ...]:
     """Decode into a new entry; the caller holds the key's lock, so leftover temporary files are orphans."""
+    npy, sidecar = entry.npy, entry.sidecar
     for path in (npy, sidecar):  # what a rename cannot replace
         if path.is_dir() and not path.is_symlink():
             raise DataError(f"{path} is a folder where the decode cache keeps a file; delete it, or set "
@@ -270,9 +239,10 @@ def _build(npy: Path, sidecar: Path, paths: list[Path], shape: tuple[int, ...], 
     sidecar.unlink(missing_ok=True)  # the old sidecar must not vouch for the .npy being replaced
     log.info("decoding %d images once into %s", len(paths), npy)
     with atomic.atomic_path(npy) as tmp:
-        bad = _decode_into(tmp, paths, shape, interpolation, threads)
-    atomic.write_json(sidecar, {"version": CACHE_VERSION, "shape": list(shape), "dtype": "uint8",
-                                "bad": [[str(b.path), b.reason] for b in bad]})
+        bad = _decode_into(tmp, paths, entry.shape, interpolation, threads)
+        digest = check_npy(tmp, entry.shape)
+    atomic.write_json(sidecar, {"version": CACHE_VERSION, "shape": list(entry.shape), "dtype": "uint8",
+                                "sha256": digest, "bad": [[str(b.path), b.reason[:MAX_REASON]] for b in bad]})
     return tuple(bad)
 
 

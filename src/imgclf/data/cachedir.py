@@ -70,18 +70,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IMGCLF_CACHE_DIR") or Path.home() / ".cache" / "imgclf")
 
 
-def cache_folder(cache_dir: str | Path | None) -> Path:
-    """The cache folder to decode into (``cache_dir``, else the default), created if missing."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        reason = "it is not a folder" if isinstance(err, FileExistsError) else err.strerror
-        raise DataError(f"cannot use {folder} as the decode cache folder ({reason}); set IMGCLF_CACHE_DIR "
-                        "(or data.cache_dir) to a folder you can write") from None
-    return folder
-
-
 def limit_bytes() -> float:
     """The cache's size limit from ``IMGCLF_CACHE_MAX_GB`` (GB, 10**9 bytes); ``math.inf`` for no limit."""
     raw = os.environ.get(MAX_GB_ENV, "").strip()

@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 from imgclf import atomic
 from imgclf.config import Config, ModelConfig
-from imgclf.data.cache import read_features, write_features
+from imgclf.data.cachefiles import read_features, write_features
 from imgclf.data.cachedir import keep_within_limit
 from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader
 from imgclf.evaluation.metrics import compute_metrics, f1_and_log_loss
