@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 import tomllib
@@ -27,7 +28,7 @@ from imgclf.evaluation.predictions import Predictions
 from imgclf.models.networks import Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runs.base import check_and_seal, load_run
-from imgclf.serving import parity
+from imgclf.serving import bundle, parity
 from imgclf.serving.engine import OnnxEngine, predict_with_onnx
 from imgclf.serving.export import export_run, to_onnx
 from imgclf.serving.graph import CPU_FP32, InputSpec, NetworkGraph, array_loader, engine_probs, input_spec
@@ -211,6 +212,24 @@ def test_a_stale_or_tampered_export_is_refused(gray_binary, tmp_path):
         OnnxEngine(load_run(copy))
     assert main(["predict", str(copy), str(gray_binary.index().abspath(0)), "--engine", "onnx",
                  "--out", str(tmp_path / "p.csv")]) == 2
+
+
+def test_a_planted_onnx_file_is_refused_without_being_read_into_memory(gray_binary, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    onnx_file = copy / "export" / "model.onnx"
+    onnx_file.unlink()
+    with open(onnx_file, "wb") as fh:  # sparse: 1 GB on paper, nothing on disk
+        fh.truncate(1 << 30)
+    read = []
+    monkeypatch.setattr(bundle, "read_capped", lambda *a, **k: read.append(a) or b"")
+    with pytest.raises(RunDirError, match="does not match the sha256 recorded in export.json"):
+        OnnxEngine(load_run(copy))
+    assert not read  # hashed as a stream, refused before anything was held
+    onnx_file.unlink()
+    os.mkfifo(onnx_file)
+    with pytest.raises(RunDirError, match="not a regular file"):
+        OnnxEngine(load_run(copy))
 
 
 def test_a_rechosen_threshold_makes_the_export_stale(gray_binary, tmp_path):

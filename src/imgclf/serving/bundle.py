@@ -23,7 +23,7 @@ from imgclf.runs.ensemble import ENSEMBLE_FILE, EnsembleRun
 from imgclf.runs.heads import HEAD_FILE
 from imgclf.runs.manifest import file_sha256
 from imgclf.runs.network import MODEL_FILE
-from imgclf.safeio import read_capped
+from imgclf.safeio import read_capped, require_regular
 
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -92,12 +92,16 @@ def verified_onnx_bytes(run) -> tuple[bytes, ExportFile]:
     info = read_export(run)
     folder = export_dir(run)
     path, redo = folder / ONNX_FILE, f"run 'imgclf export {run.path}' again"
-    try:  # hashed and loaded from these bytes: no swap between check and use; never a FIFO's endless wait
+    mismatch = f"{path} does not match the sha256 recorded in {EXPORT_FILE} (changed or replaced); {redo}"
+    try:  # hashed as a stream first: a file that is not the export is refused without being held in memory
+        require_regular(path, RunDirError, redo)  # never a FIFO's endless wait
+        if file_sha256(path) != info.onnx_sha256:
+            raise RunDirError(mismatch)
         data = read_capped(path, MAX_ONNX_BYTES, RunDirError, redo, why="larger than any ONNX file imgclf writes")
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing but {folder / EXPORT_FILE} lists it; {redo}") from None
-    if hashlib.sha256(data).hexdigest() != info.onnx_sha256:
-        raise RunDirError(f"{path} does not match the sha256 recorded in {EXPORT_FILE} (changed or replaced); {redo}")
+    if hashlib.sha256(data).hexdigest() != info.onnx_sha256:  # loaded from these bytes: no swap between check and use
+        raise RunDirError(mismatch)
     if info.weights_sha256 != weights_sha256(run):
         raise RunDirError(f"{path} was exported from other weights than the run has now (re-trained or "
                           f"re-ensembled since); {redo}")
