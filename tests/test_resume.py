@@ -100,3 +100,34 @@ def test_a_default_run_stopped_among_its_candidates_says_to_start_it_again(tmp_p
     (out / "INCOMPLETE").write_text("x")
     assert_clean_error(run_cli("train", "--resume", out), "stopped while it tried its candidates",
                        f"`imgclf train DATA --out {out}` again")
+
+
+@pytest.mark.parametrize("plant", ["best weights", "best metadata", "state entry", "state size"])
+def test_planted_resume_files_are_refused_by_name_and_the_runs_files_are_kept(tmp_path, trained_run, plant):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    folder = sorted((run / "resume").glob("epoch_*"))[0]
+    kept = {name: (run / name).read_bytes() for name in ("model.safetensors", "model.json")}
+    if plant == "best weights":  # one tensor more: copied over model.safetensors, it once filled the disk
+        save_file({**load_file(folder / "best.safetensors"), "junk": torch.zeros(1000)}, folder / "best.safetensors")
+        fragments = ("best.safetensors", "does not fit the model")
+    elif plant == "best metadata":
+        (folder / "best.json").write_text("[" * 100_000)
+        fragments = ("best.json", "nested far deeper")
+    elif plant == "state entry":  # accepted silently, its memory with it
+        state = torch.load(folder / "state.pt", weights_only=True)
+        torch.save({**state, "junk": torch.zeros(10)}, folder / "state.pt")
+        fragments = ("damaged", "never writes (junk)")
+    else:
+        with open(folder / "state.pt", "r+b") as fh:  # sparse: far past what the optimizer's state can take
+            fh.truncate(200 << 20)
+        fragments = ("damaged", "state.pt is 209,715,200 bytes")
+    with pytest.raises(RunDirError) as err:
+        imgclf.workflows.train.resume_training(run)
+    assert all(f in str(err.value) for f in fragments) and "\n" not in str(err.value), str(err.value)
+    assert {name: (run / name).read_bytes() for name in kept} == kept

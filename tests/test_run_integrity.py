@@ -235,6 +235,20 @@ def test_a_run_without_a_manifest_still_opens_with_a_warning(runs, tmp_path, cap
     assert "imgclf seal" in caplog.text
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plant", ["fifo", "folder"])
+def test_a_manifest_replaced_by_a_fifo_or_folder_is_refused_not_taken_for_missing(runs, tmp_path, capsys, plant):
+    run = copy_of(runs, "net", tmp_path)
+    (run / "manifest.json").unlink()
+    os.mkfifo(run / "manifest.json") if plant == "fifo" else (run / "manifest.json").mkdir()
+    error = cli_error(capsys, "report", run)  # it turned the check off: "has no manifest.json", and opened unchecked
+    assert "manifest.json" in error and "not a regular file" in error
+    (run / "manifest.json").rmdir() if plant == "folder" else (run / "manifest.json").unlink()
+    os.mkfifo(run / "head.skops")  # a file added next to the sealed ones, of any kind, is named
+    (run / "manifest.json").write_bytes((runs["net"] / "manifest.json").read_bytes())
+    assert "head.skops was added after the run was sealed" in cli_error(capsys, "report", run)
+
+
 def test_an_ensemble_that_lists_itself_is_an_error_not_a_recursion(runs, tmp_path, capsys):
     out = tmp_path / "ens"
     assert main(["ensemble", str(runs["net"]), str(copy_of(runs, "net", tmp_path)), "--out", str(out)]) == 0

@@ -11,6 +11,7 @@ which validates the whole run before it writes the new manifest.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from imgclf import atomic
@@ -76,7 +77,7 @@ def verify(run_dir: Path) -> None:
     unfinished run (its ``INCOMPLETE`` marker still there) does not.
     """
     refuse_unfinished(run_dir)
-    if not (run_dir / MANIFEST_FILE).is_file():
+    if not os.path.lexists(run_dir / MANIFEST_FILE):  # anything else there (a FIFO, a folder) is read, and refused
         if run_dir not in _warned:
             _warned.add(run_dir)
             log.warning("warning: %s has no %s (an older or unfinished run), so its files cannot be checked; "
@@ -86,7 +87,7 @@ def verify(run_dir: Path) -> None:
     for name in SEALED:
         path = run_dir / name
         if name not in recorded:
-            if path.is_file():
+            if os.path.lexists(path):
                 raise RunDirError(f"{path} was added after the run was sealed; remove it, or if it belongs "
                                   f"there: imgclf seal {run_dir}")
             continue

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,15 @@ from safetensors.torch import save_file
 from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.logs import get_logger
-from imgclf.models.checkpoint import load_weights
+from imgclf.models.checkpoint import check_fits, load_weights
 from imgclf.safeio import read_capped, require_regular
 
 STATE_DIR = "resume"
 RANKS_FILE = "ranks.pt"
 MAX_STATE_BYTES = 16 << 20  # state.json: RNG states and the history, some kB an epoch
+OPTIMIZER_STATE_RATIO = 4  # state.pt's size, at most, in weights: Adam keeps two tensors a parameter
+STATE_KEYS = frozenset({"optimizer", "schedule", "scaler", "torch_rng", "data_rng", "epoch"})  # what state.pt holds
+MAX_SAFETENSORS_HEADER = 16 << 20  # a weights file's JSON header: names, shapes and offsets, some kB
 log = get_logger("resume")
 
 
@@ -130,10 +134,13 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     try:
         info = json.loads(read_capped(folder / "state.json", MAX_STATE_BYTES, RunDirError, "start the run again"))
         ResumeInfo.model_validate(info)
-        require_regular(folder / "state.pt", RunDirError, "start the run again")  # a FIFO would block torch.load
-        tensors = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("torch_rng", "data_rng")):
+        limit = OPTIMIZER_STATE_RATIO * tensor_bytes(model) + MAX_STATE_BYTES
+        tensors = torch.load(_capped(folder / "state.pt", limit), map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor)
+                                                    for k in ("torch_rng", "data_rng")):
             raise ValueError("state.pt lacks the RNG states")
+        if unknown := sorted(map(str, tensors.keys() - STATE_KEYS))[:3]:
+            raise ValueError(f"state.pt holds entries imgclf never writes ({', '.join(unknown)})")
     except ValidationError as err:
         first = err.errors()[0]
         raise RunDirError(f"{folder / 'state.json'}: {'.'.join(map(str, first['loc']))}: {first['msg']}; "
@@ -149,13 +156,22 @@ def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     return tensors, info
 
 
-def restore_best_file(out: Path, best_file: Path) -> None:
-    """Put back the best weights as of the saved epoch (a newer best may have been written before the kill)."""
+def restore_best_file(out: Path, best_file: Path, model: torch.nn.Module, check_meta: Callable[[Path], object]) -> None:
+    """Put back the best weights as of the saved epoch (a newer best may have been written before the kill), once
+    they are known to fit ``model`` (names, shapes, and a size no bigger than those tensors need) and their
+    metadata passes ``check_meta``: a planted file is refused by its own name, and the run's files are kept."""
     folder = latest_state(out)
-    pairs = ((folder / "best.safetensors", best_file), (folder / "best.json", best_file.with_suffix(".json")))
-    for source, target in pairs:
-        if source.exists():
-            require_regular(source, RunDirError, "start the run again")  # not /dev/zero copied until the disk fills
+    weights, meta = folder / "best.safetensors", folder / "best.json"
+    if os.path.lexists(weights):
+        check_fits(model, weights)
+        needed = tensor_bytes(model) + MAX_SAFETENSORS_HEADER
+        if weights.stat().st_size > needed:
+            raise RunDirError(f"{weights} is {weights.stat().st_size:,} bytes, more than the model's weights need "
+                              f"({needed:,}); start the run again")
+    if os.path.lexists(meta):
+        check_meta(meta)
+    for source, target in ((weights, best_file), (meta, best_file.with_suffix(".json"))):
+        if os.path.lexists(source):
             with atomic.atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
 
@@ -186,8 +202,7 @@ def _rank_states(folder: Path) -> list[dict]:
     """ranks.pt, checked: a list of RNG-state dicts (the values are checked by ``restore_rng``)."""
     path = folder / RANKS_FILE
     try:
-        require_regular(path, RunDirError, "start the run again")
-        states = torch.load(path, map_location="cpu", weights_only=True)
+        states = torch.load(_capped(path, MAX_STATE_BYTES), map_location="cpu", weights_only=True)
         keys = ("torch_rng", "data_rng", "numpy_rng", "python_rng")
         if not isinstance(states, list) or not all(isinstance(s, dict) and all(k in s for k in keys)
                                                    for s in states):
@@ -196,3 +211,16 @@ def _rank_states(folder: Path) -> list[dict]:
         raise RunDirError(f"{path} is damaged or missing ({str(err).splitlines()[0][:120]}); start the run again") \
             from None
     return states
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """The bytes of ``model``'s saved tensors (its state dict)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _capped(path: Path, limit: int) -> Path:
+    """``path`` if it is a regular file (a FIFO would block torch.load) of at most ``limit`` bytes."""
+    require_regular(path, RunDirError, "start the run again")
+    if path.stat().st_size > limit:
+        raise ValueError(f"{path.name} is {path.stat().st_size:,} bytes, more than imgclf writes for this model")
+    return path

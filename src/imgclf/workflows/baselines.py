@@ -33,8 +33,8 @@ from sklearn.preprocessing import StandardScaler
 
 from imgclf import atomic
 from imgclf.config import Config, ModelConfig
-from imgclf.data.cachefiles import read_features, write_features
 from imgclf.data.cachedir import keep_within_limit
+from imgclf.data.cachefiles import read_features, write_features
 from imgclf.data.pipeline import PreparedData, eval_loader, shard_loader
 from imgclf.evaluation.metrics import compute_metrics, f1_and_log_loss
 from imgclf.evaluation.predictions import Predictions

@@ -23,6 +23,7 @@ from imgclf.models.networks import (
 from imgclf.models.objective import Objective, balanced_class_weights
 from imgclf.reporting.plots import plot_curves, write_history
 from imgclf.runs.base import Run, open_run
+from imgclf.runs.files import read_model_file
 from imgclf.runs.network import MODEL_FILE
 from imgclf.runtime import get_logger, is_main_process
 from imgclf.training.averaging import BestWeights, average_if_better
@@ -115,7 +116,7 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
     resume = None
     if resume_dir is not None:
         resume = for_rank(out, load_state(out, model), ctx.rank, ctx.world_size, s.generator)
-        main_only(ctx, lambda: restore_best_file(out, weights_path))
+        main_only(ctx, lambda: restore_best_file(out, weights_path, model, read_model_file))
         best["epoch"] = resume[1]["stopper"]["best_epoch"]
         log.info("resuming %s after epoch %d", out, resume[1]["epoch"])
     history = runner.run(resume)
