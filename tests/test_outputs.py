@@ -166,8 +166,13 @@ def test_compare_names_a_damaged_history_file_and_line(two_runs, tmp_path):
         compare_runs([wide.path, copy], tmp_path / "cmp")
     rows[1]["val_loss"], rows[1]["epoch"] = "0.5", ""
     write_csv(copy / "history.csv", rows)
-    with pytest.raises(RunDirError, match=r"history.csv:3: no epoch number"):
+    with pytest.raises(RunDirError, match=r"history.csv:3: epoch is '', not an epoch number"):
         compare_runs([wide.path, copy], tmp_path / "cmp")
+    for planted in ("-5", "0", "1.5"):  # a negative or fractional epoch was drawn as given
+        rows[1]["epoch"] = planted
+        write_csv(copy / "history.csv", rows)
+        with pytest.raises(RunDirError, match=rf"history.csv:3: epoch is '{re.escape(planted)}', not an epoch number"):
+            compare_runs([wide.path, copy], tmp_path / "cmp")
     rows[1]["epoch"] = "2"
     write_csv(copy / "history.csv", [{**row, **{f"val_m{k}": "0.5" for k in range(100)}} for row in rows])
     with pytest.raises(RunDirError, match=r"history.csv has 1\d\d columns, more than imgclf writes \(64 at most\)"):

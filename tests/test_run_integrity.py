@@ -156,6 +156,7 @@ TAMPER = {  # name -> (file, change, fragments of the one-line error)
     "one class": ("classes.json", lambda d: d.__delitem__(slice(1, None)), ["classes.json", "2 to"]),
     "swapped classes": ("classes.json", lambda d: d.reverse(), ["classes.json"]),
     "empty root": ("dataset.json", lambda d: d.update(root=""), ["dataset.json", "root"]),
+    "long root": ("dataset.json", lambda d: d.update(root="/x" * 50_000), ["dataset.json", "root"]),
 }
 
 
@@ -171,6 +172,17 @@ def test_a_tampered_run_file_is_one_line_naming_it_even_after_resealing(runs, tm
     manifest.seal(run)  # a careless re-seal: the schema and cross-checks must still refuse the file
     line = cli_error(capsys, "evaluate", run, "--split", "val")
     assert all(f in line for f in fragments), line
+
+
+@pytest.mark.parametrize("field,value", [("accuracy", float("nan")), ("log_loss", float("inf")), ("n", 10**400),
+                                         ("f1_macro", 1.5)])
+def test_a_metrics_value_no_run_can_have_is_refused_naming_it(runs, tmp_path, capsys, field, value):
+    """metrics.json is rewritten by evaluate, so it is not sealed: its schema alone keeps planted values out of
+    the report (a NaN accuracy and a 400-digit image count were shown as given)."""
+    run = copy_of(runs, "net", tmp_path)
+    edit_json(run / "metrics.json", lambda d: d["val"].update({field: value}))
+    line = cli_error(capsys, "report", run)
+    assert "metrics.json" in line and field in line, line
 
 
 def test_a_string_threshold_is_refused(runs, tmp_path, capsys):

@@ -83,8 +83,9 @@ def _history_row(row: dict, path: Path, line: int) -> dict:
     """One row of history.csv with its numbers parsed (cells beyond the header, which have no name, dropped)."""
     clean = {key: None if value in (None, "") else value if key in TEXT_COLUMNS else _number(value, key, path, line)
              for key, value in row.items() if key is not None}
-    if clean.get("epoch") is None:
-        raise RunDirError(f"{path}:{line}: no epoch number; {HISTORY_FIX}")
+    if not isinstance(clean.get("epoch"), int) or clean["epoch"] < 1:
+        raise RunDirError(f"{path}:{line}: epoch is {row.get('epoch')!r:.40}, not an epoch number (1, 2, ...); "
+                          f"{HISTORY_FIX}")
     return clean
 
 

@@ -38,6 +38,7 @@ FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal R
 
 T = TypeVar("T")
 Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # an int is taken too (1 for 1.0), never NaN or inf
+Ratio = Annotated[StrictFloat, Field(ge=0, le=1 + 1e-9, allow_inf_nan=False)]  # a score in [0, 1] (rounding aside)
 Interval = tuple[Finite, Finite] | None  # [low, high] of a 95% interval; None where it could not be computed
 
 
@@ -116,7 +117,7 @@ class DatasetFile(BaseModel):
     """dataset.json: where the images are, and what the scan found."""
 
     model_config = ConfigDict(extra="allow")
-    root: str = Field(min_length=1)
+    root: str = Field(min_length=1, max_length=4096)  # a path: PATH_MAX
     counts: dict[str, dict[str, Annotated[StrictInt, Field(ge=0)]]] = {}
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
@@ -141,17 +142,17 @@ class SplitMetrics(BaseModel):
     """The numbers of one split in metrics.json that reports format; the rest is shown as stored."""
 
     model_config = ConfigDict(extra="allow")
-    n: StrictInt = Field(ge=0)
-    accuracy: StrictFloat | None = None
-    balanced_accuracy: StrictFloat | None = None
-    f1_macro: StrictFloat | None = None
-    roc_auc_ovr: StrictFloat | None = None
-    log_loss: StrictFloat | None = None
-    ece: StrictFloat | None = None
-    sensitivity: StrictFloat | None = None
-    specificity: StrictFloat | None = None
-    ppv: StrictFloat | None = None
-    npv: StrictFloat | None = None
+    n: StrictInt = Field(ge=0, le=10**10)  # more images than any dataset, far fewer digits than a planted 400
+    accuracy: Ratio | None = None
+    balanced_accuracy: Ratio | None = None
+    f1_macro: Ratio | None = None
+    roc_auc_ovr: Ratio | None = None
+    log_loss: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] | None = None
+    ece: Ratio | None = None
+    sensitivity: Ratio | None = None
+    specificity: Ratio | None = None
+    ppv: Ratio | None = None
+    npv: Ratio | None = None
     threshold: Finite | None = None
     intervals: Intervals | None = None
     per_class: dict[str, ClassScores] | None = Field(None, max_length=MAX_CLASSES)
