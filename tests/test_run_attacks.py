@@ -56,9 +56,12 @@ def edit_config(run, change):
 
 def test_a_fifo_in_place_of_a_run_file_is_refused_not_waited_on(runs, tmp_path):
     run = copy_of(runs, "net", tmp_path)
-    os.mkfifo(run / "threshold.json")  # not a sealed regular file: the manifest alone does not see it
+    os.mkfifo(run / "threshold.json")  # a file of any kind added next to the sealed ones is named, not read
     result = imgclf_cli("evaluate", run, "--split", "val", timeout=240)
-    assert_clean_error(result, "threshold.json", "not a regular file")
+    assert_clean_error(result, "threshold.json", "was added after the run was sealed")
+    (run / "manifest.json").unlink()  # unsealed: the reader meets the FIFO and refuses it
+    assert_clean_error(imgclf_cli("evaluate", run, "--split", "val", timeout=240), "threshold.json",
+                       "not a regular file")
 
 
 @pytest.mark.parametrize("name", ["split.csv", "export/model.onnx", "resume/epoch_00001/state.pt"])
@@ -216,7 +219,7 @@ def test_a_saved_best_file_that_is_a_device_is_not_copied_until_the_disk_fills(r
     best.unlink(missing_ok=True)
     best.symlink_to("/dev/zero")
     with pytest.raises(imgclf.errors.RunDirError, match="best.safetensors is not a regular file"):
-        restore_best_file(run, run / "model.safetensors")
+        restore_best_file(run, run / "model.safetensors", imgclf.load_run(runs["net"]).model, lambda _: None)
 
 
 def test_a_split_csv_swollen_past_the_images_dataset_json_counts_is_refused_as_it_is_read(runs, tmp_path, capsys):
