@@ -2,13 +2,13 @@
 before; optimizer moments resume in their weight's memory layout, which torch's fused Adam depends on."""
 
 import errno
-import os
 
 import pytest
 import torch
 
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
+from imgclf.models import checkpoint
 from imgclf.training import optim, resume
 
 from imagefactory import make_class_folders
@@ -18,20 +18,32 @@ FLAGS = ["--image-size", "16", "--conv-filters", "8", "--epochs", "3", "--batch-
 
 
 def test_a_full_disk_while_saving_the_training_state_is_one_line_and_the_epoch_before_stays(tmp_path, monkeypatch):
+    """torch.save and safetensors' own writer raised RuntimeError ("unexpected pos") and SafetensorError on a full
+    disk (tracebacks); the files are now written by Python, whose OSError the command line says in one line."""
     data = make_class_folders(tmp_path / "data", per_class=6)
-    real_save, saves = resume.torch.save, []
+    real_write, saves = resume.write_torch, []
 
-    def disk_fills_at_the_second_epoch(obj, path, *args, **kwargs):
+    def disk_fills_at_the_second_epoch(path, value):
         saves.append(path)
         if len(saves) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_save(obj, path, *args, **kwargs)
+            path.symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
+        real_write(path, value)
 
-    monkeypatch.setattr(resume.torch, "save", disk_fills_at_the_second_epoch)
+    monkeypatch.setattr(resume, "write_torch", disk_fills_at_the_second_epoch)
     result = run_cli("train", str(data), *FLAGS, "--out", str(tmp_path / "run"))
     assert_clean_error(result, "state.pt", "No space left on device")
     assert len(saves) == 2, "the run went on after its state could not be saved"
     assert [p.name for p in (tmp_path / "run" / "resume").glob("epoch_*")] == ["epoch_00001"]
+
+
+@pytest.mark.parametrize("writer", [checkpoint.write_safetensors, checkpoint.write_torch])
+def test_weights_and_state_on_a_full_disk_are_an_oserror_naming_the_file(tmp_path, writer):
+    target = tmp_path / "weights.bin"
+    target.symlink_to("/dev/full")
+    value = {"w": torch.zeros(100_000)}
+    with pytest.raises(OSError) as err:
+        writer(target, value)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
 
 
 @pytest.mark.parametrize("saved_layout", [torch.contiguous_format, torch.channels_last])

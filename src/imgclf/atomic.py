@@ -36,8 +36,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # a short prefix: a 255-byte target name leaves no room for more around it
-    fd, tmp = tempfile.mkstemp(prefix=f".{cut_name(target.name, 64)}.", suffix=".tmp", dir=target.parent)
+    try:  # a short prefix: a 255-byte target name leaves no room for more around it
+        fd, tmp = tempfile.mkstemp(prefix=f".{cut_name(target.name, 64)}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise _naming(err, target, None) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -46,8 +48,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _file_mode(target))  # mkstemp makes 0600; the result should not be private
         os.replace(tmp_path, target)
+    except OSError as err:
+        raise _naming(err, target, tmp) from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _naming(err: OSError, target: Path, tmp: str | None) -> OSError:
+    """``err`` naming ``target`` where it named no file or the temporary one (a full disk's ENOSPC from a write,
+    a refused mkstemp): the user's error line names the file they know, not ``.name.x1y2.tmp``."""
+    temporary = os.path.join(target.parent, f".{cut_name(target.name, 64)}.")  # mkstemp's names start so
+    if err.filename is None or str(err.filename) == tmp or str(err.filename).startswith(temporary):
+        err.filename = str(target)
+    return err
 
 
 def inner_folder(root: str | os.PathLike, name: str) -> Path:

@@ -127,9 +127,9 @@ def _strip_optional(annotation: Any) -> Any:
 DISK_ERRORS = {
     errno.ENOSPC: "free some space or write elsewhere",
     errno.EDQUOT: "free space within your quota or write elsewhere",
-    errno.EROFS: "the file system is read-only; write elsewhere (e.g. another --out)",
-    errno.EACCES: "check its permissions or write elsewhere (e.g. another --out)",
-    errno.EPERM: "check its permissions or write elsewhere (e.g. another --out)",
+    errno.EROFS: "the file system is read-only; write elsewhere (another --out, or a copy of the run)",
+    errno.EACCES: "check its permissions, or write elsewhere (another --out, or a copy of the run)",
+    errno.EPERM: "check its permissions, or write elsewhere (another --out, or a copy of the run)",
     # a path the user gave that cannot be one (an --out under a file, a broken link in the way, ...)
     errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
     errno.EEXIST: "something (a file or a broken link) is in the way; choose another path or remove it",

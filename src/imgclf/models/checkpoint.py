@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_bytes
 from torch import nn
 
 from imgclf import atomic
@@ -16,10 +19,37 @@ from imgclf.safeio import require_regular
 
 def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     """Write ``path`` (safetensors) and ``path.with_suffix('.json')`` atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic.atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        write_safetensors(tmp, model_state(model))
     atomic.write_json(path.with_suffix(".json"), metadata)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as a safetensors file, written by Python: a full disk is an OSError naming the file (as the
+    CLI's one line says it), where safetensors' own writer raised its SafetensorError."""
+    with _naming(path), open(path, "wb") as fh:
+        fh.write(tensors_bytes(tensors))
+
+
+def write_torch(path: Path, value: object) -> None:
+    """``value`` through torch.save into a file Python writes: a full disk is an OSError, not torch's RuntimeError
+    ("unexpected pos")."""
+    with _naming(path), open(path, "wb") as fh:
+        torch.save(value, fh)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A write's OSError (ENOSPC names no file) naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        err.filename = err.filename or str(path)
+        raise
 
 
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:

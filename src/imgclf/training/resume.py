@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import save_file
 
 from imgclf import atomic
 from imgclf.errors import RunDirError
 from imgclf.logs import get_logger
-from imgclf.models.checkpoint import check_fits, load_weights
+from imgclf.models.checkpoint import check_fits, load_weights, model_state, write_safetensors, write_torch
 from imgclf.safeio import read_capped, require_regular
 
 STATE_DIR = "resume"
@@ -92,14 +91,13 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors, plain = capture_rng(generator)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "weights.safetensors"))
+    write_safetensors(tmp / "weights.safetensors", model_state(model))
     if best_file.exists():
         _snapshot(best_file, tmp / "best.safetensors")
         _snapshot(best_file.with_suffix(".json"), tmp / "best.json")
-    torch.save({**fit_state, **tensors, "epoch": info["epoch"]}, tmp / "state.pt")
+    write_torch(tmp / "state.pt", {**fit_state, **tensors, "epoch": info["epoch"]})
     if rank_states:
-        torch.save([{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states], tmp / RANKS_FILE)
+        write_torch(tmp / RANKS_FILE, [{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states])
         info = {**info, "world_size": len(rank_states)}
     (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
     for name in os.listdir(tmp):

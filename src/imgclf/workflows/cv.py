@@ -25,6 +25,7 @@ from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import plot_folds
 from imgclf.runs.files import read_grid_best
 from imgclf.runtime import derive_seed
+from imgclf.workflows import runlock
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.folds import FoldPlan, plan_folds, write_fold_csvs
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, setting
@@ -53,7 +54,7 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     out = Path(config.out or "cv")
     check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
     plan = plan_folds(config, folds, group_column)  # every refusal before the folder is claimed
-    open_experiment(out, "cv")
+    open_experiment(out, "cv", plan.digest(), "folds (another --folds, --group-column, data or split seed)")
     configs = fold_configs(config, out, plan)
     for fold in configs:  # a fold_<i> planted as a link would take a fold's run elsewhere
         atomic.own_folder(Path(fold.out))
@@ -74,6 +75,7 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     plot_folds(rows, atomic.inner_folder(out, "plots") / "folds.png")
     if config.evaluate.report:
         write_report(out)
+    runlock.release(out)
     return {"folds": rows, "summary": summary, "oof": oof_metrics}
 
 

@@ -5,6 +5,8 @@ written as ``splits/fold_<i>.csv``."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +35,13 @@ class FoldPlan:
     paths: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     tests: list[np.ndarray] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """What decides every fold's images (the fold folders, or the images, labels and test rows), hashed."""
+        digest = hashlib.sha256(json.dumps([[str(p) for p in self.predefined], self.paths, self.labels]).encode())
+        for rows in self.tests:
+            digest.update(b"|" + np.asarray(rows, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
 
 def plan_folds(config: Config, folds: int | None, group_column: str | None) -> FoldPlan:

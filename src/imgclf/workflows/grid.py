@@ -9,6 +9,7 @@ Re-running resumes: finished trials are read back, not retrained.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import Run, open_run
 from imgclf.runtime import derive_seed
+from imgclf.workflows import runlock
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.gridparams import apply_params, check_reaches_stages, flat_params, parse_params
@@ -73,7 +75,7 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     keys = rank_keys(rank_by)
     trials = trial_configs(config, grid, out)  # every trial's settings checked before the folder is claimed
     check_paths(config.model_copy(update={"out": str(out)}))
-    open_experiment(out, "grid")
+    open_experiment(out, "grid", grid_digest(grid), "settings (another --param or --grid)")
     folder = atomic.inner_folder(out, "trials")
     for _, _, trial in trials:  # trials/ or a trial's folder planted as a link would take its run elsewhere
         atomic.own_folder(folder / Path(trial.out).name)
@@ -97,7 +99,13 @@ def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] 
     if config.evaluate.report:
         write_report(best.path)  # now with its test split
         write_report(out)
+    runlock.release(out)
     return {"leaderboard": rows, **summary}
+
+
+def grid_digest(grid: dict[str, list]) -> str:
+    """The grid's settings and values, hashed: what decides its trials beside the base config."""
+    return hashlib.sha256(json.dumps(grid, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _say_earlier_test_reads(others: list[Path]) -> None:

@@ -45,6 +45,7 @@ from imgclf.runtime import Compute, get_logger, is_main_process, release_freed_m
 from imgclf.training.ddp import DistSettings, backend_name, check_world, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.versions import library_versions
+from imgclf.workflows import runlock
 from imgclf.workflows.baselines import baseline_rows, write_baselines
 from imgclf.workflows.distributed import exact_predictions
 from imgclf.workflows.init_from import check_weights_file, init_weights
@@ -126,6 +127,7 @@ def setup_run(config: Config, resume_dir: Path | None = None, ctx: DistContext |
         config = config.model_copy(update={"out": str(out), "versions": library_versions()})
     else:
         out = resume_dir
+        main_only(ctx, lambda: runlock.claim(out))
     log.info("data: %s", ", ".join(f"{s} {sum(c.values())}" for s, c in prepared.index.counts().items()))
     stages = resolve_stages(config)
     for line in plan_lines(config, preprocess, stages, config.train.init_from):
@@ -234,9 +236,10 @@ def new_run_dir(out: str | None) -> Path:
     path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file; choose a folder for the run")
-    if path.is_dir() and any(path.iterdir()):
-        reuse_unfinished_run(path)
     path.mkdir(parents=True, exist_ok=True)
+    runlock.claim(path)  # before its files are judged: a live run's are not a killed one's
+    if any(path.iterdir()):
+        reuse_unfinished_run(path)
     atomic.write_text(path / INCOMPLETE, INCOMPLETE_NOTE)
     (path / "plots").mkdir(exist_ok=True)
     return path
@@ -277,6 +280,7 @@ def reuse_unfinished_run(path: Path) -> None:
 def mark_finished(out: Path) -> None:
     """The last step of a run: without the marker, the directory is a finished run no rerun replaces."""
     (out / INCOMPLETE).unlink(missing_ok=True)
+    runlock.release(out)
 
 
 @contextmanager

@@ -17,10 +17,11 @@ from imgclf.logs import get_logger
 from imgclf.runs.base import Run, load_run
 from imgclf.runs.files import read_json
 from imgclf.runs.manifest import INCOMPLETE
+from imgclf.workflows import runlock
 from imgclf.workflows.train import train
 
 RESULT_FILE = "result.json"  # written last in a finished fold or trial: the resume marker
-EXPERIMENT_FILE = "experiment.json"  # {"kind": "cv" | "grid"}: the folder is an experiment's, resumable
+EXPERIMENT_FILE = "experiment.json"  # {"kind": "cv" | "grid", "plan": its folds or grid hashed}: resumable
 SETTINGS_KEY = "settings"  # result.json's record of the config the fold or trial was trained with
 HEADLINE = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc_ovr", "log_loss")  # per fold or trial
 log = get_logger("experiments")
@@ -84,24 +85,29 @@ def _check_same_rule(run: Run, settings: dict) -> None:
                           f"delete {run.path} to train it again")
 
 
-def open_experiment(out: Path, kind: str) -> None:
-    """Claim ``out`` for a cv or grid: an empty or new folder, or one this kind of experiment wrote before
-    (its EXPERIMENT_FILE, or folds/trials with their result files from before that file existed). Any other
-    folder is the user's, and its files (a summary.csv of theirs) are not replaced."""
+def open_experiment(out: Path, kind: str, plan: str, what: str) -> None:
+    """Claim ``out`` for a cv or grid: an empty or new folder, or one this kind of experiment wrote before with
+    the same ``plan`` (the hash of its folds, or of its grid; ``what`` names them for the message), which it then
+    continues. Any other folder is the user's, and its files (a summary.csv of theirs) are not replaced; another
+    plan's folds or trials would be pooled or ranked with this one's, so it is refused. While the command runs,
+    no other imgclf command writes there (``runlock``)."""
     marker = out / EXPERIMENT_FILE
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the {kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    runlock.claim(out, kind)
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     earlier = any(out.glob(f"*/{RESULT_FILE}")) or any(out.glob(f"trials/*/{RESULT_FILE}"))
-    if marker.is_file():
-        written = read_json(marker)
-        if not isinstance(written, dict) or written.get("kind") != kind:
-            raise ConfigError(f"--out {out} holds an imgclf experiment of another kind; choose another --out")
-    elif held and not earlier:
+    written = read_json(marker) if marker.is_file() else None
+    if written is not None and (not isinstance(written, dict) or written.get("kind") != kind):
+        raise ConfigError(f"--out {out} holds an imgclf experiment of another kind; choose another --out")
+    if written is None and held and not earlier:
         raise ConfigError(f"--out {out} already holds files ({', '.join(held[:3])}) that no imgclf {kind} wrote; "
                           "choose another --out, or empty it")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(marker, {"kind": kind})
+    if written is not None and written.get("plan", plan) != plan:  # a marker from before plans were kept: any
+        raise ConfigError(f"--out {out} holds a {kind} over other {what}; its results would be mixed with this "
+                          "one's, so choose another --out (or delete it to start over)")
+    atomic.write_json(marker, {"kind": kind, "plan": plan})
 
 
 # what may differ between two spellings of one experiment: where it is written, how paths were typed, how
