@@ -92,6 +92,20 @@ def test_class_names_that_differ_only_in_case_are_said(tmp_path, logged):
     assert "classes 'Cat', 'cat' differ only in letter case" in logged.text
 
 
+@pytest.mark.parametrize("label,said", [("cat\nINJECT: a forged line", "holds a control character"),
+                                        ("x" * 300, "is 300 characters long")])
+def test_a_class_name_no_summary_can_show_is_refused(tmp_path, label, said):
+    """A CSV label (or a folder name) with a line break forged lines in every summary naming it; one of 100 kB was
+    printed whole. Training refuses them as a run file's reader does."""
+    csv_path = make_csv(tmp_path, per_class=4, with_split=False)
+    lines = csv_path.read_text().splitlines()
+    first = lines[1].rsplit(",", 1)[0]
+    csv_path.write_text("\n".join([lines[0], f'{first},"{label}"', *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match=said) as err:
+        index_of(csv_path)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
 def test_csv_columns_train_does_not_read_are_said(tmp_path, logged):
     csv_path = make_csv(tmp_path, per_class=4, with_split=False)
     rows = csv_path.read_text().splitlines()

@@ -232,6 +232,48 @@ def test_a_planted_onnx_file_is_refused_without_being_read_into_memory(gray_bina
         OnnxEngine(load_run(copy))
 
 
+def constant_graph(values, input_name="images"):
+    """An ONNX graph answering ``values`` for every image (uint8 N x C x H x W in): a swapped-in model."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", [input_name], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["m"], keepdims=0, axes=[1, 2, 3]),
+             helper.make_node("Unsqueeze", ["m", "one"], ["col"]),
+             helper.make_node("Mul", ["col", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "row"], ["probabilities"])]
+    inits = [helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0]),
+             helper.make_tensor("row", TensorProto.FLOAT, [len(values)], values)]
+    graph = helper.make_graph(nodes, "swapped", [helper.make_tensor_value_info(input_name, TensorProto.UINT8,
+                                                                               ["n", 1, 16, 16])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", len(values)])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize("values,input_name,said", [
+    ([0.2] * 5, "images", "answered (2, 5) for 2 images of 2 classes"),
+    ([float("nan")] * 2, "images", "not probabilities"),
+    ([0.9, 0.9], "images", "not probabilities"),
+    ([0.5, 0.5], "pixels", "takes ['pixels']"),
+])
+def test_a_graph_swapped_in_with_its_hash_rewritten_is_refused_by_its_answers(gray_binary, tmp_path, values,
+                                                                               input_name, said):
+    """export.json is not sealed: whoever swaps model.onnx can write its hash there too. Its predictions were
+    used as they came (5 columns under 2 class names, NaN)."""
+    copy = tmp_path / "run"
+    shutil.copytree(gray_binary.path, copy)
+    graph = constant_graph(values, input_name)
+    (copy / "export" / "model.onnx").write_bytes(graph)
+    record = json.loads((copy / "export" / "export.json").read_text())
+    record["onnx_sha256"] = hashlib.sha256(graph).hexdigest()
+    (copy / "export" / "export.json").write_text(json.dumps(record))
+    images = np.zeros((2, 1, 16, 16), dtype=np.uint8)
+    with pytest.raises(RunDirError) as err:
+        OnnxEngine(load_run(copy)).predict(images)
+    assert said in str(err.value) and "imgclf export" in str(err.value), str(err.value)
+
+
 def test_a_rechosen_threshold_makes_the_export_stale(gray_binary, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(gray_binary.path, copy)

@@ -7,6 +7,7 @@ line naming the file (and the field), never a traceback, and never use the tampe
 
 import json
 import os
+import re
 import shutil
 import zipfile
 
@@ -155,6 +156,10 @@ TAMPER = {  # name -> (file, change, fragments of the one-line error)
     "output units": ("model.json", lambda d: d.update(output_units=7), ["model.json", "output_units"]),
     "one class": ("classes.json", lambda d: d.__delitem__(slice(1, None)), ["classes.json", "2 to"]),
     "swapped classes": ("classes.json", lambda d: d.reverse(), ["classes.json"]),
+    "line break in a class": ("classes.json", lambda d: d.__setitem__(0, "cat\nINJECT: fake"),
+                              ["classes.json", "control character"]),
+    "class of 100 kB": ("classes.json", lambda d: d.__setitem__(0, "x" * 100_000),
+                        ["classes.json", "100,000 characters"]),
     "empty root": ("dataset.json", lambda d: d.update(root=""), ["dataset.json", "root"]),
     "long root": ("dataset.json", lambda d: d.update(root="/x" * 50_000), ["dataset.json", "root"]),
 }
@@ -183,6 +188,22 @@ def test_a_metrics_value_no_run_can_have_is_refused_naming_it(runs, tmp_path, ca
     edit_json(run / "metrics.json", lambda d: d["val"].update({field: value}))
     line = cli_error(capsys, "report", run)
     assert "metrics.json" in line and field in line, line
+
+
+@pytest.mark.parametrize("name,pattern,planted,said", [
+    ("model.json", r'"epoch": \d+', '"epoch": ' + "9" * 5000, "model.json is damaged"),  # past the 4,300-digit limit
+    ("config.yaml", r"epochs: \d+", "epochs: " + "9" * 5000, "holds a value YAML cannot read"),
+    ("config.yaml", r"seed: \d+", "seed: 2026-13-45", "holds a value YAML cannot read"),  # a date YAML cannot make
+])
+def test_a_value_the_parser_cannot_make_is_one_line(runs, tmp_path, capsys, name, pattern, planted, said):
+    """These raised ValueError from inside json/yaml, which no reader caught: a traceback."""
+    run = copy_of(runs, "net", tmp_path)
+    (run / "manifest.json").unlink()  # unsealed, so the reader itself meets the value
+    text, count = re.subn(pattern, planted, (run / name).read_text(), count=1)
+    assert count == 1
+    (run / name).write_text(text)
+    line = cli_error(capsys, "model-info", run)
+    assert name in line and said in line, line
 
 
 def test_a_string_threshold_is_refused(runs, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import unicodedata
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
@@ -76,3 +77,19 @@ def special_file_kind(path: str | os.PathLike) -> str | None:
     kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
              (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
     return next((name for check, name in kinds if check(mode)), "special file")
+
+
+MAX_CLASS_NAME = 255  # characters: a folder name's limit (in bytes) on common file systems
+
+
+def class_name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a class name (empty, longer than MAX_CLASS_NAME, or holding a control
+    character such as a line break, which would forge lines in every summary that names it); None if nothing."""
+    if not name:
+        return "is empty"
+    if len(name) > MAX_CLASS_NAME:
+        return f"is {len(name):,} characters long, more than the {MAX_CLASS_NAME} a class name may have"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character (a line break, a tab, ...)"
+    return None
+

@@ -44,6 +44,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config file {path} is nested far deeper than a config can be") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (ValueError, OverflowError) as err:  # a date like 2026-13-45, an integer past 4,300 digits
+        raise ConfigError(f"config file {path} holds a value YAML cannot read ({str(err).splitlines()[0][:120]}); "
+                          "fix it") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, train:)")
     try:

@@ -43,7 +43,7 @@ from imgclf.data.scan import (
 )
 from imgclf.errors import DataError, RunDirError
 from imgclf.logs import get_logger
-from imgclf.safeio import require_regular, special_file_kind
+from imgclf.safeio import class_name_problem, printable, require_regular, special_file_kind
 
 SPLITS = ("train", "val", "test")
 log = get_logger("index")
@@ -239,6 +239,8 @@ def check_classes(index: DatasetIndex, source: str) -> None:
         raise DataError(f"{source}: the train split is empty")
     for name in index.classes:
         require_utf8(name, f"{source}: class {name!r}")
+        if problem := class_name_problem(name):  # a line break in a label would forge lines in every summary
+            raise DataError(f"{source}: class {printable(name[:40])!r} {problem}; rename it")
     if len(index.classes) < 2:
         raise DataError(f"{source}: training needs at least 2 classes, found {list(index.classes)}")
     for split in ("val", "test"):

@@ -1,8 +1,6 @@
-"""The files of a run directory, as schemas: each is validated before any of it is used.
-
-A run directory is a file from a stranger. Every JSON file is read with a size cap, parsed, and checked against
-a schema whose bounds match what training (and the report that reads it) can use; a problem is one line that
-names the file and the field. Nothing here executes what it reads."""
+"""The files of a run directory, as schemas: each is validated before any of it is used. A run directory is a file
+from a stranger. Every JSON file is read with a size cap, parsed, and checked against a schema whose bounds match
+what training (and the report) can use; a problem is one line naming the file and field. Nothing is executed."""
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from typing_extensions import TypedDict  # pydantic reads typing's own only from
 from imgclf.config import EvaluateConfig
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import MAX_CLASSES
+from imgclf.runs.names import ClassName
 from imgclf.safeio import read_capped
 
 # No run file imgclf writes comes near this; a bigger one is refused before it is read into memory.
@@ -69,7 +68,7 @@ class ModelFile(_File):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: dict[str, Any]
-    classes: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
+    classes: list[ClassName] = Field(min_length=2, max_length=MAX_CLASSES)
     preprocess: PreprocessFile
     output_units: StrictInt = Field(ge=1, le=MAX_CLASSES)
     epoch: StrictInt | None = Field(None, ge=0)
@@ -118,7 +117,7 @@ class DatasetFile(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     root: str = Field(min_length=1, max_length=4096)  # a path: PATH_MAX
-    counts: dict[str, dict[str, Annotated[StrictInt, Field(ge=0)]]] = {}
+    counts: dict[str, dict[str, Annotated[StrictInt, Field(ge=0, le=10**10)]]] = {}  # images: no dataset has more
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
 
@@ -175,7 +174,7 @@ class GridBest(BaseModel):
     test: SplitMetrics | None = None
 
 
-CLASSES = TypeAdapter(list[str])
+CLASSES = TypeAdapter(list[ClassName])
 
 
 def read_json(path: Path, limit: int = MAX_JSON_BYTES, fix: str = FIX) -> Any:
@@ -184,8 +183,9 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES, fix: str = FIX) -> Any:
         return json.loads(read_capped(path, limit, RunDirError, fix).decode("utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing; the run directory is incomplete") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path} is damaged ({getattr(err, 'msg', err)}); {fix}") from None
+    except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's 4,300 digits
+        reason = getattr(err, "msg", None) or (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise RunDirError(f"{path} is damaged ({reason}); {fix}") from None
     except RecursionError:
         raise RunDirError(f"{path} is nested far deeper than any file imgclf writes; {fix}") from None
 
@@ -289,8 +289,8 @@ def read_classes(path: Path) -> list[str]:
         raise RunDirError(f"{path}: {_first_problem(err, 'classes')}; {FIX}") from None
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise RunDirError(f"{path}: a run has 2 to {MAX_CLASSES} classes, this lists {len(classes)}; {FIX}")
-    if any(not c for c in classes) or len(set(classes)) != len(classes):
-        raise RunDirError(f"{path}: class names must be unique and non-empty; {FIX}")
+    if len(set(classes)) != len(classes):
+        raise RunDirError(f"{path}: class names must be unique; {FIX}")
     return classes
 
 

@@ -41,7 +41,7 @@ class ExportFile(BaseModel):
     onnx_sha256: str = Field(pattern=SHA256)
     weights_sha256: str = Field(pattern=SHA256)
     opset: StrictInt = Field(ge=1, le=1000)
-    classes: list[str] = Field(min_length=2, max_length=runfiles.MAX_CLASSES)
+    classes: list[runfiles.ClassName] = Field(min_length=2, max_length=runfiles.MAX_CLASSES)
     image_size: StrictInt = Field(ge=1, le=4096)
     channels: Literal[1, 3]
     resize_filter: Literal["bilinear", "bicubic", "nearest"]

@@ -23,6 +23,7 @@ from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
 
 log = get_logger("predict")
 ENGINES = ("onnx", "torch")
+PROB_SLACK = 1e-3  # how far an exported graph's fp32 probabilities may stray from [0, 1] and from summing to 1
 
 
 class Engine(Protocol):
@@ -46,9 +47,27 @@ class OnnxEngine:
         self.run, self.spec, self.tta = run, input_spec(run), self.info.tta
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self.version = ort.__version__
+        self.redo = f"{run.path}/export/model.onnx {{}}; run 'imgclf export {run.path}' again"
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if names[0] != ["images"] or "probabilities" not in names[1]:
+            raise RunDirError(self.redo.format(f"takes {names[0][:3]} and answers {names[1][:3]}, not images -> "
+                                               "probabilities as imgclf's graphs do"))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(["probabilities"], {"images": np.ascontiguousarray(images)})[0].astype(np.float64)
+        probs = self.session.run(["probabilities"], {"images": np.ascontiguousarray(images)})[0].astype(np.float64)
+        classes = len(self.run.classes)
+        if probs.shape != (len(images), classes):  # a graph swapped in with export.json's hash rewritten to match
+            raise RunDirError(self.redo.format(f"answered {probs.shape} for {len(images)} images of {classes} classes"))
+        if not are_probabilities(probs):
+            raise RunDirError(self.redo.format("answered values that are not probabilities (each in [0, 1], each "
+                                               "image's summing to 1)"))
+        return probs
+
+
+def are_probabilities(probs: np.ndarray) -> bool:
+    """Each value finite and in [0, 1], each row summing to 1 (within PROB_SLACK)."""
+    in_range = probs.min(initial=0) >= -PROB_SLACK and probs.max(initial=1) <= 1 + PROB_SLACK
+    return bool(np.isfinite(probs).all() and in_range and np.abs(probs.sum(axis=1) - 1).max(initial=0) <= PROB_SLACK)
 
 
 def verified_export(run) -> tuple[bytes, ExportFile]:

@@ -101,7 +101,7 @@ def _parse_value(key: str, text: str) -> Any:
     if text.startswith("["):
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
             value = None
         if not isinstance(value, list):
             raise ConfigError(f"--param {key}: {text!r} is not a list; write it as [1,2] (brackets, commas)")
@@ -126,8 +126,9 @@ def _read_grid_file(path: str) -> dict[str, list]:
         loaded = yaml.safe_load(text.decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"--grid {path}: no such file") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--grid {path}: cannot read it as YAML ({str(err).splitlines()[0]})") from None
+    except (OSError, yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # ValueError: UTF-8, dates
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise ConfigError(f"--grid {path}: cannot read it as YAML ({reason})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--grid {path} must map config fields to lists of values")
     return {str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()}
