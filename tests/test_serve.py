@@ -223,11 +223,11 @@ def test_bad_requests_get_a_json_error_and_never_stop_the_server(client):
         (422, "empty", {"files": {"file": ("empty.png", b"")}}),
         (413, "decompression bomb", {"files": {"file": ("bomb.png", bomb())}}),
         (413, "too many files: at most 16", {"files": [("file", (f"{i}.png", good)) for i in range(17)]}),
-        (422, "part 'note' is a text field", {"data": {"note": "no file"}}),
+        (415, "send the images as multipart/form-data", {"data": {"note": "no file"}}),  # urlencoded
         (422, "part 'image' is a file: send each image as a file part named 'file'",  # never dropped in silence
          {"files": [("file", ("a.png", good)), ("image", ("b.png", good))]}),
         (422, "part 'file' is a text field", {"files": [("file", ("a.png", good))], "data": {"file": "hello"}}),
-        (400, "multipart/form-data parts named 'file'", {"content": b"{}", "headers": {"content-type": "x/json"}}),
+        (415, "multipart/form-data parts named 'file'", {"content": b"{}", "headers": {"content-type": "x/json"}}),
     ]
     for status, fragment, kwargs in cases:
         response = client.post("/v1/predict", **kwargs)
@@ -305,11 +305,14 @@ class Collect(logging.Handler):
 def test_one_log_line_per_request_without_the_image(client):
     logger, collect = logging.getLogger("imgclf.serve"), Collect()
     logger.addHandler(collect)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # whatever an earlier test left the imgclf logger at
     try:
         client.post("/v1/predict", files={"file": ("secret-scan.png", png_bytes())})
         client.get("/nowhere")
     finally:
         logger.removeHandler(collect)
+        logger.setLevel(level)
     lines = collect.lines
     assert re.fullmatch(r"POST /v1/predict 200 [\d.]+ ms in=\d+B out=\d+B", lines[0]), lines
     assert re.fullmatch(r"GET /nowhere 404 [\d.]+ ms in=0B out=\d+B", lines[1]), lines
@@ -477,3 +480,79 @@ def test_an_upload_limit_that_is_no_size_is_refused(size):
     with pytest.raises(ConfigError, match="--max-upload-mb"):
         ServeOptions(max_upload_mb=size).check()
     ServeOptions(max_upload_mb=4096).check()
+
+
+# -- a hostile client (an audit of the server) ------------------------------------------------------------------
+
+def tiff_bytes(mode: str, side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), np.float32 if mode == "F" else np.uint8), mode).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def test_wide_samples_count_against_the_pixel_limit_by_their_decode_cost(binary_run):
+    """A 7000 x 7000 float TIFF (297 kB) within --max-pixels took 1.6 GB and 3.8 s to decode, and two requests of
+    16 such files held both decode slots for 23 s: 32-bit samples now count 6 pixels each."""
+    with client_for(binary_run, max_pixels=10_000) as client:
+        wide = client.post("/v1/predict", files={"file": ("f.tif", tiff_bytes("F", 60))})  # 3,600 pixels
+        plain = client.post("/v1/predict", files={"file": ("l.tif", tiff_bytes("L", 60))})
+    assert wide.status_code == 413 and "F samples cost 6x an 8-bit pixel" in wide.json()["error"]
+    assert plain.status_code == 200
+
+
+def test_what_no_check_foresaw_is_json_and_one_log_line(client, monkeypatch):
+    def header_fails(_path):
+        raise NotImplementedError("Unimplemented pixel format 0")  # a DDS file made Pillow raise this
+
+    monkeypatch.setattr("imgclf.serving.uploads.header", header_fails)
+    refused = client.post("/v1/predict", files={"file": ("x.dds", b"DDS " + bytes(124))})
+    assert refused.status_code == 422 and "Unimplemented pixel format" in refused.json()["error"]
+    monkeypatch.setattr(Service, "answer", lambda *a: 1 / 0)
+    failed = client.post("/v1/predict", files={"file": ("a.png", png_bytes())})
+    assert failed.status_code == 500 and "ZeroDivisionError" in failed.json()["error"]  # JSON, not text/plain
+
+
+def asgi_post(app, messages, headers=((b"content-type", b"multipart/form-data; boundary=XyZ"),)):
+    """Drive ``app`` with a POST /v1/predict whose body arrives as ``messages`` (then never more); the response."""
+    sent, feed = [], iter(messages)
+
+    async def receive():
+        message = next(feed, None)
+        if message is None:
+            await asyncio.sleep(3600)  # a client that stops sending
+        return message
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8000"), *headers], "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "root_path": ""}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_a_client_that_leaves_or_stalls_mid_body_is_a_4xx_line_not_a_traceback(client, monkeypatch):
+    part = {"type": "http.request", "body": b"--XyZ\r\n", "more_body": True}
+    status, body = asgi_post(client.app, [part, {"type": "http.disconnect"}])
+    assert status == 400 and b"disconnected before its body ended" in body  # was a 500 and 70 lines of traceback
+    monkeypatch.setattr("imgclf.serving.middleware.BODY_TIMEOUT", 0.2)
+    status, body = asgi_post(client.app, [part])  # one part, then silence: a slow client held it for ever
+    assert status == 408 and b"stopped arriving" in body
+
+
+def test_head_a_lowercase_bearer_and_a_foreign_host(binary_run):
+    with client_for(binary_run, token=TOKEN) as client:
+        assert client.head("/healthz").status_code == 200  # uptime probes send HEAD (405 before)
+        lower = client.get("/v1/model", headers={"authorization": f"bearer {TOKEN}"})
+        assert lower.status_code == 200  # the scheme is case-insensitive (RFC 9110)
+    service = Service(binary_run)
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(service, ServeOptions(), check_host=True), base_url="http://127.0.0.1:8000") as local:
+        wait_until_ready(local.get)
+        assert local.get("/healthz").status_code == 200
+        rebound = local.get("/healthz", headers={"host": "evil.example.com"})  # DNS rebinding onto 127.0.0.1
+        assert rebound.status_code == 421 and "not this machine" in rebound.json()["error"]
+        assert local.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200

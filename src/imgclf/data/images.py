@@ -49,7 +49,7 @@ def decodable_pixels() -> int:
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
-                  Image.DecompressionBombError, IndexError)
+                  Image.DecompressionBombError, IndexError, NotImplementedError)  # a pixel format Pillow lacks
 
 
 # evaluate, explain and report have no --skip-bad-images: they score or show a run's own images

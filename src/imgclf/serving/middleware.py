@@ -1,12 +1,15 @@
-"""The server's guards, as plain ASGI middleware: a request log line, bearer-token auth, a body size cap.
+"""The server's guards, as plain ASGI middleware: a request log line, bearer-token auth, a body size cap and
+read deadline, and (on a loopback address) the Host header's check.
 
 Plain ASGI (not Starlette's BaseHTTPMiddleware) so the size cap sees the body as it streams in: a
 ``Content-Length`` over the cap is refused before one byte is read, and a body without one (chunked)
-is cut off at the first chunk that crosses it, never read whole.
+is cut off at the first chunk that crosses it, never read whole. A body that stops arriving for
+BODY_TIMEOUT seconds is given up (a slow client holds no connection for ever).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -22,6 +25,15 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = get_logger("serve")
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class BodyStalled(Exception):
+    """Raised from ``receive`` when no part of the body came for BODY_TIMEOUT seconds; the app answers 408."""
+
+    def __init__(self):
+        super().__init__(f"the request body stopped arriving for {BODY_TIMEOUT:g} s; send it whole")
 
 
 class BodyTooLarge(Exception):
@@ -75,13 +87,13 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, token: str | None, open_paths: tuple[str, ...]):
         self.app, self.open_paths = app, open_paths
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected):  # any case: RFC 9110
             return await self.app(scope, receive, send)
         await send_json(send, 401, {"error": "missing or wrong token: send the header 'Authorization: Bearer TOKEN' "
                                              "with the --token the server was started with"},
@@ -104,10 +116,31 @@ class BodyLimit:
 
         async def capped_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except TimeoutError:
+                raise BodyStalled() from None
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise BodyTooLarge(self.limit)
             return message
 
         await self.app(scope, capped_receive, send)
+
+
+class LoopbackHosts:
+    """On a loopback address, only requests whose Host header names this machine: a web page the user opens
+    cannot reach the server by pointing its own domain at 127.0.0.1 (DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+            else host
+        if scope["type"] != "http" or name.lower() in LOOPBACK_NAMES:
+            return await self.app(scope, receive, send)
+        await send_json(send, 421, {"error": f"Host {host[:60]!r} is not this machine: a server on a loopback "
+                                             "address answers requests to localhost or 127.0.0.1 only"})
+

@@ -11,6 +11,7 @@ FastAPI reads the route functions' annotations as objects.
 """
 
 import ipaddress
+import logging
 import signal
 import socket
 import threading
@@ -23,7 +24,7 @@ from imgclf.data.images import decodable_pixels
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.serving.bundle import require
-from imgclf.serving.middleware import BearerAuth, BodyLimit, BodyTooLarge, RequestLog
+from imgclf.serving.middleware import BearerAuth, BodyLimit, BodyStalled, BodyTooLarge, LoopbackHosts, RequestLog
 from imgclf.serving.page import render_page
 from imgclf.serving.service import Service
 from imgclf.serving.uploads import UploadError
@@ -32,6 +33,7 @@ log = get_logger("serve")
 OPEN_PATHS = ("/healthz", "/readyz")
 GRACE_SECONDS = 10  # SIGTERM: in-flight requests get this long to finish
 MAX_UPLOAD_MB = 4096  # a request body is held in memory: larger is no image upload
+MAX_CONNECTIONS = 256  # open connections and tasks at once; beyond, uvicorn answers 503
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,9 @@ class ServeOptions:
             raise ConfigError("--token must be at least 8 printable characters without spaces")
 
 
-def create_app(service: Service, options: ServeOptions):
-    """The ASGI app; the model loads in a thread when the app starts (``/readyz`` says when it is done)."""
+def create_app(service: Service, options: ServeOptions, check_host: bool = False):
+    """The ASGI app; the model loads in a thread when the app starts (``/readyz`` says when it is done).
+    ``check_host``: answer only requests addressed to this machine (``serve`` on a loopback address)."""
     from fastapi import FastAPI, Request  # the [serve] extra
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -80,17 +83,18 @@ def create_app(service: Service, options: ServeOptions):
         """Every refusal as JSON ``{"error": ...}`` with its 4xx status (503 while loading)."""
         if isinstance(err, HTTPException):
             return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
-        status = err.status if isinstance(err, UploadError) else 413 if isinstance(err, BodyTooLarge) else 422
+        status = err.status if isinstance(err, UploadError) else 413 if isinstance(err, BodyTooLarge) \
+            else 408 if isinstance(err, BodyStalled) else 422
         return JSONResponse({"error": str(err)}, status_code=status)
 
-    for kind in (UploadError, BodyTooLarge, ImgclfError, HTTPException):
+    for kind in (UploadError, BodyTooLarge, BodyStalled, ImgclfError, HTTPException):
         app.add_exception_handler(kind, refusal)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD too: uptime probes use it (RFC 9110)
     def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     def readyz():
         if service.ready.is_set():
             return {"status": "ready", "engine": service.engine.name}
@@ -98,7 +102,7 @@ def create_app(service: Service, options: ServeOptions):
             return JSONResponse({"status": "failed", "error": str(service.load_error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/v1/model")
+    @app.api_route("/v1/model", methods=["GET", "HEAD"])
     def model():
         require_ready(service)
         return service.info()
@@ -108,14 +112,23 @@ def create_app(service: Service, options: ServeOptions):
         require_ready(service)
         top_k, explain = query_options(request, len(service.run.classes))
         uploads = await read_uploads(request, options.max_batch)
-        return await run_in_threadpool(service.answer, uploads, top_k, explain)
+        try:
+            return await run_in_threadpool(service.answer, uploads, top_k, explain)
+        except (UploadError, ImgclfError):
+            raise
+        except Exception as err:  # a bug, or a library's error no check foresaw: JSON for the client, a line here
+            log.error("error: /v1/predict failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:200]
+                      if str(err) else "", exc_info=log.isEnabledFor(logging.DEBUG))  # the traceback with -v
+            raise HTTPException(500, f"the server failed on this request ({type(err).__name__}); its log says more") \
+                from None
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def page():
         return render_page(service.run.path.name, service.run.classes, options.max_batch, options.max_bytes,
                            default_top_k(len(service.run.classes)), service.explain_refusal is None)
 
-    return RequestLog(BearerAuth(BodyLimit(app, options.max_bytes), options.token, OPEN_PATHS))
+    guarded = BearerAuth(BodyLimit(app, options.max_bytes), options.token, OPEN_PATHS)
+    return RequestLog(LoopbackHosts(guarded) if check_host else guarded)
 
 
 def require_ready(service: Service) -> None:
@@ -143,7 +156,7 @@ def query_options(request, classes: int) -> tuple[int, bool]:
     except ValueError:
         top_k = 0
     if not 1 <= top_k <= classes:
-        raise UploadError(422, f"top_k={raw_k!r}: give a whole number from 1 to {classes} (the run's classes)")
+        raise UploadError(422, f"top_k={raw_k[:40]!r}: give a whole number from 1 to {classes} (the run's classes)")
     raw_explain = request.query_params.get("explain", "false").lower()
     if raw_explain not in ("true", "false", "1", "0"):
         raise UploadError(422, f"explain={raw_explain!r}: give true or false")
@@ -153,9 +166,16 @@ def query_options(request, classes: int) -> tuple[int, bool]:
 async def read_uploads(request, max_batch: int) -> list[tuple[str, bytes]]:
     """The ``file`` parts of a multipart body as (name, bytes); at most ``max_batch`` of them."""
     from starlette.exceptions import HTTPException  # the [serve] extra
+    from starlette.requests import ClientDisconnect
 
+    kind = request.headers.get("content-type", "")
+    if kind and not kind.lower().startswith("multipart/form-data"):
+        raise UploadError(415, f"Content-Type {kind[:60]!r}: send the images as multipart/form-data parts named "
+                               "'file'")
     try:
         form = await request.form(max_files=max_batch, max_fields=32)
+    except ClientDisconnect:  # the client's doing: one request line (400), not a server error with a traceback
+        raise UploadError(400, "the client disconnected before its body ended") from None
     except HTTPException as err:
         if "too many files" in str(err.detail).lower():
             raise UploadError(413, f"too many files: at most {max_batch} per request (--max-batch)") from None
@@ -216,8 +236,9 @@ def serve(run, options: ServeOptions) -> None:
     if warning := exposure_warning(options):
         log.warning("%s", warning)
     sock = listening_socket(options.host, options.port)
-    config = uvicorn.Config(create_app(service, options), log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=GRACE_SECONDS, server_header=False)
+    config = uvicorn.Config(create_app(service, options, check_host=is_loopback(options.host)), log_config=None,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_SECONDS,
+                            server_header=False, limit_concurrency=MAX_CONNECTIONS)
     server = uvicorn.Server(config)
     service.on_failure = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]

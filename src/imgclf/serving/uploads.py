@@ -18,6 +18,18 @@ from imgclf.data.images import BadImage, image_size, load_image
 from imgclf.errors import ImgclfError
 from imgclf.serving.graph import InputSpec
 
+# Decode memory of a pixel in Pillow's 32-bit modes against an 8-bit one: a 7000 x 7000 float TIFF took 1.6 GB
+# (33 bytes a pixel through its float64 conversion), an RGB PNG of that size 290 MB (6 bytes a pixel).
+WIDE_SAMPLE_COST = {"F": 6, "I": 6}
+
+
+def header(path: Path) -> tuple[int, int, str]:
+    """Width, height and Pillow mode from the header alone ("" for DICOM, which pydicom reads)."""
+    if path.suffix.lower() == ".dcm":
+        return (*image_size(path), "")
+    with Image.open(path) as img:
+        return img.width, img.height, img.mode
+
 
 class UploadError(Exception):
     """A file the server refuses: ``status`` is the HTTP code, the message names the file and why."""
@@ -34,10 +46,14 @@ def decode_upload(data: bytes, name: str, spec: InputSpec, folder: Path, max_pix
         raise UploadError(422, f"{shown}: the file is empty")
     path = folder / f"{len(list(folder.iterdir()))}{'.dcm' if shown.lower().endswith('.dcm') else '.upload'}"
     path.write_bytes(data)
-    width, height = _header_size(path, shown)
-    if width * height > max_pixels:
-        raise UploadError(413, f"{shown}: {width}x{height} is {width * height:,} pixels, over the server's limit of "
-                               f"{max_pixels:,} (--max-pixels); a decompression bomb is refused before decoding")
+    width, height, mode = _header_size(path, shown)
+    cost = width * height * WIDE_SAMPLE_COST.get(mode, 1)
+    if cost > max_pixels:
+        weighed = f" ({mode} samples cost {cost // (width * height)}x an 8-bit pixel to decode)" \
+            if cost > width * height else ""
+        raise UploadError(413, f"{shown}: {width}x{height} is {width * height:,} pixels{weighed}, over the server's "
+                               f"limit of {max_pixels:,} (--max-pixels); a decompression bomb is refused before "
+                               "decoding")
     try:
         return load_image(path, spec.size, spec.channels, spec.interpolation), path
     except BadImage as err:
@@ -46,12 +62,12 @@ def decode_upload(data: bytes, name: str, spec: InputSpec, folder: Path, max_pix
         raise UploadError(415, f"{shown}: {err}") from None
 
 
-def _header_size(path: Path, shown: str) -> tuple[int, int]:
-    """Width and height from the header alone (Pillow opens lazily)."""
+def _header_size(path: Path, shown: str) -> tuple[int, int, str]:
+    """Width, height and Pillow mode from the header alone (Pillow opens lazily; a DICOM file's mode is "")."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the server's own cap decides
-            return image_size(path)
+            return header(path)
     except UnidentifiedImageError:
         raise UploadError(415, f"{shown}: not an image format imgclf reads (PNG, JPEG, BMP, TIFF, WebP, GIF, "
                                "DICOM ...)") from None
@@ -59,5 +75,5 @@ def _header_size(path: Path, shown: str) -> tuple[int, int]:
         raise UploadError(413, f"{shown}: refused as a decompression bomb ({err})") from None
     except ImgclfError as err:
         raise UploadError(415, f"{shown}: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, NotImplementedError) as err:
         raise UploadError(422, f"{shown}: cannot read the image header: {err or type(err).__name__}") from None

@@ -77,7 +77,7 @@ def pretrained_input_size(paths: list[Path]) -> int:
         try:
             require_regular_file(path)
             sides.append(min(image_size(path)))  # the header alone: a DICOM file is not decoded for it
-        except (OSError, ValueError, BadImage, Image.DecompressionBombError):
+        except (OSError, ValueError, BadImage, Image.DecompressionBombError, NotImplementedError):
             continue  # the decode reports unreadable images, with their names
     if not sides:
         return MAX_PRETRAINED_SIZE
