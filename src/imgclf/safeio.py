@@ -92,4 +92,3 @@ def class_name_problem(name: str) -> str | None:
     if any(unicodedata.category(c) == "Cc" for c in name):
         return "holds a control character (a line break, a tab, ...)"
     return None
-

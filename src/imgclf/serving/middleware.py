@@ -143,4 +143,3 @@ class LoopbackHosts:
             return await self.app(scope, receive, send)
         await send_json(send, 421, {"error": f"Host {host[:60]!r} is not this machine: a server on a loopback "
                                              "address answers requests to localhost or 127.0.0.1 only"})
-
