@@ -35,7 +35,7 @@ def test_a_live_runs_folder_is_refused_and_a_killed_ones_is_reused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ConfigError, match="being written by another imgclf command.*choose another --out"):
+        with pytest.raises(ConfigError, match="being written by another imgclf command.*give this run another --out"):
             new_run_dir(str(out))
         assert (out / "history.csv").is_file()  # the live run's files stay
     finally:

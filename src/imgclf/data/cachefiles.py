@@ -44,8 +44,8 @@ def _warn_if_shared(folder: Path) -> None:
         info = os.stat(folder)
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
             log.warning("warning: the decode cache folder %s is writable by other users or owned by another: "
-                        "anyone who can write it can change the images a run reads; set IMGCLF_CACHE_DIR to a "
-                        "folder only you can write", folder)
+                        "anyone who can write it can change the images a run reads; set IMGCLF_CACHE_DIR (or "
+                        "--cache-dir) to a folder only you can write", folder)
 
 
 class DamagedEntry(Exception):

@@ -240,7 +240,7 @@ def check_classes(index: DatasetIndex, source: str) -> None:
     for name in index.classes:
         require_utf8(name, f"{source}: class {name!r}")
         if problem := class_name_problem(name):  # a line break in a label would forge lines in every summary
-            raise DataError(f"{source}: class {printable(name[:40])!r} {problem}; rename it")
+            raise DataError(f"{source}: class '{printable(name[:40])}' {problem}; rename it")
     if len(index.classes) < 2:
         raise DataError(f"{source}: training needs at least 2 classes, found {list(index.classes)}")
     for split in ("val", "test"):

@@ -11,7 +11,7 @@ from imgclf.safeio import class_name_problem, printable
 
 def valid_class_name(name: str) -> str:
     if problem := class_name_problem(name):
-        raise ValueError(f"class name {printable(name[:40])!r}{'...' if len(name) > 40 else ''} {problem}")
+        raise ValueError(f"class name '{printable(name[:40])}{'...' if len(name) > 40 else ''}' {problem}")
     return name
 
 

@@ -142,4 +142,4 @@ class LoopbackHosts:
         if scope["type"] != "http" or name.lower() in LOOPBACK_NAMES:
             return await self.app(scope, receive, send)
         await send_json(send, 421, {"error": f"Host {host[:60]!r} is not this machine: a server on a loopback "
-                                             "address answers requests to localhost or 127.0.0.1 only"})
+                                             "address answers requests to localhost, 127.0.0.1 or [::1] only"})

@@ -29,8 +29,8 @@ def claim(folder: Path, what: str = "run") -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"{folder} is being written by another imgclf command (a {what} in progress); wait for "
-                          "it to end, or choose another --out") from None
+        raise ConfigError(f"{folder} is being written by another imgclf command; wait for it to end, or give this "
+                          f"{what} another --out") from None
     except OSError:  # a file system without flock: the claim cannot be checked there, and the run goes on
         os.close(fd)
         return
