@@ -54,6 +54,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError that names no file (ENOSPC from a write) names ``path``, so its one error line can."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
 def _naming(err: OSError, target: Path, tmp: str | None) -> OSError:
     """``err`` naming ``target`` where it named no file or the temporary one (a full disk's ENOSPC from a write,
     a refused mkstemp): the user's error line names the file they know, not ``.name.x1y2.tmp``."""

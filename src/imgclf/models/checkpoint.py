@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,25 +29,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """``tensors`` as a safetensors file, written by Python: a full disk is an OSError naming the file (as the
     CLI's one line says it), where safetensors' own writer raised its SafetensorError."""
-    with _naming(path), open(path, "wb") as fh:
+    with atomic.naming(path), open(path, "wb") as fh:
         fh.write(tensors_bytes(tensors))
 
 
 def write_torch(path: Path, value: object) -> None:
     """``value`` through torch.save into a file Python writes: a full disk is an OSError, not torch's RuntimeError
     ("unexpected pos")."""
-    with _naming(path), open(path, "wb") as fh:
+    with atomic.naming(path), open(path, "wb") as fh:
         torch.save(value, fh)
-
-
-@contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """A write's OSError (ENOSPC names no file) naming ``path``."""
-    try:
-        yield
-    except OSError as err:
-        err.filename = err.filename or str(path)
-        raise
 
 
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:

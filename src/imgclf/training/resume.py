@@ -162,10 +162,10 @@ def restore_best_file(out: Path, best_file: Path, model: torch.nn.Module, check_
     weights, meta = folder / "best.safetensors", folder / "best.json"
     if os.path.lexists(weights):
         check_fits(model, weights)
-        needed = tensor_bytes(model) + MAX_SAFETENSORS_HEADER
-        if weights.stat().st_size > needed:
-            raise RunDirError(f"{weights} is {weights.stat().st_size:,} bytes, more than the model's weights need "
-                              f"({needed:,}); start the run again")
+        needed, size = tensor_bytes(model) + MAX_SAFETENSORS_HEADER, weights.stat().st_size
+        if size > needed:
+            raise RunDirError(f"{weights} is {size:,} bytes, more than the model's weights need ({needed:,}); "
+                              "start the run again")
     if os.path.lexists(meta):
         check_meta(meta)
     for source, target in ((weights, best_file), (meta, best_file.with_suffix(".json"))):
@@ -219,6 +219,6 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 def _capped(path: Path, limit: int) -> Path:
     """``path`` if it is a regular file (a FIFO would block torch.load) of at most ``limit`` bytes."""
     require_regular(path, RunDirError, "start the run again")
-    if path.stat().st_size > limit:
-        raise ValueError(f"{path.name} is {path.stat().st_size:,} bytes, more than imgclf writes for this model")
+    if (size := path.stat().st_size) > limit:
+        raise ValueError(f"{path.name} is {size:,} bytes, more than imgclf writes for this model")
     return path

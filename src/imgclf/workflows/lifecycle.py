@@ -9,8 +9,6 @@ end every rank predicts its shard of val and test and rank 0 writes the results.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -281,14 +279,3 @@ def mark_finished(out: Path) -> None:
     """The last step of a run: without the marker, the directory is a finished run no rerun replaces."""
     (out / INCOMPLETE).unlink(missing_ok=True)
     runlock.release(out)
-
-
-@contextmanager
-def naming_path(path: Path) -> Iterator[None]:
-    """An OSError that names no file (ENOSPC from a write) gets the run directory, so its error line can."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None:
-            err.filename = str(path)
-        raise

@@ -33,7 +33,7 @@ from imgclf.training.fit import count
 from imgclf.training.resume import for_rank, load_state, restore_best_file
 from imgclf.training.stages import StageRunner
 from imgclf.workflows.classical import train_classical
-from imgclf.workflows.lifecycle import RunSetup, finish_run, naming_path, setup_run
+from imgclf.workflows.lifecycle import RunSetup, finish_run, setup_run
 
 log = get_logger("train")
 
@@ -66,7 +66,7 @@ def train(config: Config, evaluate_test: bool = True, resume_dir: Path | None = 
         return train_classical(config, evaluate_test, resume_dir=resume_dir)
     try:
         s = setup_run(config, resume_dir, ctx, dist)
-        with naming_path(s.out):
+        with atomic.naming(s.out):  # a write that names no file names the run
             return _fit_and_finish(s, evaluate_test, resume_dir)
     finally:
         ctx.destroy()
