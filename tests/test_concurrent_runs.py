@@ -93,3 +93,17 @@ def test_a_refused_write_names_the_target_not_its_temporary_file(tmp_path, monke
     with pytest.raises(PermissionError) as err, atomic.atomic_path(target):
         pass
     assert err.value.filename == str(target)
+
+
+def test_a_folder_that_cannot_be_locked_is_said_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from imgclf.workflows import runlock
+
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with caplog.at_level("WARNING", logger="imgclf"):
+        runlock.claim(tmp_path)
+    assert "cannot be locked (No locks available)" in caplog.text and str(tmp_path) in caplog.text

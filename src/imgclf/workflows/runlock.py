@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
 
+log = get_logger("runs")
 _held: dict[str, int] = {}  # the folder's real path -> the descriptor holding its lock
 
 
@@ -31,8 +33,10 @@ def claim(folder: Path, what: str = "run") -> None:
         os.close(fd)
         raise ConfigError(f"{folder} is being written by another imgclf command; wait for it to end, or give this "
                           f"{what} another --out") from None
-    except OSError:  # a file system without flock: the claim cannot be checked there, and the run goes on
+    except OSError as err:  # a file system without flock: the claim cannot be made there, said, and the run goes on
         os.close(fd)
+        log.warning("warning: %s cannot be locked (%s): another imgclf command given the same folder would not be "
+                    "refused while this one writes there", folder, err.strerror or err)
         return
     _held[key] = fd
 
