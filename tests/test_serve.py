@@ -32,7 +32,7 @@ from imgclf.serving import server as server_module
 from imgclf.serving import service as service_module
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
-from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket, serve
+from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket, serve, server_config
 from imgclf.serving.service import Service
 
 from conftest import tiny_config
@@ -332,7 +332,7 @@ def live_server(binary_run):
     uvicorn = pytest.importorskip("uvicorn")
     sock = listening_socket("127.0.0.1", 0)
     app = create_app(Service(binary_run), ServeOptions(max_upload_mb=1))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    server = uvicorn.Server(server_config(app))  # serve's own settings
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -359,6 +359,24 @@ def test_twenty_concurrent_requests_against_uvicorn(live_server, binary_run):
     assert [r.status_code for r in responses] == [200] * 20
     labels = [r.json()["results"][0]["label"] for r in responses]
     assert labels == [binary_run.classes[i] for i in expected.pred]
+
+
+def test_a_client_whose_headers_never_end_is_dropped_and_others_are_served(live_server, monkeypatch):
+    """Slowloris: a connection that never finished its headers was held for ever (256 of them and every
+    client got 503). Now the server closes it after HEADER_TIMEOUT; a prompt client on a kept-alive
+    connection is served, then gets the same deadline for its next request."""
+    monkeypatch.setattr("imgclf.serving.connections.HEADER_TIMEOUT", 0.5)
+    port = int(live_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as prompt:
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        prompt.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert prompt.recv(4096).startswith(b"HTTP/1.1 200")
+        assert slow.recv(4096) == b""  # closed by the server within the deadline, not by the 10 s timeout
+        prompt.sendall(b"GET /healthz HTTP/1.1\r\n")  # its next request dawdles the same way
+        assert prompt.recv(4096) == b""
+    with httpx.Client(base_url=live_server, timeout=10) as http:
+        assert http.get("/healthz").status_code == 200
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 Endpoints: ``GET /healthz`` (alive), ``GET /readyz`` (503 until the model is loaded and warm),
 ``GET /v1/model``, ``POST /v1/predict`` (multipart ``file`` parts; ``top_k``, ``explain``) and
 ``GET /`` (the page). Every refusal is JSON ``{"error": "..."}`` with a 4xx status; nothing a client
-sends can stop the server. The guards (request log, token, body cap) are in ``middleware.py``.
+sends can stop the server. The guards (request log, token, body cap) are in ``middleware.py``, the
+deadline for a request's headers in ``connections.py``.
 
 fastapi and uvicorn come with the optional ``[serve]`` extra, so they are imported inside the
 functions that need them; this module has no ``from __future__ import annotations`` because
@@ -24,6 +25,7 @@ from imgclf.data.images import decodable_pixels
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger
 from imgclf.serving.bundle import require
+from imgclf.serving.connections import header_deadline_protocol
 from imgclf.serving.middleware import BearerAuth, BodyLimit, BodyStalled, BodyTooLarge, LoopbackHosts, RequestLog
 from imgclf.serving.page import render_page
 from imgclf.serving.service import Service
@@ -236,10 +238,7 @@ def serve(run, options: ServeOptions) -> None:
     if warning := exposure_warning(options):
         log.warning("%s", warning)
     sock = listening_socket(options.host, options.port)
-    config = uvicorn.Config(create_app(service, options, check_host=is_loopback(options.host)), log_config=None,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_SECONDS,
-                            server_header=False, limit_concurrency=MAX_CONNECTIONS)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(service, options, check_host=is_loopback(options.host))))
     service.on_failure = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -249,6 +248,15 @@ def serve(run, options: ServeOptions) -> None:
     if service.load_error is not None:
         err = service.load_error
         raise err if isinstance(err, ImgclfError) else ConfigError(f"could not load the model: {err}")
+
+
+def server_config(app):
+    """uvicorn's settings for ``serve``: no access log of its own (the app logs a line a request), at most
+    MAX_CONNECTIONS at once, and a deadline for each request's headers (``connections.py``)."""
+    uvicorn = require("uvicorn", "serve")
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
+                          timeout_graceful_shutdown=GRACE_SECONDS, limit_concurrency=MAX_CONNECTIONS,
+                          http=header_deadline_protocol())
 
 
 @contextmanager
