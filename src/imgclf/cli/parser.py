@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
     p.add_argument("--epochs", type=whole_number(1, 10_000), help="maximum epochs (default 30; 4 with --transfer)")
     p.add_argument("--transfer", action="store_true",
-                   help="fine-tune ImageNet EfficientNet-Lite0 instead (needs the [lite] extra; about 2 min)")
+                   help="fine-tune ImageNet EfficientNet-Lite0 instead (its weights come with imgclf; about 2 min)")
     p.set_defaults(func=lazy("commands", "cmd_demo", checks.refuse_to_overwrite))
     add_serving_parsers(sub)
     return parser

