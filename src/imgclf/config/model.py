@@ -67,7 +67,7 @@ class ModelConfig(_Section):
         None, description="input scaling: model (the timm model's own mean/std), imagenet, rescale (x/255, as Keras "
                           "notebooks), none (0..255) (default: model for timm models, rescale for simple_cnn)")
     pretrained: bool = Field(False, description="start from ImageNet weights (offline package, or timm's hub)")
-    weights: AbsolutePath = Field(None, description="start from a local state dict (.safetensors, .pth, .bin)")
+    weights: AbsolutePath = Field(None, description="start from a local state dict (.safetensors, .pth, .pt, .bin)")
     weights_map: Literal["auto", "name", "position"] = Field(
         "auto", description="match --weights to the model by key name or by position")
     weights_as_typed: str | None = Field(None, description="model.weights as typed (informational)")

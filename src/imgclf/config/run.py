@@ -67,7 +67,8 @@ class TrainConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
     early_stopping: bool = Field(True, description="stop when the monitor stops improving")
     max_seconds: float | None = Field(None, gt=0, description="time limit for the whole training: it ends after "
-                                      "the epoch when another would not finish in time, keeping its best epoch")
+                                      "the epoch when another would not finish in time, gives up an epoch part-way "
+                                      "that would overrun, and keeps its best epoch")
     restore_best: bool = Field(True, description="end with the best epoch's weights, not the last")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="random seed (init, augmentation, order; the split too only "
                                             "with --split-seed null)")

@@ -76,7 +76,8 @@ class DataConfig(_Section):
         description="seed of the train/val/test split and of CV folds; fixed, so runs trained with other --seed "
                     "values share a split (null: follow --seed, as runs before 0.2 did)")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
-    cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default ~/.cache/imgclf)")
+    cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default $IMGCLF_CACHE_DIR, else "
+                                           "~/.cache/imgclf)")
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
         None, description="resize filter (default: the model's own, bilinear for simple_cnn)")
     positive_class: str | None = Field(None, description="positive class for binary metrics (default: 2nd)")
