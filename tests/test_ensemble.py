@@ -9,6 +9,7 @@ from torch import nn
 
 import imgclf
 from imgclf.cli import main
+from imgclf.data.index import build_index
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import setup_logging
@@ -156,7 +157,20 @@ def test_features_npz_holds_embeddings_labels_and_paths(members, tmp_path):
         image = run.probabilities("test")  # the same model: features feed the head's logits
     assert image.probs.shape[1] == 3
     assert main(["features", "resnet10t", str(index.root), "--image-size", "32", "--out", str(tmp_path / "r.npz")]) == 0
-    assert np.load(tmp_path / "r.npz")["features"].shape == (len(index), 512)
+    named = np.load(tmp_path / "r.npz")
+    assert named["features"].shape == (len(index), 512)
+    default = imgclf.build_config({"data": {"path": str(index.root)}}).data  # what `imgclf train DATA` splits by
+    expected = build_index(default, default.split_seed)
+    assert dict(zip(named["paths"].tolist(), named["splits"].tolist(), strict=True)) == \
+        dict(zip(map(str, expected.paths), expected.splits, strict=True))  # was seed 0: 21 of 48 moved
+
+
+def test_features_of_a_backbone_too_small_for_its_input_is_one_line(members, tmp_path, capsys):
+    root = str(members[0].index().root)
+    assert main(["features", "simple_cnn", root, "--image-size", "4", "--out", str(tmp_path / "f.npz")]) == 2
+    err = capsys.readouterr().err  # was a RuntimeError's traceback from the first batch
+    assert "image_size 4 is too small for simple_cnn" in err and "Traceback" not in err
+    assert not (tmp_path / "f.npz").exists()
 
 
 def test_features_of_a_named_backbone_come_from_the_weights_asked_for(members, tmp_path, capsys, caplog, monkeypatch):

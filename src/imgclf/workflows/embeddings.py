@@ -20,7 +20,7 @@ from imgclf.data.pipeline import prepare
 from imgclf.data.transforms import build_eval_transform
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.logs import get_logger
-from imgclf.models.networks import build_model, check_model_name, resolve_preprocess
+from imgclf.models.networks import build_model, check_input_size, check_model_name, resolve_preprocess
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_dataset
 from imgclf.runs.heads import Embedder, embed
@@ -66,13 +66,14 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)
         channels = channels or 3
         preprocess = resolve_preprocess(cfg, image_size, channels)
+        check_input_size(cfg, preprocess)  # a size the network cannot take is one line, as in train
         compute = Compute.resolve("auto", "auto", None)
         if not (pretrained or weights):
             log.warning("warning: features %s without --pretrained or --weights: the backbone's weights are random",
                         source)
         model = compute.prepare(build_model(cfg, 2, preprocess, load_pretrained=True)).eval()  # head never used
         data_cfg = DataConfig(path=str(data), image_size=image_size, channels=channels)
-        index = build_index(data_cfg, 0)
+        index = build_index(data_cfg, data_cfg.split_seed)  # train's default split of the same folder
     prepared = prepare(index, preprocess, data_cfg)
     index = prepared.index
     dataset = CachedImages(prepared.decoded.file, prepared.cache_rows, index.targets,
