@@ -539,3 +539,17 @@ def test_a_grid_setting_given_twice_is_refused_not_replaced(tmp_path):
     (tmp_path / "grid.yaml").write_text("lr: [0.5, 0.6]\n")
     with pytest.raises(ConfigError, match="grid setting 'lr' is given twice"):
         parse_params(["lr=0.1"], str(tmp_path / "grid.yaml"))
+
+
+@pytest.mark.parametrize("axis", ["split_seed=1,2", "val_fraction=0.2,0.3", "data.test_fraction=0.2,0.3"])
+def test_a_grid_axis_that_would_change_the_split_is_refused(tmp_path, axis):
+    """Trials are ranked on validation: with split_seed 1 and 2 each trial had its own val and test images."""
+    config = tiny_config(tmp_path / "data", tmp_path / "g")
+    name = axis.split("=")[0].rsplit(".", 1)[-1]
+    with pytest.raises(ConfigError, match=rf"grid data.{name}: trial_000 has .*, trial_001 .*; all trials share one "
+                                          rf"train/val/test split.*give data.{name} once"):
+        trial_configs(config, parse_params([axis]), tmp_path / "g")
+    seeds = trial_configs(config.model_copy(update={"data": config.data.model_copy(update={"split_seed": None})}),
+                          parse_params(["seed=1,2"]), tmp_path / "g")  # the split follows the base seed, not these
+    assert {t.data.split_seed for _, _, t in seeds} == {config.train.seed}
+    assert not (tmp_path / "g").exists()

@@ -61,7 +61,23 @@ def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tupl
         except ConfigError as err:
             raise ConfigError(f"{trial_id} {params}: {err}") from None
         trials.append((trial_id, params, trial))
+    _refuse_split_axes(trials)
     return trials
+
+
+SPLIT_SETTINGS = ("path", "layout", "split_seed", "val_fraction", "test_fraction")  # data.*: what the split is
+
+
+def _refuse_split_axes(trials: list[tuple[str, dict, Config]]) -> None:
+    """One split for every trial, or the leaderboard would rank trials on different validation images."""
+    first_id, _, first = trials[0]
+    for trial_id, _, trial in trials[1:]:
+        for name in SPLIT_SETTINGS:
+            if getattr(trial.data, name) != getattr(first.data, name):
+                raise ConfigError(f"grid data.{name}: {first_id} has {getattr(first.data, name)!r}, {trial_id} "
+                                  f"{getattr(trial.data, name)!r}; all trials share one train/val/test split, so "
+                                  f"that they are ranked on the same validation images: give data.{name} once "
+                                  "(imgclf cv varies the split)")
 
 
 def grid_search(config: Config, grid: dict[str, list], rank_by: str | list[str] = "val_f1_macro",
