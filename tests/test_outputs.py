@@ -302,7 +302,16 @@ def test_audit_cli_prints_folds_and_strict_fails_on_leakage(fold_data, tmp_path,
     assert re.search(r"Fold0: 17 images, leakage 1 exact group\(s\)", out)
     assert re.search(r"Fold1: 16 images, leakage 0 exact", out)
     assert "test split of two or more folds: 1 group(s)" in out
-    assert json.loads((tmp_path / "a.json").read_text())["layout"] == "folds"
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert written["layout"] == "folds"
+    # --no-near: "not searched", never "0 pairs", which reads as "none found"
+    assert "near duplicates: not searched (--no-near)" in out and "Fold1: 16 images, leakage 0 exact group(s), near " \
+        "pairs not searched" in out and "0 near pair" not in out
+    assert written["near_duplicate_pairs"] is None and written["near_duplicate_pairs_across_splits_per_fold"] is None
+    assert main(["audit", str(fold_data / "Fold1"), "--no-near", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "near duplicates: not searched (--no-near)" in out and "0 pair(s)" not in out
+    assert json.loads((tmp_path / "b.json").read_text())["near_duplicates_across_splits"] is None
     assert "no Fold0..FoldK folders" in error_line(capsys, "audit", fold_data / "Fold0", "--layout", "folds")
 
 

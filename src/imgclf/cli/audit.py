@@ -16,5 +16,5 @@ def cmd_audit(args: argparse.Namespace) -> int:
         atomic.write_json(args.json, report)
         print(f"wrote {args.json}")
     problems = len(report["unreadable"]) + len(report["exact_duplicates_across_splits"]) \
-        + report["near_duplicate_pairs_across_splits"] + len(report.get("test_overlap_across_folds", []))
+        + (report["near_duplicate_pairs_across_splits"] or 0) + len(report.get("test_overlap_across_folds", []))
     return 1 if args.strict and problems else 0

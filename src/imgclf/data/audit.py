@@ -103,8 +103,9 @@ def merge_near(parts: list[dict]) -> dict:
                                                                        "near_duplicate_pairs_across_splits")}
 
 
-NO_NEAR = {"near_duplicates": [], "near_duplicates_across_splits": [], "near_duplicate_pairs": 0,
-           "near_duplicate_pairs_across_splits": 0}
+# --no-near: not searched, which is not "none found" (null in the JSON, "not searched" in the text)
+NO_NEAR = {"near_duplicates": None, "near_duplicates_across_splits": None, "near_duplicate_pairs": None,
+           "near_duplicate_pairs_across_splits": None}
 
 
 def crosses_splits(group) -> bool:
@@ -178,9 +179,9 @@ def audit_folds(path: Path, folds: list[Path], near: bool) -> dict:
         **describe_files(paths, labels, splits),
         "exact_duplicates": exact,
         "exact_duplicates_across_splits": [leak for g in exact for leak in leaks_within_folds(g)],
-        **merge_near(list(near_parts.values())),
+        **(merge_near(list(near_parts.values())) if near else NO_NEAR),
         "near_duplicate_pairs_across_splits_per_fold": {
-            fold: part["near_duplicate_pairs_across_splits"] for fold, part in near_parts.items()},
+            fold: part["near_duplicate_pairs_across_splits"] for fold, part in near_parts.items()} if near else None,
         "test_overlap_across_folds": test_overlaps(exact),
     }
 
@@ -264,15 +265,21 @@ def format_report(report: dict) -> str:
     lines.append(f"exact duplicates: {len(report['exact_duplicates'])} group(s), "
                  f"{len(report['exact_duplicates_across_splits'])} across splits (leakage)")
     lines += ["  " + " = ".join(f"{s}:{shown(p)}" for s, p in g) for g in report["exact_duplicates_across_splits"][:20]]
-    lines.append(f"near duplicates: {report['near_duplicate_pairs']} pair(s), "
-                 f"{report['near_duplicate_pairs_across_splits']} across splits"
-                 + (f" (--json lists the first {MAX_LISTED_PAIRS:,} of each)"
-                    if report["near_duplicate_pairs"] > len(report["near_duplicates"]) else ""))
-    lines += [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
-              for a, b, d in report["near_duplicates_across_splits"][:20]]
+    lines += near_lines(report)
     if report["layout"] == "folds":
         lines += fold_lines(report)
     return "\n".join(lines)
+
+
+def near_lines(report: dict) -> list[str]:
+    if report["near_duplicate_pairs"] is None:
+        return ["near duplicates: not searched (--no-near)"]
+    return [f"near duplicates: {report['near_duplicate_pairs']} pair(s), "
+            f"{report['near_duplicate_pairs_across_splits']} across splits"
+            + (f" (--json lists the first {MAX_LISTED_PAIRS:,} of each)"
+               if report["near_duplicate_pairs"] > len(report["near_duplicates"]) else "")] + \
+        [f"  {a[0]}:{shown(a[1])} ~ {b[0]}:{shown(b[1])} ({d} bits)"
+         for a, b, d in report["near_duplicates_across_splits"][:20]]
 
 
 def fold_lines(report: dict) -> list[str]:
@@ -281,8 +288,9 @@ def fold_lines(report: dict) -> list[str]:
     for fold in report["folds"]:
         images = sum(sum(c.values()) for split, c in report["counts"].items() if split.startswith(f"{fold}/"))
         exact = sum(g[0][0].startswith(f"{fold}/") for g in report["exact_duplicates_across_splits"])
-        near = report["near_duplicate_pairs_across_splits_per_fold"].get(fold, 0)
-        lines.append(f"  {shown(fold)}: {images} images, leakage {exact} exact group(s), {near} near pair(s)")
+        per_fold = report["near_duplicate_pairs_across_splits_per_fold"]
+        near = "near pairs not searched" if per_fold is None else f"{per_fold.get(fold, 0)} near pair(s)"
+        lines.append(f"  {shown(fold)}: {images} images, leakage {exact} exact group(s), {near}")
     overlap = report["test_overlap_across_folds"]
     lines.append(f"test images in the test split of two or more folds: {len(overlap)} group(s)")
     lines += ["  " + " = ".join(f"{shown(s)}:{shown(p)}" for s, p in g) for g in overlap[:20]]
