@@ -66,6 +66,24 @@ def test_scores_under_another_tta_record_it_and_the_runs_own_do_not(binary_runs,
     assert "tta" not in json.loads((run / "metrics.json").read_text())["test"]
 
 
+def test_scores_of_images_read_under_another_folder_record_it_and_say_so(binary_runs, tmp_path):
+    """evaluate --data OTHER beside a dataset still in place scored other images as the run's test and recorded
+    nothing: the metrics now name the folder, and a warning says the run's own is still there."""
+    run, own = tmp_path / "run", binary_runs[0][0].index().root
+    shutil.copytree(binary_runs[0][0].path, run)
+    other = shutil.copytree(own, tmp_path / "look-alike")
+    result = run_main("evaluate", run, "--data", other)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: --data {other}: the run's own dataset folder {own} is still there" in result.stderr
+    assert json.loads((run / "metrics.json").read_text())["test"]["data"] == str(other.resolve())
+    assert run_main("evaluate", run, "--data", other, "--threshold", "youden", "--split", "val").returncode == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["data"] == metrics["test"]["data"] == str(other.resolve())  # test re-decided, still so
+    again = run_main("evaluate", run, "--data", own)  # the run's own folder, named: nothing to say or record
+    assert again.returncode == 0 and "warning: --data" not in again.stderr
+    assert "data" not in json.loads((run / "metrics.json").read_text())["test"]
+
+
 def test_a_majority_vote_says_it_counts_members_argmax_not_their_thresholds(binary_runs, tmp_path, caplog):
     runs, _ = binary_runs
     caplog.set_level("WARNING", logger="imgclf")

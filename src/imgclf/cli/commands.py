@@ -114,7 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threshold is not None:  # chosen on validation predictions made as predict makes them
         EvaluateConfig.check_threshold(args.threshold)
         run.refuse_threshold_on_other_tta(args.threshold, args.tta)
-        value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta))
+        value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta),
+                                     run.foreign_root(args.data))
         print("threshold: argmax" if value is None else f"threshold ({args.threshold}, on val): {value:.4f}")
     if args.threshold and args.split == "val":
         metrics = run.metrics["val"]  # scored at the new threshold already

@@ -6,7 +6,6 @@ model.safetensors + model.json. The images themselves stay where the dataset is.
 
 from __future__ import annotations
 
-import csv
 from functools import cached_property
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import torch
 
 from imgclf import atomic
 from imgclf.config import Config, load_config
-from imgclf.data.index import SPLITS, DatasetIndex
+from imgclf.data.index import DatasetIndex
 from imgclf.data.pipeline import PreparedData, eval_loader, inference_batch, prepare
-from imgclf.errors import ConfigError, DataError, RunDirError
+from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import save_and_score
 from imgclf.evaluation.operating import choose_threshold, positive_index
@@ -26,8 +25,8 @@ from imgclf.evaluation.uncertainty import confidence_intervals
 from imgclf.models.checkpoint import check_fits, fill_skeleton, load_weights
 from imgclf.models.networks import Classifier, Preprocess, build_model, output_units, resolve_preprocess
 from imgclf.models.objective import Objective
+from imgclf.runs import dataroot, manifest
 from imgclf.runs import files as runfiles
-from imgclf.runs import manifest
 from imgclf.runs.base import register
 from imgclf.runs.predict import predict_files
 from imgclf.runtime import Compute, exact_fp32, keep_freed_memory, resolve_device
@@ -140,24 +139,15 @@ class NetworkRun:
         return runfiles.read_metrics(path, n_classes=len(self.classes)) if path.exists() else {}
 
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
+        """The run's split (split.csv), its images read under the dataset folder or ``data_root``."""
         dataset = runfiles.read_dataset(self.path / "dataset.json")
-        root = Path(data_root) if data_root else Path(dataset.root)
-        if data_root and not root.is_dir():
-            raise DataError(f"--data {root} is not a folder; give the folder the run's dataset was moved to")
-        if not root.is_dir():
-            raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
-        path = self.path / "split.csv"
         counted = sum(n for split in dataset.counts.values() for n in split.values())
-        try:
-            index = DatasetIndex.load(path, root, self.classes, max_rows=counted or None)  # none counted: older
-        except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
-            raise RunDirError(f"{path} is damaged ({type(err).__name__}: {err}); {runfiles.FIX}") from None
-        odd = next((i for i in range(len(index)) if index.labels[i] not in self.classes
-                    or index.splits[i] not in SPLITS), None)
-        if odd is not None:
-            raise RunDirError(f"{path}: row {odd + 2} has label {index.labels[odd]!r} and split "
-                              f"{index.splits[odd]!r}, not a class of the run and train/val/test; {runfiles.FIX}")
-        return index
+        return dataroot.read_split(self.path / "split.csv", dataroot.split_root(dataset, data_root), self.classes,
+                                   counted)
+
+    def foreign_root(self, data_root: str | Path | None) -> str | None:
+        """``data_root`` resolved, when it is not the folder the run was trained on (None if it is, or not given)."""
+        return dataroot.foreign_root(runfiles.read_dataset(self.path / "dataset.json"), data_root)
 
     @property
     def threshold(self) -> float | None:
@@ -183,7 +173,8 @@ class NetworkRun:
         Decisions use the run's threshold (binary tasks, ``threshold.json``), probabilities the
         test-time augmentation ``tta`` (default: the run's ``evaluate.tta``).
         """
-        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split, tta)
+        return self.score(self.probabilities(split, data_root, shuffle, prepared, tta), split, tta,
+                          self.foreign_root(data_root))
 
     def is_own_tta(self, tta: str | None) -> bool:
         """Whether ``tta`` (None: the run's) averages the views that predict, serve and the export average."""
@@ -227,16 +218,19 @@ class NetworkRun:
             raise RunDirError(f"{self.path / MODEL_FILE}: {diverged} holds NaN or infinite values (training diverged: "
                               "re-train with a lower --lr; or a damaged file: restore it)")
 
-    def score(self, preds: Predictions, split: str, tta: str | None = None) -> dict:
+    def score(self, preds: Predictions, split: str, tta: str | None = None, data: str | None = None) -> dict:
         """Decide at the run's threshold, write predictions_<split>.csv, then metrics and intervals
         from that file as read back (the reporting wing draws them: ``evalplots.draw_evaluations``). Scores
-        averaged over another ``tta`` than the run's record it."""
+        averaged over another ``tta`` than the run's record it, and scores of images read under another
+        folder than the run's dataset (``data``, from ``evaluate --data``) record that folder."""
         preds = preds.at_threshold(self.threshold, self.positive)
         saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
                                         self.config.data.positive_class)
         metrics["threshold"] = self.threshold
         if not self.is_own_tta(tta):
             metrics["tta"] = tta
+        if data:
+            metrics["data"] = data
         metrics["intervals"] = confidence_intervals(saved, self.config.data.positive_class,
                                                     self.config.evaluate.bootstrap, self.config.train.seed)
         baselines = runfiles.read_baselines(self.path / "metrics.json")  # kept beside the splits
@@ -244,9 +238,12 @@ class NetworkRun:
                                                        **({runfiles.BASELINES_KEY: baselines} if baselines else {})})
         return metrics
 
-    def choose_threshold(self, rule: str, val: Predictions | None = None) -> float | None:
-        """Choose the decision threshold for ``rule`` on validation predictions (``val``, else the saved
-        predictions_val.csv), save it, and score validation at it. ``argmax`` removes a saved threshold."""
+    def choose_threshold(self, rule: str, val: Predictions | None = None, data: str | None = None) -> float | None:
+        """Choose the decision threshold for ``rule`` on validation predictions (``val``, read under the folder
+        ``data`` when not the run's own; else the saved predictions_val.csv), save it, and score validation at
+        it. ``argmax`` removes a saved threshold."""
+        if val is None:
+            data = self.metrics.get("val", {}).get("data")
         if rule != "argmax" and len(self.classes) != 2:
             raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
         val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv", self.classes)
@@ -258,7 +255,7 @@ class NetworkRun:
             atomic.write_json(path, {"rule": rule, "threshold": value, "positive_class": self.classes[self.positive],
                                      "chosen_on": "val"})
         manifest.reseal(self.path, THRESHOLD_FILE)
-        self.score(val, "val")
+        self.score(val, "val", data=data)
         self._redecide_saved(("train", "test"))
         return value
 
@@ -269,7 +266,8 @@ class NetworkRun:
         for split in splits:
             path = self.path / f"predictions_{split}.csv"
             if split in scored and path.is_file():
-                self.score(Predictions.from_csv(path, self.classes), split, scored[split].get("tta"))
+                self.score(Predictions.from_csv(path, self.classes), split, scored[split].get("tta"),
+                           scored[split].get("data"))
 
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
                 batch_size: int | None = None, tta: str | None = None) -> Predictions:

@@ -70,12 +70,12 @@ def evaluate_on_ranks(run_dir: str | Path, split: str, data_root: str | None, tt
         chosen = None
         if threshold:
             val = exact_predictions(run, "val", prepared, ctx, device, tta)
-            chosen = main_only(ctx, lambda: run.choose_threshold(threshold, val))
+            chosen = main_only(ctx, lambda: run.choose_threshold(threshold, val, run.foreign_root(data_root)))
         if threshold and split == "val":
             metrics = main_only(ctx, lambda: run.metrics["val"])
         else:
             preds = exact_predictions(run, split, prepared, ctx, device, tta)
-            metrics = main_only(ctx, lambda: run.score(preds, split, tta))
+            metrics = main_only(ctx, lambda: run.score(preds, split, tta, run.foreign_root(data_root)))
         main_only(ctx, lambda: _draw_and_report(run, set(run.metrics) if threshold else {split}))
         return run, chosen, metrics
     finally:
