@@ -72,7 +72,7 @@ def test_predefined_fold_folders(tmp_path):
                                                                   for r in split)
 
 
-def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
+def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path, caplog):
     images = make_class_folders(tmp_path / "data" / "images", 12)
     rows = [[p.relative_to(tmp_path / "data").as_posix(), p.parent.name, f"patient{n // 3}"]
             for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
@@ -87,6 +87,9 @@ def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
             if r["split"] == "test":
                 fold_of_group.setdefault(group_of[str((tmp_path / "data" / r["path"]).resolve())], set()).add(i)
     assert fold_of_group and all(len(folds) == 1 for folds in fold_of_group.values())
+    # val is drawn at random inside each fold: said, since a patient can then be in a fold's train and val
+    assert "inside a fold, val (early stopping, the best epoch, a --threshold) is drawn from the training images at " \
+        "random, so one group can be in train and val" in caplog.text
 
 
 def test_cv_reruns_to_identical_numbers(tmp_path, pool_dataset):

@@ -67,6 +67,10 @@ def plan_folds(config: Config, folds: int | None, group_column: str | None) -> F
                     "did not train on it; the dataset's own split is not kept (to hold a test split out, run cv on "
                     "the other images alone)", f"{len(paths):,}", root, "+".join(given), k)
     groups = _groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
+    if groups:
+        log.warning("warning: --group-column %s keeps each %s out of the folds that test it; inside a fold, val "
+                    "(early stopping, the best epoch, a --threshold) is drawn from the training images at random, so "
+                    "one %s can be in train and val", group_column, group_column, group_column)
     return FoldPlan([], paths, labels, _split(root, labels, groups, k, config))
 
 
