@@ -343,6 +343,10 @@ def test_what_cannot_be_exported_says_why(tmp_path, pool_dataset):
                        "scikit-learn svm")
     with pytest.raises(ConfigError, match="--opset 7 is outside"):
         export_run(svm, opset=7)
+    image = str(svm.index().abspath(0))  # predict --engine onnx: not "run imgclf export", which refuses it
+    assert_clean_error(imgclf_cli("predict", svm.path, image, "--engine", "onnx", "--out", tmp_path / "p.csv",
+                                  timeout=120), "is not exportable yet: its head is a scikit-learn svm",
+                       "predict or serve it with --engine torch")
 
 
 def test_export_cli_prints_the_parity_figures(gray_binary, capsys):

@@ -4,6 +4,7 @@ average, scores under another --tta record it, a majority vote says it drops mem
 says what a classical head classifies with, serve's pixel limit cannot exceed what Pillow decodes."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -13,12 +14,13 @@ from clitools import assert_clean_error, run_main
 from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
+from imgclf.runs.base import load_run
 from imgclf.serving.server import ServeOptions
 from imgclf.training.ddp import DistSettings
 from imgclf.workflows.backends import run_jobs
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.distributed import evaluate_on_ranks
-from imgclf.workflows.ensemble import create_ensemble
+from imgclf.workflows.ensemble import check_members, create_ensemble
 from imgclf.workflows.settings import warn_replaced_settings
 
 from conftest import tiny_config
@@ -187,3 +189,22 @@ def test_cv_refuses_to_pool_a_fold_whose_threshold_was_rechosen(tmp_path):
     assert run_main("evaluate", tmp_path / "cv" / "fold_0", "--threshold", "youden").returncode == 0
     with pytest.raises(RunDirError, match="fold_0 now decides by --threshold youden .* this run asks argmax"):
         cross_validate(config, folds=2)
+
+
+def test_members_naming_the_positive_class_that_others_leave_unset_agree(binary_runs, caplog, monkeypatch):
+    """cat/dog with --positive-class dog and without it decide alike: no warning that they score otherwise."""
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="imgclf")
+    first, other = (load_run(run.path) for run in binary_runs[0])
+    assert first.config.data.positive_class is None
+
+    def naming(run, positive):
+        run.__dict__["config"] = run.config.model_copy(update={"data": run.config.data.model_copy(
+            update={"positive_class": positive})})
+
+    naming(other, "dog")
+    check_members([first, other])
+    assert "scores as" not in caplog.text  # was: "positive class the second" against "positive class dog"
+    naming(other, "cat")
+    check_members([first, other])
+    assert "positive class dog" in caplog.text and "positive class cat" in caplog.text

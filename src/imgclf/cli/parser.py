@@ -15,8 +15,8 @@ from imgclf.cli import checks
 from imgclf.cli import flags as cliflags
 from imgclf.cli.flags import add_config_flags
 from imgclf.cli.serving import add_serving_parsers
-from imgclf.cli.usage import CommandParser, lazy, parse, whole_number
-from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S, DIST_BACKENDS
+from imgclf.cli.usage import CommandParser, lazy, parse, seconds, whole_number
+from imgclf.config.defaults import DEFAULT_BUDGET_S, DEFAULT_DIST_TIMEOUT_S, DIST_BACKENDS, MAX_DIST_TIMEOUT_S
 from imgclf.errors import ConfigError, ImgclfError, PeerError
 from imgclf.logs import setup_logging
 from imgclf.versions import version
@@ -188,7 +188,8 @@ def add_dist_flags(parser: argparse.ArgumentParser) -> None:
     """How ranks started by torchrun (or --nproc) join; ignored by one process."""
     parser.add_argument("--dist-backend", default="auto", choices=list(DIST_BACKENDS),
                         help="under torchrun: how the processes talk; auto is nccl on CUDA GPUs, gloo on the CPU")
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=seconds(MAX_DIST_TIMEOUT_S), default=DEFAULT_DIST_TIMEOUT_S,
+                        metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others to join (and for any one "
                              "exchange) before it ends with an error")
 

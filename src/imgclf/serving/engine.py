@@ -19,7 +19,7 @@ from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.serving.bundle import ExportFile, has_export, require, verified_onnx_bytes
-from imgclf.serving.graph import InputSpec, engine_probs, input_spec, tta_of
+from imgclf.serving.graph import InputSpec, engine_probs, input_spec, refuse_classical, tta_of
 
 log = get_logger("predict")
 ENGINES = ("onnx", "torch")
@@ -105,6 +105,8 @@ def choose_engine(run, kind: str = "auto") -> str:
     if kind == "auto":
         return "onnx" if has_export(run) else "torch"
     if kind == "onnx" and not has_export(run):
+        refuse_classical(run)  # `imgclf export` would refuse it: no advice to run it
+        input_spec(run)
         raise ConfigError(f"{run.path} has no export for the onnx engine; run 'imgclf export {run.path}' first, "
                           "or use --engine torch")
     return kind

@@ -52,8 +52,8 @@ class InputSpec:
 def refuse_classical(run) -> None:
     if isinstance(run, ClassicalRun):
         raise ConfigError(f"{run.path} is not exportable yet: its head is a scikit-learn {run.config.model.head}, "
-                          "which has no ONNX form in imgclf; serve it with --engine torch, or train a network "
-                          "head (--head linear)")
+                          "which has no ONNX form in imgclf; predict or serve it with --engine torch, or train a "
+                          "network head (--head linear)")
 
 
 def input_spec(run) -> InputSpec:

@@ -58,13 +58,15 @@ def check_members(runs: list[Run]) -> None:
 
 def scoring(run: Run) -> tuple:
     """The evaluation settings an ensemble takes from its first member: its config's, and the threshold rule
-    it decides by now (a rule re-chosen with ``evaluate --threshold`` lives in threshold.json)."""
-    return run.config.data.positive_class, run.threshold_rule, run.config.evaluate.bootstrap
+    it decides by now (a rule re-chosen with ``evaluate --threshold`` lives in threshold.json). The positive
+    class is the one it names (unset: the second in sorted order), so "dog" and unset agree on cat/dog."""
+    positive = run.classes[run.positive] if len(run.classes) == 2 else run.config.data.positive_class
+    return positive, run.threshold_rule, run.config.evaluate.bootstrap
 
 
 def scoring_words(run: Run) -> str:
     positive, threshold, bootstrap = scoring(run)
-    return f"positive class {positive or 'the second'}, threshold {threshold}, bootstrap {bootstrap}"
+    return f"positive class {positive or 'none'}, threshold {threshold}, bootstrap {bootstrap}"
 
 
 def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "soft",
