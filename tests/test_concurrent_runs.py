@@ -59,8 +59,8 @@ def test_an_experiment_continues_only_its_own_plan(tmp_path):
 def test_cv_with_other_folds_is_refused_before_its_split_files_are_rewritten(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=6)
     config = tiny_config(data, tmp_path / "cv")
-    three, four = plan_folds(config, 3, None).digest(), plan_folds(config, 4, None).digest()
-    assert three != four and three == plan_folds(config, 3, None).digest()
+    three, four = plan_folds(config, 3).digest(), plan_folds(config, 4).digest()
+    assert three != four and three == plan_folds(config, 3).digest()
     (tmp_path / "cv").mkdir()
     (tmp_path / "cv" / EXPERIMENT_FILE).write_text(json.dumps({"kind": "cv", "plan": three}))
     with pytest.raises(ConfigError, match="holds a cv over other folds.*--folds"):

@@ -111,7 +111,49 @@ def test_csv_columns_train_does_not_read_are_said(tmp_path, logged):
     rows = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join([rows[0] + ",patient_id"] + [f"{row},p{i % 3}" for i, row in enumerate(rows[1:])]))
     index_of(csv_path)
-    assert "column(s) patient_id are not read" in logged.text and "--group-column" in logged.text
+    assert "column(s) patient_id are not read" in logged.text and "--group-column COLUMN keeps each group in one " \
+        "split" in logged.text
+
+
+def with_patients(csv_path, per_patient: int = 2):
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",patient_id"] +
+                                  [f"{row},p{i // per_patient}" for i, row in enumerate(rows[1:])]))
+    return {row.split(",")[0]: f"p{i // per_patient}" for i, row in enumerate(rows[1:])}
+
+
+def test_group_column_keeps_each_patient_in_one_split(tmp_path, logged):
+    """train had no --group-column: a patient's images were split at random between train, val and test."""
+    csv_path = make_csv(tmp_path, per_class=20, with_split=False)
+    patient = with_patients(csv_path)
+    index = index_of(csv_path, group_column="patient_id")
+    by_split: dict[str, set] = {}
+    for path, split in zip(index.paths, index.splits, strict=True):
+        by_split.setdefault(split, set()).add(patient[path])
+    assert set(by_split) == {"train", "val", "test"}
+    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"]
+                or by_split["val"] & by_split["test"])
+    assert 0.08 < index.splits.count("test") / len(index) < 0.25  # about 1/7, whole patients at a time
+    assert "not read" not in logged.text  # the group column is read
+    at_random = index_of(csv_path)  # without it, the same patients do span splits
+    assert {patient[p] for p, s in zip(at_random.paths, at_random.splits, strict=True) if s == "train"} & \
+        {patient[p] for p, s in zip(at_random.paths, at_random.splits, strict=True) if s == "test"}
+
+
+def test_group_column_mistakes_are_one_line_and_a_given_split_that_mixes_groups_is_said(tmp_path, logged):
+    csv_path = make_csv(tmp_path / "pool", per_class=6, with_split=False)
+    with_patients(csv_path)
+    with pytest.raises(DataError, match=r"has no 'patient' column \(found \['path', 'label', 'patient_id'\]\); give "
+                                        "--group-column one of its columns"):
+        index_of(csv_path, group_column="patient")
+    with pytest.raises(DataError, match="--group-column 'patient_id' needs a CSV dataset with that column"):
+        index_of(make_class_folders(tmp_path / "folders", 4), group_column="patient_id")
+    given = make_csv(tmp_path / "given", per_class=10, with_split=True)  # rows cycle train,train,train,val,test
+    with_patients(given, per_patient=4)
+    index = index_of(given, group_column="patient_id")
+    assert "group(s) of its own split are in two splits (first: 'p0' in train+val); the split is kept as the CSV " \
+        "gives it" in logged.text
+    assert index.splits.count("test") == 6  # kept as given
 
 
 def test_a_class_whose_every_training_image_is_skipped_is_refused(tmp_path):

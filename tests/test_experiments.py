@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import yaml
 
 import imgclf
 import imgclf.workflows.grid
@@ -72,7 +73,7 @@ def test_predefined_fold_folders(tmp_path):
                                                                   for r in split)
 
 
-def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path, caplog):
+def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
     images = make_class_folders(tmp_path / "data" / "images", 12)
     rows = [[p.relative_to(tmp_path / "data").as_posix(), p.parent.name, f"patient{n // 3}"]
             for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
@@ -87,9 +88,13 @@ def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path, caplog):
             if r["split"] == "test":
                 fold_of_group.setdefault(group_of[str((tmp_path / "data" / r["path"]).resolve())], set()).add(i)
     assert fold_of_group and all(len(folds) == 1 for folds in fold_of_group.values())
-    # val is drawn at random inside each fold: said, since a patient can then be in a fold's train and val
-    assert "inside a fold, val (early stopping, the best epoch, a --threshold) is drawn from the training images at " \
-        "random, so one group can be in train and val" in caplog.text
+    for i in range(3):  # inside each fold, val takes whole patients too (it was drawn at random: one spanned both)
+        by_split: dict[str, set] = {}
+        for r in read(tmp_path / "cv" / f"fold_{i}" / "split.csv"):
+            by_split.setdefault(r["split"], set()).add(group_of[str((tmp_path / "data" / r["path"]).resolve())])
+        assert by_split["val"] and not by_split["val"] & by_split["train"] and not by_split["test"] & by_split["train"]
+        assert yaml.safe_load((tmp_path / "cv" / f"fold_{i}" / "config.yaml").read_text())["data"]["group_column"] \
+            == "group"
 
 
 def test_cv_reruns_to_identical_numbers(tmp_path, pool_dataset):

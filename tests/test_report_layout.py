@@ -8,6 +8,7 @@ the window), and the numbers by the page's one format rule.
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -308,3 +309,18 @@ def test_a_model_that_beats_its_baselines_is_told_so_and_a_run_without_them_rend
     assert ('The model beats every baseline on val macro-F1 '
             f'({metrics["val"]["f1_macro"]:.3f} vs at best 0.050, the simple_cnn candidate).') in page
     assert "does not beat" not in page
+
+
+def test_a_split_of_one_class_draws_a_note_not_an_empty_legend(drawn, tmp_path):
+    """Every image of one class: no one-vs-rest curve exists; matplotlib warned "No artists with labels" on the
+    user's terminal and the figure was an empty frame."""
+    preds = predictions(["cat", "dog"], n=10)
+    preds = Predictions(preds.paths, preds.classes, np.zeros(10, dtype=int), preds.probs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        evalplots.plot_roc(preds, tmp_path / "roc_val.png", "val")
+        evalplots.plot_pr(preds, tmp_path / "pr_val.png", "val")
+    for name in ("roc_val.png", "pr_val.png"):
+        ax = drawn[name].axes[0]
+        assert ax.get_legend() is None
+        assert [t.get_text() for t in ax.texts] == ["no curve: every val image is of one class"]

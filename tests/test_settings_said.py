@@ -183,10 +183,10 @@ def test_pooled_out_of_fold_decisions_keep_each_folds_threshold(tmp_path):
 
 def test_cv_over_a_datasets_own_split_says_it_pools_it(tmp_path, logged):
     data = make_split_folders(tmp_path / "data", {"train": 4, "val": 2, "test": 2})
-    plan_folds(tiny_config(data, tmp_path / "cv"), 2, None)
+    plan_folds(tiny_config(data, tmp_path / "cv"), 2)
     assert "cv pools the 24 images of" in logged.text and "(test+train+val) into 2 folds" in logged.text
     logged.clear()
-    plan_folds(tiny_config(make_class_folders(tmp_path / "pool", 4), tmp_path / "cv2"), 2, None)
+    plan_folds(tiny_config(make_class_folders(tmp_path / "pool", 4), tmp_path / "cv2"), 2)
     assert "cv pools" not in logged.text
 
 

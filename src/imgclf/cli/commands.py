@@ -62,7 +62,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if args.from_grid:
         config = with_grid_winners(config, args.from_grid, given_settings(args))
 
-    result = cross_validate(config, args.folds, args.group_column, args.backend, args.jobs, args.ray_address)
+    result = cross_validate(config, args.folds, None, args.backend, args.jobs, args.ray_address)
     for row in result["summary"]:
         if row["metric"].startswith("test_"):
             print(f"{row['metric']:<24} mean {row['mean']:.4f} ± {row['std']:.4f}  "

@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cv":
             p.add_argument("--folds", type=whole_number(2, 1000),
                            help="k for stratified k-fold (default 5; Fold0..FoldK folders make their own)")
-            p.add_argument("--group-column", help="CSV column whose groups never span two folds (e.g. patient)")
             p.add_argument("--from-grid", action="append", metavar="[STAGE=]GRID_DIR",
                            help="cross-validate a grid's winning settings (its best.json); STAGE= puts its train "
                                 "settings into that stage of the config (repeat for a chain: model1=DIR1 ...)")

@@ -75,6 +75,9 @@ class DataConfig(_Section):
         42, ge=0, le=MAX_SEED,
         description="seed of the train/val/test split and of CV folds; fixed, so runs trained with other --seed "
                     "values share a split (null: follow --seed, as runs before 0.2 did)")
+    group_column: str | None = Field(None, min_length=1, max_length=255,
+                                     description="a CSV column naming each image's group (e.g. patient): val and "
+                                                 "test take whole groups, and cv's folds too")
     skip_bad_images: bool = Field(False, description="skip and list unreadable images instead of failing")
     cache_dir: AbsolutePath = Field(None, description="decoded-image cache folder (default $IMGCLF_CACHE_DIR, else "
                                            "~/.cache/imgclf)")

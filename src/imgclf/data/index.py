@@ -24,6 +24,7 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.config import DataConfig, cli_flag
+from imgclf.data.groups import grouped_holdout, read_groups, warn_groups_across_splits
 from imgclf.data.layout_checks import (
     refuse_fold_folders,
     warn_case_twins,
@@ -139,18 +140,19 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     rng = np.random.default_rng(seed)
     splits = [s for _, _, s in rows]
     warn_unused_fractions(cfg, splits, path)
+    groups = _groups(cfg, path, layout, rows, splits)
     val_fraction = cfg.val_fraction
     if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
-        splits = _stratified_holdout(rows, ["train"] * len(rows), "test", cfg.test_fraction, rng, keep=2)
+        splits = _hold_out(rows, ["train"] * len(rows), groups, "test", cfg.test_fraction, rng, keep=2)
         val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
     if "val" not in splits:
-        splits = _stratified_holdout(rows, splits, "val", val_fraction, rng, keep=1, at_least=1)
+        splits = _hold_out(rows, splits, groups, "val", val_fraction, rng, keep=1, at_least=1)
     rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
     index = _make_index(root, rows)
     check_classes(index, source=str(path))
     warn_case_twins(index.classes)
     if layout == "csv":
-        warn_unread_columns(path)
+        warn_unread_columns(path, cfg.group_column)
     warn_tiny_classes(index)
     return index
 
@@ -200,6 +202,26 @@ def _rows_of_layout(path: Path, layout: str) -> list[Row]:
             raise DataError(f"split folder {folder} holds no images; fill it or remove it")
         rows += found
     return rows
+
+
+def _groups(cfg: DataConfig, path: Path, layout: str, rows: list[Row], splits: list[str]) -> list[str] | None:
+    """Each row's group (``--group-column``, a CSV's column), or None when no column is given."""
+    if cfg.group_column is None:
+        return None
+    if layout != "csv":
+        raise DataError(f"--group-column {cfg.group_column!r} needs a CSV dataset with that column ({path} is "
+                        f"{layout.replace('_', ' ')})")
+    groups = read_groups(path, cfg.group_column, [p for p, _, _ in rows])
+    if any(splits):
+        warn_groups_across_splits(groups, splits, path, log)
+    return groups
+
+
+def _hold_out(rows: list[Row], splits: list[str], groups: list[str] | None, name: str, fraction: float,
+              rng: np.random.Generator, keep: int, at_least: int = 0) -> list[str]:
+    if groups is None:
+        return _stratified_holdout(rows, splits, name, fraction, rng, keep, at_least)
+    return grouped_holdout([label for _, label, _ in rows], splits, groups, name, fraction, int(rng.integers(2**31)))
 
 
 def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,

@@ -46,16 +46,16 @@ def warn_case_twins(classes: tuple[str, ...]) -> None:
                     "to merge them", ", ".join(repr(name) for name in twins))
 
 
-def warn_unread_columns(csv_path: Path) -> None:
-    """A CSV's columns beyond path, label and split are not read by train: a patient id column does not keep a
-    patient's images together in its random split (cv --group-column does)."""
+def warn_unread_columns(csv_path: Path, group_column: str | None = None) -> None:
+    """A CSV's columns beyond path, label, split (and the ``--group-column``) are not read by train: a patient id
+    column keeps a patient's images together only when named with --group-column."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as fh:
             header = next(csv.reader(fh, delimiter="\t" if csv_path.suffix.lower() == ".tsv" else ","), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return  # the scan has read it already; nothing new to say
-    unread = [name.strip() for name in header if name.strip().lower() not in CSV_COLUMNS]
+    unread = [name.strip() for name in header if name.strip().lower() not in CSV_COLUMNS and name != group_column]
     if unread:
-        log.warning("warning: %s: column(s) %s are not read; train splits images at random (a patient's images can "
-                    "land in train and test: imgclf cv --group-column COLUMN keeps a group in one fold)", csv_path,
+        log.warning("warning: %s: column(s) %s are not read; images are split at random (a patient's images can "
+                    "land in train and test: --group-column COLUMN keeps each group in one split)", csv_path,
                     ", ".join(unread[:5]))

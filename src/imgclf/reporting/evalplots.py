@@ -103,6 +103,16 @@ def named_curves(scores: dict[str, float], what: str, path: Path) -> set[str]:
     return set(sorted(scores, key=scores.get)[:NAMED_CURVES])
 
 
+def legend_or_note(ax, drawn: bool, split: str, loc: str) -> None:
+    """The curves' legend, or where a split has no curve (it holds one class: nothing is ranked against
+    anything), a note that says so, not an empty frame and matplotlib's "no artists" warning."""
+    if drawn:
+        ax.legend(loc=loc, fontsize=SMALL_PT)
+    else:
+        ax.text(0.5, 0.5, f"no curve: every {split} image is of one class", ha="center", va="center",
+                fontsize=SMALL_PT, transform=ax.transAxes)
+
+
 def curve_styles(names: list[str], named: set[str]) -> list[tuple[str, dict]]:
     """(class, line style) in drawing order: the grey curves first, below the named ones in their colours."""
     colours = iter(NAMED_COLOURS)
@@ -128,7 +138,7 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    ax.legend(loc="lower right", fontsize=SMALL_PT)
+    legend_or_note(ax, bool(curves), split, "lower right")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 
@@ -148,7 +158,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
             ax.axhline(hits.mean(), color=style["color"], ls=":", lw=0.8)  # a random classifier's precision
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    ax.legend(loc="lower left", fontsize=SMALL_PT)
+    legend_or_note(ax, bool(curves), split, "lower left")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 

@@ -53,7 +53,8 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
     """Run every fold, then write folds.csv, summary.csv, the fold plot and pooled out-of-fold metrics."""
     out = Path(config.out or "cv")
     check_paths(config.model_copy(update={"out": str(out)}))  # before any file is written
-    plan = plan_folds(config, folds, group_column)  # every refusal before the folder is claimed
+    config = _with_group_column(config, group_column)
+    plan = plan_folds(config, folds)  # every refusal before the folder is claimed
     open_experiment(out, "cv", plan.digest(), "folds (another --folds, --group-column, data or split seed)")
     configs = fold_configs(config, out, plan)
     for fold in configs:  # a fold_<i> planted as a link would take a fold's run elsewhere
@@ -77,6 +78,16 @@ def cross_validate(config: Config, folds: int | None = None, group_column: str |
         write_report(out)
     runlock.release(out)
     return {"folds": rows, "summary": summary, "oof": oof_metrics}
+
+
+def _with_group_column(config: Config, group_column: str | None) -> Config:
+    """``group_column`` (the API's argument) as the config's ``data.group_column``, which each fold's run reads."""
+    if group_column is None or group_column == config.data.group_column:
+        return config
+    if config.data.group_column is not None:
+        raise ConfigError(f"group_column {group_column!r} and the config's data.group_column "
+                          f"{config.data.group_column!r}: give it once")
+    return config.model_copy(update={"data": config.data.model_copy(update={"group_column": group_column})})
 
 
 def pooled_predictions(runs: list[Path]) -> Predictions:

@@ -18,6 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from imgclf import atomic
 from imgclf.config import Config
 from imgclf.data.audit import predefined_folds
+from imgclf.data.groups import read_groups
 from imgclf.data.index import detect_layout, scan_rows
 from imgclf.errors import ConfigError, DataError
 from imgclf.logs import get_logger
@@ -35,6 +36,8 @@ class FoldPlan:
     paths: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     tests: list[np.ndarray] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # each image's --group-column value, written in the fold CSVs
+    group_column: str | None = None
 
     def digest(self) -> str:
         """What decides every fold's images (the fold folders, or the images, labels and test rows), hashed."""
@@ -44,8 +47,9 @@ class FoldPlan:
         return digest.hexdigest()
 
 
-def plan_folds(config: Config, folds: int | None, group_column: str | None) -> FoldPlan:
+def plan_folds(config: Config, folds: int | None) -> FoldPlan:
     """The folds, once the fold settings are known to apply to the data; refused before anything is written."""
+    group_column = config.data.group_column
     root = Path(config.data.path or "").expanduser().resolve()
     predefined = predefined_folds(root)
     if predefined:
@@ -66,12 +70,8 @@ def plan_folds(config: Config, folds: int | None, group_column: str | None) -> F
         log.warning("warning: cv pools the %s images of %s (%s) into %d folds, each tested once by the model that "
                     "did not train on it; the dataset's own split is not kept (to hold a test split out, run cv on "
                     "the other images alone)", f"{len(paths):,}", root, "+".join(given), k)
-    groups = _groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
-    if groups:
-        log.warning("warning: --group-column %s keeps each %s out of the folds that test it; inside a fold, val "
-                    "(early stopping, the best epoch, a --threshold) is drawn from the training images at random, so "
-                    "one %s can be in train and val", group_column, group_column, group_column)
-    return FoldPlan([], paths, labels, _split(root, labels, groups, k, config))
+    groups = read_groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
+    return FoldPlan([], paths, labels, _split(root, labels, groups, k, config), groups or [], group_column)
 
 
 def _check_data(root: Path, paths: list[str], labels: list[str], folds: int) -> None:
@@ -112,7 +112,8 @@ def _split(root: Path, labels: list[str], groups: list[str] | None, folds: int, 
 
 
 def write_fold_csvs(plan: FoldPlan, out: Path) -> list[str]:
-    """``out/splits/fold_<i>.csv`` per planned fold (absolute paths; test = fold i, the rest train)."""
+    """``out/splits/fold_<i>.csv`` per planned fold (absolute paths; test = fold i, the rest train; and each image's
+    group, from which the fold's run draws val by group)."""
     folder = atomic.inner_folder(out, "splits")
     written = []
     for i, test_rows in enumerate(plan.tests):
@@ -121,8 +122,8 @@ def write_fold_csvs(plan: FoldPlan, out: Path) -> list[str]:
 
         def write(fh, test=test) -> None:
             w = csv.writer(fh)
-            w.writerow(["path", "label", "split"])
-            w.writerows([p, label, "test" if j in test else "train"]
+            w.writerow(["path", "label", "split", *([plan.group_column] if plan.groups else [])])
+            w.writerows([p, label, "test" if j in test else "train", *([plan.groups[j]] if plan.groups else [])]
                         for j, (p, label) in enumerate(zip(plan.paths, plan.labels, strict=True)))
 
         atomic.write_with(path, write)
@@ -139,20 +140,3 @@ def _check_predefined(root: Path, predefined: list[Path], folds: int | None, gro
     if asked:
         raise ConfigError(f"{' and '.join(asked)}: {root} has its own {len(predefined)} folds ({predefined[0].name}.."
                           f"{predefined[-1].name}), which decide the splits; drop {'them' if len(asked) > 1 else 'it'}")
-
-
-def _groups(csv_path: Path, column: str, paths: list[str]) -> list[str]:
-    """The group of each scanned row, looked up by its path (the scan keeps one row per file)."""
-    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
-    try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            if column not in (reader.fieldnames or []):
-                raise DataError(f"{csv_path} has no {column!r} column (found {reader.fieldnames})")
-            path_column = next(c for c in reader.fieldnames or [] if c.strip().lower() == "path")
-            lookup: dict[str, str] = {}
-            for row in reader:  # the first row of a repeated path wins, as in the scan
-                lookup.setdefault((row[path_column] or "").strip(), row[column])
-    except csv.Error as err:
-        raise DataError(f"{csv_path}:{reader.line_num}: {err}; fix that line") from None
-    return [lookup[p] for p in paths]

@@ -65,7 +65,7 @@ def trial_configs(config: Config, grid: dict[str, list], out: Path) -> list[tupl
     return trials
 
 
-SPLIT_SETTINGS = ("path", "layout", "split_seed", "val_fraction", "test_fraction")  # data.*: what the split is
+SPLIT_SETTINGS = ("path", "layout", "split_seed", "val_fraction", "test_fraction", "group_column")  # data.*: the split
 
 
 def _refuse_split_axes(trials: list[tuple[str, dict, Config]]) -> None:
