@@ -63,7 +63,7 @@ def test_an_ensemble_decides_by_the_rule_its_first_member_decides_by_now(binary_
     ensemble = create_ensemble([rechosen, kept], tmp_path / "ens")
     assert json.loads((ensemble.path / "threshold.json").read_text())["rule"] == "youden"
     assert yaml.safe_load((ensemble.path / "config.yaml").read_text())["evaluate"]["threshold"] == "youden"
-    assert f"not as {kept} (positive class the second, threshold sensitivity:0.95" in caplog.text
+    assert f"not as {kept} (positive class pneumonia, threshold sensitivity:0.95" in caplog.text
 
 
 def test_metrics_carry_wilson_and_bootstrap_intervals(binary_run):
