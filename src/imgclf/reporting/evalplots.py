@@ -92,22 +92,21 @@ NAMED_COLOURS = [f"C{k}" for k in (0, 1, 2, 3, 4, 5, 6, 8)]  # the colour cycle 
 GREY_CURVE = {"color": "0.7", "lw": 0.6}  # a class's curve left out of the legend
 
 
-def named_curves(scores: dict[str, float], what: str, path: Path) -> set[str]:
+def named_curves(scores: dict[str, float]) -> set[str]:
     """The classes whose curves get a colour and a legend entry: all of them, or with more than NAMED_CURVES,
-    the NAMED_CURVES lowest-scoring (the ones to look at), and a warning line says the rest are grey."""
+    the NAMED_CURVES lowest-scoring (the ones to look at); the legend's title says the rest are grey."""
     if len(scores) <= NAMED_CURVES:
         return set(scores)
-    log.warning("warning: %s: %d classes are too many for a legend; the %d with the lowest %s are named and in "
-                "colour, the other %d in grey", path.name, len(scores), NAMED_CURVES, what,
-                len(scores) - NAMED_CURVES)
     return set(sorted(scores, key=scores.get)[:NAMED_CURVES])
 
 
-def legend_or_note(ax, drawn: bool, split: str, loc: str) -> None:
-    """The curves' legend, or where a split has no curve (it holds one class: nothing is ranked against
-    anything), a note that says so, not an empty frame and matplotlib's "no artists" warning."""
-    if drawn:
-        ax.legend(loc=loc, fontsize=SMALL_PT)
+def legend_or_note(ax, scores: dict[str, float], named: set[str], what: str, split: str, loc: str) -> None:
+    """The curves' legend (titled, when some classes are left out of it, with which ones it names), or where a
+    split has no curve (it holds one class: nothing is ranked against anything), a note that says so, not an
+    empty frame and matplotlib's "no artists" warning."""
+    if scores:
+        title = None if len(named) == len(scores) else f"the {len(named)} lowest {what} of {len(scores)}; others grey"
+        ax.legend(loc=loc, fontsize=SMALL_PT, title=title, title_fontsize=SMALL_PT)
     else:
         ax.text(0.5, 0.5, f"no curve: every {split} image is of one class", ha="center", va="center",
                 fontsize=SMALL_PT, transform=ax.transAxes)
@@ -126,7 +125,7 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     curves = {name: (hits, score, roc_auc_score(hits, score)) for name, hits, score in one_vs_rest(preds, positive)}
-    named = named_curves({name: c[2] for name, c in curves.items()}, "AUC", path)
+    named = named_curves({name: c[2] for name, c in curves.items()})
     for name, style in curve_styles(list(curves), named):
         hits, score, auc = curves[name]
         fpr, tpr, _ = roc_curve(hits, score)
@@ -138,7 +137,7 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    legend_or_note(ax, bool(curves), split, "lower right")
+    legend_or_note(ax, {name: c[2] for name, c in curves.items()}, named, "AUC", split, "lower right")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 
@@ -149,7 +148,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     curves = {name: (hits, score, average_precision_score(hits, score))
               for name, hits, score in one_vs_rest(preds, positive)}
-    named = named_curves({name: c[2] for name, c in curves.items()}, "AP", path)
+    named = named_curves({name: c[2] for name, c in curves.items()})
     for name, style in curve_styles(list(curves), named):
         hits, score, ap = curves[name]
         precision, recall, _ = precision_recall_curve(hits, score)
@@ -158,7 +157,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
             ax.axhline(hits.mean(), color=style["color"], ls=":", lw=0.8)  # a random classifier's precision
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    legend_or_note(ax, bool(curves), split, "lower left")
+    legend_or_note(ax, {name: c[2] for name, c in curves.items()}, named, "AP", split, "lower left")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 
