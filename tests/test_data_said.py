@@ -156,6 +156,37 @@ def test_group_column_mistakes_are_one_line_and_a_given_split_that_mixes_groups_
     assert index.splits.count("test") == 6  # kept as given
 
 
+def test_grouped_splits_say_the_shares_they_took_and_refuse_what_they_cannot_do(tmp_path, logged):
+    csv_path = make_csv(tmp_path / "pool", per_class=20, with_split=False)
+    with_patients(csv_path, per_patient=5)
+    logged.set_level(logging.INFO)
+    index = index_of(csv_path, group_column="patient_id", val_fraction=0.7, test_fraction=0.2)  # whole groups
+    n, test, val = len(index), index.splits.count("test"), index.splits.count("val")
+    assert f"split by patient_id, whole groups at a time: test {test} of {n} images ({test / n:.2f}, asked 0.2), " \
+        f"val {val} of {n} images ({val / n:.2f}, asked 0.7)" in logged.text and val / n < 0.6  # said, not silent
+    with pytest.raises(ValueError, match="'Label' is a column the dataset CSV gives its own meaning"):
+        DataConfig(path=str(csv_path), group_column="Label")  # every class one group: nothing to stratify
+    rows = csv_path.read_text().splitlines()  # a second path column: the scan reads one, the groups another
+    csv_path.write_text("\n".join([rows[0] + ",PATH"] + [f"{r},{r.split(',')[0]}" for r in rows[1:]]))
+    with pytest.raises(DataError, match="has 2 path columns \\(path, PATH\\); keep one"):
+        index_of(csv_path, group_column="patient_id")  # was a KeyError's traceback
+    csv_path.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," for r in rows[1:3]] + rows[3:]))
+    index_of(csv_path, group_column="patient_id")
+    assert "2 image(s) have no 'patient_id'; they are held out or kept together, as one group" in logged.text
+
+
+def test_a_class_whose_every_image_is_one_group_is_said_to_miss_from_val_or_test(tmp_path, logged):
+    csv_path = make_csv(tmp_path, per_class=12, with_split=False)
+    rows = csv_path.read_text().splitlines()
+    first = rows[1].split(",")[1]  # every image of the first class: one patient
+    csv_path.write_text("\n".join([rows[0] + ",patient_id"] + [f"{r},{'one' if r.split(',')[1] == first else i}"
+                                                                for i, r in enumerate(rows[1:])]))
+    index = index_of(csv_path, group_column="patient_id")
+    missing = [s for s in ("val", "test") if first not in {lbl for lbl, sp in zip(index.labels, index.splits,
+                                                                                   strict=True) if sp == s}]
+    assert missing and all(f"no {s} image of class {first!r}" in logged.text for s in missing)
+
+
 def test_a_class_whose_every_training_image_is_skipped_is_refused(tmp_path):
     data = make_class_folders(tmp_path / "data", 6, classes=["good", "broken"])
     for image in (data / "broken").iterdir():

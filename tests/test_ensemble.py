@@ -165,6 +165,22 @@ def test_features_npz_holds_embeddings_labels_and_paths(members, tmp_path):
         dict(zip(map(str, expected.paths), expected.splits, strict=True))  # was seed 0: 21 of 48 moved
 
 
+def test_features_of_other_images_with_a_grouped_run_splits_them_at_random_and_says_so(tmp_path, caplog,
+                                                                                      monkeypatch):
+    data = make_class_folders(tmp_path / "images", per_class=8)
+    rows = [[p.relative_to(tmp_path).as_posix(), p.parent.name, f"p{n // 2}"]
+            for n, p in enumerate(sorted(q for q in data.rglob("*") if q.is_file()))]
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "patient"], *rows])
+    run = imgclf.train(tiny_config(tmp_path / "labels.csv", tmp_path / "run", train={"epochs": 1},
+                                   data={"group_column": "patient"}))
+    setup_logging()
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)
+    # a folder has no patient column: it was "needs a CSV dataset", so no other dataset could be embedded
+    assert main(["features", str(run.path), str(data), "--out", str(tmp_path / "f.npz")]) == 0
+    assert "the run's --group-column patient is its own CSV's; these images are split at random" in caplog.text
+
+
 def test_features_of_a_backbone_too_small_for_its_input_is_one_line(members, tmp_path, capsys):
     root = str(members[0].index().root)
     assert main(["features", "simple_cnn", root, "--image-size", "4", "--out", str(tmp_path / "f.npz")]) == 2

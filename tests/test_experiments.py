@@ -97,6 +97,22 @@ def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
             == "group"
 
 
+def test_grouped_folds_are_checked_before_the_folder_is_claimed_and_evaluate_data_cannot_reroot_them(tmp_path):
+    images = make_class_folders(tmp_path / "data" / "images", 6)
+    rows = [[p.relative_to(tmp_path / "data").as_posix(), p.parent.name, f"p{n % 2}"]
+            for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
+    with open(tmp_path / "data" / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "group"], *rows])
+    config = tiny_config(tmp_path / "data" / "labels.csv", tmp_path / "cv", train={"epochs": 1})
+    with pytest.raises(DataError, match="fold 0 of .*labels.csv: its training images form 1 group of --group-column "
+                                        "group; its val takes whole groups and needs 2"):
+        cross_validate(config, folds=2, group_column="group")  # 2 patients, 2 folds: each fold trains on one
+    assert not (tmp_path / "cv").exists()  # it failed in a fold's run, after experiment.json and splits/
+    cross_validate(tiny_config(tmp_path / "data" / "labels.csv", tmp_path / "cv3", train={"epochs": 1}), folds=2)
+    assert_clean_error(run_cli("evaluate", tmp_path / "cv3" / "fold_0", "--data", tmp_path / "data"),
+                       "lists its images by absolute path", "drop --data")  # it read the old images and said not
+
+
 def test_cv_reruns_to_identical_numbers(tmp_path, pool_dataset):
     a = cross_validate(tiny_config(pool_dataset, tmp_path / "a", train={"epochs": 2}), folds=2)
     b = cross_validate(tiny_config(pool_dataset, tmp_path / "b", train={"epochs": 2}), folds=2)

@@ -187,7 +187,7 @@ def add_dist_flags(parser: argparse.ArgumentParser) -> None:
     """How ranks started by torchrun (or --nproc) join; ignored by one process."""
     parser.add_argument("--dist-backend", default="auto", choices=list(DIST_BACKENDS),
                         help="under torchrun: how the processes talk; auto is nccl on CUDA GPUs, gloo on the CPU")
-    parser.add_argument("--dist-timeout", type=seconds(MAX_DIST_TIMEOUT_S), default=DEFAULT_DIST_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=seconds(1, MAX_DIST_TIMEOUT_S), default=DEFAULT_DIST_TIMEOUT_S,
                         metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others to join (and for any one "
                              "exchange) before it ends with an error")

@@ -46,16 +46,16 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse_number
 
 
-def seconds(high: float) -> Callable[[str], float]:
-    """An argparse ``type``: a number of seconds above 0 and at most ``high`` (nan and inf are refused)."""
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number of seconds from ``low`` to ``high`` (nan and inf are refused)."""
 
     def parse_seconds(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not 0 < value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range; give seconds above 0 and at most {high:g}")
+        if not low <= value <= high:  # also false for nan
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; give {low:g} to {high:g} seconds")
         return value
 
     return parse_seconds

@@ -89,6 +89,14 @@ class DataConfig(_Section):
     path_as_typed: str | None = Field(None, description="data.path as typed (informational)")
     cache_dir_as_typed: str | None = Field(None, description="data.cache_dir as typed (informational)")
 
+    @field_validator("group_column")
+    @classmethod
+    def _group_is_another_column(cls, column: str | None) -> str | None:
+        if column is not None and column.strip().lower() in ("path", "label", "split"):  # what the CSV's rows mean
+            raise ValueError(f"{column!r} is a column the dataset CSV gives its own meaning; name the column that "
+                             "holds each image's group (e.g. patient)")
+        return column
+
 
 class AugmentConfig(_Section):
     """Keras ImageDataGenerator vocabulary; ``None`` means 'take the preset's value'."""

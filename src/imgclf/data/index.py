@@ -24,7 +24,7 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.config import DataConfig, cli_flag
-from imgclf.data.groups import grouped_holdout, read_groups, warn_groups_across_splits
+from imgclf.data.groups import grouped_holdout, read_groups, say_grouped_shares, warn_groups_across_splits
 from imgclf.data.layout_checks import (
     refuse_fold_folders,
     warn_case_twins,
@@ -140,19 +140,21 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     rng = np.random.default_rng(seed)
     splits = [s for _, _, s in rows]
     warn_unused_fractions(cfg, splits, path)
-    groups = _groups(cfg, path, layout, rows, splits)
-    val_fraction = cfg.val_fraction
-    if not any(splits):  # a pool: hold out test first, then val; both fractions are of the whole pool
-        splits = _hold_out(rows, ["train"] * len(rows), groups, "test", cfg.test_fraction, rng, keep=2)
-        val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
-    if "val" not in splits:
-        splits = _hold_out(rows, splits, groups, "val", val_fraction, rng, keep=1, at_least=1)
-    rows = [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)]
-    index = _make_index(root, rows)
+    groups, given = _groups(cfg, path, layout, rows, splits), any(splits)
+    val_fraction, asked = cfg.val_fraction, {}
+    if not given:  # a pool: hold out test first, then val; both fractions are of the whole pool
+        splits = _hold_out(rows, ["train"] * len(rows), groups, "test", cfg.test_fraction, rng, path, keep=2)
+        val_fraction, asked["test"] = cfg.val_fraction / (1 - cfg.test_fraction), (cfg.test_fraction, len(rows))
+    if "val" not in splits:  # val_fraction is of the pool, or of the given train split
+        asked["val"] = (cfg.val_fraction, len(rows) if not given else splits.count("train"))
+        splits = _hold_out(rows, splits, groups, "val", val_fraction, rng, path, keep=1, at_least=1)
+    if groups is not None and asked:
+        say_grouped_shares([label for _, label, _ in rows], splits, asked, cfg.group_column)
+    index = _make_index(root, [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)])
     check_classes(index, source=str(path))
     warn_case_twins(index.classes)
     if layout == "csv":
-        warn_unread_columns(path, cfg.group_column)
+        warn_unread_columns(path, cfg.group_column, given)
     warn_tiny_classes(index)
     return index
 
@@ -218,10 +220,11 @@ def _groups(cfg: DataConfig, path: Path, layout: str, rows: list[Row], splits: l
 
 
 def _hold_out(rows: list[Row], splits: list[str], groups: list[str] | None, name: str, fraction: float,
-              rng: np.random.Generator, keep: int, at_least: int = 0) -> list[str]:
+              rng: np.random.Generator, source: Path, keep: int, at_least: int = 0) -> list[str]:
     if groups is None:
         return _stratified_holdout(rows, splits, name, fraction, rng, keep, at_least)
-    return grouped_holdout([label for _, label, _ in rows], splits, groups, name, fraction, int(rng.integers(2**31)))
+    return grouped_holdout([label for _, label, _ in rows], splits, groups, name, fraction, int(rng.integers(2**31)),
+                           source)
 
 
 def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,

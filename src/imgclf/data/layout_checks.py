@@ -46,7 +46,7 @@ def warn_case_twins(classes: tuple[str, ...]) -> None:
                     "to merge them", ", ".join(repr(name) for name in twins))
 
 
-def warn_unread_columns(csv_path: Path, group_column: str | None = None) -> None:
+def warn_unread_columns(csv_path: Path, group_column: str | None = None, split_given: bool = False) -> None:
     """A CSV's columns beyond path, label, split (and the ``--group-column``) are not read by train: a patient id
     column keeps a patient's images together only when named with --group-column."""
     try:
@@ -55,7 +55,9 @@ def warn_unread_columns(csv_path: Path, group_column: str | None = None) -> None
     except (OSError, UnicodeDecodeError, csv.Error):
         return  # the scan has read it already; nothing new to say
     unread = [name.strip() for name in header if name.strip().lower() not in CSV_COLUMNS and name != group_column]
-    if unread:
+    if unread and (group_column or split_given):  # the split is the CSV's own, or by group: not at random
+        log.warning("warning: %s: column(s) %s are not read", csv_path, ", ".join(unread[:5]))
+    elif unread:
         log.warning("warning: %s: column(s) %s are not read; images are split at random (a patient's images can "
                     "land in train and test: --group-column COLUMN keeps each group in one split)", csv_path,
                     ", ".join(unread[:5]))

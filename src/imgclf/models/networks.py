@@ -255,8 +255,8 @@ def check_input_size(cfg: ModelConfig, preprocess: Preprocess) -> None:
         backbone = build_backbone(cfg, preprocess.channels, size)
     except (RuntimeError, AssertionError, ValueError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(f"image_size {size} does not fit {cfg.name} ({reason}); use a larger --image-size, "
-                          "e.g. the model's own (leave --image-size unset)") from None
+        raise ConfigError(f"image_size {size} does not fit {cfg.name} ({reason}); use the model's own (leave "
+                          "--image-size unset) or another size it takes") from None
     if 0 in backbone.shape:
         raise ConfigError(f"image_size {size} is too small for {cfg.name}: its feature map vanishes; "
                           "use a larger --image-size, e.g. the model's own (leave --image-size unset)")

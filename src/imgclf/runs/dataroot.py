@@ -37,9 +37,10 @@ def foreign_root(dataset: runfiles.DatasetFile, data_root: str | Path | None) ->
     return None if given == Path(dataset.root).resolve() else str(given)
 
 
-def read_split(path: Path, root: Path, classes: list[str], counted: int) -> DatasetIndex:
+def read_split(path: Path, root: Path, classes: list[str], counted: int, rerooted: bool = False) -> DatasetIndex:
     """A finished run's split.csv, every row a class of the run and train/val/test; at most ``counted`` rows
-    (the images dataset.json counts; 0: an older run that counted none)."""
+    (the images dataset.json counts; 0: an older run that counted none). ``rerooted`` (``--data``): its paths
+    must be relative, or the images would be read where they were, not under the folder given."""
     try:
         index = DatasetIndex.load(path, root, classes, max_rows=counted or None)
     except (KeyError, ValueError, UnicodeDecodeError, csv.Error) as err:
@@ -49,4 +50,8 @@ def read_split(path: Path, root: Path, classes: list[str], counted: int) -> Data
     if odd is not None:
         raise RunDirError(f"{path}: row {odd + 2} has label {index.labels[odd]!r} and split "
                           f"{index.splits[odd]!r}, not a class of the run and train/val/test; {runfiles.FIX}")
+    fixed = next((p for p in index.paths if Path(p).is_absolute()), None) if rerooted else None
+    if fixed is not None:
+        raise DataError(f"--data {root}: {path} lists its images by absolute path (e.g. {fixed}), as cv's folds and "
+                        "CSVs of absolute paths do, so they cannot be read under another folder; drop --data")
     return index

@@ -143,7 +143,7 @@ class NetworkRun:
         dataset = runfiles.read_dataset(self.path / "dataset.json")
         counted = sum(n for split in dataset.counts.values() for n in split.values())
         return dataroot.read_split(self.path / "split.csv", dataroot.split_root(dataset, data_root), self.classes,
-                                   counted)
+                                   counted, rerooted=dataroot.foreign_root(dataset, data_root) is not None)
 
     def foreign_root(self, data_root: str | Path | None) -> str | None:
         """``data_root`` resolved, when it is not the folder the run was trained on (None if it is, or not given)."""

@@ -50,7 +50,11 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         model, preprocess, compute = run.model, run.preprocess, run.compute
         data_cfg = run.config.data
         seed = run.config.train.seed if data_cfg.split_seed is None else data_cfg.split_seed
-        index = build_index(data_cfg.model_copy(update={"path": str(data)}), seed) if data else run.index()
+        if data and data_cfg.group_column:  # the run's CSV column; another dataset is split at random
+            log.warning("warning: features %s %s: the run's --group-column %s is its own CSV's; these images are "
+                        "split at random", source, data, data_cfg.group_column)
+        other = data_cfg.model_copy(update={"path": str(data), "group_column": None})
+        index = build_index(other, seed) if data else run.index()
     else:
         if data is None:
             raise ConfigError("pass the dataset to embed: imgclf features MODEL DATA --out feats.npz")

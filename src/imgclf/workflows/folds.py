@@ -71,7 +71,12 @@ def plan_folds(config: Config, folds: int | None) -> FoldPlan:
                     "did not train on it; the dataset's own split is not kept (to hold a test split out, run cv on "
                     "the other images alone)", f"{len(paths):,}", root, "+".join(given), k)
     groups = read_groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
-    return FoldPlan([], paths, labels, _split(root, labels, groups, k, config), groups or [], group_column)
+    tests = _split(root, labels, groups, k, config)
+    for i, test in enumerate(tests if groups else []):  # each fold's val takes whole groups of its training ones
+        if len({g for j, g in enumerate(groups) if j not in set(test.tolist())}) < 2:
+            raise DataError(f"fold {i} of {root}: its training images form 1 group of --group-column {group_column}; "
+                            "its val takes whole groups and needs 2: give more groups or fewer --folds")
+    return FoldPlan([], paths, labels, tests, groups or [], group_column)
 
 
 def _check_data(root: Path, paths: list[str], labels: list[str], folds: int) -> None:
