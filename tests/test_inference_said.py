@@ -78,6 +78,9 @@ def test_scores_of_images_read_under_another_folder_record_it_and_say_so(binary_
     assert result.returncode == 0, result.stderr
     assert f"warning: --data {other}: the run's own dataset folder {own} is still there" in result.stderr
     assert json.loads((run / "metrics.json").read_text())["test"]["data"] == str(other.resolve())
+    assert run_main("report", run).returncode == 0  # the page says it too, not only "Images under" the old folder
+    assert f"another folder than the run's dataset: test under <code>{other.resolve()}</code>" in \
+        (run / "report.html").read_text()
     assert run_main("evaluate", run, "--data", other, "--threshold", "youden", "--split", "val").returncode == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["data"] == metrics["test"]["data"] == str(other.resolve())  # test re-decided, still so

@@ -87,7 +87,8 @@ def run_sections(path: Path) -> list[tuple[str, str, str]]:
                 ("config", "Configuration", "<details><summary>config.yaml (every setting of the run)</summary>"
                  f"<pre>{esc((path / 'config.yaml').read_text(encoding='utf-8'))}</pre></details>"),
                 ("training", "Training", training_html(path)),
-                ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path) + _tta_note(metrics)))]
+                ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path) + _tta_note(metrics)
+                                                                 + _data_note(metrics)))]
     rows = runfiles.read_baselines(path / "metrics.json")
     if rows:
         sections.insert(1, ("baselines", "This model vs baselines",
@@ -228,6 +229,13 @@ def _tta_note(metrics: dict) -> str:
     other = [f"{split} with <code>{esc(str(m['tta']))}</code>" for split, m in metrics.items() if m.get("tta")]
     return (f"<p class=\"warn\">Scored with another test-time augmentation than the run's: {', '.join(other)} "
             "(predict, serve and the export average as config.yaml says).</p>") if other else ""
+
+
+def _data_note(metrics: dict) -> str:
+    """Splits scored on images read under another folder than the run's dataset (``evaluate --data``)."""
+    other = [f"{split} under <code>{esc(str(m['data']))}</code>" for split, m in metrics.items() if m.get("data")]
+    return (f"<p class=\"warn\">Scored on images read under another folder than the run's dataset: "
+            f"{', '.join(other)} (evaluate --data).</p>") if other else ""
 
 
 def _threshold_note(path: Path) -> str:
