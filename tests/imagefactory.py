@@ -7,6 +7,7 @@ tiny CNN learns it in a few epochs whatever the mode conversion did to the colou
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,17 @@ def make_split_folders(root: Path, per_class: dict[str, int], classes: list[str]
     for i, (split, n) in enumerate(per_class.items()):
         make_class_folders(root / split, n, classes, seed=seed + i)
     return root
+
+
+def make_grouped_csv(root: Path, per_class: int, group_of: Callable[[int], str], column: str = "group") -> Path:
+    """Images under ``root/images/`` listed in ``root/labels.csv`` with a group column: the n-th image (in path
+    order) belongs to ``group_of(n)``."""
+    images = make_class_folders(root / "images", per_class)
+    rows = [[p.relative_to(root).as_posix(), p.parent.name, group_of(n)]
+            for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
+    with open(root / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", column], *rows])
+    return root / "labels.csv"
 
 
 def make_csv(root: Path, per_class: int, with_split: bool, seed: int = 0, delimiter: str = ",") -> Path:

@@ -22,7 +22,7 @@ from imgclf.workflows.ensemble import check_members, create_ensemble, fit_weight
 from imgclf.workflows.grid import grid_search, parse_params
 
 from conftest import tiny_config
-from imagefactory import make_class_folders
+from imagefactory import make_class_folders, make_grouped_csv
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +167,8 @@ def test_features_npz_holds_embeddings_labels_and_paths(members, tmp_path):
 
 def test_features_of_other_images_with_a_grouped_run_splits_them_at_random_and_says_so(tmp_path, caplog,
                                                                                       monkeypatch):
-    data = make_class_folders(tmp_path / "images", per_class=8)
-    rows = [[p.relative_to(tmp_path).as_posix(), p.parent.name, f"p{n // 2}"]
-            for n, p in enumerate(sorted(q for q in data.rglob("*") if q.is_file()))]
-    with open(tmp_path / "labels.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "label", "patient"], *rows])
+    make_grouped_csv(tmp_path, 8, lambda n: f"p{n // 2}", column="patient")
+    data = tmp_path / "images"
     run = imgclf.train(tiny_config(tmp_path / "labels.csv", tmp_path / "run", train={"epochs": 1},
                                    data={"group_column": "patient"}))
     setup_logging()

@@ -22,7 +22,7 @@ from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.grid import grid_search, parse_params, trial_configs
 
 from conftest import tiny_config
-from imagefactory import make_class_folders, make_split_folders
+from imagefactory import make_grouped_csv, make_split_folders
 
 
 def read(path):
@@ -74,14 +74,11 @@ def test_predefined_fold_folders(tmp_path):
 
 
 def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
-    images = make_class_folders(tmp_path / "data" / "images", 12)
-    rows = [[p.relative_to(tmp_path / "data").as_posix(), p.parent.name, f"patient{n // 3}"]
-            for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
-    with open(tmp_path / "data" / "labels.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "label", "group"], *rows])
+    labels = make_grouped_csv(tmp_path / "data", 12, lambda n: f"patient{n // 3}")
+    rows = read(labels)
     cross_validate(tiny_config(tmp_path / "data" / "labels.csv", tmp_path / "cv", train={"epochs": 2}), folds=3,
                    group_column="group")
-    group_of = {str((tmp_path / "data" / p).resolve()): g for p, _, g in rows}
+    group_of = {str((tmp_path / "data" / r["path"]).resolve()): r["group"] for r in rows}
     fold_of_group: dict[str, set] = {}
     for i in range(3):
         for r in read(tmp_path / "cv" / "splits" / f"fold_{i}.csv"):
@@ -98,11 +95,7 @@ def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):
 
 
 def test_grouped_folds_are_checked_before_the_folder_is_claimed_and_evaluate_data_cannot_reroot_them(tmp_path):
-    images = make_class_folders(tmp_path / "data" / "images", 6)
-    rows = [[p.relative_to(tmp_path / "data").as_posix(), p.parent.name, f"p{n % 2}"]
-            for n, p in enumerate(sorted(q for q in images.rglob("*") if q.is_file()))]
-    with open(tmp_path / "data" / "labels.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "label", "group"], *rows])
+    make_grouped_csv(tmp_path / "data", 6, lambda n: f"p{n % 2}")
     config = tiny_config(tmp_path / "data" / "labels.csv", tmp_path / "cv", train={"epochs": 1})
     with pytest.raises(DataError, match="fold 0 of .*labels.csv: its training images form 1 group of --group-column "
                                         "group; its val takes whole groups and needs 2"):

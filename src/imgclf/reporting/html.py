@@ -226,16 +226,20 @@ def grid_sections(path: Path) -> list[tuple[str, str, str]]:
 
 def _tta_note(metrics: dict) -> str:
     """Splits scored with another test-time augmentation than the run predicts with (``evaluate --tta``)."""
-    other = [f"{split} with <code>{esc(str(m['tta']))}</code>" for split, m in metrics.items() if m.get("tta")]
-    return (f"<p class=\"warn\">Scored with another test-time augmentation than the run's: {', '.join(other)} "
-            "(predict, serve and the export average as config.yaml says).</p>") if other else ""
+    return _recorded_note(metrics, "tta", "with", "Scored with another test-time augmentation than the run's",
+                          "predict, serve and the export average as config.yaml says")
 
 
 def _data_note(metrics: dict) -> str:
     """Splits scored on images read under another folder than the run's dataset (``evaluate --data``)."""
-    other = [f"{split} under <code>{esc(str(m['data']))}</code>" for split, m in metrics.items() if m.get("data")]
-    return (f"<p class=\"warn\">Scored on images read under another folder than the run's dataset: "
-            f"{', '.join(other)} (evaluate --data).</p>") if other else ""
+    return _recorded_note(metrics, "data", "under", "Scored on images read under another folder than the run's "
+                          "dataset", "evaluate --data")
+
+
+def _recorded_note(metrics: dict, key: str, joint: str, lead: str, why: str) -> str:
+    """One warning line naming the splits whose metrics record ``key`` (how they were scored otherwise)."""
+    other = [f"{split} {joint} <code>{esc(str(m[key]))}</code>" for split, m in metrics.items() if m.get(key)]
+    return f'<p class="warn">{lead}: {", ".join(other)} ({why}).</p>' if other else ""
 
 
 def _threshold_note(path: Path) -> str:

@@ -73,7 +73,8 @@ def plan_folds(config: Config, folds: int | None) -> FoldPlan:
     groups = read_groups(root, group_column, [p for p, _, _ in rows]) if group_column else None
     tests = _split(root, labels, groups, k, config)
     for i, test in enumerate(tests if groups else []):  # each fold's val takes whole groups of its training ones
-        if len({g for j, g in enumerate(groups) if j not in set(test.tolist())}) < 2:
+        tested = set(test.tolist())
+        if len({g for j, g in enumerate(groups) if j not in tested}) < 2:
             raise DataError(f"fold {i} of {root}: its training images form 1 group of --group-column {group_column}; "
                             "its val takes whole groups and needs 2: give more groups or fewer --folds")
     return FoldPlan([], paths, labels, tests, groups or [], group_column)
