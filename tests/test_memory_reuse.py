@@ -12,17 +12,24 @@ from imgclf.workflows import lifecycle
 from conftest import tiny_config
 from imagefactory import make_class_folders
 
-FAULTS_OF_A_REPEATED_TENSOR = """
+FAULTS_FUNCTION = """
 import resource, sys
 import torch
-from imgclf.runtime import Compute
 
 def faults_of_a_repeated_tensor():
-    for _ in range(8):  # the heap settles into reusing the freed block after a few rounds
+    # The heap settles into reusing the freed block only after a few rounds: torch asks posix_memalign for a
+    # little more than the block it freed, so the heap grows by 64 MB until freed blocks meet (seen: 3 to 9
+    # rounds over 30 processes, with ASLR deciding). The last of 24 rounds is the settled one.
+    for _ in range(23):
         torch.ones(16 * 2**20)  # 64 MB, freed at once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+"""
+
+FAULTS_OF_A_REPEATED_TENSOR = FAULTS_FUNCTION + """
+from imgclf.runtime import Compute
 
 plain = faults_of_a_repeated_tensor()
 Compute.resolve("cpu", "fp32", None)
@@ -35,9 +42,9 @@ def test_a_freed_large_tensor_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REPEATED_TENSOR], capture_output=True, text=True,
                          check=True).stdout.split()
     plain, reused = int(out[0]), int(out[1])
-    pages = 64 * 2**20 // 4096
-    assert plain > pages // 2  # glibc's default: a fresh mmap, every page faulted in again
-    assert reused < pages // 20
+    # glibc's default: a fresh mmap each time, all faulted in again (16,384 faults with 4 KB pages, 4,096
+    # where the kernel maps 16 KB folios); kept memory: none or a few
+    assert plain > 0 and reused <= plain // 20
 
 
 KEPT_THEN_RELEASED = """
@@ -67,17 +74,8 @@ def test_memory_kept_for_training_is_handed_back_when_training_ends():
     assert released - base < 50  # handed back
 
 
-PREDICTING_PROCESS = """
-import resource, sys
-import torch
+PREDICTING_PROCESS = FAULTS_FUNCTION + """
 import imgclf
-
-def faults_of_a_repeated_tensor():
-    for _ in range(8):
-        torch.ones(16 * 2**20)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(16 * 2**20)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 run = imgclf.load_run(sys.argv[1])
 plain = faults_of_a_repeated_tensor()
@@ -92,8 +90,7 @@ def test_a_process_that_only_predicts_reuses_freed_memory_too(trained_run):
     out = subprocess.run([sys.executable, "-c", PREDICTING_PROCESS, str(trained_run.path)], capture_output=True,
                          text=True, check=True).stdout.split()
     plain, reused = int(out[0]), int(out[1])
-    pages = 64 * 2**20 // 4096
-    assert plain > pages // 2 and reused < pages // 20
+    assert plain > 0 and reused <= plain // 20
 
 
 def test_the_kept_memory_goes_back_after_the_test_predictions_and_before_the_baselines(tmp_path, monkeypatch):

@@ -105,6 +105,8 @@ def keep_freed_memory() -> bool:
     feature map) then page-faults and zero-fills ~300 MB afresh, ~80k page faults a step. With mmap off
     and no trimming, the heap reuses those pages; the process's memory stays at its peak rather than
     falling back between steps. Measured on the notebook CNN, one thread: 80-87 -> 128-138 img/s.
+    The reuse settles after a few steps: torch's posix_memalign asks for a little more than the block it
+    freed, so the heap first grows by a few copies of a large tensor (3 to 9 rounds of a 64 MB tensor).
     Returns whether it applied (False where the C library is not glibc).
     """
     try:
