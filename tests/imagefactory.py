@@ -97,10 +97,12 @@ def make_csv(root: Path, per_class: int, with_split: bool, seed: int = 0, delimi
 
 def write_dicom(path: Path, pixels: np.ndarray, slope: float = 1.0, intercept: float = 0.0,
                 window: tuple[float, float] | None = None, photometric: str = "MONOCHROME2",
-                claimed_size: tuple[int, int] | None = None) -> Path:
+                claimed_size: tuple[int, int] | None = None, voi_function: str | None = None,
+                voi_lut: tuple[int, list[int]] | None = None, lut_vr: str = "US") -> Path:
     """A minimal valid DICOM file (uncompressed, 16-bit unsigned) written with pydicom; ``pixels`` of 3
-    dimensions are frames. ``claimed_size`` (rows, columns) puts another size in the header: a bomb's."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
+    dimensions are frames. ``claimed_size`` (rows, columns) puts another size in the header: a bomb's.
+    ``voi_lut`` is (first value mapped, 8-bit table) for a VOI LUT Sequence, its data as ``lut_vr``."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
@@ -118,6 +120,14 @@ def write_dicom(path: Path, pixels: np.ndarray, slope: float = 1.0, intercept: f
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if window:
         ds.WindowCenter, ds.WindowWidth = window
+    if voi_function:
+        ds.VOILUTFunction = voi_function
+    if voi_lut:
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut[1]), voi_lut[0], 8]
+        table = voi_lut[1] if lut_vr == "US" else np.asarray(voi_lut[1], "<u2").tobytes()
+        item.add_new(0x00283006, lut_vr, table)  # LUT Data: its VR is US or OW
+        ds.VOILUTSequence = [item]
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

@@ -113,6 +113,29 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     assert load_image(tmp_path / "a.dcm", 16, 3).shape == (16, 16, 3)
 
 
+def test_dicom_sigmoid_window_and_a_voi_lut_are_applied_not_the_full_range(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from imagefactory import write_dicom
+
+    pixels = np.tile(np.array([0, 450, 500, 550, 4000], dtype=float), (5, 1))
+    # sigmoid around 500, width 100: 0.5 at the centre, 1/(1+e^2) and 1/(1+e^-2) at 450 and 550
+    sigmoid = load_image(write_dicom(tmp_path / "s.dcm", pixels, window=(500, 100), voi_function="SIGMOID"),
+                         5, 1)[0, :, 0]
+    assert sigmoid.tolist() == [0, 30, 128, 225, 255]
+    # a VOI LUT (no window) that shows only 400..600, inverted: the full range would make 450 and 550 near black
+    lut = [255 - min(max(v - 400, 0), 200) * 255 // 200 for v in range(0, 1000)]
+    through = load_image(write_dicom(tmp_path / "l.dcm", pixels, voi_lut=(0, lut)), 5, 1)[0, :, 0]
+    assert through.tolist() == [255, 192, 128, 64, 0]
+    as_words = write_dicom(tmp_path / "ow.dcm", pixels, voi_lut=(0, lut), lut_vr="OW")
+    assert load_image(as_words, 5, 1)[0, :, 0].tolist() == through.tolist()
+    tampered = pydicom.dcmread(tmp_path / "l.dcm")
+    tampered.VOILUTSequence[0].LUTDescriptor = [5000, 0, 8]  # more entries described than the table holds
+    broken = tmp_path / "broken.dcm"
+    tampered.save_as(broken)
+    with pytest.raises(BadImage, match="broken.dcm: cannot apply its VOI LUT .1000 entries of 8 bits, 5000"):
+        load_image(broken, 5, 1)
+
+
 def test_dicom_size_is_checked_on_the_header_before_decoding_and_only_the_first_frame_is_read(tmp_path):
     pytest.importorskip("pydicom")
     from imgclf.data.images import MAX_PIXELS, image_size
