@@ -183,6 +183,7 @@ def test_features_of_a_backbone_too_small_for_its_input_is_one_line(members, tmp
     assert main(["features", "simple_cnn", root, "--image-size", "4", "--out", str(tmp_path / "f.npz")]) == 2
     err = capsys.readouterr().err  # was a RuntimeError's traceback from the first batch
     assert "image_size 4 is too small for simple_cnn" in err and "Traceback" not in err
+    assert "--conv-filters" not in err  # a train flag: features takes no layers
     assert not (tmp_path / "f.npz").exists()
 
 

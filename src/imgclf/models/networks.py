@@ -232,11 +232,12 @@ def _mean_std(normalize: str, data: dict, channels: int) -> tuple[tuple[float, .
     return tuple(mean), tuple(std)
 
 
-def check_input_size(cfg: ModelConfig, preprocess: Preprocess) -> None:
+def check_input_size(cfg: ModelConfig, preprocess: Preprocess, layer_flags: bool = True) -> None:
     """Refuse an image size the network cannot take, before a run directory exists; log what was built.
 
     The simple CNN is checked by arithmetic; a timm backbone is built without weights and run on one
-    zero image, so a vanishing feature map or a fixed-size model (ViT) fails here as one line.
+    zero image, so a vanishing feature map or a fixed-size model (ViT) fails here as one line. The fix it
+    names includes the layer flags only where the command takes them (``layer_flags``).
     """
     size = preprocess.size
     warn_unused(cfg)
@@ -248,8 +249,9 @@ def check_input_size(cfg: ModelConfig, preprocess: Preprocess) -> None:
         if smallest is None or size < smallest:
             blocks = sum(item.startswith("conv ") for item in cfg.conv_layers or [])
             fix = f"--image-size {smallest} or more" if smallest else "a larger --image-size"
+            layers = ", or fewer pooling layers or --conv-filters" if layer_flags else ""
             raise ConfigError(f"image_size {size} is too small for simple_cnn with {blocks} conv blocks (their "
-                              f"feature map vanishes); use {fix}, or fewer pooling layers or --conv-filters")
+                              f"feature map vanishes); use {fix}{layers}")
         return
     try:
         backbone = build_backbone(cfg, preprocess.channels, size)

@@ -70,7 +70,7 @@ def write_features(source: str | Path, data: str | Path | None, out: str | Path,
         cfg = ModelConfig(name=str(source), pretrained=pretrained, weights=weights)
         channels = channels or 3
         preprocess = resolve_preprocess(cfg, image_size, channels)
-        check_input_size(cfg, preprocess)  # a size the network cannot take is one line, as in train
+        check_input_size(cfg, preprocess, layer_flags=False)  # one line, as in train; features takes no layers
         compute = Compute.resolve("auto", "auto", None)
         if not (pretrained or weights):
             log.warning("warning: features %s without --pretrained or --weights: the backbone's weights are random",
