@@ -126,6 +126,16 @@ def test_freeze_policies():
         apply_freeze(model, "regex:conv5")
 
 
+def test_last_n_trains_the_batchnorm_of_timm_blocks_whose_norm_holds_its_activation():
+    """EfficientNet's BatchNormAct2d has children (its activation): it was skipped as a non-leaf, so last:N never
+    trained it, freeze_bn or not, and a frozen one stayed in eval mode."""
+    model = build("efficientnet_b0")
+    apply_freeze(model, "last:1")
+    assert trainable(model) == {"conv_head.weight", "bn2.weight", "bn2.bias"}
+    apply_freeze(model, "last:1", freeze_bn=True)
+    assert trainable(model) == {"conv_head.weight"}
+
+
 def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics():
     model = build()
     apply_freeze(model, "backbone")

@@ -28,9 +28,9 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.mo
 
 
 def weighted_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules that own parameters, in registration (forward) order."""
-    return [(name, m) for name, m in module.named_modules()
-            if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    """Modules that own parameters, in registration (forward) order. Not only leaves: timm's BatchNormAct2d
+    (EfficientNet, MobileNet) holds its activation as a child, and a ConvNeXt block owns its layer scale."""
+    return [(name, m) for name, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
 def apply_freeze(model: nn.Module, policy: str, freeze_bn: bool = False, say: bool = True) -> None:
