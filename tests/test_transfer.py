@@ -17,6 +17,7 @@ from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
 from imgclf.models.freeze import apply_freeze, param_groups, set_frozen_norms_eval
 from imgclf.models.networks import build_model, resolve_preprocess
+from imgclf.models.summary import layer_rows
 from imgclf.models.weights import load_into, load_pretrained, read_state_dict
 
 from conftest import tiny_config
@@ -134,6 +135,9 @@ def test_last_n_trains_the_batchnorm_of_timm_blocks_whose_norm_holds_its_activat
     assert trainable(model) == {"conv_head.weight", "bn2.weight", "bn2.bias"}
     apply_freeze(model, "last:1", freeze_bn=True)
     assert trainable(model) == {"conv_head.weight"}
+    rows = {row.name: row for row in layer_rows(model, (3, 32, 32))}  # model-info's table: one row, not its act
+    assert rows["backbone.bn2"].kind == "BatchNormAct2d" and rows["backbone.bn2"].counts.total == 4 * 1280
+    assert "backbone.bn2.act" not in rows
 
 
 def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics():

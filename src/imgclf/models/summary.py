@@ -62,8 +62,10 @@ def layer_rows(model: nn.Module, input_shape: tuple[int, int, int], depth: int =
     for info in stats.summary_list:
         module, name = info.module, names.get(id(info.module), "")
         level = name.count(".") + 1 if name else 0
-        leaf = not any(True for _ in module.children())
-        if not name or id(module) in seen or level > depth or not (leaf or level == depth):
+        # a norm layer is one row even where it holds its activation as a child (timm's BatchNormAct2d)
+        whole = isinstance(module, NORM_TYPES) or not any(True for _ in module.children())
+        inside = any(name.startswith(f"{row.name}.") for row in rows[-1:])  # within the row just made
+        if not name or id(module) in seen or level > depth or inside or not (whole or level == depth):
             continue
         seen.add(id(module))
         shape = tuple(info.output_size) if isinstance(info.output_size, list | tuple) else ()
