@@ -393,15 +393,23 @@ def test_fp16_training_scales_its_loss_and_the_scale_is_checkpointed_for_resume(
     assert "scaler" not in plain[0]  # fp32 and bf16 need no scaler: their state is as before
 
 
-def test_a_rank_s_training_loader_drops_a_lone_last_image_of_its_own_share(tmp_path):
-    """One process drops a 1-image last batch of the split; a rank, of its own share (BatchNorm cannot train on 1)."""
+def test_a_rank_s_training_loader_drops_a_lone_last_image_of_its_own_share(tmp_path, caplog):
+    """One process drops a 1-image last batch of the split; a rank, of its own share (BatchNorm cannot train on 1);
+    only where a BatchNorm trains, and said. Without one (or to cache a frozen backbone's features) every image."""
     config = tiny_config(make_class_folders(tmp_path / "d", per_class=6), tmp_path / "o")
     pre = Preprocess(16, 3, (0.5,) * 3, (0.25,) * 3)
     prepared = prepare(build_index(config.data, 0), pre, config.data)
     targets = prepared.index.subset("train").targets
     sampler = train_sampler(DistContext(0, 2, 0), targets, False, 0, torch.Generator())
     batch = next(b for b in range(2, len(sampler)) if len(sampler) % b == 1 and len(targets) % b != 1)
-    loader = train_loader(prepared, config.augment, pre, batch, torch.Generator(), torch.device("cpu"), sampler)
+    loader = train_loader(prepared, config.augment, pre, batch, torch.Generator(), torch.device("cpu"), sampler,
+                          trains_batchnorm=True)
     assert loader.loader.drop_last and len(loader) == len(sampler) // batch
-    alone = train_loader(prepared, config.augment, pre, batch, torch.Generator(), torch.device("cpu"))
+    assert f"in batches of {batch} leave one alone in the last batch" in caplog.text
+    alone = train_loader(prepared, config.augment, pre, batch, torch.Generator(), torch.device("cpu"),
+                         trains_batchnorm=True)
     assert not alone.loader.drop_last
+    caplog.clear()
+    every = train_loader(prepared, config.augment, pre, batch, torch.Generator(), torch.device("cpu"), sampler)
+    assert not every.loader.drop_last and sum(len(b[1]) for b in every) == len(sampler)
+    assert "leave one alone" not in caplog.text

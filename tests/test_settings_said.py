@@ -12,6 +12,7 @@ import pytest
 import imgclf
 from imgclf.config import build_config
 from imgclf.config.stages import recipe_overrides
+from imgclf.data.index import build_index
 from imgclf.errors import DataError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
@@ -64,6 +65,18 @@ def test_settings_that_read_validation_are_refused_without_it(tmp_path, two_clas
 def test_a_run_without_validation_still_trains_when_nothing_needs_it(tmp_path, two_classes):
     run = imgclf.train(tiny_config(two_classes, tmp_path / "run", data=NO_VAL, train=NO_STOPPING))
     assert "test" in run.metrics and "val" not in run.metrics
+
+
+def test_a_lone_last_feature_row_is_left_out_where_the_head_s_batchnorm_trains_and_that_is_said(tmp_path, logged):
+    """It was a ValueError from BatchNorm1d ('more than 1 value per channel'): the cached-feature loader kept it."""
+    data = make_class_folders(tmp_path / "data", per_class=8)
+    config = tiny_config(data, tmp_path / "run", model={"head_batchnorm": True}, augment={"preset": "light"},
+                         train={"freeze": "backbone", "epochs": 1, "feature_views": 2})
+    train_images = len(build_index(config.data, config.data.split_seed).subset("train"))
+    batch = 2 * train_images - 1  # 2 views of each image: one row alone in the second batch
+    imgclf.train(config.model_copy(update={"train": config.train.model_copy(update={"batch_size": batch})}))
+    assert f"{2 * train_images} training feature rows in batches of {batch} leave one alone" in logged.text
+    assert "training images in batches" not in logged.text  # the views are cached from every image
 
 
 def test_feature_cache_settings_of_a_partly_frozen_backbone_are_said(tmp_path, pool_dataset, logged):

@@ -85,14 +85,25 @@ def write_skipped(prepared: PreparedData, path) -> None:
 
 def train_loader(prepared: PreparedData, aug: AugmentConfig, preprocess: Preprocess, batch_size: int,
                  generator: torch.Generator, device: torch.device, sampler=None,
-                 workers: int | None = None) -> AugmentedBatches:
-    """Shuffled training batches, augmented batch by batch on ``device``."""
+                 workers: int | None = None, trains_batchnorm: bool = False) -> AugmentedBatches:
+    """Shuffled batches of every training image, augmented batch by batch on ``device``; a last batch of one
+    image is left out only where a BatchNorm layer trains (``trains_batchnorm``), and that is said."""
     dataset = prepared.dataset("train", None)
-    # drop_last avoids a 1-image batch, which BatchNorm cannot train on (a rank's sampler: its own share).
-    drop_last = (len(sampler) if sampler is not None else len(dataset)) % batch_size == 1
-    loader = make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator,
-                         workers=workers, drop_last=drop_last)
+    count = len(sampler) if sampler is not None else len(dataset)  # a rank's sampler: its own share
+    loader = make_loader(dataset, batch_size, shuffle=True, sampler=sampler, generator=generator, workers=workers,
+                         drop_last=drops_lone_sample(count, batch_size, trains_batchnorm, "images"))
     return AugmentedBatches(loader, BatchAugment(aug, preprocess.mean, preprocess.std), device)
+
+
+def drops_lone_sample(count: int, batch_size: int, trains_batchnorm: bool, what: str) -> bool:
+    """Whether an epoch leaves out its last batch: one sample alone, which a training BatchNorm cannot take
+    (its statistics of one value; PyTorch raises on a flat feature). Said, since it is one sample fewer."""
+    if not trains_batchnorm or count % batch_size != 1 or count == 1:
+        return False
+    log.warning("warning: %d training %s in batches of %d leave one alone in the last batch, which BatchNorm cannot "
+                "train on: each epoch trains on %d of them (a different one left out each epoch; another "
+                "--batch-size avoids it)", count, what, batch_size, count - 1)
+    return True
 
 
 def inference_batch(batch_size: int, train_images: int) -> int:

@@ -86,6 +86,13 @@ def set_frozen_norms_eval(model: nn.Module) -> None:
                 module.eval()
 
 
+def trains_batchnorm(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of ``model`` trains (in training mode it cannot take a batch of one image)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and (not list(m.parameters(recurse=False)) or any(p.requires_grad for p in m.parameters()))
+               for m in model.modules())
+
+
 def backbone_is_frozen(model: nn.Module) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgclf.config import AugmentConfig, TrainConfig
 from imgclf.config.run import AUTO_VIEWS
 from imgclf.data.datasets import make_loader
+from imgclf.data.pipeline import drops_lone_sample
 from imgclf.data.transforms import resolve_augment
 from imgclf.runtime import Compute
 
@@ -75,6 +76,9 @@ def extract_features(backbone: nn.Module, loader: DataLoader, compute: Compute, 
     return TensorDataset(torch.cat(feats), torch.cat(targets), torch.cat(positions))
 
 
-def feature_loader(features: TensorDataset, batch_size: int, shuffle: bool,
-                   generator: torch.Generator | None = None, sampler=None) -> DataLoader:
-    return make_loader(features, batch_size, shuffle=shuffle, sampler=sampler, generator=generator, workers=0)
+def feature_loader(features: TensorDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+                   sampler=None, trains_batchnorm: bool = False) -> DataLoader:
+    """Batches of cached feature rows; a last row alone is left out (and said) where the head's BatchNorm trains."""
+    count = len(sampler) if sampler is not None else len(features)
+    return make_loader(features, batch_size, shuffle=shuffle, sampler=sampler, generator=generator, workers=0,
+                       drop_last=drops_lone_sample(count, batch_size, trains_batchnorm, "feature rows"))

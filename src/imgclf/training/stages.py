@@ -30,7 +30,7 @@ from imgclf.evaluation.evaluate import predict_probs
 from imgclf.evaluation.metrics import compute_metrics, validation_row
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger, is_main_process
-from imgclf.models.freeze import apply_freeze, backbone_is_frozen
+from imgclf.models.freeze import apply_freeze, backbone_is_frozen, trains_batchnorm
 from imgclf.models.networks import Classifier, Preprocess
 from imgclf.models.objective import Objective
 from imgclf.runtime import Compute, exact_fp32
@@ -201,7 +201,8 @@ class StageRunner:
     def _images(self, cfg: TrainConfig):
         sampler = self._sampler(self.prepared.index.subset("train").targets, cfg)
         loader = train_loader(self.prepared, self.config.augment, self.preprocess, rank_batch(self.ctx, cfg.batch_size),
-                              self.generator, self.compute.device, sampler, self.config.data.workers)
+                              self.generator, self.compute.device, sampler, self.config.data.workers,
+                              trains_batchnorm(self.model))
         val = eval_loader(self.prepared, "val", self.preprocess, self._eval_batch(cfg.batch_size),
                           self.config.data.workers)
         pre = self.preprocess
@@ -229,7 +230,8 @@ class StageRunner:
                                              self.config.data.workers))
             train_feats = extract_features(backbone, train_images, self.compute, views)
         loader = feature_loader(train_feats, rank_batch(self.ctx, cfg.batch_size), shuffle=True,
-                                generator=self.generator, sampler=self._sampler(train_feats.tensors[1].numpy(), cfg))
+                                generator=self.generator, sampler=self._sampler(train_feats.tensors[1].numpy(), cfg),
+                                trains_batchnorm=trains_batchnorm(self.model.head))
         head = HeadOnly(self.model.head)
         if self.ctx.distributed:
             sample = torch.zeros(2, *train_feats.tensors[0].shape[1:], device=self.compute.device)
