@@ -29,12 +29,24 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     ({"train": {"seed": 10**20}}, "train.seed"),  # overflowed inside torch, after the data was scanned
     ({"data": {"split_seed": 2**40}}, "data.split_seed"),
     ({"augment": {"brightness_range": [float("nan"), 1.0]}}, "brightness_range"),  # trained to a NaN loss
+    # YAML's on/yes/true: lax pydantic read them as 1 (lr 1, grayscale, 1 degree), silently
+    ({"train": {"lr": True}}, "lr: true: yes/no where a number is expected"),
+    ({"data": {"channels": True}}, "channels: true: yes/no"),
+    ({"augment": {"rotation_range": True}}, "rotation_range: true"),
+    ({"model": {"dense_layers": [True]}}, "dense_layers: [true]"),
+    ({"augment": {"brightness_range": [True, 2]}}, "brightness_range: [true, 2]"),
+    ({"stages": [{"name": "a", "epochs": True}]}, "epochs: true"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_setting(values, fragment):
     with pytest.raises(ConfigError) as err:
         build_config(values)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_yes_no_settings_still_take_yes_no_values():
+    cfg = build_config({"train": {"early_stopping": False, "feature_cache": True}, "model": {"pretrained": False}})
+    assert cfg.train.early_stopping is False and cfg.train.feature_cache is True
 
 
 def test_every_config_field_has_a_unique_cli_flag_with_help():

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgclf.config.booleans import yes_no_in_place_of_numbers
 from imgclf.errors import ConfigError
 
 
@@ -49,6 +50,15 @@ TYPED_SUFFIX = "_as_typed"  # a path field's form as the user typed it (informat
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ()  # stored absolute; what the user typed goes in <field>_as_typed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, values: Any) -> Any:
+        odd = yes_no_in_place_of_numbers(cls, values)
+        if odd:
+            raise ValueError(f"{'; '.join(odd)}: yes/no where a number is expected (YAML reads true, yes "
+                             "and on as yes/no); give the number")
+        return values
 
     @model_validator(mode="before")
     @classmethod
