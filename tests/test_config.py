@@ -1,4 +1,5 @@
 import argparse
+import logging
 
 import pytest
 import yaml
@@ -57,6 +58,21 @@ def test_every_config_field_has_a_unique_cli_flag_with_help():
     for required in ("--model", "--epochs", "--batch-size", "--lr", "--optimizer", "--image-size", "--channels",
                      "--augment", "--class-weight", "--seed", "--patience", "--no-early-stopping", "--out"):
         assert required in train_help
+
+
+def test_stage_flags_replacing_the_config_file_s_stages_are_said(tmp_path, caplog):
+    base = tmp_path / "stages.yaml"
+    base.write_text(yaml.safe_dump({"stages": [{"name": "head", "freeze": "backbone", "epochs": 2},
+                                               {"name": "all", "freeze": "none", "epochs": 2}]}))
+    args = build_parser().parse_args(["train", "--config", str(base), "--stage", "name=extra,freeze=last:1,epochs=1"])
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        cfg = config_from_args(args)
+    assert [stage.name for stage in cfg.stages] == ["extra"]
+    assert f"--stage replaces the 2 stage(s) of {base} (head, all)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        config_from_args(build_parser().parse_args(["train", "--stage", "name=extra,freeze=last:1,epochs=1"]))
+    assert "replaces" not in caplog.text  # no file stages: nothing was replaced
 
 
 def test_flags_override_the_config_file(tmp_path):

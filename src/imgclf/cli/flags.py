@@ -19,7 +19,10 @@ from typing import Any
 from imgclf.config import Config, build_config, cli_flag, config_fields, flag_name, load_config
 from imgclf.config.sections import TYPED_SUFFIX
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
 from imgclf.safeio import special_file_kind
+
+log = get_logger("flags")
 
 # What a person reads after a flag in --help: the kind of value, not the config's internal name.
 METAVARS = {"lr": "LR", "device": "DEVICE", "monitor": "METRIC", "freeze": "POLICY", "threshold": "RULE",
@@ -76,6 +79,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     and a default value it writes out (``lr: 0.001``) counts as given, as typing it would."""
     base = load_config(args.config).model_dump(exclude_unset=True) if getattr(args, "config", None) else {}
     if getattr(args, "stages", None):
+        if base.get("stages"):
+            log.warning("warning: --stage replaces the %d stage(s) of %s (%s): the run trains only the --stage "
+                        "ones; repeat --stage for each stage to keep", len(base["stages"]), args.config,
+                        ", ".join(str(stage.get("name", "?")) for stage in base["stages"]))
         base["stages"] = [parse_stage(text) for text in args.stages]
     for key, value in vars(args).items():
         if not key.startswith("cfg__"):
