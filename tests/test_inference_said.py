@@ -211,3 +211,25 @@ def test_members_naming_the_positive_class_that_others_leave_unset_agree(binary_
     naming(other, "cat")
     check_members([first, other])
     assert "positive class dog" in caplog.text and "positive class cat" in caplog.text
+
+
+@pytest.mark.parametrize(("row", "fragment"), [
+    ("/etc/passwd,cat,cat,0.9,0.9,0.1", "'/etc/passwd' is not an image of the split"),  # was scored as test, n=1
+    ("{path},cat,cat,0.9,7.5,-6.5", "line 2: the probabilities are not each in 0..1 summing to 1"),  # a traceback
+    ("{path},{other},cat,0.9,0.9,0.1", "is labelled"),
+])
+def test_choosing_a_threshold_again_refuses_saved_predictions_that_are_not_the_split_s(binary_runs, tmp_path, row,
+                                                                                     fragment):
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    saved = Predictions.from_csv(run / "predictions_test.csv")
+    true = saved.classes[saved.true[0]]
+    tampered = row.format(path=saved.paths[0], other=next(c for c in saved.classes if c != true))
+    if "{other}" not in row:
+        tampered = tampered.replace(",cat,cat,", f",{true},{true},", 1)
+    header = (run / "predictions_test.csv").read_text().splitlines()[0]
+    (run / "predictions_test.csv").write_text(f"{header}\n{tampered}\n")
+    threshold_before = (run / "threshold.json").read_bytes()
+    result = run_main("evaluate", str(run), "--split", "val", "--threshold", "youden")
+    assert_clean_error(result, "predictions_test.csv", fragment)
+    assert (run / "threshold.json").read_bytes() == threshold_before  # refused before anything was written

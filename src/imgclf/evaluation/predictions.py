@@ -103,6 +103,8 @@ class Predictions:
                 rows.append(np.array([float(row[k]) for k in columns]))
                 if not np.isfinite(rows[-1]).all():
                     raise ValueError("a probability is not a finite number")
+                if rows[-1].min() < 0 or rows[-1].max() > 1 or abs(rows[-1].sum() - 1) > 1e-3:
+                    raise ValueError("the probabilities are not each in 0..1 summing to 1")
                 true.append(lookup[row[at["true_label"]]] if "true_label" in at else -1)
                 decided.append(lookup[row[at["predicted_label"]]])
                 paths.append(row[at["path"]])

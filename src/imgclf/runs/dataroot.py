@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imgclf.data.index import SPLITS, DatasetIndex
 from imgclf.errors import DataError, RunDirError
+from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.runs import files as runfiles
 
@@ -55,3 +56,18 @@ def read_split(path: Path, root: Path, classes: list[str], counted: int, reroote
         raise DataError(f"--data {root}: {path} lists its images by absolute path (e.g. {fixed}), as cv's folds and "
                         "CSVs of absolute paths do, so they cannot be read under another folder; drop --data")
     return index
+
+
+def check_saved_predictions(preds: Predictions, split: DatasetIndex, path: Path) -> Predictions:
+    """A run's predictions_<split>.csv (not sealed: evaluate rewrites it) as scoring reads it again: each row
+    one of the split's images, once, with the split's label; a file of other rows is one line, not scores."""
+    labels = dict(zip(split.paths, split.labels, strict=True))
+    seen: set[str] = set()
+    for line, (image, true) in enumerate(zip(preds.paths, preds.true, strict=True), start=2):
+        if labels.get(image) is None or image in seen or (true >= 0 and preds.classes[true] != labels[image]):
+            why = ("twice" if image in seen else "not an image of the split" if image not in labels
+                   else f"labelled {preds.classes[true]!r}, the split says {labels[image]!r}")
+            raise RunDirError(f"{path}, line {line}: {image!r} is {why} (split.csv); re-run imgclf evaluate "
+                              f"RUN --split {path.stem.removeprefix('predictions_')} to write it again")
+        seen.add(image)
+    return preds

@@ -246,8 +246,12 @@ class NetworkRun:
             data = self.metrics.get("val", {}).get("data")
         if rule != "argmax" and len(self.classes) != 2:
             raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
-        val = val if val is not None else Predictions.from_csv(self.path / "predictions_val.csv", self.classes)
+        split = self.index()
+        val = val if val is not None else self._saved(split, "val")
         value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
+        scored = self.metrics  # read once: scoring one split leaves the others' entries as they are
+        saved = {name: self._saved(split, name) for name in ("train", "test")  # all read before anything is written
+                 if name in scored and (self.path / f"predictions_{name}.csv").is_file()}
         path = self.path / THRESHOLD_FILE
         if value is None:
             path.unlink(missing_ok=True)
@@ -256,18 +260,14 @@ class NetworkRun:
                                      "chosen_on": "val"})
         manifest.reseal(self.path, THRESHOLD_FILE)
         self.score(val, "val", data=data)
-        self._redecide_saved(("train", "test"))
+        for name, preds in saved.items():  # decided again at the new threshold from their saved probabilities (no
+            # image read again), so that no split's metrics stay at a threshold the run no longer decides by
+            self.score(preds, name, scored[name].get("tta"), scored[name].get("data"))
         return value
 
-    def _redecide_saved(self, splits: tuple[str, ...]) -> None:
-        """Splits scored before, decided again at the new threshold from their saved probabilities (no image is
-        read again), so that no split's metrics stay at a threshold the run no longer decides by."""
-        scored = self.metrics  # read once: scoring one split leaves the others' entries as they are
-        for split in splits:
-            path = self.path / f"predictions_{split}.csv"
-            if split in scored and path.is_file():
-                self.score(Predictions.from_csv(path, self.classes), split, scored[split].get("tta"),
-                           scored[split].get("data"))
+    def _saved(self, split: DatasetIndex, name: str) -> Predictions:
+        path = self.path / f"predictions_{name}.csv"
+        return dataroot.check_saved_predictions(Predictions.from_csv(path, self.classes), split.subset(name), path)
 
     def predict(self, inputs: list[str | Path], out: str | Path | None = None, skip_bad_images: bool = False,
                 batch_size: int | None = None, tta: str | None = None) -> Predictions:
