@@ -3,10 +3,12 @@ classical head (it scored the untrained linear layer), a threshold is never chos
 average, scores under another --tta record it, a majority vote says it drops members' thresholds, model-info
 says what a classical head classifies with, serve's pixel limit cannot exceed what Pillow decodes."""
 
+import csv
 import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 
 import imgclf
@@ -233,3 +235,18 @@ def test_choosing_a_threshold_again_refuses_saved_predictions_that_are_not_the_s
     result = run_main("evaluate", str(run), "--split", "val", "--threshold", "youden")
     assert_clean_error(result, "predictions_test.csv", fragment)
     assert (run / "threshold.json").read_bytes() == threshold_before  # refused before anything was written
+
+
+def test_predict_under_a_threshold_writes_the_decided_class_s_confidence_and_says_the_threshold(binary_runs,
+                                                                                               tmp_path):
+    run = binary_runs[0][0]
+    out = tmp_path / "p.csv"
+    result = run_main("predict", str(run.path), str(run.index().root), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"where its probability is at least {run.threshold:.4f} (max_f1, chosen on val)" in result.stdout
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(float(r["confidence"]) == float(r[f"prob_{r['predicted_label']}"]) for r in rows)
+    # it was the larger probability: decided 'dog' at 0.3 below a threshold of 0.25, it said cat's 0.7
+    Predictions(["a.png"], ["cat", "dog"], np.array([-1]), np.array([[0.7, 0.3]])).at_threshold(0.25, 1).to_csv(out)
+    assert out.read_text().splitlines()[1] == "a.png,dog,0.3,0.7,0.3"

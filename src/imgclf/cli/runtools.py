@@ -83,6 +83,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     preds.to_csv(Path(args.out))
     counts = {c: int((preds.pred == i).sum()) for i, c in enumerate(preds.classes)}
     print(f"predicted {len(preds.paths)} images: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    if getattr(run, "threshold", None) is not None:
+        print(f"decided at the run's threshold: {run.classes[run.positive]} where its probability is at least "
+              f"{run.threshold:.4f} ({run.threshold_rule}, chosen on val); confidence is the decided class's")
     if preds.label_note:
         print(preds.label_note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
     print(f"wrote {args.out}")

@@ -63,7 +63,8 @@ class Predictions:
             out.writerow(head + [PROB_PREFIX + c for c in self.classes])
             for i, p in enumerate(self.paths):
                 row = [p, *([self.classes[self.true[i]]] if labelled else []), self.classes[self.pred[i]]]
-                out.writerow(row + [repr(float(self.confidence[i]))] + [repr(float(v)) for v in self.probs[i]])
+                chosen = self.probs[i, self.pred[i]]  # the decided class's, which a threshold can make the lesser
+                out.writerow(row + [repr(float(chosen))] + [repr(float(v)) for v in self.probs[i]])
 
         atomic.write_with(path, write)
 
