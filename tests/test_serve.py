@@ -237,6 +237,8 @@ def test_bad_requests_get_a_json_error_and_never_stop_the_server(client):
         assert response.status_code == 422 and "error" in response.json(), query
     unknown = client.post("/v1/predict?topk=1&tta=flip", files={"file": ("a.png", good)}).json()["error"]
     assert "unknown query parameter(s) topk, tta: /v1/predict takes top_k and explain" in unknown
+    twice = client.post("/v1/predict?top_k=1&explain=true&explain=false", files={"file": ("a.png", good)})
+    assert twice.status_code == 422 and "explain given more than once" in twice.json()["error"]  # the last won
     assert client.get("/v1/predict").status_code == 405 and "error" in client.get("/v1/predict").json()
     assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
     assert client.get("/healthz").status_code == 200  # still up, and still answering

@@ -152,6 +152,9 @@ def query_options(request, classes: int) -> tuple[int, bool]:
     if unknown:
         raise UploadError(422, f"unknown query parameter(s) {', '.join(unknown)}: /v1/predict takes "
                                f"{' and '.join(QUERY_PARAMETERS)}; its threshold and test-time views are the run's")
+    twice = sorted(name for name in QUERY_PARAMETERS if len(request.query_params.getlist(name)) > 1)
+    if twice:
+        raise UploadError(422, f"query parameter(s) {', '.join(twice)} given more than once: give each once")
     raw_k = request.query_params.get("top_k")
     try:
         top_k = default_top_k(classes) if raw_k is None else int(raw_k)
