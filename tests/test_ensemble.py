@@ -1,5 +1,7 @@
 import csv
+import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -275,3 +277,26 @@ def test_members_scored_otherwise_than_the_first_are_named(members, caplog, monk
         update={"bootstrap": 7})})
     check_members([first, other])
     assert f"the ensemble scores as {first.path} does" in caplog.text and "bootstrap 7" in caplog.text
+
+
+def test_a_member_replaced_or_changed_after_the_ensemble_was_made_is_refused(members, tmp_path, caplog, monkeypatch):
+    """ensemble.json kept only the members' paths: another run copied to a member's path was used without a word,
+    with the weights, threshold and metrics fitted on the old one."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(members[0].path, first)
+    shutil.copytree(members[1].path, second)
+    images = str(members[0].index().root)
+    ensemble = create_ensemble([first, second], tmp_path / "ens", "soft", evaluate_test=False)
+    assert len(load_run(ensemble.path).predict([images]).paths) > 0  # as made: it predicts
+    shutil.rmtree(second)
+    shutil.copytree(members[2].path, second)  # another run, same classes and split, at the member's path
+    with pytest.raises(RunDirError, match=f"ensemble member {second} changed since the ensemble was made"):
+        load_run(ensemble.path).predict([images])
+    spec = json.loads((ensemble.path / "ensemble.json").read_text())
+    spec.pop("member_seals")  # an ensemble made before the seals were recorded: still opens, and says so
+    (ensemble.path / "ensemble.json").write_text(json.dumps(spec))
+    assert main(["seal", str(ensemble.path)]) == 0
+    monkeypatch.setattr(logging.getLogger("imgclf"), "propagate", True)  # main() set its own handler
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert len(load_run(ensemble.path).members) == 2
+    assert "was made before imgclf recorded its members' seals" in caplog.text

@@ -17,13 +17,16 @@ import numpy as np
 
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
 from imgclf.runs import files as runfiles
+from imgclf.runs import manifest
 from imgclf.runs.base import Run, load_run, register
 from imgclf.runs.files import MAX_MEMBERS
 from imgclf.runs.network import NetworkRun
 
 ENSEMBLE_FILE = "ensemble.json"
 METHODS = ("soft", "weighted", "majority")
+log = get_logger("ensemble")
 TIE_BREAK = 1e-6  # how much the mean probability counts in a majority vote: only to break ties
 
 
@@ -77,12 +80,27 @@ class EnsembleRun(NetworkRun):
             raise RunDirError(f"ensemble member {missing[0]} is gone; the ensemble needs its members' directories")
         check_listed_once([Path(p) for p in self.spec.members], f"{self.path / ENSEMBLE_FILE} lists")
         runs = [load_run(p, self.chain) for p in self.spec.members]
+        self._refuse_changed(runs)
         count_models(runs, f"ensemble {self.path}")
         odd = next((r for r in runs if r.classes != self.classes), None)
         if odd is not None:
             raise RunDirError(f"ensemble member {odd.path} has classes {odd.classes}, the ensemble {self.classes}; "
                               "re-create the ensemble")
         return runs
+
+    def _refuse_changed(self, runs: list[Run]) -> None:
+        """Each member as it was when the ensemble was made (its weights fitted, its test scored): a member
+        re-trained, re-sealed after an edit or replaced by another run at its path is refused, not used."""
+        if self.spec.member_seals is None:
+            log.warning("warning: ensemble %s was made before imgclf recorded its members' seals, so a changed or "
+                        "replaced member would not be noticed; re-create it to have them checked", self.path)
+            return
+        kept = self.spec.member_seals
+        changed = next((run for i, run in enumerate(runs)
+                        if i >= len(kept) or manifest.probability_seal(run.path) != kept[i]), None)
+        if changed is not None:
+            raise RunDirError(f"ensemble member {changed.path} changed since the ensemble was made (its sealed "
+                              "files differ); re-create the ensemble with imgclf ensemble")
 
     @property
     def model_count(self) -> int:

@@ -34,7 +34,6 @@ MAX_JSON_BYTES = 64 << 20
 CONFUSION_CELL_BYTES = 20  # a confusion-matrix count in indented JSON: "        1234,\n" is 14
 MAX_MEMBERS = 64
 FIX = "re-train, restore the file, or after a deliberate edit run 'imgclf seal RUN'"
-
 T = TypeVar("T")
 Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # an int is taken too (1 for 1.0), never NaN or inf
 Ratio = Annotated[StrictFloat, Field(ge=0, le=1 + 1e-9, allow_inf_nan=False)]  # a score in [0, 1] (rounding aside)
@@ -99,6 +98,7 @@ class EnsembleFile(_File):
     method: Literal["soft", "weighted", "majority"]
     weights: list[StrictFloat] | None = None
     fitted_on: Literal["val"] | None = None
+    member_seals: list[dict[str, str]] | None = Field(None, max_length=MAX_MEMBERS)  # manifest.probability_seal's
 
     @field_validator("weights")
     @classmethod

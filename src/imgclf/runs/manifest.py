@@ -98,6 +98,15 @@ def verify(run_dir: Path) -> None:
                               f"or if you edited it on purpose: imgclf seal {run_dir}")
 
 
+def probability_seal(run_dir: Path) -> dict[str, str]:
+    """The recorded hashes of the files that decide a run's probabilities (all sealed ones but its threshold,
+    which an ensemble does not use): what an ensemble keeps of each member, to notice one changed or replaced.
+    Empty for a run sealed before manifests existed."""
+    if not (run_dir / MANIFEST_FILE).is_file():
+        return {}
+    return {name: digest for name, digest in _recorded(run_dir).items() if name != "threshold.json"}
+
+
 def _recorded(run_dir: Path) -> dict[str, str]:
     path = run_dir / MANIFEST_FILE
     data = read_json(path)

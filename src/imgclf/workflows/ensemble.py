@@ -103,7 +103,8 @@ def create_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "
             raise ConfigError("weighted ensembles fit their weights on validation; the runs have no val split")
         weights = fit_weights([v.probs for v in val], val[0].true).tolist()
     atomic.write_json(out / ENSEMBLE_FILE, {"members": [str(r.path.resolve()) for r in runs], "method": method,
-                                            "weights": weights, "fitted_on": "val" if weights else None})
+                                            "weights": weights, "fitted_on": "val" if weights else None,
+                                            "member_seals": [manifest.probability_seal(r.path) for r in runs]})
     ensemble = EnsembleRun(out)
     if val:
         ensemble.choose_threshold(config.evaluate.threshold, ensemble.combined(val))
