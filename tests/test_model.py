@@ -153,6 +153,8 @@ def test_settings_the_model_ignores_are_named_in_a_warning(caplog):
     caplog.clear()
     check_input_size(ModelConfig(pre_logits=True), resolve_preprocess(ModelConfig(), 32, 3))
     assert "pre_logits applies to timm models" in caplog.text
+    with pytest.raises(ConfigError, match="simple_cnn has none: give rescale"):  # it rescaled without a word
+        check_input_size(ModelConfig(normalize="model"), resolve_preprocess(ModelConfig(), 32, 3))
 
 
 def test_a_too_small_image_names_the_smallest_that_fits():

@@ -284,3 +284,6 @@ def warn_unused(cfg: ModelConfig) -> None:
                     ", model.".join(conv), cfg.name)
     if cfg.name == SIMPLE_CNN and cfg.pre_logits:
         log.warning("warning: model.pre_logits applies to timm models; simple_cnn ignores it")
+    if cfg.name == SIMPLE_CNN and cfg.normalize == "model":  # it rescaled, silently
+        raise ConfigError("--normalize model takes a timm model's own mean and std; simple_cnn has none: give "
+                          "rescale (its default, x/255), imagenet or none")
