@@ -7,7 +7,9 @@ import yaml
 from imgclf.cli.flags import config_from_args, given_settings
 from imgclf.cli.parser import build_parser
 from imgclf.config import build_config, config_fields, config_to_yaml, flag_name, load_config
+from imgclf.config.run import MONITORS
 from imgclf.errors import ConfigError
+from imgclf.evaluation.metrics import validation_row
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
@@ -37,6 +39,7 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     ({"model": {"dense_layers": [True]}}, "dense_layers: [true]"),
     ({"augment": {"brightness_range": [True, 2]}}, "brightness_range: [true, 2]"),
     ({"stages": [{"name": "a", "epochs": True}]}, "epochs: true"),
+    ({"train": {"monitor": "val_acc"}}, "monitor 'val_acc' is not a validation metric; use one of val_loss, val_"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_setting(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -161,3 +164,9 @@ def test_a_config_file_gives_only_the_settings_it_writes(tmp_path):
     recorded = tmp_path / "config.yaml"  # a run's own record names every setting: its model is chosen
     recorded.write_text(config_to_yaml(build_config({"train": {"epochs": 2}, "versions": {"imgclf": "0.1"}})))
     assert not is_default_request(config_from_args(build_parser().parse_args(["train", "--config", str(recorded)])))
+
+
+def test_every_monitor_the_config_takes_is_a_column_validation_writes():
+    scores = dict.fromkeys(("log_loss", "accuracy", "balanced_accuracy", "precision_macro", "recall_macro",
+                            "f1_macro", "roc_auc_ovr"), 0.5)
+    assert set(MONITORS) == set(validation_row(scores))

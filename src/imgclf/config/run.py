@@ -34,6 +34,11 @@ MAX_TREES = 2000  # --head rf: safehead.MAX_SCHEMA_BYTES holds this many trees' 
 AUTO_VIEWS = 5  # augmented views cached per image when a frozen backbone meets augmentation (feature_views unset)
 
 
+# history.csv's validation columns (evaluation.metrics.validation_row), the names --monitor takes
+MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision_macro", "val_recall_macro",
+            "val_f1_macro", "val_auc")
+
+
 class TrainConfig(_Section):
     PATH_FIELDS = ("init_from",)
     epochs: int = Field(30, ge=1, description="maximum number of epochs")
@@ -197,8 +202,9 @@ class Config(_Section):
     def _fractions_fit(self) -> Config:
         if self.data.val_fraction + self.data.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1; lower one of them")
-        if self.train.monitor.startswith("train_"):
-            raise ValueError("monitor must be a validation metric (val_loss, val_accuracy, ...)")
+        if self.train.monitor not in MONITORS:  # it was found out after the first epoch, the run folder made
+            raise ValueError(f"monitor {self.train.monitor!r} is not a validation metric; use one of "
+                             f"{', '.join(MONITORS)}")
         if self.train.init_from and self.model.weights:
             raise ValueError("init_from and weights are both set: --init-from loads a whole trained run, which "
                              "would replace the --weights file; pass one of them")
