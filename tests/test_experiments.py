@@ -13,6 +13,7 @@ import imgclf.workflows.grid
 import imgclf.workflows.summary
 from clitools import assert_clean_error
 from clitools import run_main as run_cli
+from imgclf.config.stages import resolve_stages
 from imgclf.data.audit import predefined_folds
 from imgclf.errors import ConfigError, DataError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics
@@ -241,6 +242,10 @@ def test_a_grid_axis_that_a_stage_sets_for_itself_is_an_error(tmp_path, pool_dat
                      "--out", tmp_path / "cli", timeout=120)
     assert_clean_error(result, "--param batch-size: stage 0 (a) sets its own batch_size=4")
     assert not (tmp_path / "cli" / "trials").exists()
+    # the default transfer recipe shares --epochs out between its stages: an epochs axis reaches them (was refused)
+    recipe = tiny_config(pool_dataset, tmp_path / "r", model={"name": "tf_efficientnet_lite0", "pretrained": True})
+    trials = trial_configs(recipe, parse_params(["epochs=2,4"]), tmp_path / "r")
+    assert [sum(s.epochs for _, s in resolve_stages(c)) for _, _, c in trials] == [2, 4]
 
 
 def test_a_grid_of_coupled_optimizer_settings_runs_each_pair(tmp_path, pool_dataset):

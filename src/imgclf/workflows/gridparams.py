@@ -247,7 +247,10 @@ def check_reaches_stages(trial: Config, params: dict[str, Any]) -> None:
         if target.section != "train" or target.name not in StageConfig.model_fields:
             continue
         wanted = getattr(trial.train, target.name)
-        for position, (name, cfg) in enumerate(resolve_stages(trial)):
+        stages = resolve_stages(trial)
+        if recipe and target.name == "epochs" and sum(cfg.epochs for _, cfg in stages) == wanted:
+            continue  # the recipe shares the epochs out between its stages: the axis reaches them as their total
+        for position, (name, cfg) in enumerate(stages):
             if getattr(cfg, target.name) != wanted:
                 fix = (f"vary stages.{position}.{target.name} instead, or remove {target.name} from that stage"
                        if trial.stages else "give the stages yourself (--stage or stages:) and vary "
