@@ -11,7 +11,7 @@ import pytest
 
 import imgclf
 from imgclf.config import build_config
-from imgclf.config.stages import recipe_overrides
+from imgclf.config.stages import recipe_overrides, resolve_stages
 from imgclf.data.index import build_index
 from imgclf.errors import DataError, RunDirError
 from imgclf.evaluation.predictions import Predictions
@@ -122,6 +122,20 @@ def test_a_setting_every_stage_replaces_is_said_only_when_a_stage_differs():
     assert any("--lr 0.001 reaches no stage" in line for line in unused_settings(config, [("a", config.train)]))
     same = build_config({"train": {"lr": 0.01}, "stages": [{"name": "a", "lr": 0.01}]})
     assert not any("reaches no stage" in line for line in unused_settings(same, [("a", same.train)]))
+
+
+def test_a_stage_s_own_setting_it_cannot_read_is_said_even_where_another_stage_reads_that_setting():
+    """Both were silent: the run-wide checks warn only when no stage at all reads the setting."""
+    stages = [{"name": "head", "freeze": "backbone", "backbone_lr_mult": 0.1},
+              {"name": "all", "freeze": "none", "feature_views": 3, "feature_cache": False}]
+    config = build_config({"model": {"name": "resnet18"}, "stages": stages})
+    lines = unused_settings(config, resolve_stages(config))
+    assert "warning: stage head: backbone_lr_mult=0.1 has no effect: the stage freezes the backbone" in lines
+    assert ("warning: stage all: feature_views=3 and feature_cache=False has no effect: the stage trains the backbone "
+            "(none), and only a frozen backbone's features are cached") in lines
+    read = build_config({"model": {"name": "resnet18"}, "stages": [{**stages[0], "backbone_lr_mult": 1.0,
+                                                                     "feature_views": 3}, {"name": "all"}]})
+    assert not any("stage head" in line or "stage all" in line for line in unused_settings(read, resolve_stages(read)))
 
 
 def test_min_delta_without_a_best_epoch_to_pick_is_said():

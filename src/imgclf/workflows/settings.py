@@ -105,6 +105,7 @@ def unused_settings(config: Config, stages: list[tuple[str, TrainConfig]]) -> li
         lines.append(f"warning: backbone_lr_mult={', '.join(sorted(mults))} has no effect: the backbone is frozen "
                      "in every stage")
     lines += [f"warning: {what}" for what in _overridden_by_stages(config) + _augment_unused(config.augment)]
+    lines += [f"warning: {what}" for what in _own_stage_settings_unused(config, stages)]
     if config.train.sampler == "weighted" and config.train.class_weight == "balanced":
         lines.append("warning: --sampler weighted and --class-weight balanced both balance the classes: rare "
                      "classes are drawn as often as common ones and weigh more in the loss as well; keep one")
@@ -145,6 +146,26 @@ def _cache_unused(stages: list[tuple[str, TrainConfig]]) -> list[str]:
            else "every layer trains in every stage")
     return [f"{' and '.join(sorted(given))} has no effect: {why}, and only a frozen backbone's features are "
             "cached"] if given else []
+
+
+def _own_stage_settings_unused(config: Config, stages: list[tuple[str, TrainConfig]]) -> list[str]:
+    """A setting a stage gives itself that this stage cannot read, where another stage reads it (the checks
+    above look at the stages together: there, one stage that reads a setting is enough)."""
+    resolved, lines = dict(stages), []
+    some_frozen = any(cfg.freeze == "backbone" or cfg.freeze.startswith("regex:") for _, cfg in stages)
+    some_training = any(cfg.freeze != "backbone" for _, cfg in stages)
+    for stage in config.stages:
+        own, cfg = stage.model_dump(exclude_none=True), resolved.get(stage.name)
+        if cfg is None:
+            continue
+        if cfg.freeze == "backbone" and own.get("backbone_lr_mult", 1) != 1 and some_training:
+            lines.append(f"stage {stage.name}: backbone_lr_mult={own['backbone_lr_mult']:g} has no effect: the stage "
+                         "freezes the backbone")
+        given = [f"{key}={own[key]}" for key in ("feature_views", "feature_cache") if key in own]
+        if given and some_frozen and not (cfg.freeze == "backbone" or cfg.freeze.startswith("regex:")):
+            lines.append(f"stage {stage.name}: {' and '.join(given)} has no effect: the stage trains the backbone "
+                         f"({cfg.freeze}), and only a frozen backbone's features are cached")
+    return lines
 
 
 def _overridden_by_stages(config: Config) -> list[str]:
