@@ -184,6 +184,7 @@ def test_the_cache_command_lists_prunes_and_clears(tmp_path, capsys, monkeypatch
     one = scan(cache).entries[0].size
     code, out, _ = cli(capsys, "cache", "--dir", cache, "--prune", "--max-gb", 1.5 * one / 1e9)
     assert code == 0 and "removed 1 entry" in out and keys(cache) == {b}
+    assert "to reach --max-gb" in out and "(this once: the cache's own limit is below)" in out  # then 20 GB
     monkeypatch.setenv("IMGCLF_CACHE_DIR", str(cache))
     code, out, _ = cli(capsys, "cache", "--clear")
     assert code == 0 and "removed 1 entry" in out and keys(cache) == set() and "0 entries" in out

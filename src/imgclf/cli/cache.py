@@ -38,8 +38,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         target = 0.0 if args.clear else args.max_gb * 1e9 if args.max_gb is not None else float(limit)
         result = prune(folder, target)
         freed = sum(e.size for e in result.removed)
+        once = f" to reach --max-gb {args.max_gb:g} (this once: the cache's own limit is below)" if (
+            args.max_gb is not None and not args.clear) else ""
         print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} "
-              f"({size_text(freed)}) and {result.orphans} temporary file(s) left by killed writers")
+              f"({size_text(freed)}) and {result.orphans} temporary file(s) left by killed writers{once}")
         if result.size > target:
             print(f"{size_text(result.size)} stay: entries a process is using or building, or that cannot be removed")
     _print_contents(folder, limit)

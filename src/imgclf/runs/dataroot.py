@@ -26,7 +26,7 @@ def split_root(dataset: runfiles.DatasetFile, data_root: str | Path | None) -> P
         raise RunDirError(f"dataset folder {root} is gone; pass --data NEW_LOCATION")
     if foreign_root(dataset, data_root) and Path(dataset.root).is_dir():
         log.warning("warning: --data %s: the run's own dataset folder %s is still there; the split's images are "
-                    "read under %s instead, and metrics.json records it", root, dataset.root, root)
+                    "read under %s instead", root, dataset.root, root)
     return root
 
 
