@@ -244,9 +244,26 @@ def test_predict_under_a_threshold_writes_the_decided_class_s_confidence_and_say
     result = run_main("predict", str(run.path), str(run.index().root), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"where its probability is at least {run.threshold:.4f} (max_f1, chosen on val)" in result.stdout
+    assert "threshold was chosen" not in result.stderr
+    flipped = run_main("predict", str(run.path), str(run.index().root), "--out", str(out), "--overwrite", "--tta",
+                       "flip")
+    assert "warning: --tta flip: the threshold was chosen on the run's own validation probabilities" in flipped.stderr
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert all(float(r["confidence"]) == float(r[f"prob_{r['predicted_label']}"]) for r in rows)
     # it was the larger probability: decided 'dog' at 0.3 below a threshold of 0.25, it said cat's 0.7
     Predictions(["a.png"], ["cat", "dog"], np.array([-1]), np.array([[0.7, 0.3]])).at_threshold(0.25, 1).to_csv(out)
     assert out.read_text().splitlines()[1] == "a.png,dog,0.3,0.7,0.3"
+
+
+def test_predict_and_features_never_overwrite_a_file_of_the_run(binary_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    images = str(binary_runs[0][0].index().root)
+    before = (run / "config.yaml").read_bytes()
+    for command in (["predict", str(run), images], ["features", str(run)]):
+        for name in ("config.yaml", "predictions_test.csv"):
+            result = run_main(*command, "--out", str(run / name), "--overwrite")
+            assert_clean_error(result, f"--out {run / name} is the run's own file")
+    assert (run / "config.yaml").read_bytes() == before  # it was replaced with --overwrite
+    assert run_main("predict", str(run), images, "--out", str(run / "mine.csv")).returncode == 0  # the user's name

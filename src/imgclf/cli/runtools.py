@@ -11,6 +11,7 @@ from imgclf.cli.flags import config_from_args, format_metrics, given_settings, p
 from imgclf.config import cli_flag
 from imgclf.config.stages import resolve_stages
 from imgclf.errors import ConfigError
+from imgclf.logs import get_logger
 from imgclf.models.networks import build_model, check_input_size, resolve_preprocess
 from imgclf.models.summary import describe_model
 from imgclf.reporting.compare import compare_runs, format_side_by_side
@@ -18,12 +19,15 @@ from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.files import MAX_CLASSES
+from imgclf.runs.manifest import INCOMPLETE, MANIFEST_FILE, SEALED
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, serve
 from imgclf.workflows.embeddings import write_features
 from imgclf.workflows.ensemble import create_ensemble
 from imgclf.workflows.settings import warn_replaced_settings
+
+log = get_logger("cli")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -69,7 +73,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_run_file(out: Path, run: Path) -> None:
+    """--overwrite is for the user's own file, never one of the run's (it replaced a sealed config.yaml)."""
+    written = (*SEALED, MANIFEST_FILE, INCOMPLETE, "metrics.json", "history.csv", "report.html", "summary.md")
+    owned = out.name in written or (out.name.startswith("predictions_") and out.name.endswith(".csv"))
+    if owned and run.is_dir() and out.parent.resolve() == run.resolve():
+        raise ConfigError(f"--out {out} is the run's own file; write to another path (e.g. predictions.csv)")
+
+
 def cmd_features(args: argparse.Namespace) -> int:
+    refuse_run_file(Path(args.out), Path(args.source))
     result = write_features(args.source, args.data, args.out, args.image_size, args.channels, args.pretrained,
                             args.weights, args.batch_size)
     print(f"wrote {result['images']} embeddings of dimension {result['dim']} to {result['out']}")
@@ -77,6 +90,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    refuse_run_file(Path(args.out), Path(args.run))
     run = load_run(args.run)
     predict = partial(predict_with_onnx, run) if args.engine == "onnx" else run.predict
     preds = predict(args.inputs, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size, tta=args.tta)
@@ -86,6 +100,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if getattr(run, "threshold", None) is not None:
         print(f"decided at the run's threshold: {run.classes[run.positive]} where its probability is at least "
               f"{run.threshold:.4f} ({run.threshold_rule}, chosen on val); confidence is the decided class's")
+        if not run.is_own_tta(args.tta):
+            log.warning("warning: --tta %s: the threshold was chosen on the run's own validation probabilities (tta "
+                        "%s); these are %s-averaged", args.tta, run.config.evaluate.tta, args.tta)
     if preds.label_note:
         print(preds.label_note + (f" (accuracy {(preds.pred == preds.true).mean():.4f})" if preds.has_labels else ""))
     print(f"wrote {args.out}")
