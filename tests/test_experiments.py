@@ -2,7 +2,9 @@
 
 import csv
 import json
+import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -23,7 +25,7 @@ from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.grid import grid_search, parse_params, trial_configs
 
 from conftest import tiny_config
-from imagefactory import make_grouped_csv, make_split_folders
+from imagefactory import make_class_folders, make_grouped_csv, make_split_folders
 
 
 def read(path):
@@ -72,6 +74,47 @@ def test_predefined_fold_folders(tmp_path):
     split = read(tmp_path / "cv" / "fold_1" / "split.csv")
     assert sum(r["split"] == "test" for r in split) == 6 and all("valid" not in r["path"] or r["split"] == "val"
                                                                   for r in split)
+
+
+def test_fold_folders_of_class_folders_test_each_fold_on_its_own_images_and_train_on_the_others(tmp_path, caplog):
+    """A notebook's Fold0..Fold9 of class folders: each fold folder was split alone at random and tested on a third
+    of itself (9 of 36 images scored out of fold). The folders numbered 1, 2, 4 are said in their runs' order."""
+    for number in (1, 2, 4):
+        make_class_folders(tmp_path / "data" / f"Fold{number}", per_class=4, seed=number)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        result = cross_validate(tiny_config(tmp_path / "data", tmp_path / "cv", train={"epochs": 1}))
+    assert "numbered 1, 2, 4, not 0..2: their runs are fold_0..fold_2 in that order (fold_0 = Fold1" in caplog.text
+    for i, number in enumerate((1, 2, 4)):
+        split = read(tmp_path / "cv" / f"fold_{i}" / "split.csv")
+        tested = {r["path"] for r in split if r["split"] == "test"}
+        assert len(tested) == 12 and all(f"/Fold{number}/" in p for p in tested)
+        assert not any(f"/Fold{number}/" in r["path"] for r in split if r["split"] != "test")
+    assert result["oof"]["n"] == 36  # every image once
+
+
+@pytest.mark.parametrize(("broken", "fragment"), [
+    ("no_test", "fold folder {root}/Fold1 has no test images"),
+    ("one_class_fewer", "fold folders Fold0 and Fold1 have different classes"),
+    ("mixed", "{root}/Fold1: class folders, where the other fold folders"),
+])
+def test_fold_folders_of_splits_are_checked_before_any_fold_trains(tmp_path, broken, fragment):
+    """Both ended after every fold had trained: 'predictions_test.csv does not exist', 'folds have different
+    classes', with folds.csv and summary.csv written."""
+    root = tmp_path / "data"
+    for i in range(3):
+        splits = {"train": 5, "valid": 2, "test": 2}
+        classes = None
+        if i == 1 and broken == "no_test":
+            splits.pop("test")
+        if i == 1 and broken == "one_class_fewer":
+            classes = ["left bar", "right bar"]
+        if i == 1 and broken == "mixed":
+            make_class_folders(root / "Fold1", per_class=4)
+            continue
+        make_split_folders(root / f"Fold{i}", splits, classes, seed=i)
+    with pytest.raises(DataError, match=re.escape(fragment.format(root=root))):
+        cross_validate(tiny_config(root, tmp_path / "cv", train={"epochs": 1}))
+    assert not (tmp_path / "cv").exists()
 
 
 def test_group_kfold_keeps_a_patient_in_one_fold(tmp_path):

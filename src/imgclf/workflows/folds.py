@@ -20,6 +20,7 @@ from imgclf.config import Config
 from imgclf.data.audit import predefined_folds
 from imgclf.data.groups import read_groups
 from imgclf.data.index import detect_layout, scan_rows
+from imgclf.data.scan import FOLD_DIR
 from imgclf.errors import ConfigError, DataError
 from imgclf.logs import get_logger
 from imgclf.safeio import printable
@@ -54,6 +55,11 @@ def plan_folds(config: Config, folds: int | None) -> FoldPlan:
     predefined = predefined_folds(root)
     if predefined:
         _check_predefined(root, predefined, folds, group_column, config.data.layout)
+        _say_numbering(predefined)
+        layouts = {fold: detect_layout(fold) for fold in predefined}
+        if set(layouts.values()) == {"class_folders"}:  # FoldK/<class>/: fold K is tested, the others train
+            return _across_fold_folders(root, predefined)
+        _check_split_fold_folders(root, layouts)
         return FoldPlan(predefined)
     if folds is not None and folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
@@ -146,3 +152,51 @@ def _check_predefined(root: Path, predefined: list[Path], folds: int | None, gro
     if asked:
         raise ConfigError(f"{' and '.join(asked)}: {root} has its own {len(predefined)} folds ({predefined[0].name}.."
                           f"{predefined[-1].name}), which decide the splits; drop {'them' if len(asked) > 1 else 'it'}")
+
+
+def _across_fold_folders(root: Path, folders: list[Path]) -> FoldPlan:
+    """Fold folders of class folders: each fold's run tests on its folder's images and trains on the other
+    folders' (its val drawn from those), as a notebook's Fold0..Fold9 cross-validation does. It split each
+    folder alone at random and tested on a third of it."""
+    paths, labels, tests = [], [], []
+    for folder in folders:
+        rows = scan_rows(folder, "class_folders")
+        tests.append(np.arange(len(paths), len(paths) + len(rows)))
+        paths += [str(folder / p) for p, _, _ in rows]
+        labels += [label for _, label, _ in rows]
+    _check_data(root, paths, labels, len(folders))
+    empty = next((f for f, test in zip(folders, tests, strict=True) if not len(test)), None)
+    if empty is not None:
+        raise DataError(f"fold folder {empty} holds no images; its fold would test none: fill or remove it")
+    log.info("cv: %d fold folders of class folders: each fold tests its folder's images and trains on the others'",
+             len(folders))
+    return FoldPlan([], paths, labels, tests)
+
+
+def _check_split_fold_folders(root: Path, layouts: dict[Path, str]) -> None:
+    """Fold folders of train/val/test folders: each one with a test split and the same classes, or the runs
+    fail after training (a fold without test ended in 'predictions_test.csv does not exist')."""
+    if set(layouts.values()) != {"split_folders"}:
+        odd = next(f for f, kind in layouts.items() if kind != "split_folders")
+        raise DataError(f"{odd}: {layouts[odd].replace('_', ' ')}, where the other fold folders of {root} hold "
+                        "train/val/test folders; give every fold folder the same layout")
+    classes = {}
+    for fold in layouts:
+        rows = scan_rows(fold, "split_folders")
+        if not any(split == "test" for _, _, split in rows):
+            raise DataError(f"fold folder {fold} has no test images: each fold is scored on its own test folder")
+        classes[fold] = sorted({label for _, label, _ in rows})
+    first, *rest = layouts
+    odd = next((f for f in rest if classes[f] != classes[first]), None)
+    if odd is not None:
+        raise DataError(f"fold folders {first.name} and {odd.name} have different classes ({', '.join(classes[first])} "
+                        f"/ {', '.join(classes[odd])}); every fold needs the same classes")
+
+
+def _say_numbering(folders: list[Path]) -> None:
+    """The runs are fold_0..fold_<K-1> in the folders' order: said where the folders' own numbers differ."""
+    numbers = [int(FOLD_DIR.match(folder.name).group(1)) for folder in folders]
+    if numbers != list(range(len(numbers))):
+        log.warning("warning: the fold folders are numbered %s, not 0..%d: their runs are fold_0..fold_%d in that "
+                    "order (%s)", ", ".join(map(str, numbers)), len(numbers) - 1, len(numbers) - 1,
+                    ", ".join(f"fold_{i} = {f.name}" for i, f in enumerate(folders)))
