@@ -3,6 +3,7 @@ Kaggle's Training/Testing are splits, split-like class folders and loose images 
 and a file decodes by its format, not its content (16-bit PGM, PNG transparency)."""
 
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_class_names_that_differ_only_in_case_are_said(tmp_path, logged):
     data = make_class_folders(tmp_path / "data", 4, classes=["Cat", "cat", "dog"])
     assert index_of(data).classes == ("Cat", "cat", "dog")
     assert "classes 'Cat', 'cat' differ only in letter case" in logged.text
+    logged.clear()  # one folder typed with a composed é, the other with e and a combining accent: they print alike
+    composed, decomposed = "\u00e9l\u00e9phant", "e\u0301le\u0301phant"
+    data = make_class_folders(tmp_path / "accents", 4, classes=[composed, decomposed, "dog"])
+    assert len(index_of(data).classes) == 3
+    assert f"classes {decomposed!a}, {composed!a} differ only in letter case, accents' Unicode" in logged.text
 
 
 @pytest.mark.parametrize("label,said", [("cat\nINJECT: a forged line", "holds a control character"),
@@ -168,7 +174,7 @@ def test_grouped_splits_say_the_shares_they_took_and_refuse_what_they_cannot_do(
         DataConfig(path=str(csv_path), group_column="Label")  # every class one group: nothing to stratify
     rows = csv_path.read_text().splitlines()  # a second path column: the scan reads one, the groups another
     csv_path.write_text("\n".join([rows[0] + ",PATH"] + [f"{r},{r.split(',')[0]}" for r in rows[1:]]))
-    with pytest.raises(DataError, match="has 2 path columns \\(path, PATH\\); keep one"):
+    with pytest.raises(DataError, match="the header names column.s. path twice; keep one of each"):
         index_of(csv_path, group_column="patient_id")  # was a KeyError's traceback
     csv_path.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," for r in rows[1:3]] + rows[3:]))
     index_of(csv_path, group_column="patient_id")
@@ -202,3 +208,23 @@ def test_nearest_interpolation_of_a_jpeg_picks_pixels_and_does_not_average_them(
     nearest = load_image(tmp_path / "board.jpg", 16, 1, "nearest")
     assert ((nearest < 40) | (nearest > 215)).all()  # pixels picked, black or white (the DCT draft gives ~128)
     assert 90 < load_image(tmp_path / "board.jpg", 16, 1, "bilinear").mean() < 165
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda lines: ["path,label,label", *(f"{row},other" for row in lines[1:])],
+     "the header names column(s) label twice; keep one of each"),  # the second label won
+    (lambda lines: ["path,label", *(f"{row},train" for row in lines[1:])],
+     ":2: 3 values, the header names 2 columns"),  # the split column was dropped: a random split instead
+])
+def test_a_csv_whose_rows_and_header_disagree_is_refused_not_read_in_part(tmp_path, edit, fragment):
+    labels = make_csv(tmp_path, 4, with_split=False)
+    labels.write_text("\n".join(edit(labels.read_text().splitlines())) + "\n")
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        index_of(labels)
+
+
+def test_pgm_images_in_class_folders_are_read_not_skipped_as_other_files(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=3)
+    for folder in data.iterdir():
+        Image.fromarray(np.full((8, 8), 300, np.uint16)).save(folder / "scan.pgm")
+    assert sum(p.endswith("scan.pgm") for p in index_of(data).paths) == 3

@@ -5,6 +5,7 @@ train does not read are said."""
 from __future__ import annotations
 
 import csv
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -38,12 +39,19 @@ def warn_split_like_classes(path: Path) -> None:
 
 
 def warn_case_twins(classes: tuple[str, ...]) -> None:
-    """Class names that differ only in letter case (``Cat``, ``cat``) are two classes: said."""
-    folded = Counter(name.casefold() for name in classes)
-    twins = [name for name in classes if folded[name.casefold()] > 1]
+    """Class names that differ only in letter case (``Cat``, ``cat``), in Unicode form (``é`` as one code point or
+    as ``e`` and an accent, which print alike) or in surrounding spaces are two classes: said, with the code
+    points where the names print alike."""
+    folded = Counter(_alike(name) for name in classes)
+    twins = [name for name in classes if folded[_alike(name)] > 1]
     if twins:
-        log.warning("warning: classes %s differ only in letter case and are separate classes; rename them alike "
-                    "to merge them", ", ".join(repr(name) for name in twins))
+        log.warning("warning: classes %s differ only in letter case, accents' Unicode form or surrounding spaces and "
+                    "are separate classes; rename them alike to merge them",
+                    ", ".join(ascii(name) if not name.isascii() else repr(name) for name in twins))
+
+
+def _alike(name: str) -> str:
+    return unicodedata.normalize("NFC", name).strip().casefold()
 
 
 def warn_unread_columns(csv_path: Path, group_column: str | None = None, split_given: bool = False) -> None:

@@ -35,7 +35,7 @@ from imgclf.errors import DataError
 from imgclf.logs import get_logger
 from imgclf.safeio import special_file_kind
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".pgm"})
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 TOOL_FOLDERS = frozenset({".git", ".hg", ".svn", ".dvc", ".ipynb_checkpoints", ".idea", ".vscode"})  # not data
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -206,8 +206,14 @@ def _read_csv_rows(csv_path: Path, require_label: bool) -> tuple[list[Row], list
             needed = ["path", "label"] if require_label else ["path"]
             if any(c not in columns for c in needed):
                 raise DataError(f"{csv_path} needs a header with {' and '.join(needed)} columns (found {columns})")
+            twice = sorted({c for c in columns if columns.count(c) > 1 and c})  # the last one was read, silently
+            if twice:
+                raise DataError(f"{csv_path}: the header names column(s) {', '.join(twice)} twice; keep one of each")
             reader.fieldnames = columns
             for record in reader:
+                if any(v.strip() for v in record.get(None, ())):  # values past the header (key None) were dropped
+                    raise DataError(f"{csv_path}:{reader.line_num}: {len(columns) + len(record[None])} values, the "
+                                    f"header names {len(columns)} columns; name every column in the header")
                 rows.append(_checked_row(record, f"{csv_path}:{reader.line_num}", require_label))
                 lines.append(reader.line_num)
     except UnicodeDecodeError:
