@@ -604,6 +604,14 @@ def test_a_grid_setting_given_twice_is_refused_not_replaced(tmp_path):
     (tmp_path / "grid.yaml").write_text("lr: [0.5, 0.6]\n")
     with pytest.raises(ConfigError, match="grid setting 'lr' is given twice"):
         parse_params(["lr=0.1"], str(tmp_path / "grid.yaml"))
+    # one value twice: two identical trials ranked as two (YAML reads 1e-3 as text; seeded apart, they looked unlike)
+    for params, listed in ((["lr=1e-3, 0.001"], "0.001"), (["batch_size=16,16"], "16")):
+        with pytest.raises(ConfigError, match=f"grid {params[0].split('=')[0]}: the value {listed} is listed twice"):
+            parse_params(params)
+    (tmp_path / "grid.yaml").write_text("lr: [1e-3, 0.001]\n")
+    with pytest.raises(ConfigError, match="grid lr: the value 0.001 is listed twice"):
+        parse_params([], str(tmp_path / "grid.yaml"))
+    assert parse_params(["lr=1e-3,1e-2", "optimizer=adam,sgd"]) == {"lr": [0.001, 0.01], "optimizer": ["adam", "sgd"]}
 
 
 @pytest.mark.parametrize("axis", ["split_seed=1,2", "val_fraction=0.2,0.3", "data.test_fraction=0.2,0.3"])

@@ -177,6 +177,10 @@ def _check_axes(grid: dict[str, list]) -> None:
             raise ConfigError(f"grid {key}: mixes mappings and plain values; a coupled axis lists mappings only, "
                               "e.g. [{optimizer: adam, lr: 1.0e-4}, {optimizer: sgd, lr: 1.0e-2}]")
         points = axis_points(key, values)
+        same = next((v for i, v in enumerate(values) if _canonical(v) in map(_canonical, values[:i])), None)
+        if same is not None:  # two trials of one setting, seeded apart or not, ranked as two
+            raise ConfigError(f"grid {key}: the value {same!r} is listed twice (as the same number or setting); "
+                              "list each value once")
         for name in dict.fromkeys(k for point in points for k in point):
             target = setting(str(name))
             if target.section is None and target.name in NOT_VARIED:
@@ -188,6 +192,20 @@ def _check_axes(grid: dict[str, list]) -> None:
             for point in points:
                 if name in point:
                     _check_list_value(target, name, point[name])
+
+
+def _canonical(value: Any) -> Any:
+    """A value as a trial takes it: '1e-3' (YAML reads it as text), 1e-3 and 0.001 alike."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _canonical(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_list_value(target: Setting, key: str, value: Any) -> None:
