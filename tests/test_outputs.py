@@ -326,3 +326,15 @@ def test_train_ends_with_the_val_and_test_lines(tmp_path, capsys, pool_dataset):
     assert lines[0].startswith("val: n=") and f"accuracy={metrics['val']['accuracy']:.4f}" in lines[0]
     assert lines[1].startswith("test: n=") and f"f1_macro={metrics['test']['f1_macro']:.4f}" in lines[1]
     assert lines[-1] == f"run: {tmp_path / 'run'}"
+
+
+def test_compare_says_when_the_same_names_were_read_under_different_folders(two_runs, tmp_path):
+    """Same file names, other pixels: only the relative paths were compared, so nothing was said."""
+    data, wide, plain = two_runs
+    shutil.copytree(data, tmp_path / "copy")
+    other = imgclf.train(tiny_config(tmp_path / "copy", tmp_path / "other", train={"epochs": 1}))
+    notes = compare_runs([wide.path, other.path], tmp_path / "cmp")["notes"]
+    assert any(f"test images have the same names but were read under different folders (wide: {data.resolve()}, "
+               f"other: {(tmp_path / 'copy').resolve()})" in note for note in notes), notes
+    assert not any("different folders" in note for note in compare_runs([wide.path, plain.path],
+                                                                           tmp_path / "same")["notes"])

@@ -23,6 +23,7 @@ from imgclf.reporting.html import esc, fmt, image, render_page, seconds_of, tabl
 from imgclf.reporting.plots import curve_names, plot_overlaid
 from imgclf.runs.base import Run, load_run
 from imgclf.runs.ensemble import EnsembleRun
+from imgclf.runs.files import read_dataset
 from imgclf.runs.heads import ClassicalRun
 
 log = get_logger("compare")
@@ -121,10 +122,22 @@ def comparability_notes(compared: list[Compared]) -> list[str]:
                                                                       for c in compared))
     for split in ("val", "test"):
         files = [c.run.path / f"predictions_{split}.csv" for c in compared]
-        if all(f.is_file() for f in files) and len({frozenset(Predictions.from_csv(f).paths) for f in files}) > 1:
+        if not all(f.is_file() for f in files):
+            continue
+        paths = {frozenset(Predictions.from_csv(f).paths) for f in files}
+        roots = {c.name: _images_root(c.run, split) for c in compared}
+        if len(paths) > 1:
             notes.append(f"the runs were scored on different {split} images (different data or split seed): "
                          f"their {split} metrics do not compare image for image")
+        elif len(set(roots.values())) > 1 and any(not Path(p).is_absolute() for p in next(iter(paths))):
+            notes.append(f"the runs' {split} images have the same names but were read under different folders ("
+                         + ", ".join(f"{n}: {r}" for n, r in roots.items()) + "): they may not be the same images")
     return notes + _scoring_notes(compared)
+
+
+def _images_root(run: Run, split: str) -> str:
+    """The folder a run's ``split`` images were read under: evaluate --data's, else its dataset's."""
+    return run.metrics.get(split, {}).get("data") or str(Path(read_dataset(run.path / "dataset.json").root).resolve())
 
 
 def _scoring_notes(compared: list[Compared]) -> list[str]:
