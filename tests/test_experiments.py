@@ -20,6 +20,7 @@ from imgclf.data.audit import predefined_folds
 from imgclf.errors import ConfigError, DataError, RunDirError
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.predictions import Predictions
+from imgclf.reporting.html import grid_sections
 from imgclf.runs.network import NetworkRun as Run
 from imgclf.workflows.cv import cross_validate
 from imgclf.workflows.grid import grid_search, parse_params, trial_configs
@@ -211,6 +212,10 @@ def test_grid_resumes_finished_trials(tmp_path, pool_dataset, monkeypatch, caplo
     monkeypatch.setattr(imgclf.workflows.grid, "run_jobs", real_jobs)
     grid_search(config, grid)
     assert f"{other} was scored on test by an earlier run of this grid" in caplog.text
+    leaderboard = grid_sections(tmp_path / "g")[0][2]  # report.html said "test was read once" all the same
+    assert f"test was read for 2 trials: the best, and {other} when earlier runs of this grid" in leaderboard
+    (trials / other / "predictions_test.csv").unlink()
+    assert "test was read once, for the best trial." in grid_sections(tmp_path / "g")[0][2]
 
 
 def test_grid_varies_any_field_from_yaml(tmp_path, pool_dataset):

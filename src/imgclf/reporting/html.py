@@ -211,12 +211,24 @@ def cv_sections(path: Path) -> list[tuple[str, str, str]]:
     return [*sections, ("metrics", "Pooled out-of-fold metrics", body)]
 
 
+def _test_reads(grid: Path, best: str) -> str:
+    """Which trials were scored on test: the best alone, or also earlier bests (the grid re-run, ranked anew)."""
+    folder = grid / "trials"
+    earlier = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else ())
+                     if p.name != best and (p / "predictions_test.csv").is_file())
+    if not earlier:
+        return "test was read once, for the best trial."
+    return (f'<span class="warn">test was read for {len(earlier) + 1} trials: the best, and {esc(", ".join(earlier))}'
+            " when earlier runs of this grid ranked it best; its test figures are no longer an untouched estimate"
+            "</span>.")
+
+
 def grid_sections(path: Path) -> list[tuple[str, str, str]]:
     file = path / "best.json"
     best = runfiles.read_grid_best(file) if file.exists() or file.is_symlink() else {}
     note = (f"<p>Best trial <code>{esc(best['best_trial'])}</code>, parameters {esc(json.dumps(best['params']))}; "
             f'its <a href="trials/{esc(best["best_trial"])}/{REPORT_FILE}">own report</a>. Trials were ranked on '
-            f"validation; test was read once, for the best trial.</p>") if best else \
+            f"validation; {_test_reads(path, best['best_trial'])}</p>") if best else \
         f'<p class="warn">{esc(file)} is missing; {TABLE_FIX}.</p>'
     sections = [("leaderboard", "Leaderboard", note + table(read_rows(path / "leaderboard.csv")))]
     if best.get("test"):
