@@ -17,6 +17,8 @@ from imgclf.errors import DataError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.models.networks import resolve_preprocess
+from imgclf.reporting.format import fmt, read_history
+from imgclf.reporting.html import training_html
 from imgclf.runs.manifest import INCOMPLETE
 from imgclf.workflows.candidates import FINETUNE_CANDIDATE, candidate_config
 from imgclf.workflows.classical import head_unused_settings
@@ -233,3 +235,17 @@ def test_a_default_candidate_keeps_what_was_typed_so_the_recipe_names_it(tmp_pat
     finetune = candidate_config(base, FINETUNE_CANDIDATE, tmp_path / "c")
     assert recipe_overrides(finetune) == {"lr": {"finetune": 1e-4}}
     assert finetune.train.lr == 0.001 and finetune.train.feature_views == 2  # the candidate's own views kept
+
+
+def test_the_summary_and_report_name_the_monitor_and_whether_the_best_epoch_was_kept(tmp_path, pool_dataset):
+    """report.html showed the lowest val loss whatever --monitor was, and summary.md a 'best epoch' whose weights
+    --no-restore-best had not kept."""
+    train = {"epochs": 3, "monitor": "val_accuracy", "early_stopping": False, "restore_best": False}
+    run = imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train=train))
+    history = read_history(run.path / "history.csv")
+    best = max(history, key=lambda row: row["val_accuracy"])["epoch"]  # the first of equals, as the stopper
+    summary = (run.path / "summary.md").read_text()
+    assert f"- best epoch by val_accuracy: {best}; the model keeps the last epoch's weights" in summary
+    page = training_html(run.path, "val_accuracy")
+    assert "best val_<wbr>accuracy" in page and "best val loss" not in page
+    assert f"<td>{fmt(max(row['val_accuracy'] for row in history))}</td>" in page

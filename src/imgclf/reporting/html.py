@@ -86,7 +86,7 @@ def run_sections(path: Path) -> list[tuple[str, str, str]]:
                 ("dataset", "Dataset", dataset_html(path)),
                 ("config", "Configuration", "<details><summary>config.yaml (every setting of the run)</summary>"
                  f"<pre>{esc((path / 'config.yaml').read_text(encoding='utf-8'))}</pre></details>"),
-                ("training", "Training", training_html(path)),
+                ("training", "Training", training_html(path, run.config.train.monitor)),
                 ("metrics", "Metrics", metrics_html(metrics, splits, _threshold_note(path) + _tta_note(metrics)
                                                                  + _data_note(metrics)))]
     rows = runfiles.read_baselines(path / "metrics.json")
@@ -122,7 +122,7 @@ def dataset_html(path: Path) -> str:
     return f"<p>Images under <code>{esc(info.root)}</code>.</p>{table(rows)}{notes}"
 
 
-def training_html(path: Path) -> str:
+def training_html(path: Path, monitor: str = "val_loss") -> str:
     history = read_history(path / "history.csv")
     if not history:
         return "<p>No training: an ensemble of trained runs.</p>" if (path / "ensemble.json").is_file() \
@@ -132,8 +132,9 @@ def training_html(path: Path) -> str:
     stages: dict[str, list[dict]] = {}
     for row in history:
         stages.setdefault(row.get("stage") or "train", []).append(row)
+    pick = min if monitor.endswith("loss") else max  # the monitor's best, as early stopping and restore-best read it
     summary = [{"stage": name, "epochs": f"{rows[0]['epoch']}-{rows[-1]['epoch']}",
-                "best val loss": min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=None),
+                f"best {monitor}": pick((r[monitor] for r in rows if r.get(monitor) is not None), default=None),
                 "seconds": seconds_of(rows)} for name, rows in stages.items()]
     return table(summary) + figure(path / "plots" / "curves.png", "training curves")
 

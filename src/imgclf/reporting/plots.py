@@ -83,8 +83,9 @@ def curve_names(history: list[dict]) -> list[str]:
 
 
 @literal_text
-def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
-    """Loss and each metric, train vs val, one titled panel each; a dotted line marks the best epoch.
+def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None, best_label: str = "best epoch") -> None:
+    """Loss and each metric, train vs val, one titled panel each; a dotted line marks the best epoch (``best_label``
+    says by what, and whether the model kept it).
 
     One figure title and one legend for all panels; the figure is as wide as the report's column."""
     names = curve_names(history)
@@ -102,7 +103,7 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
                 ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split,
                         color="C0" if split == "train" else "C1")
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"best epoch ({best_epoch})")
+            ax.axvline(best_epoch, color="gray", ls=":", lw=1, label=f"{best_label} ({best_epoch})")
         for epoch, stage in stage_starts(history):
             ax.axvline(epoch - 0.5, color="tab:purple", ls="--", lw=0.8)
             ax.annotate(stage, (epoch - 0.5, 1), xycoords=("data", "axes fraction"), rotation=90,
@@ -166,12 +167,20 @@ def write_history(history: list[dict], path: Path) -> None:
     atomic.write_rows(path, history)
 
 
-def write_summary(run_path: Path, config: dict, counts: dict, metrics: dict, best_epoch: int | None) -> None:
+def _best_epoch_line(config: dict, best_epoch: int | None, kept_best: bool) -> str:
+    """Which epoch is best by what, and whether the model's weights are that epoch's."""
+    kept = "" if kept_best or best_epoch is None else "; the model keeps the last epoch's weights (restore-best off)"
+    return f"best epoch by {config['train'].get('monitor', 'val_loss')}: {best_epoch}{kept}"
+
+
+def write_summary(run_path: Path, config: dict, counts: dict, metrics: dict, best_epoch: int | None,
+                  kept_best: bool = True) -> None:
     """A short human summary: what was trained on what, and how well."""
     lines = [f"# imgclf run `{run_path.name}`", "",
              f"- model: `{config['model']['name']}`, image size {config['data'].get('image_size')}, "
              f"channels {config['data']['channels']}, seed {config['train']['seed']}",
-             f"- best epoch: {best_epoch}", "", "| split | " + " | ".join(next(iter(counts.values()), {})) + " |",
+             f"- {_best_epoch_line(config, best_epoch, kept_best)}", "",
+             "| split | " + " | ".join(next(iter(counts.values()), {})) + " |",
              "|---" * (1 + len(next(iter(counts.values()), {}))) + "|"]
     lines += [f"| {split} | " + " | ".join(str(n) for n in row.values()) + " |" for split, row in counts.items()]
     lines += ["", "| split | accuracy | balanced acc. | macro F1 | ROC-AUC | log loss |", "|---|---|---|---|---|---|"]

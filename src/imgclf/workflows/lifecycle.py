@@ -219,7 +219,8 @@ def _conclude(s: RunSetup, run: Run, best_epoch: int | None, evaluate_test: bool
     if "val" in run.metrics or "test" in run.metrics:
         splits = [split for split in ("val", "test") if split in run.metrics]
         write_baselines(s.out, baseline_rows(s.prepared, s.preprocess, s.compute, config, splits))
-    write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch)
+    write_summary(s.out, s.config.model_dump(mode="json"), s.index.counts(), run.metrics, best_epoch,
+                  resolve_stages(s.config)[-1][1].restore_best)
     draw_evaluations(run, ("val", "test"))
     if is_main_process():
         manifest.seal(s.out)

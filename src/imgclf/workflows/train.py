@@ -128,7 +128,9 @@ def _fit_and_finish(s: RunSetup, evaluate_test: bool, resume_dir: Path | None) -
     def write_final() -> None:
         if not keep_best:
             save_weights(model, out / MODEL_FILE, {**s.meta, "epoch": len(history)})
-        plot_curves(history, atomic.inner_folder(out, "plots") / "curves.png", best["epoch"])
+        kept = "" if keep_best else ", not kept"
+        plot_curves(history, atomic.inner_folder(out, "plots") / "curves.png", best["epoch"],
+                    f"best {config.train.monitor}{kept}")
 
     main_only(ctx, write_final)
     return finish_run(s, evaluate_test, best["epoch"], val_probs)
