@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from clitools import run_main
 from imgclf.config import build_config
 from imgclf.errors import RunDirError
+from imgclf.reporting.html import training_seconds
 from imgclf.runs.files import read_baselines, read_metrics
 from imgclf.workflows import baselines, probecache
 from imgclf.workflows.autoselect import CLOSING_S, Pace
@@ -273,3 +275,13 @@ def test_a_damaged_probe_scores_entry_is_fitted_again(setup, damage, logs, tmp_p
         kept.rmdir()
     else:
         assert kept.is_file() and not kept.is_symlink() and json.loads(kept.read_text()) == stored
+
+
+def test_train_prints_its_own_training_seconds_beside_the_baselines(tmp_path):
+    """The terminal's comparison said 'n/a' for this run where report.html gave its seconds."""
+    data = make_class_folders(tmp_path / "data", 10)
+    result = run_main("train", data, "--model", "simple_cnn", "--epochs", "2", "--image-size", "16", "--no-report",
+                      "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    own = next(line for line in result.stdout.splitlines() if line.strip().startswith("this run"))
+    assert own.split()[-1] == f"{training_seconds(tmp_path / 'run'):.3f}"

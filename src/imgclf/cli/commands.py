@@ -16,7 +16,7 @@ from imgclf.logs import get_logger, is_main_process
 from imgclf.models.weights import offline_install_hint, offline_weights_file
 from imgclf.reporting.baselines import baseline_lines
 from imgclf.reporting.evalplots import redraw_after_scoring
-from imgclf.reporting.html import refresh_report
+from imgclf.reporting.html import refresh_report, training_seconds
 from imgclf.runs.base import load_run
 from imgclf.runs.files import read_baselines
 from imgclf.training.ddp import DistSettings
@@ -51,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split in ("val", "test"):  # as demo ends: the numbers first, then where they are
         if split in run.metrics:
             print(format_metrics(split, run.metrics[split]))
-    for line in baseline_lines(run.metrics, read_baselines(run.path / "metrics.json")):
+    for line in baseline_lines(run.metrics, read_baselines(run.path / "metrics.json"),
+                               seconds=training_seconds(run.path)):  # as report.html gives them
         print(line)
     print(f"run: {run.path}")
     return 0
