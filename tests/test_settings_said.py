@@ -3,6 +3,7 @@ mode (a threshold or plateau schedule with no validation split, feature-cache se
 backbone, explicit default values the transfer recipe replaces, a classical head's resume and its unused
 model flags, the grid winner's baselines, cv's pooled thresholds and pooled split folders)."""
 
+import json
 import logging
 import shutil
 
@@ -194,10 +195,11 @@ def test_a_resumed_classical_head_is_fitted_again_on_its_saved_split(tmp_path, p
     assert "replacing its files" not in logged.text
 
 
-def _fold_run(folder, paths, true, probs, decided):
+def _fold_run(folder, paths, true, probs, decided, root=None):
     folder.mkdir()
     Predictions(paths, ["neg", "pos"], np.array(true), np.array(probs), np.array(decided)).to_csv(
         folder / "predictions_test.csv")
+    (folder / "dataset.json").write_text(json.dumps({"root": str(root or folder / "data")}))
     return folder
 
 
@@ -208,6 +210,23 @@ def test_pooled_out_of_fold_decisions_keep_each_folds_threshold(tmp_path):
     pooled = pooled_predictions([a, b])
     assert pooled.pred.tolist() == [1, 0, 1]
     assert pooled_predictions([a]).probs.argmax(axis=1).tolist() == [0, 0]  # what argmax would have said
+
+
+def test_pooled_predictions_of_fold_folders_name_each_image_where_it_is_and_say_one_tested_twice(tmp_path, logged):
+    """A fold folder's runs list test/cat/1.png: two folds' rows read alike, and a copy of one image in two folds'
+    test folders was counted twice without a word."""
+    for fold in ("Fold0", "Fold1"):
+        (tmp_path / "data" / fold / "test").mkdir(parents=True)
+        (tmp_path / "data" / fold / "test" / "1.png").write_bytes(b"the same image")
+    (tmp_path / "data" / "Fold1" / "test" / "2.png").write_bytes(b"another image")
+    runs = [_fold_run(tmp_path / f"fold_{i}", paths, [1] * len(paths), [[0.4, 0.6]] * len(paths), [1] * len(paths),
+                      tmp_path / "data" / f"Fold{i}") for i, paths in enumerate([["test/1.png"],
+                                                                                  ["test/1.png", "test/2.png"]])]
+    pooled = pooled_predictions(runs)
+    assert pooled.paths == [str(tmp_path / "data" / f) for f in ("Fold0/test/1.png", "Fold1/test/1.png",
+                                                                   "Fold1/test/2.png")]
+    assert (f"1 image(s) were tested by more than one fold (byte-identical files, e.g. fold_0:"
+            f"{tmp_path / 'data' / 'Fold0' / 'test' / '1.png'} = fold_1:") in logged.text
 
 
 def test_cv_over_a_datasets_own_split_says_it_pools_it(tmp_path, logged):

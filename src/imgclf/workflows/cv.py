@@ -17,13 +17,14 @@ import numpy as np
 
 from imgclf import atomic
 from imgclf.config import Config, StageConfig, build_config
+from imgclf.data.audit import crosses_splits, exact_duplicates
 from imgclf.errors import ConfigError, DataError
 from imgclf.evaluation.metrics import save_and_score
 from imgclf.evaluation.predictions import Predictions
 from imgclf.logs import get_logger
 from imgclf.reporting.html import write_report
 from imgclf.reporting.plots import plot_folds
-from imgclf.runs.files import read_grid_best
+from imgclf.runs.files import read_dataset, read_grid_best
 from imgclf.runtime import derive_seed
 from imgclf.workflows import runlock
 from imgclf.workflows.backends import run_jobs
@@ -97,7 +98,15 @@ def pooled_predictions(runs: list[Path]) -> Predictions:
     if any(p.classes != classes for p in parts):
         raise DataError("folds have different classes; every fold's train split must hold every class")
     thresholded = any(part.decided is not None for part in parts)  # each fold decided at its own threshold
-    return Predictions([p for part in parts for p in part.paths], classes,
+    paths = [str(Path(read_dataset(run / "dataset.json").root) / p) for run, part in zip(runs, parts, strict=True)
+             for p in part.paths]  # a fold folder's paths are its own (test/cat/1.png): where each image is
+    folds = [run.name for run, part in zip(runs, parts, strict=True) for _ in part.paths]
+    twice = [group for group in exact_duplicates([Path(p) for p in paths], folds) if crosses_splits(group)]
+    if twice:  # one image (or a copy of it) in two fold folders' test: "each image once" would not hold
+        log.warning("warning: %d image(s) were tested by more than one fold (byte-identical files, e.g. %s): the "
+                    "pooled out-of-fold metrics count each once per fold; imgclf audit lists them", len(twice),
+                    " = ".join(f"{fold}:{path}" for fold, path in twice[0]))
+    return Predictions(paths, classes,
                        np.concatenate([p.true for p in parts]), np.concatenate([p.probs for p in parts]),
                        np.concatenate([part.pred for part in parts]) if thresholded else None)
 
