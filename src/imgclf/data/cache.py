@@ -5,7 +5,9 @@ dtype and the images that failed to decode). ``KEY`` records what the entry was 
 version, size, channels, interpolation and, for every image, its path (as bytes, so names that are
 not UTF-8 work), file size, mtime and a BLAKE2 hash of its first and last 64 KiB (the whole file when
 smaller). An image edited with its size and mtime preserved (``touch -r``) therefore gets a new key and
-is decoded again; the price is reading up to 128 KiB per image each run. Runs, folds and trials over
+is decoded again, unless the edit is only inside the middle of a file over 128 KiB (an uncompressed BMP,
+TIFF or DICOM of the same dimensions): that one is not seen, the price of reading at most 128 KiB per
+image each run rather than every byte. Runs, folds and trials over
 the same images share an entry. Epochs read from the memory map and never decode JPEG/PNG again.
 
 Before use an entry is checked: the sidecar must parse and match the expected shape, list as failed
