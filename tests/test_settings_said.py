@@ -268,3 +268,13 @@ def test_the_summary_and_report_name_the_monitor_and_whether_the_best_epoch_was_
     page = training_html(run.path, "val_accuracy")
     assert "best val_<wbr>accuracy" in page and "best val loss" not in page
     assert f"<td>{fmt(max(row['val_accuracy'] for row in history))}</td>" in page
+
+
+def test_a_split_without_a_class_says_its_macro_scores_count_that_class_as_zero(tmp_path, logged):
+    data = make_split_folders(tmp_path / "data", {"train": 6, "val": 3, "test": 3})
+    shutil.rmtree(data / "val" / "left bar")
+    run = imgclf.train(tiny_config(data, tmp_path / "run", train={"epochs": 1}))
+    assert ("val has no image of class(es) 'left bar': their precision, recall and F1 count as 0 in val's macro "
+            "averages (balanced accuracy leaves them out)") in logged.text
+    assert run.metrics["val"]["per_class"]["left bar"]["support"] == 0
+    assert "test has no image" not in logged.text

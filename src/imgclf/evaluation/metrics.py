@@ -10,6 +10,9 @@ from sklearn import metrics as skm
 
 from imgclf.evaluation.operating import positive_index
 from imgclf.evaluation.predictions import Predictions
+from imgclf.logs import get_logger
+
+log = get_logger("metrics")
 
 
 def compute_metrics(preds: Predictions, positive_class: str | None = None) -> dict:
@@ -45,6 +48,15 @@ def compute_metrics(preds: Predictions, positive_class: str | None = None) -> di
     if len(preds.classes) == 2:
         out.update(binary_metrics(y, p, preds.classes, positive_class))
     return out
+
+
+def warn_absent_classes(metrics: dict, split: str) -> None:
+    """A class with no image in the split still counts in the macro averages, as 0: said, since balanced accuracy
+    leaves it out and the two then disagree (macro recall 0.333 beside balanced accuracy 0.5)."""
+    absent = [name for name, row in metrics["per_class"].items() if row["support"] == 0]
+    if absent and metrics["n"]:
+        log.warning("warning: %s has no image of class(es) %s: their precision, recall and F1 count as 0 in %s's "
+                    "macro averages (balanced accuracy leaves them out)", split, ", ".join(map(repr, absent)), split)
 
 
 def validation_row(m: dict) -> dict[str, float]:

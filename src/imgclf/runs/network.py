@@ -18,7 +18,7 @@ from imgclf.data.index import DatasetIndex
 from imgclf.data.pipeline import PreparedData, eval_loader, inference_batch, prepare
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.evaluate import predict_probs
-from imgclf.evaluation.metrics import save_and_score
+from imgclf.evaluation.metrics import save_and_score, warn_absent_classes
 from imgclf.evaluation.operating import choose_threshold, positive_index
 from imgclf.evaluation.predictions import Predictions
 from imgclf.evaluation.uncertainty import confidence_intervals
@@ -227,6 +227,7 @@ class NetworkRun:
         saved, metrics = save_and_score(preds, self.path / f"predictions_{split}.csv",
                                         self.config.data.positive_class)
         metrics["threshold"] = self.threshold
+        warn_absent_classes(metrics, split)
         if not self.is_own_tta(tta):
             metrics["tta"] = tta
         if data:
