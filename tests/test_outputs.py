@@ -120,6 +120,10 @@ def test_compare_writes_a_table_overlaid_curves_and_one_page(two_runs, tmp_path,
     assert page.count("data:image/png;base64,") == len(list((tmp_path / "cmp").glob("curves_*.png")))
     assert "<th>wide</th><th>plain</th>" in page and "different" not in page  # same split: no warning
     assert "parameters" in printed and re.search(r"test accuracy\s+\d\.\d{4}\s+\d\.\d{4}", printed)
+    # what makes the runs differ, read off config.yaml (compare showed only their sizes and scores)
+    assert "setting model.conv_filters differs: wide [8, 16], plain [4, 8]" in printed
+    assert "setting train.epochs differs: wide 4, plain 3" in printed and "data.path" not in printed
+    assert "Settings that differ" in page and "model.conv_filters</td>" in page
     (tmp_path / "cmp" / "curves_auc_of_an_older_comparison.png").write_bytes(b"png")
     result = run_main("compare", wide.path, plain.path, "--out", tmp_path / "cmp", "--overwrite")
     assert result.returncode == 0, result.stderr

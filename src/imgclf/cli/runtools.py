@@ -59,6 +59,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_runs(args.runs, args.out)
     print(format_side_by_side(result["rows"]))
+    for row in result["settings"]:
+        print(f"setting {row['setting']} differs: " + ", ".join(f"{run} {value}" for run, value in row.items()
+                                                                if run != "setting"))
     print(f"wrote {result['html']}, {Path(args.out) / 'compare.csv'} and {len(result['curves'])} curve plot(s)")
     return 0
 

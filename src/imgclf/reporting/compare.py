@@ -8,6 +8,7 @@ training time; one PNG per metric with every run's curves overlaid (``curves_<me
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +64,34 @@ def compare_runs(paths: list[str | Path], out: str | Path) -> dict:
         log.warning("warning: %s in %s %s from an earlier comparison, not of these runs: compare.html does not "
                     "show %s", ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""), out,
                     "is" if len(stale) == 1 else "are", "it" if len(stale) == 1 else "them")
+    differ = settings_that_differ(compared)
+    settings = table(differ) if differ else "<p>Every setting in config.yaml is the same (where the runs write to "\
+        "aside).</p>"
     sections = [("runs", "Runs side by side", notes_html(notes) + table(side_by_side(rows)) + TABLE_NOTE),
-                ("curves", "Curves", curves_html(curves, compared))]
+                ("settings", "Settings that differ", settings), ("curves", "Curves", curves_html(curves, compared))]
     atomic.write_text(out / HTML_FILE, render_page(f"Comparison of {len(rows)} runs", sections,
                                                    "the run directories listed above"))
-    return {"rows": rows, "curves": [str(p) for p in curves.values()], "notes": notes, "html": str(out / HTML_FILE)}
+    return {"rows": rows, "curves": [str(p) for p in curves.values()], "notes": notes, "settings": differ,
+            "html": str(out / HTML_FILE)}
+
+
+def settings_that_differ(compared: list[Compared]) -> list[dict]:
+    """config.yaml's settings whose values differ between the runs, one row each (stages as one value), so that
+    what made one run better is read off the page; where each run writes, and how a path was typed, left out."""
+    flat = [_flat(c.run.config.model_dump(mode="json", exclude={"out", "versions"})) for c in compared]
+    keys = sorted({key for settings in flat for key in settings})
+    return [{"setting": key, **{c.name: settings.get(key) for c, settings in zip(compared, flat, strict=True)}}
+            for key in keys if len({repr(settings.get(key)) for settings in flat}) > 1]
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif not key.endswith("_as_typed"):
+            out[f"{prefix}{key}"] = value if not isinstance(value, list) else json.dumps(value)
+    return out
 
 
 def load_compared(paths: list[str | Path]) -> list[Compared]:
