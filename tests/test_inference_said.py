@@ -17,6 +17,7 @@ from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.runs.base import load_run
+from imgclf.runs.network import NetworkRun
 from imgclf.serving.server import ServeOptions
 from imgclf.training.ddp import DistSettings
 from imgclf.workflows.backends import run_jobs
@@ -267,3 +268,12 @@ def test_predict_and_features_never_overwrite_a_file_of_the_run(binary_runs, tmp
             assert_clean_error(result, f"--out {run / name} is the run's own file")
     assert (run / "config.yaml").read_bytes() == before  # it was replaced with --overwrite
     assert run_main("predict", str(run), images, "--out", str(run / "mine.csv")).returncode == 0  # the user's name
+
+
+def test_a_threshold_rule_on_a_multiclass_run_is_refused_before_any_image_is_read(trained_run, monkeypatch):
+    """It decoded and predicted every validation image (every member's, for an ensemble) first."""
+    read = []
+    monkeypatch.setattr(NetworkRun, "probabilities", lambda self, *a, **k: read.append(1))
+    result = run_main("evaluate", str(trained_run.path), "--threshold", "youden")
+    assert_clean_error(result, "--threshold youden needs a binary task; this run has 3 classes")
+    assert not read

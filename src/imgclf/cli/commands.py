@@ -114,6 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     if args.threshold is not None:  # chosen on validation predictions made as predict makes them
         EvaluateConfig.check_threshold(args.threshold)
+        run.check_threshold_rule(args.threshold)  # before every member's images are decoded for nothing
         run.refuse_threshold_on_other_tta(args.threshold, args.tta)
         value = run.choose_threshold(args.threshold, run.probabilities("val", data_root=args.data, tta=args.tta),
                                      run.foreign_root(args.data))

@@ -245,8 +245,7 @@ class NetworkRun:
         it. ``argmax`` removes a saved threshold."""
         if val is None:
             data = self.metrics.get("val", {}).get("data")
-        if rule != "argmax" and len(self.classes) != 2:
-            raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
+        self.check_threshold_rule(rule)
         split = self.index()
         val = val if val is not None else self._saved(split, "val")
         value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
@@ -265,6 +264,11 @@ class NetworkRun:
             # image read again), so that no split's metrics stay at a threshold the run no longer decides by
             self.score(preds, name, scored[name].get("tta"), scored[name].get("data"))
         return value
+
+    def check_threshold_rule(self, rule: str) -> None:
+        """Before any image is read for it: a rule other than argmax decides between two classes."""
+        if rule != "argmax" and len(self.classes) != 2:
+            raise ConfigError(f"--threshold {rule} needs a binary task; this run has {len(self.classes)} classes")
 
     def _saved(self, split: DatasetIndex, name: str) -> Predictions:
         path = self.path / f"predictions_{name}.csv"
