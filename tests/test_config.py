@@ -76,6 +76,10 @@ def test_stage_flags_replacing_the_config_file_s_stages_are_said(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         config_from_args(build_parser().parse_args(["train", "--stage", "name=extra,freeze=last:1,epochs=1"]))
     assert "replaces" not in caplog.text  # no file stages: nothing was replaced
+    with caplog.at_level(logging.WARNING, logger="imgclf"):  # a stage chain: the next stages from a trained run's
+        config_from_args(build_parser().parse_args(["train", "--config", str(base), "--init-from", str(tmp_path),
+                                                    "--stage", "name=extra,freeze=last:1,epochs=1"]))
+    assert "replaces" not in caplog.text
 
 
 def test_flags_override_the_config_file(tmp_path):

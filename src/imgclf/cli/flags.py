@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     and a default value it writes out (``lr: 0.001``) counts as given, as typing it would."""
     base = load_config(args.config).model_dump(exclude_unset=True) if getattr(args, "config", None) else {}
     if getattr(args, "stages", None):
-        if base.get("stages"):
+        if base.get("stages") and not getattr(args, "cfg__train__init_from", None):  # a chain: new stages, on purpose
             log.warning("warning: --stage replaces the %d stage(s) of %s (%s): the run trains only the --stage "
                         "ones; repeat --stage for each stage to keep", len(base["stages"]), args.config,
                         ", ".join(str(stage.get("name", "?")) for stage in base["stages"]))
