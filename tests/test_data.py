@@ -31,6 +31,12 @@ def test_class_folder_pool_is_split_stratified_and_seeded(pool_dataset):
         assert set(counts[split].values()) == {expected}  # 14 per class: 3 test, 3 val, 8 train
 
 
+def test_val_and_test_of_a_pool_take_their_shares_of_each_class_alike(tmp_path):
+    """0.3 and 0.3 of 8 images a class: 2 and 2 (val took 0.3/0.7 of the 6 test left: 3, so 9 val to 6 test)."""
+    counts = index_of(make_class_folders(tmp_path / "d", per_class=8), val_fraction=0.3, test_fraction=0.3).counts()
+    assert [set(counts[split].values()) for split in ("train", "val", "test")] == [{4}, {2}, {2}]
+
+
 def test_split_folders_with_missing_val_take_val_from_train(tmp_path):
     root = make_split_folders(tmp_path / "d", {"train": 10, "test": 4})
     index = index_of(root, val_fraction=0.3)

@@ -144,10 +144,11 @@ def build_index(cfg: DataConfig, seed: int) -> DatasetIndex:
     val_fraction, asked = cfg.val_fraction, {}
     if not given:  # a pool: hold out test first, then val; both fractions are of the whole pool
         splits = _hold_out(rows, ["train"] * len(rows), groups, "test", cfg.test_fraction, rng, path, keep=2)
-        val_fraction, asked["test"] = cfg.val_fraction / (1 - cfg.test_fraction), (cfg.test_fraction, len(rows))
+        asked["test"] = (cfg.test_fraction, len(rows))  # by class, val takes its share of the class's images
+        val_fraction = cfg.val_fraction / (1 - cfg.test_fraction) if groups is not None else cfg.val_fraction
     if "val" not in splits:  # val_fraction is of the pool, or of the given train split
         asked["val"] = (cfg.val_fraction, len(rows) if not given else splits.count("train"))
-        splits = _hold_out(rows, splits, groups, "val", val_fraction, rng, path, keep=1, at_least=1)
+        splits = _hold_out(rows, splits, groups, "val", val_fraction, rng, path, keep=1, at_least=1, of_all=not given)
     if groups is not None and asked:
         say_grouped_shares([label for _, label, _ in rows], splits, asked, cfg.group_column)
     index = _make_index(root, [(p, label, s) for (p, label, _), s in zip(rows, splits, strict=True)])
@@ -220,30 +221,29 @@ def _groups(cfg: DataConfig, path: Path, layout: str, rows: list[Row], splits: l
 
 
 def _hold_out(rows: list[Row], splits: list[str], groups: list[str] | None, name: str, fraction: float,
-              rng: np.random.Generator, source: Path, keep: int, at_least: int = 0) -> list[str]:
+              rng: np.random.Generator, source: Path, keep: int, at_least: int = 0, of_all: bool = False) -> list[str]:
     if groups is None:
-        return _stratified_holdout(rows, splits, name, fraction, rng, keep, at_least)
+        return _stratified_holdout(rows, splits, name, fraction, rng, keep, at_least, of_all)
     return grouped_holdout([label for _, label, _ in rows], splits, groups, name, fraction, int(rng.integers(2**31)),
                            source)
 
 
-def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float,
-                        rng: np.random.Generator, keep: int, at_least: int = 0) -> list[str]:
-    """Move ``fraction`` of each class's train rows to split ``name``.
+def _stratified_holdout(rows: list[Row], splits: list[str], name: str, fraction: float, rng: np.random.Generator,
+                        keep: int, at_least: int = 0, of_all: bool = False) -> list[str]:
+    """Move ``fraction`` of each class's train rows (``of_all``: of all its rows, test's too) to split ``name``.
 
-    Each class keeps ``keep`` train images where it has them (test keeps 2, so that validation can
-    still take one) and gives at least ``at_least`` (validation: 1, so that a tiny class is seen by
-    model selection). Hand-written rather than sklearn's train_test_split because that refuses
-    classes with a single image, which small medical sets have.
-    """
-    splits = list(splits)
+    Each class keeps ``keep`` train images where it has them (test keeps 2, so that validation can still take
+    one) and gives at least ``at_least`` (validation: 1, so that model selection sees a tiny class). Not
+    sklearn's train_test_split: it refuses classes with a single image, which small medical sets have."""
+    splits, totals = list(splits), Counter(label for _, label, _ in rows)
     by_class: dict[str, list[int]] = {}
     for i, (_, label, _) in enumerate(rows):
         if splits[i] == "train":
             by_class.setdefault(label, []).append(i)
     for label in sorted(by_class):
         members = by_class[label]
-        wanted = max(at_least, round(fraction * len(members))) if fraction > 0 else 0
+        base = totals[label] if of_all else len(members)  # 0.3 of 8 is 2 for val as for test (not 0.43 of 6: 3)
+        wanted = max(at_least, round(fraction * base)) if fraction > 0 else 0
         n_hold = max(0, min(len(members) - keep, wanted))
         for i in rng.permutation(members)[:n_hold]:
             splits[int(i)] = name
