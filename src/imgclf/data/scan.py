@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from imgclf.errors import DataError
@@ -206,7 +207,7 @@ def _read_csv_rows(csv_path: Path, require_label: bool) -> tuple[list[Row], list
             needed = ["path", "label"] if require_label else ["path"]
             if any(c not in columns for c in needed):
                 raise DataError(f"{csv_path} needs a header with {' and '.join(needed)} columns (found {columns})")
-            twice = sorted({c for c in columns if columns.count(c) > 1 and c})  # the last one was read, silently
+            twice = sorted(c for c, n in Counter(columns).items() if n > 1 and c)  # the last one was read, silently
             if twice:
                 raise DataError(f"{csv_path}: the header names column(s) {', '.join(twice)} twice; keep one of each")
             reader.fieldnames = columns
