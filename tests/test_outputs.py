@@ -299,6 +299,16 @@ def test_audit_reads_fold_folders_fold_by_fold(fold_data):
     assert [sorted(s for s, _ in g) for g in overlap] == [["Fold1/test", "Fold2/test"]]
 
 
+def test_audit_reads_fold_folders_of_class_folders_as_cv_does_each_its_fold_s_test(tmp_path):
+    """It refused them ('Fold0 has no train folder'), which cv trains on: fold K tests FoldK, the others train."""
+    for i in range(3):
+        make_class_folders(tmp_path / "folds" / f"Fold{i}", 3, classes=["a", "b"], seed=i)
+    shutil.copy(tmp_path / "folds" / "Fold0" / "a" / "img 000.jpg", tmp_path / "folds" / "Fold2" / "a" / "again.jpg")
+    report = audit_dataset(tmp_path / "folds", near=False)
+    assert report["counts"]["Fold1/test"] == {"a": 3, "b": 3} and report["counts"]["Fold2/test"] == {"a": 4, "b": 3}
+    assert [sorted(s for s, _ in g) for g in report["test_overlap_across_folds"]] == [["Fold0/test", "Fold2/test"]]
+
+
 def test_audit_cli_prints_folds_and_strict_fails_on_leakage(fold_data, tmp_path, capsys):
     assert main(["audit", str(fold_data), "--no-near", "--strict", "--json", str(tmp_path / "a.json")]) == 1
     out = capsys.readouterr().out

@@ -157,7 +157,8 @@ def audit_dataset(path: str | Path, layout: str = "auto", near: bool = True) -> 
 
 
 def audit_folds(path: Path, folds: list[Path], near: bool) -> dict:
-    """Fold0..FoldK, each a train/val/test folder as ``cv`` reads it; splits are named ``Fold0/train``...
+    """Fold0..FoldK, each a train/val/test folder as ``cv`` reads it (one of class folders is its fold's test:
+    ``Fold0/test``, trained on by the others); splits are named ``Fold0/train``...
 
     Leakage is per fold: an image in two splits of the same fold. An image in the test split of two folds
     is reported apart (``test_overlap_across_folds``): pooled out-of-fold predictions would count it twice.
@@ -165,10 +166,10 @@ def audit_folds(path: Path, folds: list[Path], near: bool) -> dict:
     """
     paths, labels, splits = [], [], []
     for fold in folds:
-        for p, label, split in scan_rows(fold, "split_folders"):
+        for p, label, split in scan_rows(fold, detect_layout(fold)):
             paths.append(fold / p)
             labels.append(label)
-            splits.append(f"{fold.name}/{split}")
+            splits.append(f"{fold.name}/{split or 'test'}")
     exact = exact_duplicates(paths, splits)
     near_parts = {}
     for fold in folds if near else []:
