@@ -228,3 +228,12 @@ def test_pgm_images_in_class_folders_are_read_not_skipped_as_other_files(tmp_pat
     for folder in data.iterdir():
         Image.fromarray(np.full((8, 8), 300, np.uint16)).save(folder / "scan.pgm")
     assert sum(p.endswith("scan.pgm") for p in index_of(data).paths) == 3
+
+
+def test_a_file_copied_under_another_class_is_said_when_training(tmp_path, logged):
+    """Byte-identical images under two labels: one of them is wrong; train only looked across splits."""
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    shutil.copy(data / "left bar" / "img 000.jpg", data / "right bar" / "copy.jpg")
+    imgclf.train(tiny_config(data, tmp_path / "run", train={"epochs": 1}))
+    assert "1 image(s) are byte-identical files under different labels, e.g. left bar:" in logged.text
+    assert "right bar:" + str(data / "right bar" / "copy.jpg") in logged.text

@@ -4,7 +4,7 @@ Reports per-split class counts and imbalance, image size/mode/format histograms,
 files, and exact (content hash) and near (perceptual hash) duplicates within and across splits;
 duplicates across splits are leakage. Fold0..FoldK folders (``cv``'s predefined folds) are audited
 fold by fold: counts per fold and split, leakage inside each fold, and test images shared by folds.
-``train`` runs the cheap part (exact duplicates) and warns.
+``train`` runs the cheap part (exact duplicates, in ``trainchecks``) and warns.
 The dataset is read by the same scan as ``train`` (``scan.py``): unreadable folders are errors, FIFOs and
 device files are skipped with a warning, and no file is ever opened unless it is a regular file.
 """
@@ -223,30 +223,6 @@ def describe_files(paths: list[Path], labels: list[str], splits: list[str]) -> d
             "imbalance_ratio": {s: max(c.values()) / min(c.values()) for s, c in counts.items()},
             "sizes": dict(sizes.most_common(10)), "modes": dict(modes), "formats": dict(formats),
             "unreadable": unreadable}
-
-
-def warn_leakage(paths: list[Path], splits: list[str]) -> list[str]:
-    """The cheap check run by ``train``: byte-identical images in two splits. Returns the warnings logged."""
-    leaks = [g for g in exact_duplicates(paths, splits) if crosses_splits(g)]
-    if not leaks:
-        return []
-    message = (f"{len(leaks)} image(s) appear in more than one split (leakage inflates test metrics), e.g. "
-               + " = ".join(f"{s}:{p}" for s, p in leaks[0]) + "; run imgclf audit for the list")
-    log.warning("warning: %s", message)
-    return [message]
-
-
-def warn_imbalance(train_counts: dict[str, int], balanced: bool, limit: float = 3.0) -> list[str]:
-    """A warning when the largest training class is ``limit`` times the smallest and nothing balances them."""
-    if balanced or not train_counts or min(train_counts.values()) == 0:
-        return []
-    ratio = max(train_counts.values()) / min(train_counts.values())
-    if ratio < limit:
-        return []
-    message = (f"training classes are imbalanced ({ratio:.1f}x between largest and smallest); "
-               "consider --class-weight balanced or --sampler weighted, and read balanced accuracy")
-    log.warning("warning: %s", message)
-    return [message]
 
 
 def format_report(report: dict) -> str:

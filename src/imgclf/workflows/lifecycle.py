@@ -19,10 +19,10 @@ import torch
 from imgclf import atomic
 from imgclf.config import Config, config_to_yaml
 from imgclf.config.stages import resolve_stages
-from imgclf.data.audit import warn_imbalance, warn_leakage
 from imgclf.data.index import DatasetIndex, build_index
 from imgclf.data.pipeline import PreparedData, prepare, refuse_lost_classes, write_skipped
 from imgclf.data.samplers import rank_seed
+from imgclf.data.trainchecks import warn_imbalance, warn_leakage
 from imgclf.errors import ConfigError
 from imgclf.evaluation.predictions import Predictions
 from imgclf.models.networks import (
@@ -163,7 +163,7 @@ def _dataset_index(config: Config, resume_dir: Path | None) -> tuple[DatasetInde
     else:
         index = load_saved_split(resume_dir, config.data)
     check_binary_settings(config, index.classes)
-    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits))
+    warnings = warn_leakage([index.abspath(i) for i in range(len(index))], list(index.splits), list(index.labels))
     balanced = config.train.class_weight == "balanced" or config.train.sampler == "weighted"
     warnings += warn_imbalance(index.counts().get("train", {}), balanced)
     if "val" not in index.splits:
