@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.set_defaults(func=lazy("runtools", "cmd_explain", checks.refuse_to_overwrite))
 
-    p = sub.add_parser("predict", help="predict image files, folders or globs with a run")
+    p = sub.add_parser("predict", help="predict image files, folders, globs or a CSV with a run")
     p.add_argument("run", help="run directory written by train")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), glob patterns, or a "
+                                             "dataset CSV (path,label: its labels give an accuracy)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=whole_number(1, MAX_BATCH),
