@@ -74,6 +74,9 @@ def test_resume_without_state_or_with_mixed_state_is_a_clear_error(tmp_path, tra
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.path, run)
+    with pytest.raises(RunDirError, match="has finished: --resume continues a killed or failed run"):
+        imgclf.workflows.train.resume_training(run)  # it re-finished it: test scored again, a threshold dropped
+    (run / "INCOMPLETE").write_text("")  # as a killed run has it
     folders = sorted((run / "resume").glob("epoch_*"))
     assert len(folders) == 1 and not list((run / "resume").glob(".*.tmp"))  # one committed epoch only
     state = json.loads((folders[0] / "state.json").read_text())

@@ -24,6 +24,7 @@ from imgclf.models.objective import Objective, balanced_class_weights
 from imgclf.reporting.plots import plot_curves, write_history
 from imgclf.runs.base import Run, open_run
 from imgclf.runs.files import read_model_file
+from imgclf.runs.manifest import INCOMPLETE, MANIFEST_FILE
 from imgclf.runs.network import MODEL_FILE
 from imgclf.runtime import get_logger, is_main_process
 from imgclf.training.averaging import BestWeights, average_if_better
@@ -47,6 +48,10 @@ def resume_training(run_dir: str | Path, dist: DistSettings | None = None) -> Ru
         raise RunDirError(f"{run_dir} is a default run (no --model) stopped while it tried its candidates, which "
                           f"cannot be resumed; run the same `imgclf train DATA --out {run_dir}` again: it starts over "
                           "in that folder")
+    if run_dir.is_dir() and not (run_dir / INCOMPLETE).exists() and (run_dir / MANIFEST_FILE).is_file():
+        raise RunDirError(f"{run_dir} has finished: --resume continues a killed or failed run (re-finishing this one "
+                          "would score test again and drop an evaluate --threshold); to train on from it: imgclf "
+                          f"train DATA --init-from {run_dir} --out NEW")
     config = open_run(run_dir).config
     return train(config, resume_dir=run_dir, dist=dist)
 
