@@ -367,3 +367,14 @@ def test_a_data_folder_given_for_the_parity_gate_must_hold_the_runs_images(gray_
     assert main(["export", str(copy), "--data", str(other)]) == 2
     assert "none of the" in capsys.readouterr().err and not (copy / "export" / "model.onnx").exists()
     assert main(["export", str(copy), "--data", str(gray_binary.index().root)]) == 0  # where they are: exported
+
+
+def test_an_opset_the_exporter_cannot_reach_is_one_line_not_a_traceback(monkeypatch):
+    """onnx 1.x names opsets up to 28, torch 2.14's converter fails past 25 (an onnx_ir SerdeError's traceback)."""
+    def failing(*args, **kwargs):
+        raise RuntimeError("Error calling _deserialize_graph with: main_graph\nOutput 'mean' is redeclared")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(ConfigError, match=r"ONNX exporter cannot write this model at --opset 27 \(RuntimeError: "
+                                          r"Error calling _deserialize_graph with: main_graph\); use --opset 18"):
+        to_onnx(nn.Linear(2, 2), InputSpec(8, 3, "bilinear"), 27)

@@ -81,9 +81,14 @@ def to_onnx(graph: torch.nn.Module, spec: InputSpec, opset: int):
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter is not the user's concern
-        program = torch.onnx.export(graph, (example,), None, input_names=["images"],
-                                    output_names=["logits", "probabilities"], opset_version=opset, dynamo=True,
-                                    dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+        try:
+            program = torch.onnx.export(graph, (example,), None, input_names=["images"],
+                                        output_names=["logits", "probabilities"], opset_version=opset, dynamo=True,
+                                        dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+        except Exception as err:  # e.g. opsets 26-28, which onnx names but torch 2.14's converter cannot reach
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError(f"torch {torch.__version__}'s ONNX exporter cannot write this model at --opset {opset} "
+                              f"({type(err).__name__}: {first}); use --opset {DEFAULT_OPSET}") from None
     return program.model_proto
 
 
