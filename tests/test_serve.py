@@ -32,6 +32,7 @@ from imgclf.serving import server as server_module
 from imgclf.serving import service as service_module
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
+from imgclf.serving.page import render_page
 from imgclf.serving.server import ServeOptions, create_app, exposure_warning, listening_socket, serve, server_config
 from imgclf.serving.service import Service
 
@@ -326,6 +327,12 @@ def test_the_page_is_self_contained(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", page.text)  # nothing from the network
     assert 'id="drop"' in page.text and "v1/predict" in page.text and "normal, pneumonia" in page.text
+
+
+def test_class_names_that_look_like_the_page_s_placeholders_are_shown_as_they_are():
+    """They were filled in by a later placeholder: a class __EXPLAIN__ showed as 'checked'."""
+    page = render_page("t", ["bird", "__EXPLAIN__", "</script>"], 4, 2**20, 2, explain=True)
+    assert "3 classes: bird, __EXPLAIN__, &lt;/script&gt;" in page
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>imgclf · __TITLE__</title>
@@ -102,7 +103,5 @@ def render_page(title: str, classes: list[str], max_batch: int, max_bytes: int, 
               "__MAX_BATCH__": str(max_batch), "__MAX_MB__": f"{max_bytes / 2**20:g}",
               "__EXPLAIN__": "checked" if explain else "disabled",
               "__CONFIG__": json.dumps(config).replace("<", "\\u003c")}
-    page = PAGE
-    for key, value in values.items():
-        page = page.replace(key, value)
-    return page
+    # one pass: a class named __EXPLAIN__ is shown as it is, not filled in by a later placeholder
+    return re.sub("|".join(map(re.escape, values)), lambda match: values[match.group(0)], PAGE)
