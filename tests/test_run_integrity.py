@@ -239,8 +239,11 @@ def test_seal_refuses_a_broken_edit(runs, tmp_path):
     run = copy_of(runs, "net", tmp_path)
     meta = (run / "model.json").read_bytes()
     edit_json(run / "model.json", lambda d: d["preprocess"].update(std=[0.0, 1.0, 1.0]))
-    with pytest.raises(RunDirError, match="std"):
+    with pytest.raises(RunDirError, match="std") as refused:
         check_and_seal(run)
+    assert "imgclf seal" not in str(refused.value)  # it advised running seal, the command refusing it
+    assert str(refused.value).endswith("edit it to agree with the run's other files, restore it, or re-train; seal "
+                                       "records only a run whose files agree")
     (run / "model.json").write_bytes(meta)
     weights = run / "model.safetensors"
     intact = weights.read_bytes()

@@ -117,5 +117,12 @@ def check_and_seal(path: str | Path) -> dict[str, str]:
     the rest of the run is refused here, not sealed.
     """
     manifest.refuse_unfinished(Path(path))  # its files are still being written: nothing to seal yet
-    open_run(path).check()
+    try:
+        open_run(path).check()
+    except RunDirError as err:  # the usual fix ends "...run 'imgclf seal RUN'": the command refusing it now
+        text = str(err)
+        if not text.endswith(runfiles.FIX):
+            raise
+        raise RunDirError(text.removesuffix(runfiles.FIX) + "edit it to agree with the run's other files, restore "
+                          "it, or re-train; seal records only a run whose files agree") from None
     return manifest.seal(Path(path))
