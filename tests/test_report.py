@@ -11,6 +11,7 @@ from torch import nn
 
 import imgclf
 from browser import chromium_page
+from clitools import run_main
 from imgclf.cli import main
 from imgclf.data.transforms import tta_views
 from imgclf.errors import ConfigError, RunDirError
@@ -143,6 +144,12 @@ def test_explain_cli_writes_overlays_and_feature_maps(binary_run, tmp_path, caps
     maps = Explainer(binary_run).feature_maps(next(folder.iterdir()))  # the first two convolutions by default
     assert [name for name, _ in maps] == ["features.0: 8 of 8 channels", "features.4: 16 of 16 channels"]
     assert maps[0][1].shape == (8, 16, 16) and maps[1][1].shape == (16, 8, 8)
+    one = str(sorted(folder.iterdir())[0])  # the first again, into the same folder: the others' figures are said
+    result = run_main("explain", binary_run.path, one, "--out", tmp_path / "ex", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    stale = 2 * len(overlays) - 1  # every figure but the one overlay written again
+    assert f"warning: {stale} figure(s) in {tmp_path / 'ex'} are from an earlier explain, not of these images" \
+        in result.stderr
 
 
 def test_gradcam_finds_a_timm_cnn_layer_and_refuses_a_model_without_maps():

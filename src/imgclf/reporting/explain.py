@@ -234,4 +234,13 @@ def explain_files(run, inputs: list[str | Path], out: Path, feature_maps: bool =
                 save_feature_maps(explainer.feature_maps(e.path, chosen), out / f"{name}_features.png")
                 row["feature_maps"] = f"{name}_features.png"
             rows.append(row)
+    _say_stale(out, {name for row in rows for key, name in row.items() if key in ("overlay", "feature_maps")})
     return rows
+
+
+def _say_stale(out: Path, written: set[str]) -> None:
+    """--overwrite replaces same-named figures only: an earlier explain's others are said, not mixed in silently."""
+    stale = sorted(p.name for p in out.glob("[0-9][0-9][0-9][0-9]_*.png") if p.name not in written)
+    if stale:
+        log.warning("warning: %d figure(s) in %s are from an earlier explain, not of these images (e.g. %s); "
+                    "delete them or use another --out", len(stale), out, stale[0])
