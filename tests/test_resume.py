@@ -114,6 +114,7 @@ def test_planted_resume_files_are_refused_by_name_and_the_runs_files_are_kept(tm
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.path, run)
+    (run / "INCOMPLETE").write_text("")  # as a killed run has it (a finished one is refused first)
     folder = sorted((run / "resume").glob("epoch_*"))[0]
     kept = {name: (run / name).read_bytes() for name in ("model.safetensors", "model.json")}
     if plant == "best weights":  # one tensor more: copied over model.safetensors, it once filled the disk
@@ -134,3 +135,28 @@ def test_planted_resume_files_are_refused_by_name_and_the_runs_files_are_kept(tm
         imgclf.workflows.train.resume_training(run)
     assert all(f in str(err.value) for f in fragments) and "\n" not in str(err.value), str(err.value)
     assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+def test_a_config_edited_after_the_kill_is_refused_not_obeyed(tmp_path, pool_dataset, monkeypatch):
+    """It was obeyed: a plan of 4 epochs trained 2, and config.yaml no longer said how the saved epochs trained."""
+    import imgclf.workflows.train as training
+
+    real_write = training.write_history
+
+    def killed_after_two(history, path):
+        real_write(history, path)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "write_history", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(tiny_config(pool_dataset, tmp_path / "run", train={"epochs": 3, "early_stopping": False}))
+    monkeypatch.setattr(training, "write_history", real_write)
+    config = tmp_path / "run" / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved.replace("epochs: 3", "epochs: 5"))
+    with pytest.raises(RunDirError, match=r"config.yaml changed since epoch \d was saved; the run continues with the "
+                                          "settings it trained with"):
+        training.resume_training(tmp_path / "run")
+    config.write_text(saved)  # put back: it resumes
+    assert len(training.resume_training(tmp_path / "run").metrics["test"]["per_class"]) == 3

@@ -13,6 +13,7 @@ processes adds ``ranks.pt``: every rank's RNG states (rank 0's are also those ab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from imgclf.safeio import read_capped, require_regular
 
 STATE_DIR = "resume"
 RANKS_FILE = "ranks.pt"
+CONFIG_FILE = "config.yaml"
 MAX_STATE_BYTES = 16 << 20  # state.json: RNG states and the history, some kB an epoch
 OPTIMIZER_STATE_RATIO = 4  # state.pt's size, at most, in weights: Adam keeps two tensors a parameter
 STATE_KEYS = frozenset({"optimizer", "schedule", "scaler", "torch_rng", "data_rng", "epoch"})  # what state.pt holds
@@ -99,6 +101,8 @@ def save_state(out: Path, model: torch.nn.Module, generator: torch.Generator, fi
     if rank_states:
         write_torch(tmp / RANKS_FILE, [{**rank_tensors, **rank_plain} for rank_tensors, rank_plain in rank_states])
         info = {**info, "world_size": len(rank_states)}
+    if (out / CONFIG_FILE).is_file():  # the settings this epoch was trained with, as resume will read them
+        info = {**info, "config_sha256": hashlib.sha256((out / CONFIG_FILE).read_bytes()).hexdigest()}
     (tmp / "state.json").write_text(json.dumps({**info, **plain}), encoding="utf-8")
     for name in os.listdir(tmp):
         with open(tmp / name, "rb") as fh:
@@ -124,6 +128,21 @@ def latest_state(out: Path) -> Path:
     if not complete:
         raise RunDirError(f"{out} has no saved training state: it never finished an epoch; start it again")
     return complete[-1]
+
+
+def refuse_edited_config(out: Path) -> None:
+    """A killed run continues with the settings its epochs were trained with: a config.yaml edited since its last
+    saved epoch is refused (it was obeyed: a plan of 4 epochs trained 2, and config.yaml no longer said how)."""
+    try:
+        folder = latest_state(out)
+        recorded = json.loads(read_capped(folder / "state.json", MAX_STATE_BYTES, RunDirError, "start the run again"))
+    except (RunDirError, ValueError):
+        return  # load_state names a missing or damaged state
+    digest = recorded.get("config_sha256") if isinstance(recorded, dict) else None
+    if digest and hashlib.sha256((out / CONFIG_FILE).read_bytes()).hexdigest() != digest:
+        raise RunDirError(f"{out / CONFIG_FILE} changed since epoch {recorded.get('epoch')} was saved; the run "
+                          "continues with the settings it trained with: put the file back, or train anew with the new "
+                          f"settings (imgclf train --config {out / CONFIG_FILE} --out NEW)")
 
 
 def load_state(out: Path, model: torch.nn.Module) -> tuple[dict, dict]:

@@ -31,7 +31,7 @@ from imgclf.training.averaging import BestWeights, average_if_better
 from imgclf.training.ddp import DistSettings, broadcast_module, main_only, one_voice
 from imgclf.training.distributed import DistContext, local_main_first
 from imgclf.training.fit import count
-from imgclf.training.resume import for_rank, load_state, restore_best_file
+from imgclf.training.resume import for_rank, load_state, refuse_edited_config, restore_best_file
 from imgclf.training.stages import StageRunner
 from imgclf.workflows.classical import train_classical
 from imgclf.workflows.lifecycle import RunSetup, finish_run, setup_run
@@ -53,6 +53,7 @@ def resume_training(run_dir: str | Path, dist: DistSettings | None = None) -> Ru
                           "would score test again and drop an evaluate --threshold); to train on from it: imgclf "
                           f"train DATA --init-from {run_dir} --out NEW")
     config = open_run(run_dir).config
+    refuse_edited_config(run_dir)
     return train(config, resume_dir=run_dir, dist=dist)
 
 
