@@ -10,6 +10,7 @@ from imgclf.config import build_config, config_fields, config_to_yaml, flag_name
 from imgclf.config.run import MONITORS
 from imgclf.errors import ConfigError
 from imgclf.evaluation.metrics import validation_row
+from imgclf.workflows.gridparams import parse_params
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
@@ -174,3 +175,16 @@ def test_every_monitor_the_config_takes_is_a_column_validation_writes():
     scores = dict.fromkeys(("log_loss", "accuracy", "balanced_accuracy", "precision_macro", "recall_macro",
                             "f1_macro", "roc_auc_ovr"), 0.5)
     assert set(MONITORS) == set(validation_row(scores))
+
+
+def test_a_key_given_twice_in_a_yaml_config_or_grid_file_is_refused_not_the_last_one_kept(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.5\n")  # PyYAML kept 0.5, silently
+    with pytest.raises(ConfigError, match=r"the key 'lr' is given twice in one mapping \(line 4\); keep one"):
+        load_config(config)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("lr: [0.1, 0.01]\nlr: [0.5]\n")
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
+        parse_params([], str(grid))
+    config.write_text("train:\n  <<: {lr: 0.1, epochs: 3}\n  lr: 0.2\n")  # YAML's merge, then an override: fine
+    assert (load_config(config).train.lr, load_config(config).train.epochs) == (0.2, 3)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from imgclf.config.sections import TYPED_SUFFIX, Config, StageConfig, one_line
+from imgclf.config.yamlfile import load_yaml
 from imgclf.errors import ConfigError
 from imgclf.safeio import read_capped
 
@@ -35,7 +36,7 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
         text = read_capped(path, MAX_CONFIG_BYTES, ConfigError, "give the YAML config imgclf wrote").decode("utf-8-sig")
-        values = yaml.safe_load(text) or {}
+        values = load_yaml(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:

@@ -20,6 +20,7 @@ import yaml
 
 from imgclf.config import Config, StageConfig, config_fields, flag_name
 from imgclf.config.stages import default_stages, resolve_stages
+from imgclf.config.yamlfile import load_yaml
 from imgclf.errors import ConfigError
 from imgclf.safeio import read_capped
 
@@ -123,7 +124,7 @@ def _read_grid_file(path: str) -> dict[str, list]:
     try:
         text = read_capped(path, MAX_GRID_BYTES, ConfigError, "give a YAML mapping of settings to lists of values",
                            why="far more than a grid's few lines")
-        loaded = yaml.safe_load(text.decode("utf-8")) or {}
+        loaded = load_yaml(text.decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"--grid {path}: no such file") from None
     except (OSError, yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # ValueError: UTF-8, dates
