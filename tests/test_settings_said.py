@@ -183,7 +183,7 @@ def test_a_resumed_classical_head_is_fitted_again_on_its_saved_split(tmp_path, p
     config = tiny_config(pool_dataset, tmp_path / "run", model={"name": "simple_cnn", "conv_filters": [8],
                                                                 "head": "logreg"})
     imgclf.train(config)
-    with pytest.raises(RunDirError, match="is a finished --head logreg run: nothing to resume"):
+    with pytest.raises(RunDirError, match="has finished: --resume continues a killed or failed run"):
         resume_training(tmp_path / "run")
     split = (tmp_path / "run" / "split.csv").read_text()
     (tmp_path / "run" / INCOMPLETE).write_text("")  # as a kill leaves it
