@@ -16,6 +16,7 @@ from clitools import assert_clean_error, run_main
 from imgclf.config import build_config
 from imgclf.errors import ConfigError, RunDirError
 from imgclf.evaluation.predictions import Predictions
+from imgclf.runs import manifest
 from imgclf.runs.base import load_run
 from imgclf.runs.network import NetworkRun
 from imgclf.serving.server import ServeOptions
@@ -277,3 +278,16 @@ def test_a_threshold_rule_on_a_multiclass_run_is_refused_before_any_image_is_rea
     result = run_main("evaluate", str(trained_run.path), "--threshold", "youden")
     assert_clean_error(result, "--threshold youden needs a binary task; this run has 3 classes")
     assert not read
+
+
+def test_a_threshold_is_chosen_again_on_a_dataset_that_moved(binary_runs, tmp_path):
+    """--data names the moved folder; the check of the saved predictions asked for the old one (dataset gone)."""
+    run = tmp_path / "run"
+    shutil.copytree(binary_runs[0][0].path, run)
+    data = binary_runs[0][0].index().root
+    dataset = json.loads((run / "dataset.json").read_text())
+    (run / "dataset.json").write_text(json.dumps({**dataset, "root": str(tmp_path / "gone")}))
+    manifest.reseal(run, "dataset.json")
+    result = run_main("evaluate", str(run), "--split", "val", "--threshold", "youden", "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "threshold.json").read_text())["rule"] == "youden"

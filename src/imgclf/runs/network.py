@@ -141,9 +141,12 @@ class NetworkRun:
     def index(self, data_root: str | Path | None = None) -> DatasetIndex:
         """The run's split (split.csv), its images read under the dataset folder or ``data_root``."""
         dataset = runfiles.read_dataset(self.path / "dataset.json")
+        return self._split(dataset, dataroot.split_root(dataset, data_root),
+                           rerooted=dataroot.foreign_root(dataset, data_root) is not None)
+
+    def _split(self, dataset: runfiles.DatasetFile, root: Path, rerooted: bool = False) -> DatasetIndex:
         counted = sum(n for split in dataset.counts.values() for n in split.values())
-        return dataroot.read_split(self.path / "split.csv", dataroot.split_root(dataset, data_root), self.classes,
-                                   counted, rerooted=dataroot.foreign_root(dataset, data_root) is not None)
+        return dataroot.read_split(self.path / "split.csv", root, self.classes, counted, rerooted)
 
     def foreign_root(self, data_root: str | Path | None) -> str | None:
         """``data_root`` resolved, when it is not the folder the run was trained on (None if it is, or not given)."""
@@ -246,7 +249,8 @@ class NetworkRun:
         if val is None:
             data = self.metrics.get("val", {}).get("data")
         self.check_threshold_rule(rule)
-        split = self.index()
+        dataset = runfiles.read_dataset(self.path / "dataset.json")  # its rows only: the images may have moved
+        split = self._split(dataset, Path(dataset.root))
         val = val if val is not None else self._saved(split, "val")
         value = choose_threshold(val.true == self.positive, val.probs[:, self.positive], rule)
         scored = self.metrics  # read once: scoring one split leaves the others' entries as they are
