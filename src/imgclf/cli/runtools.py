@@ -4,6 +4,7 @@ predict, model-info, export and serve. Like ``commands``, imported only when one
 from __future__ import annotations
 
 import argparse
+import fnmatch
 from functools import partial
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from imgclf.reporting.explain import explain_files
 from imgclf.reporting.html import write_report
 from imgclf.runs.base import check_and_seal, load_run
 from imgclf.runs.files import MAX_CLASSES
-from imgclf.runs.manifest import INCOMPLETE, MANIFEST_FILE, SEALED
+from imgclf.runs.manifest import SEALED
 from imgclf.serving.engine import predict_with_onnx
 from imgclf.serving.export import export_run
 from imgclf.serving.server import ServeOptions, serve
 from imgclf.workflows.embeddings import write_features
 from imgclf.workflows.ensemble import create_ensemble
+from imgclf.workflows.lifecycle import RUN_ENTRIES
 from imgclf.workflows.settings import warn_replaced_settings
 
 log = get_logger("cli")
@@ -78,8 +80,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def refuse_run_file(out: Path, run: Path) -> None:
     """--overwrite is for the user's own file, never one of the run's (it replaced a sealed config.yaml)."""
-    written = (*SEALED, MANIFEST_FILE, INCOMPLETE, "metrics.json", "history.csv", "report.html", "summary.md")
-    owned = out.name in written or (out.name.startswith("predictions_") and out.name.endswith(".csv"))
+    owned = any(fnmatch.fnmatchcase(out.name, pattern) for pattern in (*RUN_ENTRIES, *SEALED))
     if owned and run.is_dir() and out.parent.resolve() == run.resolve():
         raise ConfigError(f"--out {out} is the run's own file; write to another path (e.g. predictions.csv)")
 
