@@ -125,7 +125,8 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     """One-vs-rest ROC curve per class (one curve for binary tasks, with the operating point)."""
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     curves = {name: (hits, score, roc_auc_score(hits, score)) for name, hits, score in one_vs_rest(preds, positive)}
-    named = named_curves({name: c[2] for name, c in curves.items()})
+    scores = {name: c[2] for name, c in curves.items()}
+    named = named_curves(scores)
     for name, style in curve_styles(list(curves), named):
         hits, score, auc = curves[name]
         fpr, tpr, _ = roc_curve(hits, score)
@@ -137,7 +138,7 @@ def plot_roc(preds: Predictions, path: Path, split: str, positive: int | None = 
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC ({split})", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    legend_or_note(ax, {name: c[2] for name, c in curves.items()}, named, "AUC", split, "lower right")
+    legend_or_note(ax, scores, named, "AUC", split, "lower right")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 
@@ -148,7 +149,8 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
     fig, ax = plt.subplots(figsize=(inches(HALF_WIDTH_PX),) * 2, layout="constrained")
     curves = {name: (hits, score, average_precision_score(hits, score))
               for name, hits, score in one_vs_rest(preds, positive)}
-    named = named_curves({name: c[2] for name, c in curves.items()})
+    scores = {name: c[2] for name, c in curves.items()}
+    named = named_curves(scores)
     for name, style in curve_styles(list(curves), named):
         hits, score, ap = curves[name]
         precision, recall, _ = precision_recall_curve(hits, score)
@@ -157,7 +159,7 @@ def plot_pr(preds: Predictions, path: Path, split: str, positive: int | None = N
             ax.axhline(hits.mean(), color=style["color"], ls=":", lw=0.8)  # a random classifier's precision
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall ({split})",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    legend_or_note(ax, {name: c[2] for name, c in curves.items()}, named, "AP", split, "lower left")
+    legend_or_note(ax, scores, named, "AP", split, "lower left")
     ax.grid(alpha=0.3)
     plots.save_figure(fig, path)
 
