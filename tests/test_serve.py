@@ -370,6 +370,15 @@ def test_twenty_concurrent_requests_against_uvicorn(live_server, binary_run):
     assert labels == [binary_run.classes[i] for i in expected.pred]
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """The server closed the connection: an orderly end (b""), or a reset, which the kernel sends instead when it
+    closes a socket whose unread request bytes are still queued (CI saw that). A timeout raises: not closed."""
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
 def test_a_client_whose_headers_never_end_is_dropped_and_others_are_served(live_server, monkeypatch):
     """Slowloris: a connection that never finished its headers was held for ever (256 of them and every
     client got 503). Now the server closes it after HEADER_TIMEOUT; a prompt client on a kept-alive
@@ -386,9 +395,9 @@ def test_a_client_whose_headers_never_end_is_dropped_and_others_are_served(live_
             if answer.endswith(b'{"status":"alive"}'):
                 break
         assert answer.startswith(b"HTTP/1.1 200")
-        assert slow.recv(4096) == b""  # closed by the server within the deadline, not by the 10 s timeout
+        assert closed_by_server(slow)  # within the deadline, not by the 10 s timeout
         prompt.sendall(b"GET /healthz HTTP/1.1\r\n")  # its next request dawdles the same way
-        assert prompt.recv(4096) == b""
+        assert closed_by_server(prompt)
     with httpx.Client(base_url=live_server, timeout=10) as http:
         assert http.get("/healthz").status_code == 200
 
